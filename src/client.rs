@@ -1,0 +1,140 @@
+//! A client connection to a storage node, shared by the agent and the restore tool.
+//!
+//! One QUIC connection; each request runs on its own bidirectional stream, so many can be in
+//! flight at once (chunk uploads and fetches use that for parallelism).
+
+use std::net::SocketAddr;
+
+use crate::chunk_id::ChunkId;
+use crate::identity::Identity;
+use crate::pki::NODE_SERVER_NAME;
+use crate::protocol::frame::FrameKind;
+use crate::protocol::message::{CommitRef, ErrorCode, MAX_IDS_PER_MESSAGE, Reply, Request, SnapshotInfo};
+use crate::transport::{self, TlsIdentity, TransportError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("node {addr} refused the request: {message}")]
+    Remote { addr: SocketAddr, code: ErrorCode, message: String, missing: Vec<ChunkId> },
+    #[error("node {addr} sent an unexpected reply to {request}")]
+    Unexpected { addr: SocketAddr, request: &'static str },
+    #[error("the peer at {addr} is not a storage node (its certificate says {identity})")]
+    NotANode { addr: SocketAddr, identity: Identity },
+}
+
+impl ClientError {
+    /// Whether trying again (perhaps after a reconnect) may succeed.
+    pub fn retryable(&self) -> bool {
+        match self {
+            ClientError::Transport(
+                TransportError::Stream(_) | TransportError::Connect { .. } | TransportError::Eof,
+            ) => true,
+            ClientError::Remote { code, .. } => code.retryable(),
+            _ => false,
+        }
+    }
+}
+
+pub struct NodeClient {
+    addr: SocketAddr,
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+}
+
+impl NodeClient {
+    pub async fn connect(addr: SocketAddr, id: &TlsIdentity) -> Result<NodeClient, ClientError> {
+        let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
+            .parse()
+            .map_err(|_| TransportError::Tls("bind address".into()))?;
+        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| TransportError::Bind { addr: bind, source: e })?;
+        endpoint.set_default_client_config(transport::client_config(id)?);
+        let connecting = endpoint
+            .connect(addr, NODE_SERVER_NAME)
+            .map_err(|e| TransportError::Connect { addr, reason: e.to_string() })?;
+        let conn = tokio::time::timeout(std::time::Duration::from_secs(10), connecting)
+            .await
+            .map_err(|_| TransportError::Connect { addr, reason: "no answer within 10 s".into() })?
+            .map_err(|e| TransportError::Connect { addr, reason: explain_connect(&e) })?;
+        let peer = transport::peer_identity(&conn)?;
+        if !matches!(peer, Identity::Node { .. }) {
+            return Err(ClientError::NotANode { addr, identity: peer });
+        }
+        Ok(NodeClient { addr, endpoint, conn })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Sends `frames` on a new stream and reads the single reply.
+    pub async fn call(&self, frames: &[Request]) -> Result<Reply, ClientError> {
+        let name = frames.first().map(|r| r.name()).unwrap_or("empty");
+        let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| TransportError::Stream(e.to_string()))?;
+        for f in frames {
+            transport::write_frame(&mut send, FrameKind::Request, f).await?;
+        }
+        send.finish().map_err(|e| TransportError::Stream(e.to_string()))?;
+        let reply: Reply = transport::read_frame(&mut recv, FrameKind::Reply).await?.ok_or(TransportError::Eof)?;
+        match reply {
+            Reply::Error { code, message, missing } => {
+                Err(ClientError::Remote { addr: self.addr, code, message, missing })
+            }
+            other => {
+                let _ = name;
+                Ok(other)
+            }
+        }
+    }
+
+    /// Which of `ids` the node lacks.
+    pub async fn missing(&self, ids: &[ChunkId]) -> Result<Vec<ChunkId>, ClientError> {
+        let mut out = Vec::new();
+        for batch in ids.chunks(MAX_IDS_PER_MESSAGE) {
+            match self.call(&[Request::Have { ids: batch.to_vec() }]).await? {
+                Reply::Missing { ids } => out.extend(ids),
+                _ => return Err(ClientError::Unexpected { addr: self.addr, request: "have" }),
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn commit(&self, snapshot: SnapshotInfo, refs: &[CommitRef]) -> Result<SnapshotInfo, ClientError> {
+        let batches: Vec<&[CommitRef]> = refs.chunks(MAX_IDS_PER_MESSAGE).collect();
+        let mut frames = vec![Request::Commit { snapshot, ref_batches: batches.len() as u32 }];
+        frames.extend(batches.into_iter().map(|b| Request::CommitRefs { refs: b.to_vec() }));
+        match self.call(&frames).await? {
+            Reply::Committed { snapshot } => Ok(snapshot),
+            _ => Err(ClientError::Unexpected { addr: self.addr, request: "commit" }),
+        }
+    }
+
+    pub async fn snapshots(&self, source: Option<&str>) -> Result<Vec<SnapshotInfo>, ClientError> {
+        match self.call(&[Request::ListSnapshots { source: source.map(str::to_string) }]).await? {
+            Reply::Snapshots { snapshots } => Ok(snapshots),
+            _ => Err(ClientError::Unexpected { addr: self.addr, request: "list_snapshots" }),
+        }
+    }
+
+    pub async fn get_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, ClientError> {
+        match self.call(&[Request::GetChunk { id: *id }]).await? {
+            Reply::Chunk { envelope } => Ok(envelope),
+            _ => Err(ClientError::Unexpected { addr: self.addr, request: "get_chunk" }),
+        }
+    }
+
+    pub async fn close(self) {
+        self.conn.close(0u32.into(), b"done");
+        self.endpoint.wait_idle().await;
+    }
+}
+
+fn explain_connect(e: &quinn::ConnectionError) -> String {
+    let s = e.to_string();
+    if s.contains("certificate") || s.contains("UnknownIssuer") || s.contains("alert") {
+        format!("{s} (is the certificate issued by this cluster's CA?)")
+    } else {
+        s
+    }
+}

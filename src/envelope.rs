@@ -1,0 +1,405 @@
+//! The chunk envelope: how one chunk is compressed, encrypted and stored.
+//!
+//! Layout, version 1 (all integers little-endian). NEVER change the meaning of an existing
+//! version: envelopes written today must open in twenty years. Add a version instead.
+//!
+//! ```text
+//! offset  size  field
+//! 0       3     magic "XVE"
+//! 3       1     version = 1
+//! 4       1     codec: 0 raw, 1 zstd, 2 zstd-delta (reserved: zstd with a base chunk as dictionary)
+//! 5       1     flags = 0 (reserved)
+//! 6       4     key epoch (which data key encrypted this envelope)
+//! 10      4     plaintext length (bytes after decompression)
+//! 14      32    base chunk id           (codec 2 only)
+//! h       12    nonce
+//! h+12    n     ciphertext (AES-256-GCM of the codec's payload)
+//! h+12+n  16    tag
+//! header = bytes [0, h); AAD = header ‖ chunk id
+//! ```
+//!
+//! The nonce is `keyed_blake3(nonce_key, header ‖ chunk id ‖ payload)[..12]`: derived from
+//! the chunk id under its own key, so the same chunk always gives the same envelope, and
+//! also from the exact bytes encrypted, so a different payload under the same id (another
+//! zstd version, a delta against another base) can never reuse a nonce (a synthetic-IV
+//! construction). The AAD binds header and chunk id, so an envelope cannot be replayed
+//! under another id or have its codec or epoch swapped.
+//!
+//! After decryption the plaintext's keyed BLAKE3 must equal the chunk id: a node cannot
+//! serve a different chunk even with a valid envelope. The storage checksum
+//! (`Checksum::of(envelope)`) is what key-less nodes verify.
+
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+
+use crate::chunk_id::ChunkId;
+use crate::keys::TenantKeys;
+
+pub const MAGIC: &[u8; 3] = b"XVE";
+pub const VERSION: u8 = 1;
+pub const NONCE_LEN: usize = 12;
+pub const TAG_LEN: usize = 16;
+const FIXED_HEADER: usize = 14;
+/// Largest plaintext an envelope may declare: FastCDC's largest chunk.
+pub const MAX_PLAINTEXT: u32 = 16 * 1024 * 1024;
+/// Largest envelope: a raw max-size chunk plus header, base id, nonce and tag.
+pub const MAX_ENVELOPE: usize = MAX_PLAINTEXT as usize + FIXED_HEADER + 32 + NONCE_LEN + TAG_LEN;
+/// zstd level, chosen by measurement (README, "Compression level").
+pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    Raw,
+    Zstd,
+    /// Reserved for the delta codec: zstd against the named base chunk as dictionary.
+    ZstdDelta(ChunkId),
+}
+
+impl Codec {
+    fn tag(&self) -> u8 {
+        match self {
+            Codec::Raw => 0,
+            Codec::Zstd => 1,
+            Codec::ZstdDelta(_) => 2,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EnvelopeError {
+    #[error("envelope truncated ({0} bytes)")]
+    Truncated(usize),
+    #[error("not an envelope (bad magic)")]
+    BadMagic,
+    #[error("envelope version {0} is not supported by this build")]
+    UnsupportedVersion(u8),
+    #[error("envelope codec {0} is not supported by this build")]
+    UnsupportedCodec(u8),
+    #[error("envelope declares {0} plaintext bytes, over the limit")]
+    TooLarge(u32),
+    #[error("chunk is larger than an envelope may hold ({0} bytes)")]
+    PlaintextTooLarge(usize),
+    #[error("authentication failed: the chunk was tampered with, or the key is wrong")]
+    Authentication,
+    #[error("decompression failed: {0}")]
+    Decompress(String),
+    #[error("decompressed length {got} differs from the declared {declared}")]
+    Length { got: usize, declared: u32 },
+    #[error("content does not match its chunk id")]
+    IdMismatch,
+    #[error("compression failed: {0}")]
+    Compress(String),
+}
+
+/// The parsed clear header of an envelope (readable without a key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub codec: Codec,
+    pub epoch: u32,
+    pub plaintext_len: u32,
+    /// Length of the header in bytes (where the nonce starts).
+    pub len: usize,
+}
+
+/// Parses and bounds-checks the clear header; used by nodes to refuse garbage early.
+pub fn parse_header(env: &[u8]) -> Result<Header, EnvelopeError> {
+    if env.len() < FIXED_HEADER {
+        return Err(EnvelopeError::Truncated(env.len()));
+    }
+    if &env[..3] != MAGIC {
+        return Err(EnvelopeError::BadMagic);
+    }
+    if env[3] != VERSION {
+        return Err(EnvelopeError::UnsupportedVersion(env[3]));
+    }
+    let epoch = u32::from_le_bytes([env[6], env[7], env[8], env[9]]);
+    let plaintext_len = u32::from_le_bytes([env[10], env[11], env[12], env[13]]);
+    if plaintext_len > MAX_PLAINTEXT {
+        return Err(EnvelopeError::TooLarge(plaintext_len));
+    }
+    let (codec, len) = match env[4] {
+        0 => (Codec::Raw, FIXED_HEADER),
+        1 => (Codec::Zstd, FIXED_HEADER),
+        2 => {
+            if env.len() < FIXED_HEADER + 32 {
+                return Err(EnvelopeError::Truncated(env.len()));
+            }
+            let mut base = [0u8; 32];
+            base.copy_from_slice(&env[FIXED_HEADER..FIXED_HEADER + 32]);
+            (Codec::ZstdDelta(ChunkId(base)), FIXED_HEADER + 32)
+        }
+        c => return Err(EnvelopeError::UnsupportedCodec(c)),
+    };
+    if env.len() < len + NONCE_LEN + TAG_LEN {
+        return Err(EnvelopeError::Truncated(env.len()));
+    }
+    if codec == Codec::Raw && env.len() != len + NONCE_LEN + plaintext_len as usize + TAG_LEN {
+        return Err(EnvelopeError::Truncated(env.len()));
+    }
+    Ok(Header { codec, epoch, plaintext_len, len })
+}
+
+/// Seals chunks. Holds a zstd context, so keep one per worker thread.
+pub struct Sealer {
+    keys: TenantKeys,
+    cipher: LessSafeKey,
+    compressor: zstd::bulk::Compressor<'static>,
+    scratch: Vec<u8>,
+}
+
+impl Sealer {
+    pub fn new(keys: &TenantKeys, level: i32) -> Result<Self, EnvelopeError> {
+        let cipher = cipher_for(&keys.data_key(keys.epoch));
+        let compressor = zstd::bulk::Compressor::new(level).map_err(|e| EnvelopeError::Compress(e.to_string()))?;
+        Ok(Sealer { keys: keys.clone(), cipher, compressor, scratch: Vec::new() })
+    }
+
+    /// Compresses (if that shrinks the chunk) and encrypts `plaintext`, whose id is `id`.
+    pub fn seal(&mut self, id: &ChunkId, plaintext: &[u8]) -> Result<Vec<u8>, EnvelopeError> {
+        if plaintext.len() > MAX_PLAINTEXT as usize {
+            return Err(EnvelopeError::PlaintextTooLarge(plaintext.len()));
+        }
+        self.scratch.clear();
+        self.scratch.reserve(zstd::zstd_safe::compress_bound(plaintext.len()));
+        let compressed = self
+            .compressor
+            .compress_to_buffer(plaintext, &mut self.scratch)
+            .map_err(|e| EnvelopeError::Compress(e.to_string()))?;
+        let (codec, payload): (Codec, &[u8]) = if compressed < plaintext.len() {
+            (Codec::Zstd, &self.scratch[..compressed])
+        } else {
+            (Codec::Raw, plaintext)
+        };
+
+        let mut out = Vec::with_capacity(FIXED_HEADER + NONCE_LEN + payload.len() + TAG_LEN);
+        out.extend_from_slice(MAGIC);
+        out.push(VERSION);
+        out.push(codec.tag());
+        out.push(0);
+        out.extend_from_slice(&self.keys.epoch.to_le_bytes());
+        out.extend_from_slice(&(plaintext.len() as u32).to_le_bytes());
+        let header_len = out.len();
+
+        let mut h = blake3::Hasher::new_keyed(self.keys.nonce_key());
+        h.update(&out[..header_len]);
+        h.update(&id.0);
+        h.update(payload);
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(&h.finalize().as_bytes()[..NONCE_LEN]);
+        out.extend_from_slice(&nonce);
+
+        let aad = aad(&out[..header_len], id);
+        out.extend_from_slice(payload);
+        let tag = self
+            .cipher
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(&aad[..]),
+                &mut out[header_len + NONCE_LEN..],
+            )
+            .map_err(|_| EnvelopeError::Authentication)?;
+        out.extend_from_slice(tag.as_ref());
+        Ok(out)
+    }
+}
+
+/// Opens envelopes. Caches one cipher per epoch and holds a zstd context.
+pub struct Opener {
+    keys: TenantKeys,
+    ciphers: Vec<(u32, LessSafeKey)>,
+    decompressor: zstd::bulk::Decompressor<'static>,
+}
+
+impl Opener {
+    pub fn new(keys: &TenantKeys) -> Result<Self, EnvelopeError> {
+        Ok(Opener {
+            keys: keys.clone(),
+            ciphers: Vec::new(),
+            decompressor: zstd::bulk::Decompressor::new().map_err(|e| EnvelopeError::Decompress(e.to_string()))?,
+        })
+    }
+
+    /// Decrypts, decompresses and checks the id of one envelope.
+    pub fn open(&mut self, id: &ChunkId, env: &[u8]) -> Result<Vec<u8>, EnvelopeError> {
+        let hdr = parse_header(env)?;
+        let nonce_bytes: [u8; NONCE_LEN] =
+            env[hdr.len..hdr.len + NONCE_LEN].try_into().map_err(|_| EnvelopeError::Truncated(env.len()))?;
+        let aad = aad(&env[..hdr.len], id);
+        let mut body = env[hdr.len + NONCE_LEN..].to_vec();
+        let cipher = self.cipher(hdr.epoch);
+        let payload_len = cipher
+            .open_in_place(Nonce::assume_unique_for_key(nonce_bytes), Aad::from(&aad[..]), &mut body)
+            .map_err(|_| EnvelopeError::Authentication)?
+            .len();
+        body.truncate(payload_len);
+        let plaintext = match hdr.codec {
+            Codec::Raw => body,
+            Codec::Zstd => self
+                .decompressor
+                .decompress(&body, hdr.plaintext_len as usize)
+                .map_err(|e| EnvelopeError::Decompress(e.to_string()))?,
+            Codec::ZstdDelta(_) => return Err(EnvelopeError::UnsupportedCodec(2)),
+        };
+        if plaintext.len() != hdr.plaintext_len as usize {
+            return Err(EnvelopeError::Length { got: plaintext.len(), declared: hdr.plaintext_len });
+        }
+        if self.keys.chunk_id(&plaintext) != *id {
+            return Err(EnvelopeError::IdMismatch);
+        }
+        Ok(plaintext)
+    }
+
+    fn cipher(&mut self, epoch: u32) -> &LessSafeKey {
+        let pos = match self.ciphers.iter().position(|(e, _)| *e == epoch) {
+            Some(p) => p,
+            None => {
+                self.ciphers.push((epoch, cipher_for(&self.keys.data_key(epoch))));
+                self.ciphers.len() - 1
+            }
+        };
+        &self.ciphers[pos].1
+    }
+}
+
+fn cipher_for(key: &[u8; 32]) -> LessSafeKey {
+    // A 32-byte key is always valid for AES-256-GCM.
+    #[allow(clippy::expect_used)]
+    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).expect("32-byte AES-256 key"))
+}
+
+fn aad(header: &[u8], id: &ChunkId) -> Vec<u8> {
+    let mut a = Vec::with_capacity(header.len() + 32);
+    a.extend_from_slice(header);
+    a.extend_from_slice(&id.0);
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::MasterKey;
+
+    fn keys(b: u8) -> TenantKeys {
+        TenantKeys::new("lux", 0, MasterKey::from_bytes([b; 32]))
+    }
+
+    fn text() -> Vec<u8> {
+        b"INSERT INTO persons VALUES (1, 'Aino', 'Virtanen', 'Helsinki');\n".repeat(400)
+    }
+
+    #[test]
+    fn round_trip_compressible_and_incompressible() {
+        let k = keys(1);
+        let mut s = Sealer::new(&k, 1).unwrap();
+        let mut o = Opener::new(&k).unwrap();
+        let t = text();
+        let id = k.chunk_id(&t);
+        let env = s.seal(&id, &t).unwrap();
+        assert!(env.len() < t.len() / 4);
+        assert_eq!(parse_header(&env).unwrap().codec, Codec::Zstd);
+        assert_eq!(o.open(&id, &env).unwrap(), t);
+
+        let noise: Vec<u8> = (0..5000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let nid = k.chunk_id(&noise);
+        let env = s.seal(&nid, &noise).unwrap();
+        let h = parse_header(&env).unwrap();
+        if h.codec == Codec::Raw {
+            assert_eq!(env.len(), noise.len() + 14 + 12 + 16);
+        }
+        assert_eq!(o.open(&nid, &env).unwrap(), noise);
+
+        let empty_id = k.chunk_id(b"");
+        let env = s.seal(&empty_id, b"").unwrap();
+        assert_eq!(o.open(&empty_id, &env).unwrap(), b"");
+    }
+
+    #[test]
+    fn sealing_is_deterministic() {
+        let k = keys(2);
+        let t = text();
+        let id = k.chunk_id(&t);
+        let a = Sealer::new(&k, 1).unwrap().seal(&id, &t).unwrap();
+        let b = Sealer::new(&k, 1).unwrap().seal(&id, &t).unwrap();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn every_flipped_bit_is_detected() {
+        let k = keys(3);
+        let t = b"population register row".repeat(3);
+        let id = k.chunk_id(&t);
+        let env = Sealer::new(&k, 1).unwrap().seal(&id, &t).unwrap();
+        let mut o = Opener::new(&k).unwrap();
+        for byte in 0..env.len() {
+            for bit in 0..8 {
+                let mut bad = env.clone();
+                bad[byte] ^= 1 << bit;
+                assert!(o.open(&id, &bad).is_err(), "flip at byte {byte} bit {bit} not detected");
+            }
+        }
+        for cut in 0..env.len() {
+            assert!(o.open(&id, &env[..cut]).is_err());
+        }
+    }
+
+    #[test]
+    fn wrong_key_and_swapped_id_fail_authentication() {
+        let k = keys(4);
+        let t = text();
+        let id = k.chunk_id(&t);
+        let env = Sealer::new(&k, 1).unwrap().seal(&id, &t).unwrap();
+        assert_eq!(Opener::new(&keys(5)).unwrap().open(&id, &env), Err(EnvelopeError::Authentication));
+        let other = k.chunk_id(b"other");
+        assert_eq!(Opener::new(&k).unwrap().open(&other, &env), Err(EnvelopeError::Authentication));
+    }
+
+    #[test]
+    fn other_epochs_stay_readable() {
+        let m = MasterKey::from_bytes([6; 32]);
+        let old = TenantKeys::new("lux", 0, m.clone());
+        let new = TenantKeys::new("lux", 1, m);
+        let t = text();
+        let id = old.chunk_id(&t);
+        assert_eq!(id, new.chunk_id(&t), "rotation must not break dedup");
+        let env = Sealer::new(&old, 1).unwrap().seal(&id, &t).unwrap();
+        assert_eq!(parse_header(&env).unwrap().epoch, 0);
+        assert_eq!(Opener::new(&new).unwrap().open(&id, &env).unwrap(), t);
+    }
+
+    #[test]
+    fn envelopes_are_standard_aes_256_gcm() {
+        // An independent implementation (RustCrypto aes-gcm) decrypts our envelopes.
+        use aes_gcm::aead::{Aead, KeyInit, Payload};
+        let k = keys(7);
+        let t = b"not compressible? 0123456789".to_vec();
+        let id = k.chunk_id(&t);
+        let env = Sealer::new(&k, 1).unwrap().seal(&id, &t).unwrap();
+        let h = parse_header(&env).unwrap();
+        let cipher = aes_gcm::Aes256Gcm::new_from_slice(&k.data_key(0)).unwrap();
+        let nonce = aes_gcm::Nonce::try_from(&env[h.len..h.len + NONCE_LEN]).unwrap();
+        let mut aad = env[..h.len].to_vec();
+        aad.extend_from_slice(&id.0);
+        let payload = cipher.decrypt(&nonce, Payload { msg: &env[h.len + NONCE_LEN..], aad: &aad }).unwrap();
+        let plain = match h.codec {
+            Codec::Raw => payload,
+            Codec::Zstd => zstd::bulk::decompress(&payload, t.len()).unwrap(),
+            Codec::ZstdDelta(_) => unreachable!(),
+        };
+        assert_eq!(plain, t);
+    }
+
+    #[test]
+    fn header_rejects_garbage() {
+        assert_eq!(parse_header(b"XV"), Err(EnvelopeError::Truncated(2)));
+        assert_eq!(parse_header(&[0u8; 64]), Err(EnvelopeError::BadMagic));
+        let mut h = b"XVE\x02\x00\x00".to_vec();
+        h.extend_from_slice(&[0u8; 40]);
+        assert_eq!(parse_header(&h), Err(EnvelopeError::UnsupportedVersion(2)));
+        let mut h = b"XVE\x01\x09\x00".to_vec();
+        h.extend_from_slice(&[0u8; 40]);
+        assert_eq!(parse_header(&h), Err(EnvelopeError::UnsupportedCodec(9)));
+        let mut h = b"XVE\x01\x01\x00\x00\x00\x00\x00".to_vec();
+        h.extend_from_slice(&u32::MAX.to_le_bytes());
+        h.extend_from_slice(&[0u8; 40]);
+        assert_eq!(parse_header(&h), Err(EnvelopeError::TooLarge(u32::MAX)));
+    }
+}

@@ -1,0 +1,176 @@
+//! QUIC endpoints with mutual TLS, and framed message I/O over QUIC streams.
+//!
+//! Both sides present a certificate of the cluster CA and verify the other's; TLS 1.3 only
+//! (QUIC requires it), ring as the crypto provider. A node's certificate must carry the
+//! `exclave-node` name and the serverAuth usage, which only node certificates have.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::identity::Identity;
+use crate::protocol::frame::{self, FrameError, FrameHeader, FrameKind, HEADER_LEN};
+
+pub const ALPN: &[u8] = b"exclave/1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path} holds no {what}")]
+    Invalid { path: PathBuf, what: &'static str },
+    #[error("TLS configuration: {0}")]
+    Tls(String),
+    #[error("cannot bind {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect { addr: SocketAddr, reason: String },
+    #[error("peer identity: {0}")]
+    Identity(String),
+    #[error("stream: {0}")]
+    Stream(String),
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("peer closed the stream before a complete frame")]
+    Eof,
+}
+
+/// A certificate, its key and the CA it is checked against.
+pub struct TlsIdentity {
+    pub ca: Vec<CertificateDer<'static>>,
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    pub identity: Identity,
+}
+
+impl TlsIdentity {
+    /// Loads `pki/ca.crt`, `pki/NAME.crt`, `pki/NAME.key`.
+    pub fn load(pki: &Path, name: &str) -> Result<Self, TransportError> {
+        let ca = certs(&pki.join("ca.crt"))?;
+        let chain = certs(&pki.join(format!("{name}.crt")))?;
+        let key_path = pki.join(format!("{name}.key"));
+        let pem = std::fs::read(&key_path).map_err(|e| TransportError::Read { path: key_path.clone(), source: e })?;
+        let key = PrivateKeyDer::from_pem_slice(&pem)
+            .map_err(|_| TransportError::Invalid { path: key_path, what: "private key" })?;
+        let identity = Identity::from_cert_der(&chain[0]).map_err(|e| TransportError::Identity(e.to_string()))?;
+        Ok(TlsIdentity { ca, chain, key, identity })
+    }
+}
+
+fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TransportError> {
+    let pem = std::fs::read(path).map_err(|e| TransportError::Read { path: path.to_path_buf(), source: e })?;
+    let v: Vec<_> = CertificateDer::pem_slice_iter(&pem).filter_map(Result::ok).collect();
+    if v.is_empty() {
+        return Err(TransportError::Invalid { path: path.to_path_buf(), what: "certificate" });
+    }
+    Ok(v)
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn roots(ca: &[CertificateDer<'static>]) -> Result<Arc<rustls::RootCertStore>, TransportError> {
+    let mut r = rustls::RootCertStore::empty();
+    for c in ca {
+        r.add(c.clone()).map_err(|e| TransportError::Tls(format!("CA certificate: {e}")))?;
+    }
+    Ok(Arc::new(r))
+}
+
+fn transport_config() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(512u32.into());
+    // Room for several 16 MiB chunk batches in flight on a long fat link.
+    t.stream_receive_window((24u32 * 1024 * 1024).into());
+    t.receive_window((96u32 * 1024 * 1024).into());
+    t.send_window(96 * 1024 * 1024);
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    #[allow(clippy::expect_used)]
+    t.max_idle_timeout(Some(Duration::from_secs(30).try_into().expect("30 s is a valid idle timeout")));
+    Arc::new(t)
+}
+
+pub fn server_config(id: &TlsIdentity) -> Result<quinn::ServerConfig, TransportError> {
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots(&id.ca)?, provider())
+        .build()
+        .map_err(|e| TransportError::Tls(e.to_string()))?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TransportError::Tls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(id.chain.clone(), id.key.clone_key())
+        .map_err(|e| TransportError::Tls(e.to_string()))?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| TransportError::Tls(e.to_string()))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(transport_config());
+    Ok(cfg)
+}
+
+pub fn client_config(id: &TlsIdentity) -> Result<quinn::ClientConfig, TransportError> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TransportError::Tls(e.to_string()))?
+        .with_root_certificates(roots(&id.ca)?)
+        .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
+        .map_err(|e| TransportError::Tls(e.to_string()))?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = QuicClientConfig::try_from(tls).map_err(|e| TransportError::Tls(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(transport_config());
+    Ok(cfg)
+}
+
+/// The verified identity of the peer of an established connection.
+pub fn peer_identity(conn: &quinn::Connection) -> Result<Identity, TransportError> {
+    let any = conn.peer_identity().ok_or_else(|| TransportError::Identity("no peer certificate".into()))?;
+    let certs = any
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .map_err(|_| TransportError::Identity("unexpected peer identity type".into()))?;
+    let first = certs.first().ok_or_else(|| TransportError::Identity("empty certificate chain".into()))?;
+    Identity::from_cert_der(first).map_err(|e| TransportError::Identity(e.to_string()))
+}
+
+pub async fn write_frame<T: Serialize>(
+    send: &mut quinn::SendStream,
+    kind: FrameKind,
+    msg: &T,
+) -> Result<(), TransportError> {
+    let bytes = frame::encode_frame(kind, msg)?;
+    send.write_all(&bytes).await.map_err(|e| TransportError::Stream(e.to_string()))
+}
+
+/// Reads one frame; `Ok(None)` on a clean end of stream before any byte.
+pub async fn read_frame<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+    kind: FrameKind,
+) -> Result<Option<T>, TransportError> {
+    let mut hdr = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        match recv.read(&mut hdr[got..]).await.map_err(|e| TransportError::Stream(e.to_string()))? {
+            Some(n) => got += n,
+            None if got == 0 => return Ok(None),
+            None => return Err(FrameError::Truncated { needed: HEADER_LEN, got }.into()),
+        }
+    }
+    let h = FrameHeader::parse(&hdr)?;
+    if h.kind != kind {
+        return Err(FrameError::BadKind(h.kind as u8).into());
+    }
+    let mut body = vec![0u8; h.len as usize];
+    recv.read_exact(&mut body).await.map_err(|e| match e {
+        quinn::ReadExactError::FinishedEarly(n) => {
+            TransportError::Frame(FrameError::Truncated { needed: h.len as usize, got: n })
+        }
+        quinn::ReadExactError::ReadError(e) => TransportError::Stream(e.to_string()),
+    })?;
+    Ok(Some(frame::decode_payload(&body)?))
+}

@@ -9,7 +9,7 @@ use crate::chunk_id::ChunkId;
 use crate::identity::Identity;
 use crate::pki::NODE_SERVER_NAME;
 use crate::protocol::frame::FrameKind;
-use crate::protocol::message::{CommitRef, ErrorCode, MAX_IDS_PER_MESSAGE, Reply, Request, SnapshotInfo};
+use crate::protocol::message::{ErrorCode, MAX_IDS_PER_MESSAGE, Reply, Request, SnapshotInfo};
 use crate::transport::{self, TlsIdentity, TransportError};
 
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +70,6 @@ impl NodeClient {
 
     /// Sends `frames` on a new stream and reads the single reply.
     pub async fn call(&self, frames: &[Request]) -> Result<Reply, ClientError> {
-        let name = frames.first().map(|r| r.name()).unwrap_or("empty");
         let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| TransportError::Stream(e.to_string()))?;
         for f in frames {
             transport::write_frame(&mut send, FrameKind::Request, f).await?;
@@ -81,10 +80,7 @@ impl NodeClient {
             Reply::Error { code, message, missing } => {
                 Err(ClientError::Remote { addr: self.addr, code, message, missing })
             }
-            other => {
-                let _ = name;
-                Ok(other)
-            }
+            other => Ok(other),
         }
     }
 
@@ -100,10 +96,11 @@ impl NodeClient {
         Ok(out)
     }
 
-    pub async fn commit(&self, snapshot: SnapshotInfo, refs: &[CommitRef]) -> Result<SnapshotInfo, ClientError> {
-        let batches: Vec<&[CommitRef]> = refs.chunks(MAX_IDS_PER_MESSAGE).collect();
+    /// Commits a snapshot referencing `refs` (every distinct chunk: data, manifest and root).
+    pub async fn commit(&self, snapshot: SnapshotInfo, refs: &[ChunkId]) -> Result<SnapshotInfo, ClientError> {
+        let batches: Vec<&[ChunkId]> = refs.chunks(MAX_IDS_PER_MESSAGE).collect();
         let mut frames = vec![Request::Commit { snapshot, ref_batches: batches.len() as u32 }];
-        frames.extend(batches.into_iter().map(|b| Request::CommitRefs { refs: b.to_vec() }));
+        frames.extend(batches.into_iter().map(|b| Request::CommitRefs { ids: b.to_vec() }));
         match self.call(&frames).await? {
             Reply::Committed { snapshot } => Ok(snapshot),
             _ => Err(ClientError::Unexpected { addr: self.addr, request: "commit" }),

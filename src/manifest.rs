@@ -18,7 +18,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::chunk_id::ChunkId;
-use crate::chunker::ChunkerParams;
+use crate::chunker::{Chunker, ChunkerParams, MANIFEST_CHUNKER};
 
 pub const MANIFEST_FORMAT: u32 = 1;
 /// Largest single manifest record (an entry with a very long chunk list is still far below).
@@ -113,6 +113,43 @@ pub fn decode_root(bytes: &[u8]) -> Result<ManifestRoot, ManifestError> {
         return Err(ManifestError::UnsupportedFormat(root.format));
     }
     Ok(root)
+}
+
+/// Incremental encoder: entries in, manifest pieces out (through `emit`), in bounded memory.
+pub struct ManifestWriter {
+    chunker: Chunker,
+    scratch: Vec<u8>,
+    stream_len: u64,
+    entries: u64,
+}
+
+impl ManifestWriter {
+    pub fn new(header: &ManifestHeader, emit: &mut impl FnMut(&[u8])) -> Self {
+        // MANIFEST_CHUNKER is a valid constant (checked by a test).
+        #[allow(clippy::expect_used)]
+        let chunker = Chunker::new(MANIFEST_CHUNKER).expect("valid manifest chunker");
+        let mut w = ManifestWriter { chunker, scratch: Vec::new(), stream_len: 0, entries: 0 };
+        w.record(header, emit);
+        w
+    }
+
+    fn record<T: Serialize>(&mut self, value: &T, emit: &mut impl FnMut(&[u8])) {
+        self.scratch.clear();
+        encode_record(value, &mut self.scratch);
+        self.stream_len += self.scratch.len() as u64;
+        self.chunker.push(&self.scratch, emit);
+    }
+
+    pub fn push(&mut self, entry: &Entry, emit: &mut impl FnMut(&[u8])) {
+        self.entries += 1;
+        self.record(entry, emit);
+    }
+
+    /// Flushes the last pieces; returns (stream length, entry count) for the root.
+    pub fn finish(mut self, emit: &mut impl FnMut(&[u8])) -> (u64, u64) {
+        self.chunker.finish(emit);
+        (self.stream_len, self.entries)
+    }
 }
 
 /// Incremental decoder: push the manifest stream's pieces in order, pull records.

@@ -1,1 +1,288 @@
-fn main() {}
+//! `exclave-restore`: lists, restores and verifies snapshots from any embassy node.
+//!
+//! Exit codes: 0 everything verified; 1 failure (every damaged file is named); 2 usage.
+
+mod fetch;
+mod writer;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use exclave::client::NodeClient;
+use exclave::identity::Identity;
+use exclave::keys::{TenantKeys, read_key_file};
+use exclave::protocol::SnapshotInfo;
+use exclave::transport::TlsIdentity;
+use futures::StreamExt;
+
+#[derive(Parser)]
+#[command(name = "exclave-restore", version, about = "Exclave restore: list, restore and verify snapshots")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// List the snapshots of the tenant (optionally of one source).
+    Snapshots {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        source: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a snapshot into a directory, verifying every chunk and file.
+    Restore {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(flatten)]
+        pick: Pick,
+        /// Target directory (created if absent; must be empty unless --overwrite).
+        #[arg(long)]
+        to: PathBuf,
+        /// Restore into a non-empty directory, replacing what is in the way.
+        #[arg(long)]
+        overwrite: bool,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Fetch and check every chunk and file of a snapshot; write nothing.
+    Verify {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(flatten)]
+        pick: Pick,
+        #[command(flatten)]
+        out: Out,
+    },
+}
+
+#[derive(Args)]
+struct Conn {
+    /// Storage node address (repeatable; the first that answers is used).
+    #[arg(long = "node", required = true)]
+    nodes: Vec<SocketAddr>,
+    /// PKI directory holding ca.crt and the restore certificate.
+    #[arg(long)]
+    pki: PathBuf,
+    /// Certificate name in the PKI directory (restore:<tenant>).
+    #[arg(long)]
+    identity: String,
+    /// Tenant master key file (needed to decrypt; `snapshots` works without it).
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct Pick {
+    #[arg(long)]
+    source: String,
+    /// `latest`, or a snapshot id (a unique prefix is enough).
+    #[arg(long, default_value = "latest")]
+    snapshot: String,
+    /// Chunks fetched in parallel.
+    #[arg(long, default_value_t = 32)]
+    parallel: usize,
+}
+
+#[derive(Args)]
+struct Out {
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+async fn connect(conn: &Conn) -> Result<(NodeClient, TlsIdentity)> {
+    let tls = TlsIdentity::load(&conn.pki, &conn.identity)
+        .with_context(|| format!("loading identity {:?}", conn.identity))?;
+    if !matches!(tls.identity, Identity::Restore { .. }) {
+        bail!("certificate {} is {}, not a restore identity", conn.identity, tls.identity);
+    }
+    let mut errors = Vec::new();
+    for addr in &conn.nodes {
+        match NodeClient::connect(*addr, &tls).await {
+            Ok(c) => return Ok((c, tls)),
+            Err(e) => errors.push(format!("{addr}: {e}")),
+        }
+    }
+    bail!("no storage node reachable:\n  {}", errors.join("\n  "))
+}
+
+fn keys(conn: &Conn, tls: &TlsIdentity) -> Result<TenantKeys> {
+    let path = conn.key_file.as_ref().context("--key-file is required to decrypt the snapshot")?;
+    let keys = read_key_file(path)?;
+    if tls.identity.tenant() != Some(keys.tenant.as_str()) {
+        bail!("key file {} is for tenant {:?}, the certificate for {}", path.display(), keys.tenant, tls.identity);
+    }
+    Ok(keys)
+}
+
+fn format_time(t: i64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(t.max(0) as u64)).to_string()
+}
+
+fn select(list: &[SnapshotInfo], source: &str, which: &str) -> Result<SnapshotInfo> {
+    let of_source: Vec<&SnapshotInfo> = list.iter().filter(|s| s.source == source).collect();
+    if of_source.is_empty() {
+        bail!("no snapshot of source {source:?}");
+    }
+    if which == "latest" {
+        return of_source.iter().max_by_key(|s| (s.time, &s.id)).map(|s| (*s).clone()).context("no snapshot");
+    }
+    let matches: Vec<&&SnapshotInfo> = of_source.iter().filter(|s| s.id.starts_with(which)).collect();
+    match matches.as_slice() {
+        [one] => Ok((**one).clone()),
+        [] => bail!("no snapshot {which:?} of source {source:?}"),
+        _ => bail!("snapshot id prefix {which:?} is ambiguous"),
+    }
+}
+
+async fn run(cli: Cli) -> Result<i32> {
+    match cli.cmd {
+        Cmd::Snapshots { conn, source, json } => {
+            let (client, _) = connect(&conn).await?;
+            let list = client.snapshots(source.as_deref()).await?;
+            client.close().await;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list.iter().map(snapshot_json).collect::<Vec<_>>())?);
+            } else {
+                println!(
+                    "{:<17} {:<21} {:<16} {:>8} {:>12} {:>12}  agent@host",
+                    "ID", "TIME (UTC)", "SOURCE", "FILES", "SIZE", "STORED"
+                );
+                for s in &list {
+                    println!(
+                        "{:<17} {:<21} {:<16} {:>8} {:>12} {:>12}  {}@{}",
+                        s.id,
+                        format_time(s.time),
+                        s.source,
+                        s.files,
+                        human(s.logical_bytes),
+                        human(s.stored_bytes),
+                        s.agent,
+                        s.hostname
+                    );
+                }
+                println!("{} snapshot(s)", list.len());
+            }
+            Ok(0)
+        }
+        Cmd::Restore { conn, pick, to, overwrite, out } => {
+            writer::check_target(&to, overwrite)?;
+            read_back(conn, pick, Some(to), overwrite, out).await
+        }
+        Cmd::Verify { conn, pick, out } => read_back(conn, pick, None, false, out).await,
+    }
+}
+
+fn snapshot_json(s: &SnapshotInfo) -> serde_json::Value {
+    serde_json::json!({
+        "id": s.id, "source": s.source, "time": s.time, "time_utc": format_time(s.time),
+        "root": s.root.to_string(), "key_fingerprint": s.key_fingerprint, "agent": s.agent,
+        "hostname": s.hostname, "files": s.files, "logical_bytes": s.logical_bytes,
+        "chunks": s.chunks, "stored_bytes": s.stored_bytes,
+    })
+}
+
+fn human(b: u64) -> String {
+    if b >= 1 << 30 {
+        format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+    }
+}
+
+async fn read_back(conn: Conn, pick: Pick, target: Option<PathBuf>, overwrite: bool, out: Out) -> Result<i32> {
+    let started = Instant::now();
+    let (client, tls) = connect(&conn).await?;
+    let keys = keys(&conn, &tls)?;
+    let node = client.addr();
+    let snap = select(&client.snapshots(Some(&pick.source)).await?, &pick.source, &pick.snapshot)?;
+    if snap.key_fingerprint != keys.fingerprint {
+        bail!(
+            "wrong key: snapshot {} was sealed with key {}, the key file holds key {}",
+            snap.id,
+            snap.key_fingerprint,
+            keys.fingerprint
+        );
+    }
+    let client = Arc::new(client);
+    let (header, entries) = fetch::manifest(&client, &keys, snap.root).await?;
+    let mut w = writer::Writer::new(target.clone(), overwrite);
+    let mut stream = std::pin::pin!(fetch::items(client.clone(), keys.clone(), entries, pick.parallel));
+    while let Some(item) = stream.next().await {
+        w.item(item)?;
+    }
+    let report = w.finish();
+    let secs = started.elapsed().as_secs_f64().max(1e-9);
+    let verb = if target.is_some() { "restored" } else { "verified" };
+    if out.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "action": verb, "node": node.to_string(), "snapshot": snapshot_json(&snap),
+                "target": target.as_ref().map(|t| t.display().to_string()),
+                "chunker": { "min": header.chunker.min_size, "avg": header.chunker.avg_size, "max": header.chunker.max_size },
+                "files": report.files, "dirs": report.dirs, "symlinks": report.symlinks,
+                "bytes": report.bytes, "chunks": report.chunks, "duration_secs": secs,
+                "mb_per_s": report.bytes as f64 / 1e6 / secs, "failures": report.failures,
+                "ok": report.failures.is_empty(),
+            }))?
+        );
+    } else {
+        for f in &report.failures {
+            eprintln!("FAILED {}: {}", f.path, f.error);
+        }
+        println!(
+            "{verb} snapshot {} of {} ({}) from {node}{}",
+            snap.id,
+            snap.source,
+            format_time(snap.time),
+            target.as_ref().map(|t| format!(" into {}", t.display())).unwrap_or_default()
+        );
+        println!("  files      {} ({} dirs, {} symlinks)", report.files, report.dirs, report.symlinks);
+        println!("  bytes      {}  in {} chunks", human(report.bytes), report.chunks);
+        println!("  duration   {secs:.2} s  ({:.1} MB/s)", report.bytes as f64 / 1e6 / secs);
+        if report.failures.is_empty() {
+            println!("  result     OK: every chunk authenticated, every file's BLAKE3 matches");
+        } else {
+            println!("  result     FAILED: {} file(s) could not be {verb} (listed above)", report.failures.len());
+        }
+    }
+    if let Ok(c) = Arc::try_unwrap(client) {
+        c.close().await;
+    }
+    Ok(if report.failures.is_empty() { 0 } else { 1 })
+}

@@ -44,14 +44,8 @@ pub struct SnapshotInfo {
     pub logical_bytes: u64,
     /// Distinct chunks referenced (data and manifest).
     pub chunks: u64,
-    /// Sum of the envelope sizes of the distinct chunks referenced.
+    /// Sum of the envelope sizes of the distinct chunks referenced (computed by the node).
     pub stored_bytes: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CommitRef {
-    pub id: ChunkId,
-    pub envelope_len: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,7 +53,7 @@ pub enum Request {
     Have { ids: Vec<ChunkId> },
     PutChunks { chunks: Vec<PutChunk> },
     Commit { snapshot: SnapshotInfo, ref_batches: u32 },
-    CommitRefs { refs: Vec<CommitRef> },
+    CommitRefs { ids: Vec<ChunkId> },
     ListSnapshots { source: Option<String> },
     GetChunk { id: ChunkId },
     Status,

@@ -1,0 +1,277 @@
+//! The `backup` command: resolve settings, connect, run the pipeline, commit, report.
+//!
+//! Exit codes: 0 committed; 3 committed, but some files were skipped (see warnings);
+//! 1 nothing committed (the error says why).
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use exclave::chunker::ChunkerParams;
+use exclave::client::NodeClient;
+use exclave::identity::Identity;
+use exclave::keys::read_key_file;
+use exclave::protocol::SnapshotInfo;
+use exclave::transport::TlsIdentity;
+use serde::Serialize;
+
+use crate::BackupArgs;
+use crate::config::{AgentConfig, SourceConfig};
+use crate::pipeline::{self, Plan, Stats};
+use crate::source;
+
+#[derive(Serialize)]
+pub struct Summary {
+    pub source: String,
+    pub snapshot: String,
+    pub node: String,
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub bytes_read: u64,
+    pub chunks: u64,
+    pub chunks_new: u64,
+    /// Plaintext bytes of the chunks the node did not have.
+    pub new_bytes: u64,
+    /// Envelope bytes uploaded (after compression and encryption).
+    pub uploaded_bytes: u64,
+    /// Bytes read per new byte.
+    pub dedup_ratio: f64,
+    /// New plaintext bytes per uploaded byte.
+    pub compression_ratio: f64,
+    pub duration_secs: f64,
+    pub mb_per_s: f64,
+    pub warnings: Vec<String>,
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+/// A snapshot id: 8 hex digits of start time, 8 of randomness; sorts by time.
+fn snapshot_id(time: i64) -> String {
+    format!("{:08x}{:08x}", time as u32, rand_u32())
+}
+
+fn rand_u32() -> u32 {
+    let mut b = [0u8; 4];
+    // blake3 of time and pid is not secret; it only needs to differ between runs.
+    let seed = format!("{:?}{}", SystemTime::now(), std::process::id());
+    b.copy_from_slice(&blake3::hash(seed.as_bytes()).as_bytes()[..4]);
+    u32::from_le_bytes(b)
+}
+
+struct Resolved {
+    nodes: Vec<std::net::SocketAddr>,
+    tls: TlsIdentity,
+    keys: exclave::keys::TenantKeys,
+    source: String,
+    src: SourceConfig,
+    zstd_level: i32,
+    budget_mib: usize,
+}
+
+fn resolve(a: &BackupArgs) -> Result<Resolved> {
+    let cfg = match &a.config {
+        Some(p) => AgentConfig::load(p)?,
+        None => AgentConfig::default(),
+    };
+    let nodes = if a.nodes.is_empty() { cfg.node.clone() } else { a.nodes.clone() };
+    if nodes.is_empty() {
+        bail!("no storage node given: use --node ADDR (or `node` in the config)");
+    }
+    let pki = a.pki.clone().or(cfg.pki.clone()).context("--pki (or `pki` in the config) is required")?;
+    let ident = a.identity.clone().or(cfg.identity.clone()).context("--identity (or `identity`) is required")?;
+    let key_file =
+        a.key_file.clone().or(cfg.key_file.clone()).context("--key-file (or `key-file` in the config) is required")?;
+    let tls = TlsIdentity::load(&pki, &ident).with_context(|| format!("loading identity {ident:?}"))?;
+    let keys = read_key_file(&key_file)?;
+    match &tls.identity {
+        Identity::Agent { tenant, .. } if *tenant == keys.tenant => {}
+        Identity::Agent { tenant, .. } => bail!(
+            "key file {} is for tenant {:?} but certificate {ident} is for tenant {tenant:?}",
+            key_file.display(),
+            keys.tenant
+        ),
+        other => bail!("certificate {ident} is {other}, not an agent identity"),
+    }
+    let (source, mut src) = match (&a.source, a.paths.is_empty()) {
+        (Some(name), false) => (
+            name.clone(),
+            SourceConfig {
+                kind: "path".into(),
+                paths: a.paths.clone(),
+                chunk_min: None,
+                chunk_avg: None,
+                chunk_max: None,
+            },
+        ),
+        (Some(name), true) => match cfg.sources.get(name) {
+            Some(s) => (name.clone(), s.clone()),
+            None => bail!("no source {name:?} in the config and no PATH given"),
+        },
+        (None, false) => bail!("--source NAME is required: it names the snapshots of these paths"),
+        (None, true) => match cfg.sources.len() {
+            1 => cfg.sources.iter().next().map(|(n, s)| (n.clone(), s.clone())).context("no source")?,
+            0 => bail!("nothing to back up: give --source NAME PATH..."),
+            _ => bail!(
+                "the config has several sources; choose one with --source ({})",
+                cfg.sources.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        },
+    };
+    exclave::identity::check_name("source name", &source)?;
+    if let Some(avg) = a.chunk_avg {
+        src.chunk_avg = Some(avg);
+        src.chunk_min = Some(avg / 4);
+        src.chunk_max = Some(avg.saturating_mul(4));
+    }
+    Ok(Resolved {
+        nodes,
+        tls,
+        keys,
+        source,
+        src,
+        zstd_level: a.zstd_level.or(cfg.zstd_level).unwrap_or(exclave::envelope::DEFAULT_ZSTD_LEVEL),
+        budget_mib: a.memory_budget_mib.or(cfg.memory_budget_mib).unwrap_or(64).max(4),
+    })
+}
+
+pub async fn connect_any(nodes: &[std::net::SocketAddr], tls: &TlsIdentity) -> Result<NodeClient> {
+    let mut errors = Vec::new();
+    for addr in nodes {
+        match NodeClient::connect(*addr, tls).await {
+            Ok(c) => return Ok(c),
+            Err(e) => errors.push(format!("{addr}: {e}")),
+        }
+    }
+    bail!("no storage node reachable:\n  {}", errors.join("\n  "))
+}
+
+pub async fn run(a: BackupArgs) -> Result<i32> {
+    let r = resolve(&a)?;
+    let chunker: ChunkerParams = r.src.chunker()?;
+    let roots = source::roots(&r.src.paths)?;
+    let client = Arc::new(connect_any(&r.nodes, &r.tls).await?);
+    let node = client.addr().to_string();
+    let time = now_secs();
+    let id = snapshot_id(time);
+    let stats = Arc::new(Stats::default());
+    let plan = Plan {
+        tenant: r.keys.tenant.clone(),
+        source: r.source.clone(),
+        roots,
+        chunker,
+        zstd_level: r.zstd_level,
+        budget_bytes: r.budget_mib << 20,
+        seal_workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+        upload_streams: 8,
+        time,
+        hostname: hostname(),
+    };
+    let started = Instant::now();
+    let progress = (!a.quiet && !a.json && std::io::stderr().is_terminal()).then(|| spawn_progress(stats.clone()));
+    let outcome = pipeline::run(client.clone(), r.keys.clone(), plan, stats.clone()).await;
+    if let Some((bar, task)) = progress {
+        task.abort();
+        bar.finish_and_clear();
+    }
+    let outcome =
+        outcome.context("backup failed; nothing was committed (chunks already stored are reused next time)")?;
+    let g = |c: &std::sync::atomic::AtomicU64| Stats::get(c);
+    let info = SnapshotInfo {
+        id: id.clone(),
+        source: r.source.clone(),
+        time,
+        root: outcome.root,
+        key_fingerprint: r.keys.fingerprint.clone(),
+        agent: String::new(),
+        hostname: hostname(),
+        files: g(&stats.files),
+        logical_bytes: g(&stats.bytes_read),
+        chunks: 0,
+        stored_bytes: 0,
+    };
+    let committed = client.commit(info, &outcome.refs).await.context("committing the snapshot")?;
+    let duration = started.elapsed();
+    if let Ok(c) = Arc::try_unwrap(client) {
+        c.close().await;
+    }
+    let secs = duration.as_secs_f64().max(1e-9);
+    let (read, new, up) = (g(&stats.bytes_read), g(&stats.new_bytes), g(&stats.uploaded_bytes));
+    let summary = Summary {
+        source: r.source,
+        snapshot: committed.id,
+        node,
+        files: g(&stats.files),
+        dirs: g(&stats.dirs),
+        symlinks: g(&stats.symlinks),
+        bytes_read: read,
+        chunks: g(&stats.chunks),
+        chunks_new: g(&stats.chunks_uploaded),
+        new_bytes: new,
+        uploaded_bytes: up,
+        dedup_ratio: read as f64 / new.max(1) as f64,
+        compression_ratio: new as f64 / up.max(1) as f64,
+        duration_secs: secs,
+        mb_per_s: read as f64 / 1e6 / secs,
+        warnings: outcome.warnings,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print_summary(&summary);
+    }
+    Ok(if summary.warnings.is_empty() { 0 } else { 3 })
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / 1048576.0)
+}
+
+fn print_summary(s: &Summary) {
+    for w in &s.warnings {
+        eprintln!("warning: {w}");
+    }
+    println!("snapshot {} of source {} committed on {}", s.snapshot, s.source, s.node);
+    println!("  files         {} ({} dirs, {} symlinks)", s.files, s.dirs, s.symlinks);
+    println!("  read          {}", mib(s.bytes_read));
+    println!("  new           {}  ({} of {} chunks)", mib(s.new_bytes), s.chunks_new, s.chunks);
+    println!("  uploaded      {}  (after compression and encryption)", mib(s.uploaded_bytes));
+    println!("  dedup ratio   {:.2}x   compression {:.2}x", s.dedup_ratio, s.compression_ratio);
+    println!("  duration      {:.2} s  ({:.1} MB/s)", s.duration_secs, s.mb_per_s);
+    if !s.warnings.is_empty() {
+        println!("  warnings      {} (see above; exit code 3)", s.warnings.len());
+    }
+}
+
+fn spawn_progress(stats: Arc<Stats>) -> (indicatif::ProgressBar, tokio::task::JoinHandle<()>) {
+    let bar = indicatif::ProgressBar::new_spinner();
+    #[allow(clippy::expect_used)]
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}").expect("static progress template"),
+    );
+    let b = bar.clone();
+    let started = Instant::now();
+    let task = tokio::spawn(async move {
+        loop {
+            let read = Stats::get(&stats.bytes_read);
+            let rate = read as f64 / 1e6 / started.elapsed().as_secs_f64().max(0.001);
+            b.set_message(format!(
+                "{} files, read {} ({rate:.0} MB/s), new {}, uploaded {}",
+                Stats::get(&stats.files),
+                mib(read),
+                mib(Stats::get(&stats.new_bytes)),
+                mib(Stats::get(&stats.uploaded_bytes)),
+            ));
+            b.tick();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    (bar, task)
+}

@@ -1,0 +1,485 @@
+//! The backup pipeline: bounded stages between the source and the node.
+//!
+//! ```text
+//! reader thread ──jobs──> dedup (async: Have?) ──> seal workers (threads: zstd + AES-GCM) ──> uploader (async, N streams)
+//!   walk, read, FastCDC,
+//!   keyed BLAKE3, file BLAKE3,
+//!   manifest stream
+//! ```
+//!
+//! - Memory: every chunk holds budget from the moment it is read until it is known to be on
+//!   the node (deduplicated or uploaded), so plaintext and envelopes in flight never exceed
+//!   the budget, whatever the size of the source.
+//! - Deduplication: ids already seen in this run are never sent twice; the node is asked
+//!   which of the rest it lacks, and only those are compressed, encrypted and uploaded.
+//! - Failure: the first error of any stage closes every channel and the budget, so all
+//!   stages stop, and is the error reported. Nothing is committed unless every stage ended
+//!   cleanly; chunks already uploaded are found by the next run's `Have` and not resent.
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use exclave::ChunkId;
+use exclave::chunk_id::Checksum;
+use exclave::chunker::{Chunker, ChunkerParams};
+use exclave::client::NodeClient;
+use exclave::envelope::Sealer;
+use exclave::keys::TenantKeys;
+use exclave::manifest::{
+    ChunkRef, EntryKind, MANIFEST_FORMAT, ManifestHeader, ManifestRoot, ManifestWriter, encode_root,
+};
+use exclave::protocol::{PutChunk, Request};
+
+use crate::budget::ByteBudget;
+use crate::source::{self, Root};
+
+pub struct Plan {
+    pub tenant: String,
+    pub source: String,
+    pub roots: Vec<Root>,
+    pub chunker: ChunkerParams,
+    pub zstd_level: i32,
+    pub budget_bytes: usize,
+    pub seal_workers: usize,
+    pub upload_streams: usize,
+    pub time: i64,
+    pub hostname: String,
+}
+
+/// Counters shared by the stages (and read by the progress display).
+#[derive(Default)]
+pub struct Stats {
+    pub files: AtomicU64,
+    pub dirs: AtomicU64,
+    pub symlinks: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub chunks: AtomicU64,
+    pub chunks_unique: AtomicU64,
+    pub chunks_on_node: AtomicU64,
+    pub chunks_uploaded: AtomicU64,
+    pub new_bytes: AtomicU64,
+    pub uploaded_bytes: AtomicU64,
+}
+
+impl Stats {
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+    fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+pub struct Outcome {
+    pub root: ChunkId,
+    pub refs: Vec<ChunkId>,
+    pub warnings: Vec<String>,
+}
+
+struct Job {
+    id: ChunkId,
+    data: Vec<u8>,
+}
+
+struct Sealed {
+    id: ChunkId,
+    plain_len: usize,
+    envelope: Vec<u8>,
+}
+
+/// The first error wins; every stage is stopped when it is recorded.
+struct Abort {
+    first: Mutex<Option<anyhow::Error>>,
+    budget: Arc<ByteBudget>,
+    closers: Vec<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl Abort {
+    fn fail(&self, e: anyhow::Error) {
+        let mut f = self.first.lock().unwrap_or_else(|p| p.into_inner());
+        if f.is_none() {
+            *f = Some(e);
+        }
+        drop(f);
+        self.budget.close();
+        for c in &self.closers {
+            c();
+        }
+    }
+    fn take(&self) -> Option<anyhow::Error> {
+        self.first.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+pub async fn run(client: Arc<NodeClient>, keys: TenantKeys, plan: Plan, stats: Arc<Stats>) -> Result<Outcome> {
+    let budget = Arc::new(ByteBudget::new(plan.budget_bytes));
+    let (job_tx, job_rx) = async_channel::bounded::<Job>(1024);
+    let (seal_tx, seal_rx) = async_channel::bounded::<Job>(1024);
+    let (up_tx, up_rx) = async_channel::bounded::<Sealed>(1024);
+    let closers: Vec<Box<dyn Fn() + Send + Sync>> = vec![
+        Box::new({
+            let c = job_tx.clone();
+            move || {
+                c.close();
+            }
+        }),
+        Box::new({
+            let c = seal_tx.clone();
+            move || {
+                c.close();
+            }
+        }),
+        Box::new({
+            let c = up_tx.clone();
+            move || {
+                c.close();
+            }
+        }),
+    ];
+    let abort = Arc::new(Abort { first: Mutex::new(None), budget: budget.clone(), closers });
+    // The closers hold senders, so each stage closes its output explicitly when it ends.
+    let up_closer = up_tx.clone();
+
+    let reader = {
+        let (keys, budget, stats, abort) = (keys.clone(), budget.clone(), stats.clone(), abort.clone());
+        let header = ManifestHeader {
+            format: MANIFEST_FORMAT,
+            tenant: plan.tenant.clone(),
+            source: plan.source.clone(),
+            time: plan.time,
+            hostname: plan.hostname.clone(),
+            chunker: plan.chunker,
+            roots: plan.roots.iter().map(|r| r.name.clone()).collect(),
+        };
+        let (roots, params) = (plan.roots.clone(), plan.chunker);
+        std::thread::Builder::new().name("reader".into()).spawn(move || {
+            let mut d = Dispatcher { keys, budget, tx: job_tx, stats, seen: HashSet::new() };
+            let r = read_all(&roots, params, header, &mut d);
+            d.tx.close();
+            if let Err(e) = &r {
+                abort.fail(anyhow!("{e:#}"));
+            }
+            r.map(|(root, warnings)| (root, d.seen, warnings))
+        })?
+    };
+
+    let dedup = {
+        let (client, budget, stats, abort, tx) =
+            (client.clone(), budget.clone(), stats.clone(), abort.clone(), seal_tx);
+        tokio::spawn(async move {
+            let r = dedup_stage(job_rx, &tx, &client, &budget, &stats).await;
+            tx.close();
+            if let Err(e) = r {
+                abort.fail(e);
+            }
+        })
+    };
+
+    let mut sealers = Vec::new();
+    for i in 0..plan.seal_workers.max(1) {
+        let (rx, tx, keys, abort, level) =
+            (seal_rx.clone(), up_tx.clone(), keys.clone(), abort.clone(), plan.zstd_level);
+        sealers.push(std::thread::Builder::new().name(format!("seal-{i}")).spawn(move || {
+            if let Err(e) = seal_stage(rx, tx, &keys, level) {
+                abort.fail(e);
+            }
+        })?);
+    }
+    drop(seal_rx);
+    drop(up_tx);
+
+    let uploader = {
+        let (client, budget, stats, abort, streams) =
+            (client.clone(), budget.clone(), stats.clone(), abort.clone(), plan.upload_streams);
+        tokio::spawn(async move {
+            if let Err(e) = upload_stage(up_rx, client, budget, stats, streams).await {
+                abort.fail(e);
+            }
+        })
+    };
+
+    let reader_result = tokio::task::spawn_blocking(move || reader.join()).await?;
+    let _ = dedup.await;
+    for s in sealers {
+        let _ = tokio::task::spawn_blocking(move || s.join()).await;
+    }
+    up_closer.close();
+    let _ = uploader.await;
+    if let Some(e) = abort.take() {
+        return Err(e);
+    }
+    let (root, seen, warnings) = reader_result.map_err(|_| anyhow!("the reader thread panicked"))??;
+    Ok(Outcome { root, refs: seen.into_iter().collect(), warnings })
+}
+
+/// Turns chunks into jobs: id, in-run dedup, budget.
+struct Dispatcher {
+    keys: TenantKeys,
+    budget: Arc<ByteBudget>,
+    tx: async_channel::Sender<Job>,
+    stats: Arc<Stats>,
+    seen: HashSet<ChunkId>,
+}
+
+impl Dispatcher {
+    fn dispatch(&mut self, data: &[u8]) -> Result<ChunkRef> {
+        let id = self.keys.chunk_id(data);
+        Stats::add(&self.stats.chunks, 1);
+        if self.seen.insert(id) {
+            Stats::add(&self.stats.chunks_unique, 1);
+            self.budget.acquire(data.len()).map_err(|_| anyhow!("backup stopped"))?;
+            self.tx.send_blocking(Job { id, data: data.to_vec() }).map_err(|_| anyhow!("backup stopped"))?;
+        }
+        Ok(ChunkRef { id, len: data.len() as u32 })
+    }
+
+    /// Cuts `data` (or, with `finish`, the tail) and dispatches each chunk.
+    fn cut(&mut self, chunker: &mut Chunker, data: Option<&[u8]>, refs: &mut Vec<ChunkRef>) -> Result<()> {
+        let mut err = None;
+        let mut emit = |c: &[u8]| {
+            if err.is_none() {
+                match self.dispatch(c) {
+                    Ok(r) => refs.push(r),
+                    Err(e) => err = Some(e),
+                }
+            }
+        };
+        match data {
+            Some(d) => chunker.push(d, &mut emit),
+            None => chunker.finish(&mut emit),
+        }
+        err.map_or(Ok(()), Err)
+    }
+}
+
+const READ_BLOCK: usize = 1 << 20;
+
+fn read_all(
+    roots: &[Root],
+    params: ChunkerParams,
+    header: ManifestHeader,
+    d: &mut Dispatcher,
+) -> Result<(ChunkId, Vec<String>)> {
+    let mut warnings = Vec::new();
+    let mut chunker = Chunker::new(params)?;
+    let mut pieces: Vec<ChunkRef> = Vec::new();
+    let mut pending_pieces: Vec<Vec<u8>> = Vec::new();
+    let mut collect = |p: &[u8]| pending_pieces.push(p.to_vec());
+    let mut manifest = ManifestWriter::new(&header, &mut collect);
+    let mut buf = vec![0u8; READ_BLOCK];
+    for root in roots {
+        let mut warn = |m: String| warnings.push(m);
+        let mut walker_warnings = Vec::new();
+        {
+            let mut w = |m: String| walker_warnings.push(m);
+            for mut item in source::walk(root, &mut w) {
+                match &mut item.entry.kind {
+                    EntryKind::File { size, blake3, chunks } => {
+                        match read_file(&item.fs_path, &mut buf, &mut chunker, d, chunks) {
+                            Ok((n, h, changed)) => {
+                                *size = n;
+                                *blake3 = h;
+                                if changed {
+                                    warn(format!("{} changed while it was read; kept as read", item.fs_path.display()));
+                                }
+                                Stats::add(&d.stats.files, 1);
+                            }
+                            Err(ReadError::Stopped(e)) => return Err(e),
+                            Err(ReadError::Io(e)) => {
+                                let what = if e.kind() == std::io::ErrorKind::NotFound {
+                                    "vanished before it could be read".to_string()
+                                } else {
+                                    format!("could not be read: {e}")
+                                };
+                                warn(format!("skipped {}: {what}", item.fs_path.display()));
+                                continue;
+                            }
+                        }
+                    }
+                    EntryKind::Dir => Stats::add(&d.stats.dirs, 1),
+                    EntryKind::Symlink { .. } => Stats::add(&d.stats.symlinks, 1),
+                }
+                let mut collect = |p: &[u8]| pending_pieces.push(p.to_vec());
+                manifest.push(&item.entry, &mut collect);
+                for p in pending_pieces.drain(..) {
+                    pieces.push(d.dispatch(&p)?);
+                }
+            }
+        }
+        warnings.extend(walker_warnings);
+    }
+    let mut collect = |p: &[u8]| pending_pieces.push(p.to_vec());
+    let (stream_len, entries) = manifest.finish(&mut collect);
+    for p in pending_pieces.drain(..) {
+        pieces.push(d.dispatch(&p)?);
+    }
+    let root = encode_root(&ManifestRoot { format: MANIFEST_FORMAT, stream_len, entries, pieces });
+    let root_ref = d.dispatch(&root)?;
+    Ok((root_ref.id, warnings))
+}
+
+enum ReadError {
+    Io(std::io::Error),
+    Stopped(anyhow::Error),
+}
+
+/// Reads one file through the chunker; returns (size, BLAKE3, changed-while-read).
+fn read_file(
+    path: &std::path::Path,
+    buf: &mut [u8],
+    chunker: &mut Chunker,
+    d: &mut Dispatcher,
+    refs: &mut Vec<ChunkRef>,
+) -> Result<(u64, [u8; 32], bool), ReadError> {
+    let mut f = std::fs::File::open(path).map_err(ReadError::Io)?;
+    let before = f.metadata().map_err(ReadError::Io)?;
+    let mut hasher = blake3::Hasher::new();
+    let mut size = 0u64;
+    loop {
+        let n = match f.read(buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                // Drop what was cut of this file so far; its chunks stay unreferenced.
+                chunker.finish(&mut |_| {});
+                refs.clear();
+                return Err(ReadError::Io(e));
+            }
+        };
+        hasher.update(&buf[..n]);
+        size += n as u64;
+        Stats::add(&d.stats.bytes_read, n as u64);
+        d.cut(chunker, Some(&buf[..n]), refs).map_err(ReadError::Stopped)?;
+    }
+    d.cut(chunker, None, refs).map_err(ReadError::Stopped)?;
+    let after = std::fs::metadata(path).ok();
+    let changed = size != before.len()
+        || after.is_none_or(|a| {
+            use std::os::unix::fs::MetadataExt;
+            a.mtime() != before.mtime() || a.mtime_nsec() != before.mtime_nsec() || a.len() != size
+        });
+    Ok((size, *hasher.finalize().as_bytes(), changed))
+}
+
+async fn dedup_stage(
+    rx: async_channel::Receiver<Job>,
+    tx: &async_channel::Sender<Job>,
+    client: &NodeClient,
+    budget: &ByteBudget,
+    stats: &Stats,
+) -> Result<()> {
+    while let Ok(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 2048 {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let ids: Vec<ChunkId> = batch.iter().map(|j| j.id).collect();
+        let missing: HashSet<ChunkId> = retry(|| client.missing(&ids))
+            .await
+            .context("asking the node which chunks it lacks")?
+            .into_iter()
+            .collect();
+        for j in batch {
+            if missing.contains(&j.id) {
+                tx.send(j).await.map_err(|_| anyhow!("backup stopped"))?;
+            } else {
+                Stats::add(&stats.chunks_on_node, 1);
+                budget.release(j.data.len());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn seal_stage(
+    rx: async_channel::Receiver<Job>,
+    tx: async_channel::Sender<Sealed>,
+    keys: &TenantKeys,
+    level: i32,
+) -> Result<()> {
+    let mut sealer = Sealer::new(keys, level)?;
+    while let Ok(job) = rx.recv_blocking() {
+        let envelope = sealer.seal(&job.id, &job.data).with_context(|| format!("sealing chunk {}", job.id.short()))?;
+        tx.send_blocking(Sealed { id: job.id, plain_len: job.data.len(), envelope })
+            .map_err(|_| anyhow!("backup stopped"))?;
+    }
+    Ok(())
+}
+
+const UPLOAD_BATCH_BYTES: usize = 4 << 20;
+
+async fn upload_stage(
+    rx: async_channel::Receiver<Sealed>,
+    client: Arc<NodeClient>,
+    budget: Arc<ByteBudget>,
+    stats: Arc<Stats>,
+    streams: usize,
+) -> Result<()> {
+    let sem = Arc::new(tokio::sync::Semaphore::new(streams.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    while let Ok(first) = rx.recv().await {
+        let mut bytes = first.envelope.len();
+        let mut batch = vec![first];
+        while bytes < UPLOAD_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(s) => {
+                    bytes += s.envelope.len();
+                    batch.push(s);
+                }
+                Err(_) => break,
+            }
+        }
+        let permit = sem.clone().acquire_owned().await?;
+        while let Some(r) = tasks.try_join_next() {
+            r??;
+        }
+        let (client, budget, stats) = (client.clone(), budget.clone(), stats.clone());
+        tasks.spawn(async move {
+            let _permit = permit;
+            let plain: usize = batch.iter().map(|s| s.plain_len).sum();
+            let chunks: Vec<PutChunk> = batch
+                .into_iter()
+                .map(|s| PutChunk { id: s.id, checksum: Checksum::of(&s.envelope), envelope: s.envelope })
+                .collect();
+            let n = chunks.len() as u64;
+            let req = [Request::PutChunks { chunks }];
+            retry(|| client.call(&req)).await.context("uploading chunks")?;
+            Stats::add(&stats.chunks_uploaded, n);
+            Stats::add(&stats.new_bytes, plain as u64);
+            Stats::add(&stats.uploaded_bytes, bytes as u64);
+            budget.release(plain);
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    Ok(())
+}
+
+/// Retries a request that failed for a reason that may pass (a node briefly overloaded).
+async fn retry<T, F, Fut>(mut f: F) -> Result<T, exclave::client::ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, exclave::client::ClientError>>,
+{
+    let mut delay = Duration::from_millis(200);
+    for _ in 0..3 {
+        match f().await {
+            Err(e) if e.retryable() && !matches!(e, exclave::client::ClientError::Transport(_)) => {
+                tokio::time::sleep(delay).await;
+                delay *= 3;
+            }
+            other => return other,
+        }
+    }
+    f().await
+}

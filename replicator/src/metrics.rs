@@ -1,0 +1,103 @@
+//! The node's Prometheus metrics: one for each thing a site operator alerts on.
+
+use std::path::Path;
+use std::time::Duration;
+
+use exclave::protocol::SnapshotInfo;
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
+
+#[derive(Clone)]
+pub struct NodeMetrics {
+    pub registry: Registry,
+    requests: IntCounterVec,
+    latency: HistogramVec,
+    errors: IntCounterVec,
+    chunks_stored: IntCounter,
+    bytes_received: IntCounter,
+    last_snapshot: IntGaugeVec,
+    disk: IntGaugeVec,
+}
+
+impl NodeMetrics {
+    pub fn new(node: &str) -> Result<NodeMetrics, prometheus::Error> {
+        let registry =
+            Registry::new_custom(Some("exclave".into()), Some([("node".to_string(), node.to_string())].into()))?;
+        let requests = IntCounterVec::new(
+            Opts::new("requests_total", "Requests served, by kind and result"),
+            &["kind", "result"],
+        )?;
+        let latency = HistogramVec::new(
+            HistogramOpts::new("request_seconds", "Request latency by kind")
+                .buckets(vec![0.0005, 0.002, 0.01, 0.05, 0.2, 1.0, 5.0]),
+            &["kind"],
+        )?;
+        let errors = IntCounterVec::new(Opts::new("errors_total", "Errors by kind"), &["kind"])?;
+        let chunks_stored = IntCounter::new("chunks_stored_total", "New chunks stored")?;
+        let bytes_received = IntCounter::new("chunk_bytes_received_total", "Envelope bytes received")?;
+        let last_snapshot = IntGaugeVec::new(
+            Opts::new("snapshot_last_time_seconds", "Time of the newest committed snapshot per source"),
+            &["tenant", "source"],
+        )?;
+        let disk = IntGaugeVec::new(Opts::new("disk_bytes", "Data directory file system usage"), &["state"])?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(latency.clone()))?;
+        registry.register(Box::new(errors.clone()))?;
+        registry.register(Box::new(chunks_stored.clone()))?;
+        registry.register(Box::new(bytes_received.clone()))?;
+        registry.register(Box::new(last_snapshot.clone()))?;
+        registry.register(Box::new(disk.clone()))?;
+        Ok(NodeMetrics { registry, requests, latency, errors, chunks_stored, bytes_received, last_snapshot, disk })
+    }
+
+    pub fn request(&self, kind: &str, ok: bool, took: Duration) {
+        self.requests.with_label_values(&[kind, if ok { "ok" } else { "error" }]).inc();
+        self.latency.with_label_values(&[kind]).observe(took.as_secs_f64());
+    }
+
+    pub fn error(&self, kind: &str) {
+        self.errors.with_label_values(&[kind]).inc();
+    }
+
+    pub fn stored(&self, new_chunks: usize, bytes: usize) {
+        self.chunks_stored.inc_by(new_chunks as u64);
+        self.bytes_received.inc_by(bytes as u64);
+    }
+
+    pub fn committed(&self, tenant: &str, s: &SnapshotInfo) {
+        let g = self.last_snapshot.with_label_values(&[tenant, &s.source]);
+        if s.time > g.get() {
+            g.set(s.time);
+        }
+    }
+
+    pub fn update_disk(&self, data: &Path) {
+        let (used, free) = disk_usage(data);
+        self.disk.with_label_values(&["used"]).set(used as i64);
+        self.disk.with_label_values(&["free"]).set(free as i64);
+    }
+}
+
+/// (used, free) bytes of the file system holding `path`.
+pub fn disk_usage(path: &Path) -> (u64, u64) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return (0, 0) };
+    let mut st: libc::statvfs = unsafe_zeroed_statvfs();
+    // statvfs only writes into the struct we pass.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if rc != 0 {
+        return (0, 0);
+    }
+    let bs = st.f_frsize as u64;
+    let total = st.f_blocks as u64 * bs;
+    let free = st.f_bavail as u64 * bs;
+    (total.saturating_sub(st.f_bfree as u64 * bs), free)
+}
+
+fn unsafe_zeroed_statvfs() -> libc::statvfs {
+    // statvfs is plain old data; all-zero is a valid value.
+    #[allow(unsafe_code)]
+    unsafe {
+        std::mem::zeroed()
+    }
+}

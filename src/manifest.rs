@@ -1,16 +1,14 @@
 //! The snapshot manifest: the tree of a snapshot, encoded, chunked and encrypted like data.
 //!
-//! Stream layout (version 1); every record is `len: u32 LE ‖ postcard(record)`:
-//!
-//! ```text
-//! record 0      ManifestHeader   format, source, time, host, chunker sizes, roots
-//! record 1..n   Entry            one per file, directory or symlink, parents before children
-//! ```
+//! Stream layout (version 1); every record is `len: u32 LE ‖ postcard(Entry)`, one per file,
+//! directory or symlink, parents before children.
 //!
 //! The stream is cut with `chunker::MANIFEST_CHUNKER` and every piece sealed as a chunk, so an
 //! unchanged part of the tree deduplicates from day to day and memory never holds the whole
-//! manifest. A `ManifestRoot` lists those pieces; it is sealed as one more chunk, whose id is
-//! the snapshot's root, the only manifest fact the cluster sees.
+//! manifest. A `ManifestRoot` holds the `ManifestHeader` (format, source, time, host, chunker
+//! sizes, roots) and lists the pieces; it is sealed as one more chunk, whose id is the
+//! snapshot's root, the only manifest fact the cluster sees. Keeping the header (which holds
+//! the time) out of the stream means an unchanged tree uploads nothing but its root.
 //!
 //! postcard is a stable, specified encoding (postcard 1.x wire format). New fields are added
 //! only as new record versions (`format`), never by changing these structs in place.
@@ -74,6 +72,7 @@ impl Entry {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ManifestRoot {
     pub format: u32,
+    pub header: ManifestHeader,
     pub stream_len: u64,
     pub entries: u64,
     pub pieces: Vec<ChunkRef>,
@@ -109,13 +108,14 @@ pub fn encode_root(root: &ManifestRoot) -> Vec<u8> {
 
 pub fn decode_root(bytes: &[u8]) -> Result<ManifestRoot, ManifestError> {
     let root: ManifestRoot = postcard::from_bytes(bytes).map_err(|e| ManifestError::Malformed(e.to_string()))?;
-    if root.format != MANIFEST_FORMAT {
-        return Err(ManifestError::UnsupportedFormat(root.format));
+    if root.format != MANIFEST_FORMAT || root.header.format != MANIFEST_FORMAT {
+        return Err(ManifestError::UnsupportedFormat(root.format.max(root.header.format)));
     }
     Ok(root)
 }
 
 /// Incremental encoder: entries in, manifest pieces out (through `emit`), in bounded memory.
+#[allow(clippy::new_without_default)]
 pub struct ManifestWriter {
     chunker: Chunker,
     scratch: Vec<u8>,
@@ -124,25 +124,19 @@ pub struct ManifestWriter {
 }
 
 impl ManifestWriter {
-    pub fn new(header: &ManifestHeader, emit: &mut impl FnMut(&[u8])) -> Self {
+    pub fn new() -> Self {
         // MANIFEST_CHUNKER is a valid constant (checked by a test).
         #[allow(clippy::expect_used)]
         let chunker = Chunker::new(MANIFEST_CHUNKER).expect("valid manifest chunker");
-        let mut w = ManifestWriter { chunker, scratch: Vec::new(), stream_len: 0, entries: 0 };
-        w.record(header, emit);
-        w
-    }
-
-    fn record<T: Serialize>(&mut self, value: &T, emit: &mut impl FnMut(&[u8])) {
-        self.scratch.clear();
-        encode_record(value, &mut self.scratch);
-        self.stream_len += self.scratch.len() as u64;
-        self.chunker.push(&self.scratch, emit);
+        ManifestWriter { chunker, scratch: Vec::new(), stream_len: 0, entries: 0 }
     }
 
     pub fn push(&mut self, entry: &Entry, emit: &mut impl FnMut(&[u8])) {
         self.entries += 1;
-        self.record(entry, emit);
+        self.scratch.clear();
+        encode_record(entry, &mut self.scratch);
+        self.stream_len += self.scratch.len() as u64;
+        self.chunker.push(&self.scratch, emit);
     }
 
     /// Flushes the last pieces; returns (stream length, entry count) for the root.
@@ -157,12 +151,6 @@ impl ManifestWriter {
 pub struct ManifestReader {
     buf: Vec<u8>,
     pos: usize,
-    header_seen: bool,
-}
-
-pub enum Record {
-    Header(ManifestHeader),
-    Entry(Entry),
 }
 
 impl ManifestReader {
@@ -178,8 +166,8 @@ impl ManifestReader {
         self.buf.extend_from_slice(bytes);
     }
 
-    /// The next complete record, or `None` if more bytes are needed.
-    pub fn next_record(&mut self) -> Result<Option<Record>, ManifestError> {
+    /// The next complete entry, or `None` if more bytes are needed.
+    pub fn next_entry(&mut self) -> Result<Option<Entry>, ManifestError> {
         let rest = &self.buf[self.pos..];
         if rest.len() < 4 {
             return Ok(None);
@@ -192,20 +180,10 @@ impl ManifestReader {
             return Ok(None);
         }
         let body = &rest[4..4 + len];
-        let rec = if !self.header_seen {
-            let h: ManifestHeader = postcard::from_bytes(body).map_err(|e| ManifestError::Malformed(e.to_string()))?;
-            if h.format != MANIFEST_FORMAT {
-                return Err(ManifestError::UnsupportedFormat(h.format));
-            }
-            self.header_seen = true;
-            Record::Header(h)
-        } else {
-            let e: Entry = postcard::from_bytes(body).map_err(|e| ManifestError::Malformed(e.to_string()))?;
-            check_path(&e.path)?;
-            Record::Entry(e)
-        };
+        let e: Entry = postcard::from_bytes(body).map_err(|e| ManifestError::Malformed(e.to_string()))?;
+        check_path(&e.path)?;
         self.pos += 4 + len;
-        Ok(Some(rec))
+        Ok(Some(e))
     }
 
     /// Call at the end of the stream: leftover bytes mean it was cut short.
@@ -279,11 +257,9 @@ mod tests {
             cuts in proptest::collection::vec(1usize..200, 1..50),
         ) {
             let mut stream = Vec::new();
-            encode_record(&header(), &mut stream);
             for e in &entries { encode_record(e, &mut stream); }
             let mut r = ManifestReader::new();
             let mut got = Vec::new();
-            let mut h = None;
             let mut pos = 0;
             let mut i = 0;
             while pos < stream.len() {
@@ -291,12 +267,11 @@ mod tests {
                 r.push(&stream[pos..pos + n]);
                 pos += n;
                 i += 1;
-                while let Some(rec) = r.next_record().unwrap() {
-                    match rec { Record::Header(x) => h = Some(x), Record::Entry(e) => got.push(e) }
+                while let Some(e) = r.next_entry().unwrap() {
+                    got.push(e);
                 }
             }
             r.finish().unwrap();
-            prop_assert_eq!(h, Some(header()));
             prop_assert_eq!(got, entries);
         }
     }
@@ -305,6 +280,7 @@ mod tests {
     fn root_round_trips() {
         let root = ManifestRoot {
             format: MANIFEST_FORMAT,
+            header: header(),
             stream_len: 1234,
             entries: 3,
             pieces: vec![ChunkRef { id: ChunkId([3; 32]), len: 1234 }],
@@ -316,10 +292,21 @@ mod tests {
     #[test]
     fn truncated_stream_is_detected() {
         let mut stream = Vec::new();
-        encode_record(&header(), &mut stream);
+        encode_record(
+            &Entry {
+                path: b"a".to_vec(),
+                kind: EntryKind::Dir,
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+                mtime_sec: 0,
+                mtime_nsec: 0,
+            },
+            &mut stream,
+        );
         let mut r = ManifestReader::new();
         r.push(&stream[..stream.len() - 1]);
-        assert!(r.next_record().unwrap().is_none());
+        assert!(r.next_entry().unwrap().is_none());
         assert_eq!(r.finish(), Err(ManifestError::Truncated));
     }
 

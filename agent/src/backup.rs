@@ -34,8 +34,11 @@ pub struct Summary {
     pub chunks_new: u64,
     /// Plaintext bytes of the chunks the node did not have.
     pub new_bytes: u64,
-    /// Envelope bytes uploaded (after compression and encryption).
+    /// Envelope bytes uploaded (after compression and encryption), manifest included.
     pub uploaded_bytes: u64,
+    /// Chunks and envelope bytes of file content uploaded (excluding manifest and root).
+    pub data_chunks_uploaded: u64,
+    pub data_bytes_uploaded: u64,
     /// Bytes read per new byte.
     pub dedup_ratio: f64,
     /// New plaintext bytes per uploaded byte.
@@ -196,6 +199,7 @@ pub async fn run(a: BackupArgs) -> Result<i32> {
         logical_bytes: g(&stats.bytes_read),
         chunks: 0,
         stored_bytes: 0,
+        commit_seq: 0,
     };
     let committed = client.commit(info, &outcome.refs).await.context("committing the snapshot")?;
     let duration = started.elapsed();
@@ -216,6 +220,8 @@ pub async fn run(a: BackupArgs) -> Result<i32> {
         chunks_new: g(&stats.chunks_uploaded),
         new_bytes: new,
         uploaded_bytes: up,
+        data_chunks_uploaded: g(&stats.data_chunks_uploaded),
+        data_bytes_uploaded: g(&stats.data_bytes_uploaded),
         dedup_ratio: read as f64 / new.max(1) as f64,
         compression_ratio: new as f64 / up.max(1) as f64,
         duration_secs: secs,

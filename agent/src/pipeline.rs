@@ -63,6 +63,9 @@ pub struct Stats {
     pub chunks_uploaded: AtomicU64,
     pub new_bytes: AtomicU64,
     pub uploaded_bytes: AtomicU64,
+    /// Of the above, file content only (not manifest pieces or the root).
+    pub data_chunks_uploaded: AtomicU64,
+    pub data_bytes_uploaded: AtomicU64,
 }
 
 impl Stats {
@@ -83,12 +86,15 @@ pub struct Outcome {
 struct Job {
     id: ChunkId,
     data: Vec<u8>,
+    /// File content, as opposed to manifest pieces and the root.
+    is_data: bool,
 }
 
 struct Sealed {
     id: ChunkId,
     plain_len: usize,
     envelope: Vec<u8>,
+    is_data: bool,
 }
 
 /// The first error wins; every stage is stopped when it is recorded.
@@ -226,13 +232,15 @@ struct Dispatcher {
 }
 
 impl Dispatcher {
-    fn dispatch(&mut self, data: &[u8]) -> Result<ChunkRef> {
+    fn dispatch(&mut self, data: &[u8], is_data: bool) -> Result<ChunkRef> {
         let id = self.keys.chunk_id(data);
-        Stats::add(&self.stats.chunks, 1);
+        if is_data {
+            Stats::add(&self.stats.chunks, 1);
+        }
         if self.seen.insert(id) {
             Stats::add(&self.stats.chunks_unique, 1);
             self.budget.acquire(data.len()).map_err(|_| anyhow!("backup stopped"))?;
-            self.tx.send_blocking(Job { id, data: data.to_vec() }).map_err(|_| anyhow!("backup stopped"))?;
+            self.tx.send_blocking(Job { id, data: data.to_vec(), is_data }).map_err(|_| anyhow!("backup stopped"))?;
         }
         Ok(ChunkRef { id, len: data.len() as u32 })
     }
@@ -242,7 +250,7 @@ impl Dispatcher {
         let mut err = None;
         let mut emit = |c: &[u8]| {
             if err.is_none() {
-                match self.dispatch(c) {
+                match self.dispatch(c, true) {
                     Ok(r) => refs.push(r),
                     Err(e) => err = Some(e),
                 }
@@ -268,8 +276,7 @@ fn read_all(
     let mut chunker = Chunker::new(params)?;
     let mut pieces: Vec<ChunkRef> = Vec::new();
     let mut pending_pieces: Vec<Vec<u8>> = Vec::new();
-    let mut collect = |p: &[u8]| pending_pieces.push(p.to_vec());
-    let mut manifest = ManifestWriter::new(&header, &mut collect);
+    let mut manifest = ManifestWriter::new();
     let mut buf = vec![0u8; READ_BLOCK];
     for root in roots {
         let mut warn = |m: String| warnings.push(m);
@@ -306,7 +313,7 @@ fn read_all(
                 let mut collect = |p: &[u8]| pending_pieces.push(p.to_vec());
                 manifest.push(&item.entry, &mut collect);
                 for p in pending_pieces.drain(..) {
-                    pieces.push(d.dispatch(&p)?);
+                    pieces.push(d.dispatch(&p, false)?);
                 }
             }
         }
@@ -315,10 +322,10 @@ fn read_all(
     let mut collect = |p: &[u8]| pending_pieces.push(p.to_vec());
     let (stream_len, entries) = manifest.finish(&mut collect);
     for p in pending_pieces.drain(..) {
-        pieces.push(d.dispatch(&p)?);
+        pieces.push(d.dispatch(&p, false)?);
     }
-    let root = encode_root(&ManifestRoot { format: MANIFEST_FORMAT, stream_len, entries, pieces });
-    let root_ref = d.dispatch(&root)?;
+    let root = encode_root(&ManifestRoot { format: MANIFEST_FORMAT, header, stream_len, entries, pieces });
+    let root_ref = d.dispatch(&root, false)?;
     Ok((root_ref.id, warnings))
 }
 
@@ -408,7 +415,7 @@ fn seal_stage(
     let mut sealer = Sealer::new(keys, level)?;
     while let Ok(job) = rx.recv_blocking() {
         let envelope = sealer.seal(&job.id, &job.data).with_context(|| format!("sealing chunk {}", job.id.short()))?;
-        tx.send_blocking(Sealed { id: job.id, plain_len: job.data.len(), envelope })
+        tx.send_blocking(Sealed { id: job.id, plain_len: job.data.len(), envelope, is_data: job.is_data })
             .map_err(|_| anyhow!("backup stopped"))?;
     }
     Ok(())
@@ -445,6 +452,8 @@ async fn upload_stage(
         tasks.spawn(async move {
             let _permit = permit;
             let plain: usize = batch.iter().map(|s| s.plain_len).sum();
+            let data: Vec<(u64, u64)> =
+                batch.iter().filter(|s| s.is_data).map(|s| (1, s.envelope.len() as u64)).collect();
             let chunks: Vec<PutChunk> = batch
                 .into_iter()
                 .map(|s| PutChunk { id: s.id, checksum: Checksum::of(&s.envelope), envelope: s.envelope })
@@ -455,6 +464,8 @@ async fn upload_stage(
             Stats::add(&stats.chunks_uploaded, n);
             Stats::add(&stats.new_bytes, plain as u64);
             Stats::add(&stats.uploaded_bytes, bytes as u64);
+            Stats::add(&stats.data_chunks_uploaded, data.iter().map(|d| d.0).sum());
+            Stats::add(&stats.data_bytes_uploaded, data.iter().map(|d| d.1).sum());
             budget.release(plain);
             anyhow::Ok(())
         });

@@ -1,1 +1,328 @@
+//! Harness for tests that run the real Exclave binaries on loopback with real certificates.
+//!
+//! The binaries are taken from the target directory these tests were built into
+//! (`cargo build --workspace --bins` first; the README's test command does), or from
+//! `EXCLAVE_BIN_DIR`. Every process is killed when its handle drops, every directory is a
+//! temporary one.
 
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn bin(name: &str) -> PathBuf {
+    let dir = match std::env::var_os("EXCLAVE_BIN_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let exe = std::env::current_exe().expect("test executable path");
+            // target/<profile>/deps/<test> -> target/<profile>
+            exe.parent().and_then(Path::parent).expect("target directory").to_path_buf()
+        }
+    };
+    let p = dir.join(name);
+    assert!(p.exists(), "{} not found: run `cargo build --workspace --bins` before the tests", p.display());
+    p
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.stdin(Stdio::null()).output().expect("spawn");
+    out
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[track_caller]
+pub fn ok(o: Output) -> Output {
+    assert!(o.status.success(), "command failed ({:?}):\nstdout:\n{}\nstderr:\n{}", o.status, stdout(&o), stderr(&o));
+    o
+}
+
+pub fn free_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// A PKI and keys for tenant `lux` (agent `rnpp`, restore `dr`), tenant `est` (agent `pop`,
+/// restore `drest`), an admin, and nodes `n1`..`n3`.
+pub struct World {
+    pub dir: tempfile::TempDir,
+}
+
+impl World {
+    pub fn new() -> World {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let w = World { dir };
+        let r = bin("exclave-replicator");
+        let pki = w.pki();
+        ok(run(Command::new(&r).args(["pki", "init", "--dir"]).arg(&pki)));
+        let issue = |args: &[&str]| ok(run(Command::new(&r).args(["pki", "issue", "--dir"]).arg(&pki).args(args)));
+        for n in ["n1", "n2", "n3"] {
+            issue(&["--role", "node", "--name", n, "--host", "127.0.0.1"]);
+        }
+        issue(&["--role", "agent", "--name", "rnpp", "--tenant", "lux"]);
+        issue(&["--role", "restore", "--name", "dr", "--tenant", "lux"]);
+        issue(&["--role", "agent", "--name", "pop", "--tenant", "est"]);
+        issue(&["--role", "restore", "--name", "drest", "--tenant", "est"]);
+        issue(&["--role", "admin", "--name", "admin"]);
+        for (t, f) in [("lux", "lux.key"), ("est", "est.key")] {
+            ok(run(Command::new(bin("exclave-agent")).args(["keys", "init", "--tenant", t, "--out"]).arg(w.path(f))));
+        }
+        w
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    pub fn pki(&self) -> PathBuf {
+        self.path("pki")
+    }
+
+    pub fn start_node(&self, name: &str) -> Node {
+        self.start_node_at(name, &self.path(&format!("data-{name}")), free_port())
+    }
+
+    pub fn start_node_at(&self, name: &str, data: &Path, port: u16) -> Node {
+        let node = Node::spawn(self, name, data, port);
+        node.wait_ready();
+        node
+    }
+
+    /// `exclave-agent backup` as agent `rnpp` of tenant lux, with `--json`.
+    pub fn backup(&self, node: &Node, source: &str, paths: &[&Path]) -> Output {
+        self.backup_as(node, "rnpp", "lux.key", source, paths, &[])
+    }
+
+    pub fn backup_as(
+        &self,
+        node: &Node,
+        identity: &str,
+        key: &str,
+        source: &str,
+        paths: &[&Path],
+        extra: &[&str],
+    ) -> Output {
+        let mut c = Command::new(bin("exclave-agent"));
+        c.args(["backup", "--json", "--node", &node.addr.to_string(), "--pki"])
+            .arg(self.pki())
+            .args(["--identity", identity, "--key-file"])
+            .arg(self.path(key))
+            .args(["--source", source])
+            .args(extra)
+            .args(paths);
+        run(&mut c)
+    }
+
+    /// `exclave-restore <verb>` as `dr` of tenant lux with the lux key.
+    pub fn restore_cmd(&self, node: &Node, verb: &str) -> Command {
+        let mut c = Command::new(bin("exclave-restore"));
+        c.args([verb, "--node", &node.addr.to_string(), "--pki"])
+            .arg(self.pki())
+            .args(["--identity", "dr", "--key-file"])
+            .arg(self.path("lux.key"));
+        c
+    }
+
+    pub fn restore(&self, node: &Node, source: &str, snapshot: &str, to: &Path) -> Output {
+        run(self
+            .restore_cmd(node, "restore")
+            .args(["--source", source, "--snapshot", snapshot, "--json", "--to"])
+            .arg(to))
+    }
+
+    pub fn verify(&self, node: &Node, source: &str, snapshot: &str) -> Output {
+        run(self.restore_cmd(node, "verify").args(["--source", source, "--snapshot", snapshot, "--json"]))
+    }
+}
+
+impl Default for World {
+    fn default() -> Self {
+        World::new()
+    }
+}
+
+pub struct Node {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub data: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Node {
+    pub fn spawn(w: &World, name: &str, data: &Path, port: u16) -> Node {
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let log = w.path(&format!("{name}-{port}-{}.log", std::process::id()));
+        let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log");
+        let child = Command::new(bin("exclave-replicator"))
+            .args(["run", "--name", name, "--listen", &addr.to_string(), "--pki"])
+            .arg(w.pki())
+            .arg("--data")
+            .arg(data)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().expect("log"))
+            .stderr(logf)
+            .spawn()
+            .expect("spawn node");
+        Node { name: name.into(), addr, data: data.into(), log, child: Some(child) }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.log_text().contains("storage node ready") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("node {} did not start:\n{}", self.name, self.log_text());
+    }
+
+    /// Waits for the process to exit by itself (for nodes expected to fail at start).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut()?;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let c = self.child.as_mut()?;
+        // A pid from our own child; kill(2) with SIGTERM has no memory effects.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        let st = self.wait_exit(Duration::from_secs(20));
+        self.child = None;
+        st
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// What a restore must reproduce of one path.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Kind {
+    File(blake3::Hash),
+    Dir,
+    Symlink(PathBuf),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct Meta {
+    pub kind: Kind,
+    pub mode: u32,
+    pub mtime: (i64, i64),
+    pub size: u64,
+}
+
+/// Content and metadata of a tree, keyed by relative path.
+pub fn tree(root: &Path) -> BTreeMap<PathBuf, Meta> {
+    let mut out = BTreeMap::new();
+    for e in walkdir::WalkDir::new(root).follow_links(false) {
+        let e = e.expect("walk");
+        let m = e.path().symlink_metadata().expect("lstat");
+        let kind = if m.file_type().is_symlink() {
+            Kind::Symlink(std::fs::read_link(e.path()).expect("readlink"))
+        } else if m.is_dir() {
+            Kind::Dir
+        } else {
+            Kind::File(blake3::hash(&std::fs::read(e.path()).expect("read")))
+        };
+        let rel = e.path().strip_prefix(root).expect("prefix").to_path_buf();
+        let mode = if m.file_type().is_symlink() { 0 } else { m.permissions().mode() & 0o7777 };
+        out.insert(rel, Meta { kind, mode, mtime: (m.mtime(), m.mtime_nsec()), size: m.len() });
+    }
+    out
+}
+
+#[track_caller]
+pub fn assert_same_tree(a: &Path, b: &Path) {
+    let (ta, tb) = (tree(a), tree(b));
+    let keys_a: Vec<_> = ta.keys().collect();
+    let keys_b: Vec<_> = tb.keys().collect();
+    assert_eq!(keys_a, keys_b, "restored tree lists other paths");
+    for (k, ma) in &ta {
+        let mb = &tb[k];
+        if k.as_os_str().is_empty() {
+            continue; // the roots themselves: the target dir is ours
+        }
+        assert_eq!(ma.kind, mb.kind, "content of {}", k.display());
+        assert_eq!(ma.mode, mb.mode, "mode of {}", k.display());
+        assert_eq!(ma.mtime, mb.mtime, "mtime of {}", k.display());
+    }
+}
+
+/// A deterministic sample tree: text, random and repetitive files, nested and empty
+/// directories, a symlink, odd modes and times. About `size` bytes.
+pub fn sample_tree(dir: &Path, seed: u64, size: usize) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    std::fs::create_dir_all(dir.join("registers/persons")).expect("mkdir");
+    std::fs::create_dir_all(dir.join("documents/2025/01")).expect("mkdir");
+    std::fs::create_dir_all(dir.join("empty/deeper")).expect("mkdir");
+    let mut rows = String::new();
+    let mut i = 0u64;
+    while rows.len() < size / 2 {
+        rows.push_str(&format!(
+            "{i}\t{}\tVirtanen\t{}-{:02}-{:02}\tHelsinki\t{}\n",
+            ["Aino", "Juhani", "Maria", "Eero"][(i % 4) as usize],
+            1930 + rng.random_range(0..90),
+            rng.random_range(1..13),
+            rng.random_range(1..29),
+            rng.random_range(0..1_000_000u32)
+        ));
+        i += 1;
+    }
+    std::fs::write(dir.join("registers/persons/persons.tsv"), rows.as_bytes()).expect("write");
+    let mut noise = vec![0u8; size / 4];
+    rng.fill(&mut noise[..]);
+    std::fs::write(dir.join("documents/2025/01/scan-0001.pdf"), &noise).expect("write");
+    for n in 0..20 {
+        let body = format!("<decision id=\"{n}\">{}</decision>\n", "granted ".repeat(50 + n * 37));
+        std::fs::write(dir.join(format!("documents/2025/01/decision-{n:03}.xml")), body).expect("write");
+    }
+    std::fs::write(dir.join("registers/zero-length"), b"").expect("write");
+    std::fs::write(dir.join("registers/repetitive.bin"), vec![7u8; size / 8]).expect("write");
+    std::os::unix::fs::symlink("persons/persons.tsv", dir.join("registers/current")).expect("symlink");
+    std::fs::set_permissions(dir.join("registers/persons/persons.tsv"), std::fs::Permissions::from_mode(0o640))
+        .expect("chmod");
+    std::fs::set_permissions(dir.join("registers/zero-length"), std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let t = filetime::FileTime::from_unix_time(1_700_000_000, 123_456_789);
+    filetime::set_file_mtime(dir.join("documents/2025/01/scan-0001.pdf"), t).expect("mtime");
+    filetime::set_file_mtime(dir.join("empty/deeper"), t).expect("mtime");
+}
+
+pub fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{}\n{}", stdout(o), stderr(o)))
+}

@@ -85,7 +85,12 @@ fn db_err(e: rocksdb::Error) -> StoreError {
 
 pub struct Store {
     db: DB,
+    /// Serialises commits: the commit sequence is read, incremented and written with the snapshot.
+    commit_lock: std::sync::Mutex<()>,
 }
+
+/// Key of the commit sequence counter in `snapshot_ids` (no tenant name is empty).
+const COMMIT_SEQ_KEY: &[u8] = b"\0commit_seq";
 
 fn chunk_key(tenant: &str, id: &ChunkId) -> Vec<u8> {
     let mut k = Vec::with_capacity(tenant.len() + 33);
@@ -130,7 +135,7 @@ impl Store {
             ColumnFamilyDescriptor::new(CF_REFS, Options::default()),
         ];
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| open_err(e.into_string()))?;
-        Ok(Store { db })
+        Ok(Store { db, commit_lock: std::sync::Mutex::new(()) })
     }
 
     fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily, StoreError> {
@@ -219,6 +224,7 @@ impl Store {
     /// Records a snapshot once every referenced chunk is held. Idempotent by snapshot id.
     /// `stored_bytes` and `chunks` are computed here from the index, not taken from the client.
     pub fn commit(&self, tenant: &str, snap: &SnapshotInfo, refs: &[ChunkId]) -> Result<SnapshotInfo, StoreError> {
+        let _serial = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(existing) = self.snapshot(tenant, &snap.id)? {
             return Ok(existing);
         }
@@ -242,7 +248,13 @@ impl Store {
         if !missing.is_empty() {
             return Err(StoreError::Missing(missing));
         }
-        let snap = SnapshotInfo { stored_bytes, chunks: refs.len() as u64, ..snap.clone() };
+        let seq = match self.db.get_cf(self.cf(CF_SNAPSHOT_IDS)?, COMMIT_SEQ_KEY).map_err(db_err)? {
+            Some(v) => {
+                u64::from_be_bytes(v.as_slice().try_into().map_err(|_| StoreError::Decode("commit seq".into()))?)
+            }
+            None => 0,
+        } + 1;
+        let snap = SnapshotInfo { stored_bytes, chunks: refs.len() as u64, commit_seq: seq, ..snap.clone() };
         let mut loc = snap.source.as_bytes().to_vec();
         loc.push(0);
         loc.extend_from_slice(&snap.time.to_be_bytes());
@@ -254,6 +266,7 @@ impl Store {
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(CF_SNAPSHOTS)?, &sk, encode(&snap));
         batch.put_cf(self.cf(CF_SNAPSHOT_IDS)?, &idk, &loc);
+        batch.put_cf(self.cf(CF_SNAPSHOT_IDS)?, COMMIT_SEQ_KEY, seq.to_be_bytes());
         let cf_refs = self.cf(CF_REFS)?;
         for (i, part) in refs.chunks(16 * 1024).enumerate() {
             let mut rk = idk.clone();
@@ -281,7 +294,7 @@ impl Store {
             }
             out.push(decode(&v)?);
         }
-        out.sort_by(|a: &SnapshotInfo, b| (a.time, &a.id).cmp(&(b.time, &b.id)));
+        out.sort_by_key(|s: &SnapshotInfo| (s.time, s.commit_seq));
         Ok(out)
     }
 
@@ -344,6 +357,7 @@ mod tests {
             logical_bytes: 1,
             chunks: 1,
             stored_bytes: 1,
+            commit_seq: 0,
         }
     }
 

@@ -13,7 +13,7 @@ use exclave::ChunkId;
 use exclave::client::NodeClient;
 use exclave::envelope::Opener;
 use exclave::keys::TenantKeys;
-use exclave::manifest::{ChunkRef, Entry, EntryKind, ManifestHeader, ManifestReader, Record, decode_root};
+use exclave::manifest::{ChunkRef, Entry, EntryKind, ManifestHeader, ManifestReader, decode_root};
 use futures::{Stream, StreamExt};
 
 /// Fetches and opens one chunk.
@@ -32,24 +32,19 @@ pub async fn manifest(client: &NodeClient, keys: &TenantKeys, root: ChunkId) -> 
     let root_bytes = fetch_chunk(client, keys, root).await.context("reading the snapshot's manifest root")?;
     let root = decode_root(&root_bytes)?;
     let mut reader = ManifestReader::new();
-    let mut header = None;
     let mut entries = Vec::with_capacity(root.entries.min(1 << 20) as usize);
     let mut pieces = futures::stream::iter(root.pieces.iter().map(|p| fetch_chunk(client, keys, p.id))).buffered(8);
     while let Some(piece) = pieces.next().await {
         reader.push(&piece.context("reading a manifest piece")?);
-        while let Some(rec) = reader.next_record()? {
-            match rec {
-                Record::Header(h) => header = Some(h),
-                Record::Entry(e) => entries.push(e),
-            }
+        while let Some(e) = reader.next_entry()? {
+            entries.push(e);
         }
     }
     reader.finish()?;
-    let header = header.ok_or_else(|| anyhow!("manifest has no header"))?;
     if entries.len() as u64 != root.entries {
         bail!("manifest lists {} entries, its root says {}", entries.len(), root.entries);
     }
-    Ok((header, entries))
+    Ok((root.header, entries))
 }
 
 /// One step of reading a snapshot back, in manifest order.

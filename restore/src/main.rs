@@ -159,7 +159,7 @@ fn select(list: &[SnapshotInfo], source: &str, which: &str) -> Result<SnapshotIn
         bail!("no snapshot of source {source:?}");
     }
     if which == "latest" {
-        return of_source.iter().max_by_key(|s| (s.time, &s.id)).map(|s| (*s).clone()).context("no snapshot");
+        return of_source.iter().max_by_key(|s| (s.time, s.commit_seq)).map(|s| (*s).clone()).context("no snapshot");
     }
     let matches: Vec<&&SnapshotInfo> = of_source.iter().filter(|s| s.id.starts_with(which)).collect();
     match matches.as_slice() {
@@ -212,7 +212,7 @@ fn snapshot_json(s: &SnapshotInfo) -> serde_json::Value {
         "id": s.id, "source": s.source, "time": s.time, "time_utc": format_time(s.time),
         "root": s.root.to_string(), "key_fingerprint": s.key_fingerprint, "agent": s.agent,
         "hostname": s.hostname, "files": s.files, "logical_bytes": s.logical_bytes,
-        "chunks": s.chunks, "stored_bytes": s.stored_bytes,
+        "chunks": s.chunks, "stored_bytes": s.stored_bytes, "commit_seq": s.commit_seq,
     })
 }
 

@@ -46,6 +46,8 @@ pub struct SnapshotInfo {
     pub chunks: u64,
     /// Sum of the envelope sizes of the distinct chunks referenced (computed by the node).
     pub stored_bytes: u64,
+    /// Order of commit, assigned by the cluster: orders snapshots taken in the same second.
+    pub commit_seq: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -115,12 +115,17 @@ pub fn decode_root(bytes: &[u8]) -> Result<ManifestRoot, ManifestError> {
 }
 
 /// Incremental encoder: entries in, manifest pieces out (through `emit`), in bounded memory.
-#[allow(clippy::new_without_default)]
 pub struct ManifestWriter {
     chunker: Chunker,
     scratch: Vec<u8>,
     stream_len: u64,
     entries: u64,
+}
+
+impl Default for ManifestWriter {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl ManifestWriter {

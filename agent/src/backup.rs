@@ -247,7 +247,7 @@ fn print_summary(s: &Summary) {
     println!("snapshot {} of source {} committed on {}", s.snapshot, s.source, s.node);
     println!("  files         {} ({} dirs, {} symlinks)", s.files, s.dirs, s.symlinks);
     println!("  read          {}", mib(s.bytes_read));
-    println!("  new           {}  ({} of {} chunks)", mib(s.new_bytes), s.chunks_new, s.chunks);
+    println!("  new           {}  ({} of {} data chunks)", mib(s.new_bytes), s.data_chunks_uploaded, s.chunks);
     println!("  uploaded      {}  (after compression and encryption)", mib(s.uploaded_bytes));
     println!("  dedup ratio   {:.2}x   compression {:.2}x", s.dedup_ratio, s.compression_ratio);
     println!("  duration      {:.2} s  ({:.1} MB/s)", s.duration_secs, s.mb_per_s);

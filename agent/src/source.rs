@@ -52,8 +52,7 @@ pub fn roots(paths: &[PathBuf]) -> Result<Vec<Root>, SourceError> {
         let abs = std::path::absolute(p).map_err(|e| SourceError::Unreadable { path: p.clone(), source: e })?;
         let name = abs
             .components()
-            .filter(|c| matches!(c, std::path::Component::Normal(_)))
-            .next_back()
+            .rfind(|c| matches!(c, std::path::Component::Normal(_)))
             .map(|c| c.as_os_str().to_string_lossy().into_owned())
             .unwrap_or_else(|| "root".to_string());
         if !seen.insert(name.clone()) {

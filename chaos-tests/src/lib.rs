@@ -27,8 +27,7 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd.stdin(Stdio::null()).output().expect("spawn");
-    out
+    cmd.stdin(Stdio::null()).output().expect("spawn")
 }
 
 pub fn stdout(o: &Output) -> String {

@@ -61,7 +61,7 @@ fn day_two_backup_uploads_only_new_chunks() {
     let second = json(&ok(w.backup(&node, "rnpp", &[&src])));
 
     let (c1, c2) = (first["data_chunks_uploaded"].as_u64().unwrap(), second["data_chunks_uploaded"].as_u64().unwrap());
-    assert!(c2 >= 2 && c2 <= 5, "day two uploaded {c2} data chunks (day one: {c1})");
+    assert!((2..=5).contains(&c2), "day two uploaded {c2} data chunks (day one: {c1})");
     let (b1, b2) = (first["data_bytes_uploaded"].as_u64().unwrap(), second["data_bytes_uploaded"].as_u64().unwrap());
     assert!(b2 * 20 < b1, "day two uploaded {b2} bytes, day one {b1}");
 

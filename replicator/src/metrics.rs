@@ -79,25 +79,14 @@ impl NodeMetrics {
 
 /// (used, free) bytes of the file system holding `path`.
 pub fn disk_usage(path: &Path) -> (u64, u64) {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return (0, 0) };
-    let mut st: libc::statvfs = unsafe_zeroed_statvfs();
-    // statvfs only writes into the struct we pass.
-    #[allow(unsafe_code)]
-    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
-    if rc != 0 {
-        return (0, 0);
-    }
-    let bs = st.f_frsize as u64;
-    let total = st.f_blocks as u64 * bs;
-    let free = st.f_bavail as u64 * bs;
-    (total.saturating_sub(st.f_bfree as u64 * bs), free)
-}
-
-fn unsafe_zeroed_statvfs() -> libc::statvfs {
-    // statvfs is plain old data; all-zero is a valid value.
-    #[allow(unsafe_code)]
-    unsafe {
-        std::mem::zeroed()
+    match nix::sys::statvfs::statvfs(path) {
+        Ok(st) => {
+            // The field types differ between platforms (u32 on some 32-bit targets).
+            #[allow(clippy::unnecessary_cast)]
+            let (bs, blocks, free, avail) =
+                (st.fragment_size() as u64, st.blocks() as u64, st.blocks_free() as u64, st.blocks_available() as u64);
+            (blocks.saturating_sub(free) * bs, avail * bs)
+        }
+        Err(_) => (0, 0),
     }
 }

@@ -387,7 +387,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
         let (a, root) = (put(1, b"a"), put(9, b"root"));
-        s.put_chunks("lux", &[root.clone()]).unwrap();
+        s.put_chunks("lux", std::slice::from_ref(&root)).unwrap();
         let refs = vec![a.id, root.id];
         match s.commit("lux", &snap("s1", 9, 10), &refs) {
             Err(StoreError::Missing(m)) => assert_eq!(m, vec![a.id]),

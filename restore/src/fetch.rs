@@ -61,17 +61,22 @@ pub fn items(
     entries: Vec<Entry>,
     parallel: usize,
 ) -> impl Stream<Item = Item> {
+    enum Step {
+        Begin,
+        Chunk(u64, ChunkRef),
+        End,
+    }
     let steps = entries.into_iter().flat_map(|e| {
         let e = Arc::new(e);
-        let mut v: Vec<(Arc<Entry>, Option<(u64, ChunkRef)>)> = vec![(e.clone(), None)];
+        let mut v = vec![(e.clone(), Step::Begin)];
         if let EntryKind::File { chunks, .. } = &e.kind {
             let mut off = 0u64;
             for c in chunks {
-                v.push((e.clone(), Some((off, *c))));
+                v.push((e.clone(), Step::Chunk(off, *c)));
                 off += c.len as u64;
             }
         }
-        v.push((e, Some((u64::MAX, ChunkRef { id: ChunkId([0; 32]), len: 0 }))));
+        v.push((e, Step::End));
         v
     });
     futures::stream::iter(steps)
@@ -79,9 +84,9 @@ pub fn items(
             let (client, keys) = (client.clone(), keys.clone());
             async move {
                 match step {
-                    None => Item::Begin(entry),
-                    Some((u64::MAX, _)) => Item::End(entry),
-                    Some((offset, c)) => {
+                    Step::Begin => Item::Begin(entry),
+                    Step::End => Item::End(entry),
+                    Step::Chunk(offset, c) => {
                         let data = fetch_chunk(&client, &keys, c.id).await.and_then(|d| {
                             if d.len() == c.len as usize {
                                 Ok(d)

@@ -152,15 +152,14 @@ impl Writer {
             && let Some(p) = &path
         {
             let r: std::io::Result<()> = (|| {
-                if self.overwrite {
-                    if let Ok(m) = std::fs::symlink_metadata(p)
-                        && !(m.is_dir() && matches!(e.kind, EntryKind::Dir))
-                    {
-                        if m.is_dir() {
-                            std::fs::remove_dir_all(p)?;
-                        } else {
-                            std::fs::remove_file(p)?;
-                        }
+                if self.overwrite
+                    && let Ok(m) = std::fs::symlink_metadata(p)
+                    && !(m.is_dir() && matches!(e.kind, EntryKind::Dir))
+                {
+                    if m.is_dir() {
+                        std::fs::remove_dir_all(p)?;
+                    } else {
+                        std::fs::remove_file(p)?;
                     }
                 }
                 match &e.kind {

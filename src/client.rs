@@ -61,11 +61,26 @@ impl NodeClient {
         if !matches!(peer, Identity::Node { .. }) {
             return Err(ClientError::NotANode { addr, identity: peer });
         }
-        Ok(NodeClient { addr, endpoint, conn })
+        let client = NodeClient { addr, endpoint, conn };
+        // TLS 1.3 lets the client finish its handshake before the server has checked the client
+        // certificate; one round trip makes a refusal show here, with a clear cause.
+        match client.call(&[Request::Hello]).await {
+            Ok(Reply::Hello { .. }) => Ok(client),
+            Ok(_) => Err(ClientError::Unexpected { addr, request: "hello" }),
+            Err(ClientError::Transport(e)) => {
+                Err(TransportError::Connect { addr, reason: explain_connect_str(&e.to_string()) }.into())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The underlying connection, for callers that speak the frame codec themselves.
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.conn
     }
 
     /// Sends `frames` on a new stream and reads the single reply.
@@ -128,10 +143,13 @@ impl NodeClient {
 }
 
 fn explain_connect(e: &quinn::ConnectionError) -> String {
-    let s = e.to_string();
-    if s.contains("certificate") || s.contains("UnknownIssuer") || s.contains("alert") {
-        format!("{s} (is the certificate issued by this cluster's CA?)")
+    explain_connect_str(&e.to_string())
+}
+
+fn explain_connect_str(s: &str) -> String {
+    if s.contains("certificate") || s.contains("UnknownIssuer") || s.contains("BadSignature") {
+        format!("TLS refused: {s} (are both certificates issued by this cluster's CA?)")
     } else {
-        s
+        s.to_string()
     }
 }

@@ -248,6 +248,11 @@ async fn dispatch(
             let envelope = blocking(move || store.get_chunk(&tenant, &id)).await?;
             Ok(Reply::Chunk { envelope })
         }
+        Request::Hello => Ok(Reply::Hello {
+            node: node.name.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            you: identity.subject(),
+        }),
         Request::Status => {
             authorise(identity, Permission::Operate, "status")?;
             let (used, free) = crate::metrics::disk_usage(&node.data_dir);

@@ -7,7 +7,8 @@
 //! - `Have` → `Missing`: which of these chunk ids does the node lack?
 //! - `PutChunks` → `Ok`: store envelopes; replied only once durable.
 //! - `Commit` then `commit.ref_batches` × `CommitRefs` → `Committed` or `Error(MissingChunks)`.
-//! - `ListSnapshots` → `Snapshots`; `GetChunk` → `Chunk`; `Status` → `Status`.
+//! - `Hello` → `Hello` (first, on connect); `ListSnapshots` → `Snapshots`; `GetChunk` → `Chunk`;
+//!   `Status` → `Status`.
 //!
 //! Enum variants are only ever appended, never reordered: postcard encodes the index.
 
@@ -52,13 +53,28 @@ pub struct SnapshotInfo {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
-    Have { ids: Vec<ChunkId> },
-    PutChunks { chunks: Vec<PutChunk> },
-    Commit { snapshot: SnapshotInfo, ref_batches: u32 },
-    CommitRefs { ids: Vec<ChunkId> },
-    ListSnapshots { source: Option<String> },
-    GetChunk { id: ChunkId },
+    Have {
+        ids: Vec<ChunkId>,
+    },
+    PutChunks {
+        chunks: Vec<PutChunk>,
+    },
+    Commit {
+        snapshot: SnapshotInfo,
+        ref_batches: u32,
+    },
+    CommitRefs {
+        ids: Vec<ChunkId>,
+    },
+    ListSnapshots {
+        source: Option<String>,
+    },
+    GetChunk {
+        id: ChunkId,
+    },
     Status,
+    /// First request of a connection: confirms the node accepted our certificate.
+    Hello,
 }
 
 impl Request {
@@ -71,6 +87,7 @@ impl Request {
             Request::ListSnapshots { .. } => "list_snapshots",
             Request::GetChunk { .. } => "get_chunk",
             Request::Status => "status",
+            Request::Hello => "hello",
         }
     }
 }
@@ -130,6 +147,12 @@ pub enum Reply {
         code: ErrorCode,
         message: String,
         missing: Vec<ChunkId>,
+    },
+    /// The node's name and version, and the identity it sees in our certificate.
+    Hello {
+        node: String,
+        version: String,
+        you: String,
     },
 }
 

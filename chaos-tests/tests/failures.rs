@@ -1,0 +1,258 @@
+//! Bad input and broken parts: a wrong or missing key, a tampered chunk on the node, an
+//! unwritable or full data directory, the node killed during an upload, a missing source.
+//! Each gives a clear error, and nothing acknowledged is lost.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use exclave::keys::read_key_file;
+use exclave_chaos_tests::*;
+
+fn restore_with_key(w: &World, node: &Node, key: &Path) -> std::process::Output {
+    let to = w.path("out-key");
+    run(Command::new(bin("exclave-restore"))
+        .args(["restore", "--node", &node.addr.to_string(), "--pki"])
+        .arg(w.pki())
+        .args(["--identity", "dr", "--source", "rnpp", "--key-file"])
+        .arg(key)
+        .arg("--to")
+        .arg(&to))
+}
+
+#[test]
+fn a_wrong_or_missing_key_file_is_named() {
+    let w = World::new();
+    let node = w.start_node("n1");
+    let src = w.path("src");
+    sample_tree(&src, 1, 1 << 20);
+    ok(w.backup(&node, "rnpp", &[&src]));
+
+    // Same tenant, another key: refused before anything is decrypted, by fingerprint.
+    let other = w.path("other-lux.key");
+    ok(run(Command::new(bin("exclave-agent")).args(["keys", "init", "--tenant", "lux", "--out"]).arg(&other)));
+    let out = restore_with_key(&w, &node, &other);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("wrong key"), "{}", stderr(&out));
+
+    // Another tenant's key.
+    let out = restore_with_key(&w, &node, &w.path("est.key"));
+    assert!(stderr(&out).contains("is for tenant \"est\""), "{}", stderr(&out));
+
+    // No key file at all.
+    let out = restore_with_key(&w, &node, &w.path("absent.key"));
+    assert!(stderr(&out).contains("cannot read key file"), "{}", stderr(&out));
+
+    // A key file others can read.
+    use std::os::unix::fs::PermissionsExt;
+    let loose = w.path("loose.key");
+    std::fs::copy(w.path("lux.key"), &loose).unwrap();
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = restore_with_key(&w, &node, &loose);
+    assert!(stderr(&out).contains("chmod 600"), "{}", stderr(&out));
+
+    // A damaged key file.
+    let damaged = w.path("damaged.key");
+    let text = std::fs::read_to_string(w.path("lux.key")).unwrap().replace("master_key = \"", "master_key = \"00");
+    std::fs::write(&damaged, text).unwrap();
+    std::fs::set_permissions(&damaged, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = restore_with_key(&w, &node, &damaged);
+    assert!(stderr(&out).contains("not a valid Exclave key file"), "{}", stderr(&out));
+
+    // An agent with a key of another tenant than its certificate commits nothing.
+    let out = w.backup_as(&node, "rnpp", "est.key", "rnpp", &[&src], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("is for tenant \"est\""), "{}", stderr(&out));
+    let list = json(&ok(run(w.restore_cmd(&node, "snapshots").arg("--json"))));
+    assert_eq!(list.as_array().unwrap().len(), 1);
+}
+
+/// Opens a stopped node's store and rewrites the envelope of chunk `id` of tenant lux with
+/// `tamper`; with `fix_checksum`, also rewrites the index so the storage checksum matches
+/// (a node that lies), leaving only the AEAD to catch it.
+fn tamper_chunk(data: &Path, id: &exclave::ChunkId, fix_checksum: bool, tamper: impl Fn(&mut Vec<u8>)) {
+    let mut opts = rocksdb::Options::default();
+    opts.create_if_missing(false);
+    let cfs = rocksdb::DB::list_cf(&opts, data).unwrap();
+    let db = rocksdb::DB::open_cf(&opts, data, &cfs).unwrap();
+    let mut key = b"lux\0".to_vec();
+    key.extend_from_slice(&id.0);
+    let chunks = db.cf_handle("chunks").unwrap();
+    let mut env = db.get_cf(chunks, &key).unwrap().expect("chunk present");
+    tamper(&mut env);
+    db.put_cf(chunks, &key, &env).unwrap();
+    if fix_checksum {
+        let index = db.cf_handle("chunk_index").unwrap();
+        let mut entry = db.get_cf(index, &key).unwrap().expect("index entry");
+        let n = entry.len();
+        entry[n - 32..].copy_from_slice(blake3::hash(&env).as_bytes());
+        db.put_cf(index, &key, &entry).unwrap();
+    }
+    db.flush().unwrap();
+}
+
+#[test]
+fn a_tampered_chunk_is_detected_and_its_file_named() {
+    let w = World::new();
+    let mut node = w.start_node("n1");
+    let src = w.path("src");
+    sample_tree(&src, 2, 1 << 20);
+    ok(w.backup(&node, "rnpp", &[&src]));
+    let keys = read_key_file(&w.path("lux.key")).unwrap();
+    // Small files are one chunk each, so their chunk id is the keyed hash of their content.
+    let victim = "src/documents/2025/01/decision-005.xml";
+    let liar = "src/documents/2025/01/decision-011.xml";
+    let id = |rel: &str| keys.chunk_id(&std::fs::read(w.path(rel)).unwrap());
+
+    assert_eq!(node.stop().map(|s| s.success()), Some(true), "clean stop on SIGTERM");
+    tamper_chunk(&node.data, &id(victim), false, |env| {
+        let n = env.len();
+        env[n / 2] ^= 0x40;
+    });
+    tamper_chunk(&node.data, &id(liar), true, |env| {
+        let n = env.len();
+        env[n - 20] ^= 1;
+    });
+    let node = w.start_node_at("n1", &node.data.clone(), node.addr.port());
+
+    for out in [w.verify(&node, "rnpp", "latest"), w.restore(&node, "rnpp", "latest", &w.path("restored"))] {
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        let report = json(&out);
+        assert_eq!(report["ok"], false);
+        let failures = report["failures"].as_array().unwrap();
+        assert_eq!(failures.len(), 2, "{failures:?}");
+        let find = |p: &str| failures.iter().find(|f| f["path"] == p).unwrap_or_else(|| panic!("{p} not named"));
+        let disk = find(victim)["error"].as_str().unwrap().to_string();
+        assert!(disk.contains("damaged on this node's disk") && disk.contains("chunk "), "{disk}");
+        let aead = find(liar)["error"].as_str().unwrap().to_string();
+        assert!(aead.contains("authentication failed") && aead.contains("at offset 0"), "{aead}");
+        // Every other file still verifies.
+        assert_eq!(report["files"], 22);
+    }
+    // The damaged files are not left behind looking complete.
+    assert!(!w.path("restored").join(victim).exists());
+    assert!(w.path("restored/src/registers/persons/persons.tsv").exists());
+}
+
+fn mount_tmpfs(dir: &Path, opts: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    let st = Command::new("mount").args(["-t", "tmpfs", "-o", opts, "tmpfs"]).arg(dir).status().unwrap();
+    assert!(st.success(), "mounting a tmpfs needs root (CI runs as root)");
+}
+
+struct Unmount(std::path::PathBuf);
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn an_unwritable_data_directory_is_a_clear_startup_error() {
+    let w = World::new();
+    let dir = w.path("readonly");
+    mount_tmpfs(&dir, "ro,size=1m");
+    let _u = Unmount(dir.clone());
+    let mut node = Node::spawn(&w, "n1", &dir.join("data"), free_port());
+    let st = node.wait_exit(Duration::from_secs(20)).expect("node must exit");
+    assert_eq!(st.code(), Some(1));
+    let log = node.log_text();
+    assert!(log.contains("opening the store") && log.contains("Read-only file system"), "{log}");
+}
+
+#[test]
+fn a_full_disk_refuses_the_upload_and_keeps_what_was_acknowledged() {
+    let w = World::new();
+    let dir = w.path("small");
+    mount_tmpfs(&dir, "size=48m");
+    let _u = Unmount(dir.clone());
+    let node = w.start_node_at("n1", &dir.join("data"), free_port());
+    let small = w.path("small-src");
+    sample_tree(&small, 3, 1 << 20);
+    let first = json(&ok(w.backup(&node, "rnpp", &[&small])));
+
+    let big = w.path("big-src");
+    std::fs::create_dir_all(&big).unwrap();
+    let mut noise = vec![0u8; 64 << 20];
+    rand::Rng::fill(&mut rand::rng(), &mut noise[..]);
+    std::fs::write(big.join("scans.bin"), &noise).unwrap();
+    let out = w.backup(&node, "scans", &[&big]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("storage is full"), "{}", stderr(&out));
+
+    // The node is still up, lists only the acknowledged snapshot, and restores it exactly.
+    let list = json(&ok(run(w.restore_cmd(&node, "snapshots").arg("--json"))));
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["id"], first["snapshot"]);
+    let to = w.path("restored");
+    ok(w.restore(&node, "rnpp", "latest", &to));
+    assert_same_tree(&small, &to.join("small-src"));
+    assert!(node.log_text().contains("storage is full"), "{}", node.log_text());
+}
+
+#[test]
+fn a_node_killed_during_an_upload_loses_nothing_acknowledged() {
+    let w = World::new();
+    let mut node = w.start_node("n1");
+    let early = w.path("early");
+    sample_tree(&early, 4, 1 << 20);
+    let acknowledged = json(&ok(w.backup(&node, "rnpp", &[&early])));
+
+    let big = w.path("big");
+    sample_tree(&big, 5, 96 << 20);
+    let mut agent = Command::new(bin("exclave-agent"))
+        .args(["backup", "--json", "--node", &node.addr.to_string(), "--pki"])
+        .arg(w.pki())
+        .args(["--identity", "rnpp", "--key-file"])
+        .arg(w.path("lux.key"))
+        .args(["--source", "big"])
+        .arg(&big)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill the node once the upload is under way.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !node.log_text().contains("put_chunks") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+        if du(&node.data) > 4 << 20 {
+            break;
+        }
+    }
+    node.kill();
+    let out = agent.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "the agent must fail, not hang or claim success");
+    assert!(stderr(&out).contains("nothing was committed"), "{}", stderr(&out));
+
+    let node = w.start_node_at("n1", &node.data.clone(), node.addr.port());
+    let list = json(&ok(run(w.restore_cmd(&node, "snapshots").arg("--json"))));
+    assert_eq!(list.as_array().unwrap().len(), 1, "only the acknowledged snapshot");
+    assert_eq!(list[0]["id"], acknowledged["snapshot"]);
+
+    let again = json(&ok(w.backup(&node, "big", &[&big])));
+    assert!(
+        again["chunks_new"].as_u64().unwrap() < again["chunks"].as_u64().unwrap(),
+        "chunks stored before the kill are reused: {again}"
+    );
+    let to = w.path("restored");
+    ok(w.restore(&node, "big", "latest", &to));
+    assert_same_tree(&big, &to.join("big"));
+    let to = w.path("restored-early");
+    ok(w.restore(&node, "rnpp", "latest", &to));
+    assert_same_tree(&early, &to.join("early"));
+}
+
+fn du(p: &Path) -> u64 {
+    walkdir::WalkDir::new(p).into_iter().filter_map(Result::ok).filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum()
+}
+
+#[test]
+fn a_missing_source_path_is_named_and_nothing_is_committed() {
+    let w = World::new();
+    let node = w.start_node("n1");
+    let out = w.backup(&node, "rnpp", &[&w.path("no-such-dir")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("no-such-dir does not exist"), "{}", stderr(&out));
+    let list = json(&ok(run(w.restore_cmd(&node, "snapshots").arg("--json"))));
+    assert!(list.as_array().unwrap().is_empty());
+}

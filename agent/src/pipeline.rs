@@ -272,61 +272,95 @@ fn read_all(
     header: ManifestHeader,
     d: &mut Dispatcher,
 ) -> Result<(ChunkId, Vec<String>)> {
-    let mut warnings = Vec::new();
-    let mut chunker = Chunker::new(params)?;
-    let mut pieces: Vec<ChunkRef> = Vec::new();
-    let mut pending_pieces: Vec<Vec<u8>> = Vec::new();
-    let mut manifest = ManifestWriter::new();
-    let mut buf = vec![0u8; READ_BLOCK];
+    let mut reader = Reader::new(params, d)?;
     for root in roots {
-        let mut warn = |m: String| warnings.push(m);
-        let mut walker_warnings = Vec::new();
-        {
-            let mut w = |m: String| walker_warnings.push(m);
-            for mut item in source::walk(root, &mut w) {
-                match &mut item.entry.kind {
-                    EntryKind::File { size, blake3, chunks } => {
-                        match read_file(&item.fs_path, &mut buf, &mut chunker, d, chunks) {
-                            Ok((n, h, changed)) => {
-                                *size = n;
-                                *blake3 = h;
-                                if changed {
-                                    warn(format!("{} changed while it was read; kept as read", item.fs_path.display()));
-                                }
-                                Stats::add(&d.stats.files, 1);
-                            }
-                            Err(ReadError::Stopped(e)) => return Err(e),
-                            Err(ReadError::Io(e)) => {
-                                let what = if e.kind() == std::io::ErrorKind::NotFound {
-                                    "vanished before it could be read".to_string()
-                                } else {
-                                    format!("could not be read: {e}")
-                                };
-                                warn(format!("skipped {}: {what}", item.fs_path.display()));
-                                continue;
-                            }
+        let mut walk_warnings = Vec::new();
+        let mut w = |m: String| walk_warnings.push(m);
+        for item in source::walk(root, &mut w) {
+            reader.entry(item)?;
+        }
+        reader.warnings.extend(walk_warnings);
+    }
+    reader.finish(header)
+}
+
+/// Reads listed entries in order into chunks and the manifest stream.
+struct Reader<'a> {
+    d: &'a mut Dispatcher,
+    chunker: Chunker,
+    buf: Vec<u8>,
+    manifest: ManifestWriter,
+    pieces: Vec<ChunkRef>,
+    pending: Vec<Vec<u8>>,
+    warnings: Vec<String>,
+}
+
+impl<'a> Reader<'a> {
+    fn new(params: ChunkerParams, d: &'a mut Dispatcher) -> Result<Self> {
+        Ok(Reader {
+            d,
+            chunker: Chunker::new(params)?,
+            buf: vec![0u8; READ_BLOCK],
+            manifest: ManifestWriter::new(),
+            pieces: Vec::new(),
+            pending: Vec::new(),
+            warnings: Vec::new(),
+        })
+    }
+
+    /// Backs up one entry. A file that vanished or cannot be read is skipped with a warning
+    /// (and left out of the manifest); only a stopped pipeline is an error.
+    fn entry(&mut self, mut item: source::Listed) -> Result<()> {
+        match &mut item.entry.kind {
+            EntryKind::File { size, blake3, chunks } => {
+                match read_file(&item.fs_path, &mut self.buf, &mut self.chunker, self.d, chunks) {
+                    Ok((n, h, changed)) => {
+                        *size = n;
+                        *blake3 = h;
+                        if changed {
+                            self.warnings
+                                .push(format!("{} changed while it was read; kept as read", item.fs_path.display()));
                         }
+                        Stats::add(&self.d.stats.files, 1);
                     }
-                    EntryKind::Dir => Stats::add(&d.stats.dirs, 1),
-                    EntryKind::Symlink { .. } => Stats::add(&d.stats.symlinks, 1),
-                }
-                let mut collect = |p: &[u8]| pending_pieces.push(p.to_vec());
-                manifest.push(&item.entry, &mut collect);
-                for p in pending_pieces.drain(..) {
-                    pieces.push(d.dispatch(&p, false)?);
+                    Err(ReadError::Stopped(e)) => return Err(e),
+                    Err(ReadError::Io(e)) => {
+                        let what = if e.kind() == std::io::ErrorKind::NotFound {
+                            "vanished before it could be read".to_string()
+                        } else {
+                            format!("could not be read: {e}")
+                        };
+                        self.warnings.push(format!("skipped {}: {what}", item.fs_path.display()));
+                        return Ok(());
+                    }
                 }
             }
+            EntryKind::Dir => Stats::add(&self.d.stats.dirs, 1),
+            EntryKind::Symlink { .. } => Stats::add(&self.d.stats.symlinks, 1),
         }
-        warnings.extend(walker_warnings);
+        let pending = &mut self.pending;
+        self.manifest.push(&item.entry, &mut |p: &[u8]| pending.push(p.to_vec()));
+        self.flush_pieces()
     }
-    let mut collect = |p: &[u8]| pending_pieces.push(p.to_vec());
-    let (stream_len, entries) = manifest.finish(&mut collect);
-    for p in pending_pieces.drain(..) {
-        pieces.push(d.dispatch(&p, false)?);
+
+    fn flush_pieces(&mut self) -> Result<()> {
+        for p in std::mem::take(&mut self.pending) {
+            self.pieces.push(self.d.dispatch(&p, false)?);
+        }
+        Ok(())
     }
-    let root = encode_root(&ManifestRoot { format: MANIFEST_FORMAT, header, stream_len, entries, pieces });
-    let root_ref = d.dispatch(&root, false)?;
-    Ok((root_ref.id, warnings))
+
+    /// Ends the manifest stream and dispatches the root; returns its id and the warnings.
+    fn finish(mut self, header: ManifestHeader) -> Result<(ChunkId, Vec<String>)> {
+        let pending = &mut self.pending;
+        let manifest = std::mem::take(&mut self.manifest);
+        let (stream_len, entries) = manifest.finish(&mut |p: &[u8]| pending.push(p.to_vec()));
+        self.flush_pieces()?;
+        let pieces = std::mem::take(&mut self.pieces);
+        let root = encode_root(&ManifestRoot { format: MANIFEST_FORMAT, header, stream_len, entries, pieces });
+        let root_ref = self.d.dispatch(&root, false)?;
+        Ok((root_ref.id, self.warnings))
+    }
 }
 
 enum ReadError {
@@ -493,4 +527,65 @@ where
         }
     }
     f().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use exclave::keys::MasterKey;
+    use exclave::manifest::decode_root;
+
+    fn header() -> ManifestHeader {
+        ManifestHeader {
+            format: MANIFEST_FORMAT,
+            tenant: "lux".into(),
+            source: "t".into(),
+            time: 0,
+            hostname: String::new(),
+            chunker: ChunkerParams::default(),
+            roots: vec!["src".into()],
+        }
+    }
+
+    #[test]
+    fn a_file_that_vanishes_after_listing_is_skipped_with_a_warning() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("src");
+        std::fs::create_dir_all(&base).unwrap();
+        std::fs::write(base.join("kept.txt"), b"kept").unwrap();
+        std::fs::write(base.join("vanishing.txt"), b"gone soon").unwrap();
+        let root = source::roots(&[base.clone()]).unwrap().remove(0);
+        let mut ignore = |_: String| {};
+        let listed: Vec<source::Listed> = source::walk(&root, &mut ignore).collect();
+        assert_eq!(listed.len(), 3);
+        std::fs::remove_file(base.join("vanishing.txt")).unwrap();
+
+        let keys = TenantKeys::new("lux", 0, MasterKey::from_bytes([1; 32]));
+        let (tx, rx) = async_channel::bounded(64);
+        let budget = Arc::new(ByteBudget::new(1 << 20));
+        let stats = Arc::new(Stats::default());
+        let mut d = Dispatcher { keys, budget: budget.clone(), tx, stats: stats.clone(), seen: HashSet::new() };
+        let drain = std::thread::spawn(move || {
+            let mut jobs = Vec::new();
+            while let Ok(j) = rx.recv_blocking() {
+                budget.release(j.data.len());
+                jobs.push(j);
+            }
+            jobs
+        });
+        let mut reader = Reader::new(ChunkerParams::default(), &mut d).unwrap();
+        for item in listed {
+            reader.entry(item).unwrap();
+        }
+        let (root_id, warnings) = reader.finish(header()).unwrap();
+        d.tx.close();
+        let jobs = drain.join().unwrap();
+
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("vanishing.txt") && warnings[0].contains("vanished"), "{warnings:?}");
+        assert_eq!(Stats::get(&stats.files), 1);
+        let root_job = jobs.iter().find(|j| j.id == root_id).unwrap();
+        let root = decode_root(&root_job.data).unwrap();
+        assert_eq!(root.entries, 2, "the root dir and kept.txt; the vanished file is not in the manifest");
+    }
 }

@@ -554,7 +554,7 @@ mod tests {
         std::fs::create_dir_all(&base).unwrap();
         std::fs::write(base.join("kept.txt"), b"kept").unwrap();
         std::fs::write(base.join("vanishing.txt"), b"gone soon").unwrap();
-        let root = source::roots(&[base.clone()]).unwrap().remove(0);
+        let root = source::roots(std::slice::from_ref(&base)).unwrap().remove(0);
         let mut ignore = |_: String| {};
         let listed: Vec<source::Listed> = source::walk(&root, &mut ignore).collect();
         assert_eq!(listed.len(), 3);

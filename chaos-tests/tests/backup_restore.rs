@@ -1,6 +1,8 @@
 //! Backup → restore through a real node, compared byte for byte and by metadata; and the
 //! deduplication promises: an unchanged backup uploads no data, a changed one only the change.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use exclave_chaos_tests::*;
 
 #[test]

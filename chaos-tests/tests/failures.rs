@@ -2,6 +2,8 @@
 //! unwritable or full data directory, the node killed during an upload, a missing source.
 //! Each gives a clear error, and nothing acknowledged is lost.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -200,7 +202,7 @@ fn a_node_killed_during_an_upload_loses_nothing_acknowledged() {
 
     let big = w.path("big");
     sample_tree(&big, 5, 96 << 20);
-    let mut agent = Command::new(bin("exclave-agent"))
+    let agent = Command::new(bin("exclave-agent"))
         .args(["backup", "--json", "--node", &node.addr.to_string(), "--pki"])
         .arg(w.pki())
         .args(["--identity", "rnpp", "--key-file"])

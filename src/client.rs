@@ -137,6 +137,9 @@ impl NodeClient {
     }
 
     pub async fn close(self) {
+        let st = self.conn.stats();
+        tracing::debug!(node = %self.addr, mtu = st.path.current_mtu, rtt = ?st.path.rtt, lost = st.path.lost_packets,
+            sent = st.path.sent_packets, cwnd = st.path.cwnd, "connection closed");
         self.conn.close(0u32.into(), b"done");
         self.endpoint.wait_idle().await;
     }

@@ -148,7 +148,7 @@ async fn run_node(cfg: config::NodeConfig) -> Result<()> {
     );
     let metrics = metrics::NodeMetrics::new(&cfg.name)?;
     metrics.update_disk(&cfg.data);
-    let endpoint = quinn::Endpoint::server(transport::server_config(&tls)?, cfg.listen)
+    let endpoint = transport::endpoint(cfg.listen, Some(transport::server_config(&tls)?))
         .with_context(|| format!("binding {}", cfg.listen))?;
     let node = Arc::new(server::Node {
         name: cfg.name.clone(),

@@ -68,7 +68,9 @@ impl NodeClient {
             Ok(Reply::Hello { .. }) => Ok(client),
             Ok(_) => Err(ClientError::Unexpected { addr, request: "hello" }),
             Err(ClientError::Transport(e)) => {
-                Err(TransportError::Connect { addr, reason: explain_connect_str(&e.to_string()) }.into())
+                // The stream error may only say "connection lost"; the connection knows why.
+                let why = client.conn.close_reason().map(|r| r.to_string()).unwrap_or_else(|| e.to_string());
+                Err(TransportError::Connect { addr, reason: explain_connect_str(&why) }.into())
             }
             Err(e) => Err(e),
         }
@@ -133,6 +135,22 @@ impl NodeClient {
         match self.call(&[Request::GetChunk { id: *id }]).await? {
             Reply::Chunk { envelope } => Ok(envelope),
             _ => Err(ClientError::Unexpected { addr: self.addr, request: "get_chunk" }),
+        }
+    }
+
+    /// Fetches several envelopes in one request; each result is that chunk's envelope or error.
+    pub async fn get_chunks(&self, ids: &[ChunkId]) -> Result<Vec<Result<Vec<u8>, ClientError>>, ClientError> {
+        match self.call(&[Request::GetChunks { ids: ids.to_vec() }]).await? {
+            Reply::Chunks { chunks } if chunks.len() == ids.len() => Ok(chunks
+                .into_iter()
+                .map(|r| match r {
+                    Ok(b) => Ok(b.into_vec()),
+                    Err((code, message)) => {
+                        Err(ClientError::Remote { addr: self.addr, code, message, missing: vec![] })
+                    }
+                })
+                .collect()),
+            _ => Err(ClientError::Unexpected { addr: self.addr, request: "get_chunks" }),
         }
     }
 

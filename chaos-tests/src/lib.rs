@@ -89,7 +89,12 @@ impl World {
     }
 
     pub fn start_node_at(&self, name: &str, data: &Path, port: u16) -> Node {
-        let node = Node::spawn(self, name, data, port);
+        // A small reserve: test nodes write little, and a busy CI disk should not fail them.
+        self.start_node_with(name, data, port, &["--min-free-mib", "64"])
+    }
+
+    pub fn start_node_with(&self, name: &str, data: &Path, port: u16, extra: &[&str]) -> Node {
+        let node = Node::spawn_with(self, name, data, port, extra);
         node.wait_ready();
         node
     }
@@ -157,6 +162,10 @@ pub struct Node {
 
 impl Node {
     pub fn spawn(w: &World, name: &str, data: &Path, port: u16) -> Node {
+        Node::spawn_with(w, name, data, port, &[])
+    }
+
+    pub fn spawn_with(w: &World, name: &str, data: &Path, port: u16, extra: &[&str]) -> Node {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
         let log = w.path(&format!("{name}-{port}-{}.log", std::process::id()));
         let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log");
@@ -165,6 +174,7 @@ impl Node {
             .arg(w.pki())
             .arg("--data")
             .arg(data)
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(logf.try_clone().expect("log"))

@@ -166,9 +166,9 @@ fn an_unwritable_data_directory_is_a_clear_startup_error() {
 fn a_full_disk_refuses_the_upload_and_keeps_what_was_acknowledged() {
     let w = World::new();
     let dir = w.path("small");
-    mount_tmpfs(&dir, "size=48m");
+    mount_tmpfs(&dir, "size=64m");
     let _u = Unmount(dir.clone());
-    let node = w.start_node_at("n1", &dir.join("data"), free_port());
+    let node = w.start_node_with("n1", &dir.join("data"), free_port(), &["--min-free-mib", "16"]);
     let small = w.path("small-src");
     sample_tree(&small, 3, 1 << 20);
     let first = json(&ok(w.backup(&node, "rnpp", &[&small])));
@@ -180,7 +180,7 @@ fn a_full_disk_refuses_the_upload_and_keeps_what_was_acknowledged() {
     std::fs::write(big.join("scans.bin"), &noise).unwrap();
     let out = w.backup(&node, "scans", &[&big]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("storage is full"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("storage is full"), "{}\nnode log:\n{}", stderr(&out), node.log_text());
 
     // The node is still up, lists only the acknowledged snapshot, and restores it exactly.
     let list = json(&ok(run(w.restore_cmd(&node, "snapshots").arg("--json"))));

@@ -30,6 +30,10 @@ pub struct RunArgs {
     /// Serve Prometheus metrics on this TCP address.
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
+    /// Free space kept in reserve on the data file system, MiB: uploads that would eat into it
+    /// are refused as "storage full" while the store is still healthy [default: 512].
+    #[arg(long)]
+    pub min_free_mib: Option<u64>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -41,6 +45,7 @@ struct FileConfig {
     pki: Option<PathBuf>,
     identity: Option<String>,
     metrics: Option<SocketAddr>,
+    min_free_mib: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -51,6 +56,7 @@ pub struct NodeConfig {
     pub pki: PathBuf,
     pub identity: String,
     pub metrics: Option<SocketAddr>,
+    pub min_free_bytes: u64,
 }
 
 fn load(path: &Path) -> Result<FileConfig> {
@@ -72,7 +78,30 @@ impl NodeConfig {
             pki: a.pki.or(f.pki).context("--pki (or `pki` in the config) is required")?,
             identity: a.identity.or(f.identity).unwrap_or_else(|| name.clone()),
             metrics: a.metrics.or(f.metrics),
+            min_free_bytes: a.min_free_mib.or(f.min_free_mib).unwrap_or(512) << 20,
             name,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses_and_flags_win() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/node.example.toml");
+        let args = RunArgs { config: Some(path), name: Some("n7".into()), ..RunArgs::default() };
+        let cfg = NodeConfig::resolve(args).unwrap();
+        assert_eq!(cfg.name, "n7");
+        assert_eq!(cfg.identity, "embassy1");
+        assert_eq!(cfg.min_free_bytes, 512 << 20);
+        assert_eq!(cfg.listen.port(), 7401);
+    }
+
+    #[test]
+    fn missing_settings_are_named() {
+        let err = NodeConfig::resolve(RunArgs { name: Some("n1".into()), ..RunArgs::default() }).unwrap_err();
+        assert!(err.to_string().contains("--data"), "{err}");
     }
 }

@@ -156,6 +156,7 @@ async fn run_node(cfg: config::NodeConfig) -> Result<()> {
         metrics: metrics.clone(),
         started: Instant::now(),
         data_dir: cfg.data.clone(),
+        min_free_bytes: cfg.min_free_bytes,
     });
     if let Some(addr) = cfg.metrics {
         exclave::metrics::serve(addr, metrics.registry.clone())

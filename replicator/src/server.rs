@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use exclave::identity::{Identity, Permission, check_name};
 use exclave::protocol::frame::FrameKind;
-use exclave::protocol::{ErrorCode, MAX_IDS_PER_MESSAGE, NodeStatus, Reply, Request, SnapshotInfo};
+use exclave::protocol::{
+    ErrorCode, MAX_CHUNKS_REPLY_BYTES, MAX_IDS_PER_MESSAGE, NodeStatus, Reply, Request, SnapshotInfo,
+};
 use exclave::transport::{self, TransportError};
 use tracing::{debug, info, warn};
 
@@ -28,6 +30,9 @@ pub struct Node {
     pub metrics: NodeMetrics,
     pub started: Instant,
     pub data_dir: std::path::PathBuf,
+    /// Free bytes kept in reserve: RocksDB must never meet a full disk (Debian's build aborts
+    /// on a sync after a failed write), and compaction and deletion need room to work.
+    pub min_free_bytes: u64,
 }
 
 /// Accepts connections until the endpoint is closed.
@@ -206,6 +211,18 @@ async fn dispatch(
         Request::PutChunks { chunks } => {
             let tenant = authorise(identity, Permission::WriteTenant, "put_chunks")?;
             let bytes: usize = chunks.iter().map(|c| c.envelope.len()).sum();
+            let (_, free) = crate::metrics::disk_usage(&node.data_dir);
+            // A write costs about three times its size on disk: WAL, blob file, compaction.
+            if free < node.min_free_bytes.saturating_add(3 * bytes as u64) {
+                return Err(Failure::new(
+                    ErrorCode::StorageFull,
+                    format!(
+                        "storage is full: {} MiB free, {} MiB are kept in reserve",
+                        free >> 20,
+                        node.min_free_bytes >> 20
+                    ),
+                ));
+            }
             let new = blocking(move || store.put_chunks(&tenant, &chunks)).await?;
             node.metrics.stored(new, bytes);
             Ok(Reply::Ok)
@@ -247,6 +264,32 @@ async fn dispatch(
             let tenant = authorise(identity, Permission::ReadTenant, "get_chunk")?;
             let envelope = blocking(move || store.get_chunk(&tenant, &id)).await?;
             Ok(Reply::Chunk { envelope })
+        }
+        Request::GetChunks { ids } => {
+            let tenant = authorise(identity, Permission::ReadTenant, "get_chunks")?;
+            if ids.len() > MAX_IDS_PER_MESSAGE {
+                return Err(Failure::new(ErrorCode::BadRequest, "too many ids in one request"));
+            }
+            let chunks = blocking(move || {
+                let mut out = Vec::with_capacity(ids.len());
+                let mut bytes = 0usize;
+                for id in &ids {
+                    if bytes >= MAX_CHUNKS_REPLY_BYTES {
+                        out.push(Err((ErrorCode::Unavailable, "reply full; ask again".to_string())));
+                        continue;
+                    }
+                    out.push(match store.get_chunk(&tenant, id) {
+                        Ok(env) => {
+                            bytes += env.len();
+                            Ok(serde_bytes::ByteBuf::from(env))
+                        }
+                        Err(e) => Err((e.code(), e.to_string())),
+                    });
+                }
+                Ok(out)
+            })
+            .await?;
+            Ok(Reply::Chunks { chunks })
         }
         Request::Hello => Ok(Reply::Hello {
             node: node.name.clone(),

@@ -54,18 +54,24 @@ pub enum Item {
     End(Arc<Entry>),
 }
 
-/// Every entry's data, fetched `parallel` chunks at a time, in order.
+/// Most chunks, and plaintext bytes, fetched by one request.
+const GROUP_CHUNKS: usize = 16;
+const GROUP_BYTES: u64 = 2 << 20;
+
+enum Step {
+    Begin,
+    Chunk(u64, ChunkRef),
+    End,
+}
+
+/// Every entry's data, fetched in groups of chunks with `parallel` requests in flight,
+/// delivered in manifest order.
 pub fn items(
     client: Arc<NodeClient>,
     keys: TenantKeys,
     entries: Vec<Entry>,
     parallel: usize,
 ) -> impl Stream<Item = Item> {
-    enum Step {
-        Begin,
-        Chunk(u64, ChunkRef),
-        End,
-    }
     let steps = entries.into_iter().flat_map(|e| {
         let e = Arc::new(e);
         let mut v = vec![(e.clone(), Step::Begin)];
@@ -79,26 +85,92 @@ pub fn items(
         v.push((e, Step::End));
         v
     });
-    futures::stream::iter(steps)
-        .map(move |(entry, step)| {
-            let (client, keys) = (client.clone(), keys.clone());
-            async move {
-                match step {
-                    Step::Begin => Item::Begin(entry),
-                    Step::End => Item::End(entry),
-                    Step::Chunk(offset, c) => {
-                        let data = fetch_chunk(&client, &keys, c.id).await.and_then(|d| {
-                            if d.len() == c.len as usize {
-                                Ok(d)
-                            } else {
-                                Err(anyhow!("chunk is {} bytes, the manifest says {}", d.len(), c.len))
-                            }
-                        });
-                        let data = data.with_context(|| format!("chunk {} at offset {offset}", c.id.short()));
-                        Item::Data { entry, offset, data }
-                    }
+    futures::stream::iter(Groups { steps, next: None })
+        .map(move |group| fetch_group(client.clone(), keys.clone(), group))
+        .buffered(parallel.max(1))
+        .flat_map(futures::stream::iter)
+}
+
+/// Cuts the step sequence into groups of at most GROUP_CHUNKS chunks and GROUP_BYTES bytes.
+struct Groups<I> {
+    steps: I,
+    next: Option<(Arc<Entry>, Step)>,
+}
+
+impl<I: Iterator<Item = (Arc<Entry>, Step)>> Iterator for Groups<I> {
+    type Item = Vec<(Arc<Entry>, Step)>;
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut group = Vec::new();
+        let (mut chunks, mut bytes) = (0usize, 0u64);
+        while let Some(step) = self.next.take().or_else(|| self.steps.next()) {
+            if let Step::Chunk(_, c) = &step.1 {
+                if chunks == GROUP_CHUNKS || (chunks > 0 && bytes + c.len as u64 > GROUP_BYTES) {
+                    self.next = Some(step);
+                    break;
                 }
+                chunks += 1;
+                bytes += c.len as u64;
+            }
+            group.push(step);
+        }
+        (!group.is_empty()).then_some(group)
+    }
+}
+
+async fn fetch_group(client: Arc<NodeClient>, keys: TenantKeys, group: Vec<(Arc<Entry>, Step)>) -> Vec<Item> {
+    let ids: Vec<ChunkId> =
+        group.iter().filter_map(|(_, s)| if let Step::Chunk(_, c) = s { Some(c.id) } else { None }).collect();
+    let mut envelopes: Vec<Result<Vec<u8>>> = if ids.is_empty() {
+        Vec::new()
+    } else {
+        match client.get_chunks(&ids).await {
+            Ok(v) => v.into_iter().map(|r| r.map_err(anyhow::Error::from)).collect(),
+            Err(e) => {
+                let msg = format!("{e:#}");
+                ids.iter().map(|_| Err(anyhow!("{msg}"))).collect()
+            }
+        }
+    };
+    // A reply that was full leaves some chunks to ask for again, one by one.
+    for (i, id) in ids.iter().enumerate() {
+        if let Err(e) = &envelopes[i]
+            && let Some(exclave::client::ClientError::Remote {
+                code: exclave::protocol::ErrorCode::Unavailable, ..
+            }) = e.downcast_ref()
+        {
+            envelopes[i] = client.get_chunk(id).await.map_err(anyhow::Error::from);
+        }
+    }
+    let opened = tokio::task::spawn_blocking(move || {
+        let mut opener = Opener::new(&keys).map_err(|e| anyhow!("{e}"));
+        ids.iter()
+            .zip(envelopes)
+            .map(|(id, env)| {
+                let o = opener.as_mut().map_err(|e| anyhow!("{e}"))?;
+                o.open(id, &env?).map_err(anyhow::Error::from)
+            })
+            .collect::<Vec<Result<Vec<u8>>>>()
+    })
+    .await
+    .unwrap_or_else(|e| vec![Err(anyhow!("opening chunks failed: {e}"))]);
+    let mut opened = opened.into_iter();
+    group
+        .into_iter()
+        .map(|(entry, step)| match step {
+            Step::Begin => Item::Begin(entry),
+            Step::End => Item::End(entry),
+            Step::Chunk(offset, c) => {
+                let data =
+                    opened.next().unwrap_or_else(|| Err(anyhow!("chunk missing from the reply"))).and_then(|d| {
+                        if d.len() == c.len as usize {
+                            Ok(d)
+                        } else {
+                            Err(anyhow!("chunk is {} bytes, the manifest says {}", d.len(), c.len))
+                        }
+                    });
+                let data = data.with_context(|| format!("chunk {} at offset {offset}", c.id.short()));
+                Item::Data { entry, offset, data }
             }
         })
-        .buffered(parallel.max(1))
+        .collect()
 }

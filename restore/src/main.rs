@@ -86,8 +86,8 @@ struct Pick {
     /// `latest`, or a snapshot id (a unique prefix is enough).
     #[arg(long, default_value = "latest")]
     snapshot: String,
-    /// Chunks fetched in parallel.
-    #[arg(long, default_value_t = 32)]
+    /// Requests in flight (each fetches up to 16 chunks).
+    #[arg(long, default_value_t = 8)]
     parallel: usize,
 }
 
@@ -245,7 +245,7 @@ async fn read_back(conn: Conn, pick: Pick, target: Option<PathBuf>, overwrite: b
     while let Some(item) = stream.next().await {
         w.item(item)?;
     }
-    let report = w.finish();
+    let report = w.finish()?;
     let secs = started.elapsed().as_secs_f64().max(1e-9);
     let verb = if target.is_some() { "restored" } else { "verified" };
     if out.json {

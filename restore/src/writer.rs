@@ -194,10 +194,6 @@ impl Writer {
                 cur.failed = Some(format!("restored {} bytes, the manifest says {size}", cur.written));
             } else if cur.hasher.finalize().as_bytes() != blake3 {
                 cur.failed = Some("file BLAKE3 does not match the one recorded at backup".into());
-            } else if let Some(f) = cur.file.take()
-                && let Err(err) = f.sync_all()
-            {
-                cur.failed = Some(format!("cannot flush: {err}"));
             }
         }
         if let Some(why) = cur.failed {
@@ -246,14 +242,20 @@ impl Writer {
         }
     }
 
-    /// Sets directory metadata, deepest first. Call once every entry is written.
-    pub fn finish(&mut self) -> &Report {
+    /// Sets directory metadata, deepest first, then makes everything durable with one
+    /// `syncfs` (one flush for the whole restore instead of one per file). Call once every
+    /// entry is written.
+    pub fn finish(&mut self) -> Result<&Report> {
         let mut dirs = std::mem::take(&mut self.dirs);
         dirs.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
         for (p, e) in dirs {
             self.apply_metadata(&p, &e);
         }
-        &self.report
+        if let Some(t) = &self.target {
+            let dir = File::open(t).with_context(|| format!("opening {}", t.display()))?;
+            nix::unistd::syncfs(&dir).with_context(|| format!("flushing {} to disk", t.display()))?;
+        }
+        Ok(&self.report)
     }
 }
 

@@ -8,6 +8,7 @@
 //! - `PutChunks` → `Ok`: store envelopes; replied only once durable.
 //! - `Commit` then `commit.ref_batches` × `CommitRefs` → `Committed` or `Error(MissingChunks)`.
 //! - `Hello` → `Hello` (first, on connect); `ListSnapshots` → `Snapshots`; `GetChunk` → `Chunk`;
+//!   `GetChunks` → `Chunks` (each entry an envelope or that chunk's error);
 //!   `Status` → `Status`.
 //!
 //! Enum variants are only ever appended, never reordered: postcard encodes the index.
@@ -18,6 +19,9 @@ use crate::chunk_id::{Checksum, ChunkId};
 
 /// Most ids in one `Have`, `Missing` or `CommitRefs` message (1.1 MiB of ids).
 pub const MAX_IDS_PER_MESSAGE: usize = 32 * 1024;
+/// Most envelope bytes one `Chunks` reply carries; a `GetChunks` asking for more is served
+/// up to this bound and the rest reported as not served (the client asks again).
+pub const MAX_CHUNKS_REPLY_BYTES: usize = 8 * 1024 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PutChunk {
@@ -75,6 +79,10 @@ pub enum Request {
     Status,
     /// First request of a connection: confirms the node accepted our certificate.
     Hello,
+    /// Several chunks at once (restore): one stream instead of one per chunk.
+    GetChunks {
+        ids: Vec<ChunkId>,
+    },
 }
 
 impl Request {
@@ -88,6 +96,7 @@ impl Request {
             Request::GetChunk { .. } => "get_chunk",
             Request::Status => "status",
             Request::Hello => "hello",
+            Request::GetChunks { .. } => "get_chunks",
         }
     }
 }
@@ -153,6 +162,10 @@ pub enum Reply {
         node: String,
         version: String,
         you: String,
+    },
+    /// Envelopes in the order asked; a chunk that cannot be served carries its error instead.
+    Chunks {
+        chunks: Vec<Result<serde_bytes::ByteBuf, (ErrorCode, String)>>,
     },
 }
 

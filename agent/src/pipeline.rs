@@ -66,6 +66,22 @@ pub struct Stats {
     /// Of the above, file content only (not manifest pieces or the root).
     pub data_chunks_uploaded: AtomicU64,
     pub data_bytes_uploaded: AtomicU64,
+    /// Where the stages waited (nanoseconds), to find the bottleneck (logged at debug level).
+    pub wait_reader_budget: AtomicU64,
+    pub wait_reader_send: AtomicU64,
+    pub wait_dedup_have: AtomicU64,
+    pub wait_seal_input: AtomicU64,
+    pub wait_seal_output: AtomicU64,
+    pub wait_upload_input: AtomicU64,
+    pub wait_upload_stream: AtomicU64,
+}
+
+/// Adds the time `f` took to `counter`.
+fn timed<T>(counter: &AtomicU64, f: impl FnOnce() -> T) -> T {
+    let t = std::time::Instant::now();
+    let r = f();
+    counter.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    r
 }
 
 impl Stats {
@@ -187,10 +203,10 @@ pub async fn run(client: Arc<NodeClient>, keys: TenantKeys, plan: Plan, stats: A
 
     let mut sealers = Vec::new();
     for i in 0..plan.seal_workers.max(1) {
-        let (rx, tx, keys, abort, level) =
-            (seal_rx.clone(), up_tx.clone(), keys.clone(), abort.clone(), plan.zstd_level);
+        let (rx, tx, keys, abort, level, stats) =
+            (seal_rx.clone(), up_tx.clone(), keys.clone(), abort.clone(), plan.zstd_level, stats.clone());
         sealers.push(std::thread::Builder::new().name(format!("seal-{i}")).spawn(move || {
-            if let Err(e) = seal_stage(rx, tx, &keys, level) {
+            if let Err(e) = seal_stage(rx, tx, &keys, level, &stats) {
                 abort.fail(e);
             }
         })?);
@@ -215,6 +231,17 @@ pub async fn run(client: Arc<NodeClient>, keys: TenantKeys, plan: Plan, stats: A
     }
     up_closer.close();
     let _ = uploader.await;
+    let ms = |c: &AtomicU64| Stats::get(c) / 1_000_000;
+    tracing::debug!(
+        reader_budget_ms = ms(&stats.wait_reader_budget),
+        reader_send_ms = ms(&stats.wait_reader_send),
+        dedup_have_ms = ms(&stats.wait_dedup_have),
+        seal_input_ms = ms(&stats.wait_seal_input),
+        seal_output_ms = ms(&stats.wait_seal_output),
+        upload_input_ms = ms(&stats.wait_upload_input),
+        upload_stream_ms = ms(&stats.wait_upload_stream),
+        "pipeline waits"
+    );
     if let Some(e) = abort.take() {
         return Err(e);
     }
@@ -239,8 +266,11 @@ impl Dispatcher {
         }
         if self.seen.insert(id) {
             Stats::add(&self.stats.chunks_unique, 1);
-            self.budget.acquire(data.len()).map_err(|_| anyhow!("backup stopped"))?;
-            self.tx.send_blocking(Job { id, data: data.to_vec(), is_data }).map_err(|_| anyhow!("backup stopped"))?;
+            let stats = &self.stats;
+            timed(&stats.wait_reader_budget, || self.budget.acquire(data.len()))
+                .map_err(|_| anyhow!("backup stopped"))?;
+            let job = Job { id, data: data.to_vec(), is_data };
+            timed(&stats.wait_reader_send, || self.tx.send_blocking(job)).map_err(|_| anyhow!("backup stopped"))?;
         }
         Ok(ChunkRef { id, len: data.len() as u32 })
     }
@@ -423,11 +453,13 @@ async fn dedup_stage(
             }
         }
         let ids: Vec<ChunkId> = batch.iter().map(|j| j.id).collect();
+        let t = std::time::Instant::now();
         let missing: HashSet<ChunkId> = retry(|| client.missing(&ids))
             .await
             .context("asking the node which chunks it lacks")?
             .into_iter()
             .collect();
+        Stats::add(&stats.wait_dedup_have, t.elapsed().as_nanos() as u64);
         for j in batch {
             if missing.contains(&j.id) {
                 tx.send(j).await.map_err(|_| anyhow!("backup stopped"))?;
@@ -445,17 +477,19 @@ fn seal_stage(
     tx: async_channel::Sender<Sealed>,
     keys: &TenantKeys,
     level: i32,
+    stats: &Stats,
 ) -> Result<()> {
     let mut sealer = Sealer::new(keys, level)?;
-    while let Ok(job) = rx.recv_blocking() {
+    while let Ok(job) = timed(&stats.wait_seal_input, || rx.recv_blocking()) {
         let envelope = sealer.seal(&job.id, &job.data).with_context(|| format!("sealing chunk {}", job.id.short()))?;
-        tx.send_blocking(Sealed { id: job.id, plain_len: job.data.len(), envelope, is_data: job.is_data })
-            .map_err(|_| anyhow!("backup stopped"))?;
+        let sealed = Sealed { id: job.id, plain_len: job.data.len(), envelope, is_data: job.is_data };
+        timed(&stats.wait_seal_output, || tx.send_blocking(sealed)).map_err(|_| anyhow!("backup stopped"))?;
     }
     Ok(())
 }
 
 const UPLOAD_BATCH_BYTES: usize = 4 << 20;
+const UPLOAD_LINGER: Duration = Duration::from_millis(20);
 
 async fn upload_stage(
     rx: async_channel::Receiver<Sealed>,
@@ -466,19 +500,27 @@ async fn upload_stage(
 ) -> Result<()> {
     let sem = Arc::new(tokio::sync::Semaphore::new(streams.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
-    while let Ok(first) = rx.recv().await {
+    loop {
+        let t = std::time::Instant::now();
+        let Ok(first) = rx.recv().await else { break };
+        Stats::add(&stats.wait_upload_input, t.elapsed().as_nanos() as u64);
         let mut bytes = first.envelope.len();
         let mut batch = vec![first];
+        // Every batch costs the node one synced write: let it fill for a moment rather than
+        // send whatever happens to be ready.
+        let deadline = tokio::time::Instant::now() + UPLOAD_LINGER;
         while bytes < UPLOAD_BATCH_BYTES {
-            match rx.try_recv() {
-                Ok(s) => {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Ok(s)) => {
                     bytes += s.envelope.len();
                     batch.push(s);
                 }
-                Err(_) => break,
+                Ok(Err(_)) | Err(_) => break,
             }
         }
+        let t = std::time::Instant::now();
         let permit = sem.clone().acquire_owned().await?;
+        Stats::add(&stats.wait_upload_stream, t.elapsed().as_nanos() as u64);
         while let Some(r) = tasks.try_join_next() {
             r??;
         }

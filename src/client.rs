@@ -22,6 +22,8 @@ pub enum ClientError {
     Unexpected { addr: SocketAddr, request: &'static str },
     #[error("the peer at {addr} is not a storage node (its certificate says {identity})")]
     NotANode { addr: SocketAddr, identity: Identity },
+    #[error("no storage node reachable:\n  {0}")]
+    NoNode(String),
 }
 
 impl ClientError {
@@ -161,6 +163,18 @@ impl NodeClient {
         self.conn.close(0u32.into(), b"done");
         self.endpoint.wait_idle().await;
     }
+}
+
+/// Connects to the first of `nodes` that answers; the error lists why each one failed.
+pub async fn connect_any(nodes: &[SocketAddr], id: &TlsIdentity) -> Result<NodeClient, ClientError> {
+    let mut errors = Vec::new();
+    for addr in nodes {
+        match NodeClient::connect(*addr, id).await {
+            Ok(c) => return Ok(c),
+            Err(e) => errors.push(format!("{addr}: {e}")),
+        }
+    }
+    Err(ClientError::NoNode(errors.join("\n  ")))
 }
 
 fn explain_connect(e: &quinn::ConnectionError) -> String {

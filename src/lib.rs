@@ -10,6 +10,7 @@ pub mod client;
 pub mod envelope;
 pub mod identity;
 pub mod keys;
+pub mod logging;
 pub mod manifest;
 pub mod metrics;
 pub mod pki;

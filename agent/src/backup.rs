@@ -9,7 +9,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use exclave::chunker::ChunkerParams;
-use exclave::client::NodeClient;
 use exclave::identity::Identity;
 use exclave::keys::read_key_file;
 use exclave::protocol::SnapshotInfo;
@@ -145,22 +144,11 @@ fn resolve(a: &BackupArgs) -> Result<Resolved> {
     })
 }
 
-pub async fn connect_any(nodes: &[std::net::SocketAddr], tls: &TlsIdentity) -> Result<NodeClient> {
-    let mut errors = Vec::new();
-    for addr in nodes {
-        match NodeClient::connect(*addr, tls).await {
-            Ok(c) => return Ok(c),
-            Err(e) => errors.push(format!("{addr}: {e}")),
-        }
-    }
-    bail!("no storage node reachable:\n  {}", errors.join("\n  "))
-}
-
 pub async fn run(a: BackupArgs) -> Result<i32> {
     let r = resolve(&a)?;
     let chunker: ChunkerParams = r.src.chunker()?;
     let roots = source::roots(&r.src.paths)?;
-    let client = Arc::new(connect_any(&r.nodes, &r.tls).await?);
+    let client = Arc::new(exclave::client::connect_any(&r.nodes, &r.tls).await?);
     let node = client.addr().to_string();
     let time = now_secs();
     let id = snapshot_id(time);

@@ -81,13 +81,7 @@ pub struct BackupArgs {
 
 fn main() {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    exclave::logging::init("warn");
     let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {

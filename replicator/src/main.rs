@@ -87,13 +87,7 @@ struct StatusArgs {
 
 fn main() {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn,rustls=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    exclave::logging::init("info,quinn=warn,rustls=warn");
     let code = match run(cli) {
         Ok(()) => 0,
         Err(e) => {

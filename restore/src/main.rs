@@ -100,13 +100,7 @@ struct Out {
 
 fn main() {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    exclave::logging::init("warn");
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -130,14 +124,8 @@ async fn connect(conn: &Conn) -> Result<(NodeClient, TlsIdentity)> {
     if !matches!(tls.identity, Identity::Restore { .. }) {
         bail!("certificate {} is {}, not a restore identity", conn.identity, tls.identity);
     }
-    let mut errors = Vec::new();
-    for addr in &conn.nodes {
-        match NodeClient::connect(*addr, &tls).await {
-            Ok(c) => return Ok((c, tls)),
-            Err(e) => errors.push(format!("{addr}: {e}")),
-        }
-    }
-    bail!("no storage node reachable:\n  {}", errors.join("\n  "))
+    let client = exclave::client::connect_any(&conn.nodes, &tls).await?;
+    Ok((client, tls))
 }
 
 fn keys(conn: &Conn, tls: &TlsIdentity) -> Result<TenantKeys> {

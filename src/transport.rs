@@ -88,9 +88,9 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(512u32.into());
     // Room for several 16 MiB chunk batches in flight on a long fat link.
-    t.stream_receive_window((24u32 * 1024 * 1024).into());
-    t.receive_window((96u32 * 1024 * 1024).into());
-    t.send_window(96 * 1024 * 1024);
+    t.stream_receive_window((8u32 * 1024 * 1024).into());
+    t.receive_window((32u32 * 1024 * 1024).into());
+    t.send_window(32 * 1024 * 1024);
     t.keep_alive_interval(Some(Duration::from_secs(5)));
     // Probe above Ethernet's 1500 bytes: loopback and jumbo-frame links carry far larger
     // datagrams (fewer packets per byte); elsewhere the probes fail and 1452 stays.

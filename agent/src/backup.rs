@@ -140,7 +140,7 @@ fn resolve(a: &BackupArgs) -> Result<Resolved> {
         source,
         src,
         zstd_level: a.zstd_level.or(cfg.zstd_level).unwrap_or(exclave::envelope::DEFAULT_ZSTD_LEVEL),
-        budget_mib: a.memory_budget_mib.or(cfg.memory_budget_mib).unwrap_or(64).max(4),
+        budget_mib: a.memory_budget_mib.or(cfg.memory_budget_mib).unwrap_or(32).max(4),
     })
 }
 

@@ -74,7 +74,7 @@ pub struct BackupArgs {
     /// zstd level [default: 1].
     #[arg(long)]
     pub zstd_level: Option<i32>,
-    /// Most plaintext held in memory between read and upload, MiB [default: 64].
+    /// Most plaintext held in memory between read and upload, MiB [default: 32].
     #[arg(long)]
     pub memory_budget_mib: Option<usize>,
 }

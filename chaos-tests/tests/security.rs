@@ -60,7 +60,10 @@ fn a_certificate_from_another_ca_is_refused() {
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     assert!(err.contains("no storage node reachable") && err.contains("certificate"), "{err}");
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !node.log_text().contains("refused connection") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     assert!(node.log_text().contains("refused connection"), "{}", node.log_text());
 
     // And a node of another cluster is not trusted by our agent.

@@ -83,10 +83,6 @@ impl Chunker {
         Ok(Chunker { params, mask_s, mask_l, buf: Vec::with_capacity(3 * params.max_size as usize), start: 0 })
     }
 
-    pub fn params(&self) -> ChunkerParams {
-        self.params
-    }
-
     /// Feeds bytes; calls `emit` for every chunk that is complete. A chunk is complete once
     /// `max` bytes past its start are known, because a later byte can never move its cut.
     pub fn push(&mut self, mut data: &[u8], emit: &mut impl FnMut(&[u8])) {

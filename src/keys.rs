@@ -131,10 +131,6 @@ impl TenantKeys {
     pub fn data_key(&self, epoch: u32) -> [u8; 32] {
         self.master.data_key(epoch)
     }
-
-    pub fn master(&self) -> &MasterKey {
-        &self.master
-    }
 }
 
 #[derive(Serialize, Deserialize)]

@@ -58,8 +58,6 @@ pub struct Stats {
     pub symlinks: AtomicU64,
     pub bytes_read: AtomicU64,
     pub chunks: AtomicU64,
-    pub chunks_unique: AtomicU64,
-    pub chunks_on_node: AtomicU64,
     pub chunks_uploaded: AtomicU64,
     pub new_bytes: AtomicU64,
     pub uploaded_bytes: AtomicU64,
@@ -265,7 +263,6 @@ impl Dispatcher {
             Stats::add(&self.stats.chunks, 1);
         }
         if self.seen.insert(id) {
-            Stats::add(&self.stats.chunks_unique, 1);
             let stats = &self.stats;
             timed(&stats.wait_reader_budget, || self.budget.acquire(data.len()))
                 .map_err(|_| anyhow!("backup stopped"))?;
@@ -464,7 +461,6 @@ async fn dedup_stage(
             if missing.contains(&j.id) {
                 tx.send(j).await.map_err(|_| anyhow!("backup stopped"))?;
             } else {
-                Stats::add(&stats.chunks_on_node, 1);
                 budget.release(j.data.len());
             }
         }

@@ -303,7 +303,6 @@ async fn dispatch(
                 name: node.name.clone(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 uptime_secs: node.started.elapsed().as_secs(),
-                tenants: 0,
                 chunks: store.chunk_count(),
                 snapshots: store.snapshot_count(),
                 disk_used_bytes: used,

@@ -128,7 +128,6 @@ pub struct NodeStatus {
     pub name: String,
     pub version: String,
     pub uptime_secs: u64,
-    pub tenants: u64,
     pub chunks: u64,
     pub snapshots: u64,
     pub disk_used_bytes: u64,

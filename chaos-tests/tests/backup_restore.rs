@@ -110,3 +110,25 @@ fn restore_refuses_a_non_empty_target_unless_overwrite() {
     ok(run(w.restore_cmd(&node, "restore").args(["--source", "rnpp", "--overwrite", "--to"]).arg(&to)));
     assert_same_tree(&src, &to.join("src"));
 }
+
+#[test]
+fn status_reports_the_node_to_an_admin_only() {
+    let w = World::new();
+    let node = w.start_node("n1");
+    let src = w.path("src");
+    sample_tree(&src, 7, 1 << 20);
+    ok(w.backup(&node, "rnpp", &[&src]));
+    let status = |identity: &str| {
+        run(std::process::Command::new(bin("exclave-replicator"))
+            .args(["status", "--json", "--node", &node.addr.to_string(), "--pki"])
+            .arg(w.pki())
+            .args(["--identity", identity]))
+    };
+    let s = json(&ok(status("admin")));
+    assert_eq!(s["name"], "n1");
+    assert!(s["chunks"].as_u64().unwrap() > 0, "{s}");
+    assert!(s["disk_free_bytes"].as_u64().unwrap() > 0, "{s}");
+    let refused = status("rnpp");
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(stderr(&refused).contains("may not operate the node"), "{}", stderr(&refused));
+}

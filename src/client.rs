@@ -24,6 +24,8 @@ pub enum ClientError {
     NotANode { addr: SocketAddr, identity: Identity },
     #[error("no storage node reachable:\n  {0}")]
     NoNode(String),
+    #[error("request abandoned: {0}")]
+    Local(String),
 }
 
 impl ClientError {
@@ -89,9 +91,26 @@ impl NodeClient {
 
     /// Sends `frames` on a new stream and reads the single reply.
     pub async fn call(&self, frames: &[Request]) -> Result<Reply, ClientError> {
+        // Collected first: an iterator adapter here makes the future not provably Send.
+        let frames: Vec<Result<&Request, std::io::Error>> = frames.iter().map(Ok).collect();
+        self.call_iter(frames).await
+    }
+
+    /// Like `call`, for frames produced as they are sent; an `Err` item abandons the request.
+    async fn call_iter<R: std::borrow::Borrow<Request>>(
+        &self,
+        frames: impl IntoIterator<Item = Result<R, std::io::Error>>,
+    ) -> Result<Reply, ClientError> {
         let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| TransportError::Stream(e.to_string()))?;
         for f in frames {
-            transport::write_frame(&mut send, FrameKind::Request, f).await?;
+            let f = match f {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = send.reset(1u32.into());
+                    return Err(ClientError::Local(e.to_string()));
+                }
+            };
+            transport::write_frame(&mut send, FrameKind::Request, f.borrow()).await?;
         }
         send.finish().map_err(|e| TransportError::Stream(e.to_string()))?;
         let reply: Reply = transport::read_frame(&mut recv, FrameKind::Reply).await?.ok_or(TransportError::Eof)?;
@@ -115,12 +134,24 @@ impl NodeClient {
         Ok(out)
     }
 
-    /// Commits a snapshot referencing `refs` (every distinct chunk: data, manifest and root).
+    /// Commits a snapshot referencing `refs` (every chunk: data, manifest and root).
     pub async fn commit(&self, snapshot: SnapshotInfo, refs: &[ChunkId]) -> Result<SnapshotInfo, ClientError> {
-        let batches: Vec<&[ChunkId]> = refs.chunks(MAX_IDS_PER_MESSAGE).collect();
-        let mut frames = vec![Request::Commit { snapshot, ref_batches: batches.len() as u32 }];
-        frames.extend(batches.into_iter().map(|b| Request::CommitRefs { ids: b.to_vec() }));
-        match self.call(&frames).await? {
+        let batches: Vec<std::io::Result<Vec<ChunkId>>> =
+            refs.chunks(MAX_IDS_PER_MESSAGE).map(|b| Ok(b.to_vec())).collect();
+        self.commit_batches(snapshot, batches.len() as u32, batches).await
+    }
+
+    /// Commits with the references streamed in `count` batches of at most
+    /// `MAX_IDS_PER_MESSAGE` ids (read from disk as they are sent, for very large snapshots).
+    pub async fn commit_batches(
+        &self,
+        snapshot: SnapshotInfo,
+        count: u32,
+        batches: impl IntoIterator<Item = std::io::Result<Vec<ChunkId>>>,
+    ) -> Result<SnapshotInfo, ClientError> {
+        let first = std::iter::once(Ok(Request::Commit { snapshot, ref_batches: count }));
+        let rest = batches.into_iter().map(|b| b.map(|ids| Request::CommitRefs { ids }));
+        match self.call_iter(first.chain(rest)).await? {
             Reply::Committed { snapshot } => Ok(snapshot),
             _ => Err(ClientError::Unexpected { addr: self.addr, request: "commit" }),
         }

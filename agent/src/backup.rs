@@ -189,7 +189,9 @@ pub async fn run(a: BackupArgs) -> Result<i32> {
         stored_bytes: 0,
         commit_seq: 0,
     };
-    let committed = client.commit(info, &outcome.refs).await.context("committing the snapshot")?;
+    let batches = outcome.refs.into_batches(exclave::protocol::MAX_IDS_PER_MESSAGE)?;
+    let committed =
+        client.commit_batches(info, batches.batch_count() as u32, batches).await.context("committing the snapshot")?;
     let duration = started.elapsed();
     if let Ok(c) = Arc::try_unwrap(client) {
         c.close().await;

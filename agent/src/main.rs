@@ -4,6 +4,7 @@ mod backup;
 mod budget;
 mod config;
 mod pipeline;
+mod refs;
 mod source;
 
 use std::net::SocketAddr;

@@ -35,6 +35,7 @@ use exclave::manifest::{
 use exclave::protocol::{PutChunk, Request};
 
 use crate::budget::ByteBudget;
+use crate::refs::RefSpool;
 use crate::source::{self, Root};
 
 pub struct Plan {
@@ -93,9 +94,13 @@ impl Stats {
 
 pub struct Outcome {
     pub root: ChunkId,
-    pub refs: Vec<ChunkId>,
+    pub refs: RefSpool,
     pub warnings: Vec<String>,
 }
+
+/// Most ids the in-run dedup set holds (~50 MiB); when full it starts afresh, and a chunk
+/// seen again after that is only asked about once more (the node answers that it has it).
+const SEEN_CAP: usize = 1 << 20;
 
 struct Job {
     id: ChunkId,
@@ -177,13 +182,17 @@ pub async fn run(client: Arc<NodeClient>, keys: TenantKeys, plan: Plan, stats: A
         };
         let (roots, params) = (plan.roots.clone(), plan.chunker);
         std::thread::Builder::new().name("reader".into()).spawn(move || {
-            let mut d = Dispatcher { keys, budget, tx: job_tx, stats, seen: HashSet::new() };
-            let r = read_all(&roots, params, header, &mut d);
-            d.tx.close();
+            let r = RefSpool::new().context("creating the temporary reference list").and_then(|refs| {
+                let mut d =
+                    Dispatcher { keys, budget, tx: job_tx, stats, seen: HashSet::new(), seen_cap: SEEN_CAP, refs };
+                let r = read_all(&roots, params, header, &mut d);
+                d.tx.close();
+                r.map(|(root, warnings)| (root, d.refs, warnings))
+            });
             if let Err(e) = &r {
                 abort.fail(anyhow!("{e:#}"));
             }
-            r.map(|(root, warnings)| (root, d.seen, warnings))
+            r
         })?
     };
 
@@ -243,17 +252,19 @@ pub async fn run(client: Arc<NodeClient>, keys: TenantKeys, plan: Plan, stats: A
     if let Some(e) = abort.take() {
         return Err(e);
     }
-    let (root, seen, warnings) = reader_result.map_err(|_| anyhow!("the reader thread panicked"))??;
-    Ok(Outcome { root, refs: seen.into_iter().collect(), warnings })
+    let (root, refs, warnings) = reader_result.map_err(|_| anyhow!("the reader thread panicked"))??;
+    Ok(Outcome { root, refs, warnings })
 }
 
-/// Turns chunks into jobs: id, in-run dedup, budget.
+/// Turns chunks into jobs: id, in-run dedup, budget, reference list.
 struct Dispatcher {
     keys: TenantKeys,
     budget: Arc<ByteBudget>,
     tx: async_channel::Sender<Job>,
     stats: Arc<Stats>,
     seen: HashSet<ChunkId>,
+    seen_cap: usize,
+    refs: RefSpool,
 }
 
 impl Dispatcher {
@@ -262,7 +273,11 @@ impl Dispatcher {
         if is_data {
             Stats::add(&self.stats.chunks, 1);
         }
+        if self.seen.len() >= self.seen_cap && !self.seen.contains(&id) {
+            self.seen.clear();
+        }
         if self.seen.insert(id) {
+            self.refs.push(&id).context("writing the temporary reference list")?;
             let stats = &self.stats;
             timed(&stats.wait_reader_budget, || self.budget.acquire(data.len()))
                 .map_err(|_| anyhow!("backup stopped"))?;
@@ -602,7 +617,16 @@ mod tests {
         let (tx, rx) = async_channel::bounded(64);
         let budget = Arc::new(ByteBudget::new(1 << 20));
         let stats = Arc::new(Stats::default());
-        let mut d = Dispatcher { keys, budget: budget.clone(), tx, stats: stats.clone(), seen: HashSet::new() };
+        let refs = RefSpool::new().unwrap();
+        let mut d = Dispatcher {
+            keys,
+            budget: budget.clone(),
+            tx,
+            stats: stats.clone(),
+            seen: HashSet::new(),
+            seen_cap: 2,
+            refs,
+        };
         let drain = std::thread::spawn(move || {
             let mut jobs = Vec::new();
             while let Ok(j) = rx.recv_blocking() {

@@ -388,14 +388,16 @@ mod tests {
         let s = Store::open(dir.path()).unwrap();
         let (a, root) = (put(1, b"a"), put(9, b"root"));
         s.put_chunks("lux", std::slice::from_ref(&root)).unwrap();
-        let refs = vec![a.id, root.id];
+        // Duplicates are allowed: an agent's in-run dedup set is bounded.
+        let refs = vec![a.id, root.id, a.id];
         match s.commit("lux", &snap("s1", 9, 10), &refs) {
             Err(StoreError::Missing(m)) => assert_eq!(m, vec![a.id]),
             other => panic!("expected missing, got {other:?}"),
         }
         assert!(s.snapshots("lux", None).unwrap().is_empty());
         s.put_chunks("lux", &[a]).unwrap();
-        s.commit("lux", &snap("s1", 9, 10), &refs).unwrap();
+        let committed = s.commit("lux", &snap("s1", 9, 10), &refs).unwrap();
+        assert_eq!(committed.chunks, 2, "references are counted once");
         s.commit("lux", &snap("s1", 9, 10), &refs).unwrap();
         s.commit("lux", &snap("s0", 9, 5), &refs).unwrap();
         let list = s.snapshots("lux", Some("rnpp")).unwrap();

@@ -34,8 +34,10 @@ enum Cmd {
 enum KeysCmd {
     /// Create a new tenant master key file (mode 0600). Refuses to overwrite.
     Init {
+        /// Tenant (the administration) the key belongs to.
         #[arg(long)]
         tenant: String,
+        /// Key file to create.
         #[arg(long)]
         out: PathBuf,
     },

@@ -41,6 +41,7 @@ enum Cmd {
 enum PkiCmd {
     /// Create a cluster CA: DIR/ca.crt and DIR/ca.key.
     Init {
+        /// PKI directory to create.
         #[arg(long)]
         dir: PathBuf,
         /// A name for the cluster, written into the CA's subject.
@@ -49,8 +50,10 @@ enum PkiCmd {
     },
     /// Issue a certificate: DIR/NAME.crt and DIR/NAME.key (0600).
     Issue {
+        /// PKI directory holding the CA.
         #[arg(long)]
         dir: PathBuf,
+        /// What the certificate may do.
         #[arg(long, value_enum)]
         role: Role,
         /// Node id, agent name, or file name of the certificate.
@@ -75,12 +78,16 @@ enum Role {
 
 #[derive(Args)]
 struct StatusArgs {
+    /// Node address.
     #[arg(long)]
     node: SocketAddr,
+    /// PKI directory holding ca.crt and the admin certificate.
     #[arg(long)]
     pki: PathBuf,
+    /// Certificate name in the PKI directory (an admin or node identity).
     #[arg(long, default_value = "admin")]
     identity: String,
+    /// Print the status as JSON on stdout.
     #[arg(long)]
     json: bool,
 }

@@ -32,8 +32,10 @@ enum Cmd {
     Snapshots {
         #[command(flatten)]
         conn: Conn,
+        /// Only the snapshots of this source.
         #[arg(long)]
         source: Option<String>,
+        /// Print the list as JSON on stdout.
         #[arg(long)]
         json: bool,
     },
@@ -81,6 +83,7 @@ struct Conn {
 
 #[derive(Args)]
 struct Pick {
+    /// Source name, as the agent named it.
     #[arg(long)]
     source: String,
     /// `latest`, or a snapshot id (a unique prefix is enough).

@@ -86,7 +86,9 @@ fn roots(ca: &[CertificateDer<'static>]) -> Result<Arc<rustls::RootCertStore>, T
 
 fn transport_config() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_bidi_streams(512u32.into());
+    // Each open stream may hold one frame of up to 17 MiB in memory: 64 bounds what a single
+    // (authenticated) peer can make a node allocate; our clients use about ten.
+    t.max_concurrent_bidi_streams(64u32.into());
     // Room for several 16 MiB chunk batches in flight on a long fat link.
     t.stream_receive_window((8u32 * 1024 * 1024).into());
     t.receive_window((32u32 * 1024 * 1024).into());

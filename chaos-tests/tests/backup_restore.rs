@@ -132,3 +132,25 @@ fn status_reports_the_node_to_an_admin_only() {
     assert_eq!(refused.status.code(), Some(1));
     assert!(stderr(&refused).contains("may not operate the node"), "{}", stderr(&refused));
 }
+
+#[test]
+fn many_small_files_restore_exactly_across_manifest_pages() {
+    // More entries than one manifest page (4096) and many fetch groups of small chunks.
+    let w = World::new();
+    let node = w.start_node("n1");
+    let src = w.path("many");
+    for d in 0..50 {
+        let dir = src.join(format!("dir-{d:02}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in 0..100 {
+            std::fs::write(dir.join(format!("doc-{f:03}.txt")), format!("document {d}/{f}\n").repeat(f + 1)).unwrap();
+        }
+    }
+    let s = json(&ok(w.backup(&node, "docs", &[&src])));
+    assert_eq!(s["files"], 5000);
+    let to = w.path("restored");
+    let r = json(&ok(w.restore(&node, "docs", "latest", &to)));
+    assert_eq!(r["files"], 5000);
+    assert_eq!(r["dirs"], 51);
+    assert_same_tree(&src, &to.join("many"));
+}

@@ -8,12 +8,12 @@
 
 use std::sync::Arc;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use exclave::ChunkId;
 use exclave::client::NodeClient;
 use exclave::envelope::Opener;
 use exclave::keys::TenantKeys;
-use exclave::manifest::{ChunkRef, Entry, EntryKind, ManifestHeader, ManifestReader, decode_root};
+use exclave::manifest::{ChunkRef, Entry, EntryKind, ManifestReader, ManifestRoot, decode_root};
 use futures::{Stream, StreamExt};
 
 /// Fetches and opens one chunk.
@@ -27,24 +27,66 @@ pub async fn fetch_chunk(client: &NodeClient, keys: &TenantKeys, id: ChunkId) ->
     .await?
 }
 
-/// The manifest's header and entries, read piece by piece.
-pub async fn manifest(client: &NodeClient, keys: &TenantKeys, root: ChunkId) -> Result<(ManifestHeader, Vec<Entry>)> {
-    let root_bytes = fetch_chunk(client, keys, root).await.context("reading the snapshot's manifest root")?;
-    let root = decode_root(&root_bytes)?;
-    let mut reader = ManifestReader::new();
-    let mut entries = Vec::with_capacity(root.entries.min(1 << 20) as usize);
-    let mut pieces = futures::stream::iter(root.pieces.iter().map(|p| fetch_chunk(client, keys, p.id))).buffered(8);
-    while let Some(piece) = pieces.next().await {
-        reader.push(&piece.context("reading a manifest piece")?);
-        while let Some(e) = reader.next_entry()? {
-            entries.push(e);
+/// The snapshot's manifest root (header and list of manifest pieces).
+pub async fn manifest_root(client: &NodeClient, keys: &TenantKeys, root: ChunkId) -> Result<ManifestRoot> {
+    let bytes = fetch_chunk(client, keys, root).await.context("reading the snapshot's manifest root")?;
+    Ok(decode_root(&bytes)?)
+}
+
+/// Most entries, and chunk references, in one page of the manifest.
+const PAGE_ENTRIES: usize = 4096;
+const PAGE_CHUNKS: usize = 16 * 1024;
+
+/// The manifest's entries in pages, read piece by piece as they are needed, so that restore
+/// memory does not grow with the number of files. The last page checks the stream's end and
+/// the entry count against the root.
+pub fn pages(client: Arc<NodeClient>, keys: TenantKeys, root: ManifestRoot) -> impl Stream<Item = Result<Vec<Entry>>> {
+    let expected = root.entries;
+    let pieces = futures::stream::iter(root.pieces.into_iter().map(move |p| {
+        let (client, keys) = (client.clone(), keys.clone());
+        async move { fetch_chunk(&client, &keys, p.id).await.context("reading a manifest piece") }
+    }))
+    .buffered(4);
+    let state = (Box::pin(pieces), ManifestReader::new(), 0u64, false);
+    futures::stream::unfold(state, move |(mut pieces, mut reader, mut seen, done)| async move {
+        if done {
+            return None;
         }
-    }
-    reader.finish()?;
-    if entries.len() as u64 != root.entries {
-        bail!("manifest lists {} entries, its root says {}", entries.len(), root.entries);
-    }
-    Ok((root.header, entries))
+        let mut page = Vec::new();
+        let mut refs = 0usize;
+        loop {
+            loop {
+                match reader.next_entry() {
+                    Ok(Some(e)) => {
+                        if let EntryKind::File { chunks, .. } = &e.kind {
+                            refs += chunks.len();
+                        }
+                        page.push(e);
+                        seen += 1;
+                    }
+                    Ok(None) => break,
+                    Err(e) => return Some((Err(e.into()), (pieces, reader, seen, true))),
+                }
+            }
+            if page.len() >= PAGE_ENTRIES || refs >= PAGE_CHUNKS {
+                return Some((Ok(page), (pieces, reader, seen, false)));
+            }
+            match pieces.next().await {
+                Some(Ok(bytes)) => reader.push(&bytes),
+                Some(Err(e)) => return Some((Err(e), (pieces, reader, seen, true))),
+                None => {
+                    let end = reader.finish().map_err(anyhow::Error::from).and_then(|_| {
+                        if seen == expected {
+                            Ok(page)
+                        } else {
+                            Err(anyhow!("manifest lists {seen} entries, its root says {expected}"))
+                        }
+                    });
+                    return Some((end, (pieces, reader, seen, true)));
+                }
+            }
+        }
+    })
 }
 
 /// One step of reading a snapshot back, in manifest order.

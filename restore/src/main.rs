@@ -230,11 +230,15 @@ async fn read_back(conn: Conn, pick: Pick, target: Option<PathBuf>, overwrite: b
         );
     }
     let client = Arc::new(client);
-    let (header, entries) = fetch::manifest(&client, &keys, snap.root).await?;
+    let root = fetch::manifest_root(&client, &keys, snap.root).await?;
+    let header = root.header.clone();
     let mut w = writer::Writer::new(target.clone(), overwrite);
-    let mut stream = std::pin::pin!(fetch::items(client.clone(), keys.clone(), entries, pick.parallel));
-    while let Some(item) = stream.next().await {
-        w.item(item)?;
+    let mut pages = std::pin::pin!(fetch::pages(client.clone(), keys.clone(), root));
+    while let Some(page) = pages.next().await {
+        let mut stream = std::pin::pin!(fetch::items(client.clone(), keys.clone(), page?, pick.parallel));
+        while let Some(item) = stream.next().await {
+            w.item(item)?;
+        }
     }
     let report = w.finish()?;
     let secs = started.elapsed().as_secs_f64().max(1e-9);

@@ -5,7 +5,7 @@
 
 use std::io::IsTerminal;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use exclave::chunker::ChunkerParams;
@@ -18,6 +18,7 @@ use serde::Serialize;
 use crate::BackupArgs;
 use crate::config::{AgentConfig, SourceConfig};
 use crate::pipeline::{self, Plan, Stats};
+use crate::progress::Progress;
 use crate::source;
 
 #[derive(Serialize)]
@@ -166,11 +167,11 @@ pub async fn run(a: BackupArgs) -> Result<i32> {
         hostname: hostname(),
     };
     let started = Instant::now();
-    let progress = (!a.quiet && !a.json && std::io::stderr().is_terminal()).then(|| spawn_progress(stats.clone()));
+    let progress =
+        (!a.quiet && !a.json && std::io::stderr().is_terminal()).then(|| Progress::start(&plan.roots, stats.clone()));
     let outcome = pipeline::run(client.clone(), r.keys.clone(), plan, stats.clone()).await;
-    if let Some((bar, task)) = progress {
-        task.abort();
-        bar.finish_and_clear();
+    if let Some(p) = progress {
+        p.finish();
     }
     let outcome =
         outcome.context("backup failed; nothing was committed (chunks already stored are reused next time)")?;
@@ -226,7 +227,7 @@ pub async fn run(a: BackupArgs) -> Result<i32> {
     Ok(if summary.warnings.is_empty() { 0 } else { 3 })
 }
 
-fn mib(b: u64) -> String {
+pub(crate) fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / 1048576.0)
 }
 
@@ -244,30 +245,4 @@ fn print_summary(s: &Summary) {
     if !s.warnings.is_empty() {
         println!("  warnings      {} (see above; exit code 3)", s.warnings.len());
     }
-}
-
-fn spawn_progress(stats: Arc<Stats>) -> (indicatif::ProgressBar, tokio::task::JoinHandle<()>) {
-    let bar = indicatif::ProgressBar::new_spinner();
-    #[allow(clippy::expect_used)]
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}").expect("static progress template"),
-    );
-    let b = bar.clone();
-    let started = Instant::now();
-    let task = tokio::spawn(async move {
-        loop {
-            let read = Stats::get(&stats.bytes_read);
-            let rate = read as f64 / 1e6 / started.elapsed().as_secs_f64().max(0.001);
-            b.set_message(format!(
-                "{} files, read {} ({rate:.0} MB/s), new {}, uploaded {}",
-                Stats::get(&stats.files),
-                mib(read),
-                mib(Stats::get(&stats.new_bytes)),
-                mib(Stats::get(&stats.uploaded_bytes)),
-            ));
-            b.tick();
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    });
-    (bar, task)
 }

@@ -4,6 +4,7 @@ mod backup;
 mod budget;
 mod config;
 mod pipeline;
+mod progress;
 mod refs;
 mod source;
 

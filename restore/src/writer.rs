@@ -246,6 +246,9 @@ impl Writer {
     /// `syncfs` (one flush for the whole restore instead of one per file). Call once every
     /// entry is written.
     pub fn finish(&mut self) -> Result<&Report> {
+        if let Some(cur) = self.current.take() {
+            bail!("restore stream ended inside {}", cur.entry.path_lossy());
+        }
         let mut dirs = std::mem::take(&mut self.dirs);
         dirs.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
         for (p, e) in dirs {

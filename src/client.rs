@@ -28,19 +28,6 @@ pub enum ClientError {
     Local(String),
 }
 
-impl ClientError {
-    /// Whether trying again (perhaps after a reconnect) may succeed.
-    pub fn retryable(&self) -> bool {
-        match self {
-            ClientError::Transport(
-                TransportError::Stream(_) | TransportError::Connect { .. } | TransportError::Eof,
-            ) => true,
-            ClientError::Remote { code, .. } => code.retryable(),
-            _ => false,
-        }
-    }
-}
-
 pub struct NodeClient {
     addr: SocketAddr,
     endpoint: quinn::Endpoint,
@@ -173,18 +160,22 @@ impl NodeClient {
 
     /// Fetches several envelopes in one request; each result is that chunk's envelope or error.
     pub async fn get_chunks(&self, ids: &[ChunkId]) -> Result<Vec<Result<Vec<u8>, ClientError>>, ClientError> {
-        match self.call(&[Request::GetChunks { ids: ids.to_vec() }]).await? {
-            Reply::Chunks { chunks } if chunks.len() == ids.len() => Ok(chunks
-                .into_iter()
-                .map(|r| match r {
-                    Ok(b) => Ok(b.into_vec()),
-                    Err((code, message)) => {
-                        Err(ClientError::Remote { addr: self.addr, code, message, missing: vec![] })
-                    }
-                })
-                .collect()),
-            _ => Err(ClientError::Unexpected { addr: self.addr, request: "get_chunks" }),
+        let Reply::Chunks { chunks } = self.call(&[Request::GetChunks { ids: ids.to_vec() }]).await? else {
+            return Err(ClientError::Unexpected { addr: self.addr, request: "get_chunks" });
+        };
+        if chunks.len() != ids.len() {
+            return Err(ClientError::Unexpected { addr: self.addr, request: "get_chunks" });
         }
+        let mut out = Vec::with_capacity(ids.len());
+        for (id, r) in ids.iter().zip(chunks) {
+            out.push(match r {
+                Ok(b) => Ok(b.into_vec()),
+                // The reply filled up before this chunk: ask for it on its own.
+                Err((ErrorCode::Unavailable, _)) => self.get_chunk(id).await,
+                Err((code, message)) => Err(ClientError::Remote { addr: self.addr, code, message, missing: vec![] }),
+            });
+        }
+        Ok(out)
     }
 
     pub async fn close(self) {

@@ -58,15 +58,7 @@ fn hostname() -> String {
 
 /// A snapshot id: 8 hex digits of start time, 8 of randomness; sorts by time.
 fn snapshot_id(time: i64) -> String {
-    format!("{:08x}{:08x}", time as u32, rand_u32())
-}
-
-fn rand_u32() -> u32 {
-    let mut b = [0u8; 4];
-    // blake3 of time and pid is not secret; it only needs to differ between runs.
-    let seed = format!("{:?}{}", SystemTime::now(), std::process::id());
-    b.copy_from_slice(&blake3::hash(seed.as_bytes()).as_bytes()[..4]);
-    u32::from_le_bytes(b)
+    format!("{:08x}{:08x}", time as u32, rand::random::<u32>())
 }
 
 struct Resolved {

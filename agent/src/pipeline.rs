@@ -563,7 +563,9 @@ async fn upload_stage(
     Ok(())
 }
 
-/// Retries a request that failed for a reason that may pass (a node briefly overloaded).
+/// Retries, on the same connection, a request the node refused for a reason that may pass
+/// (storage briefly unavailable). A lost connection is not retried here: the run fails and
+/// the next one resumes, reusing every chunk already stored.
 async fn retry<T, F, Fut>(mut f: F) -> Result<T, exclave::client::ClientError>
 where
     F: FnMut() -> Fut,
@@ -572,7 +574,7 @@ where
     let mut delay = Duration::from_millis(200);
     for _ in 0..3 {
         match f().await {
-            Err(e) if e.retryable() && !matches!(e, exclave::client::ClientError::Transport(_)) => {
+            Err(exclave::client::ClientError::Remote { code, .. }) if code.retryable() => {
                 tokio::time::sleep(delay).await;
                 delay *= 3;
             }

@@ -162,7 +162,7 @@ impl<I: Iterator<Item = (Arc<Entry>, Step)>> Iterator for Groups<I> {
 async fn fetch_group(client: Arc<NodeClient>, keys: TenantKeys, group: Vec<(Arc<Entry>, Step)>) -> Vec<Item> {
     let ids: Vec<ChunkId> =
         group.iter().filter_map(|(_, s)| if let Step::Chunk(_, c) = s { Some(c.id) } else { None }).collect();
-    let mut envelopes: Vec<Result<Vec<u8>>> = if ids.is_empty() {
+    let envelopes: Vec<Result<Vec<u8>>> = if ids.is_empty() {
         Vec::new()
     } else {
         match client.get_chunks(&ids).await {
@@ -173,16 +173,6 @@ async fn fetch_group(client: Arc<NodeClient>, keys: TenantKeys, group: Vec<(Arc<
             }
         }
     };
-    // A reply that was full leaves some chunks to ask for again, one by one.
-    for (i, id) in ids.iter().enumerate() {
-        if let Err(e) = &envelopes[i]
-            && let Some(exclave::client::ClientError::Remote {
-                code: exclave::protocol::ErrorCode::Unavailable, ..
-            }) = e.downcast_ref()
-        {
-            envelopes[i] = client.get_chunk(id).await.map_err(anyhow::Error::from);
-        }
-    }
     let opened = tokio::task::spawn_blocking(move || {
         let mut opener = Opener::new(&keys).map_err(|e| anyhow!("{e}"));
         ids.iter()

@@ -145,9 +145,26 @@ impl NodeClient {
     }
 
     pub async fn snapshots(&self, source: Option<&str>) -> Result<Vec<SnapshotInfo>, ClientError> {
+        Ok(self.list_snapshots(source).await?.0)
+    }
+
+    /// Snapshots, and the node's warning if its catalog may be stale (cut off from the majority).
+    pub async fn list_snapshots(
+        &self,
+        source: Option<&str>,
+    ) -> Result<(Vec<SnapshotInfo>, Option<String>), ClientError> {
         match self.call(&[Request::ListSnapshots { source: source.map(str::to_string) }]).await? {
-            Reply::Snapshots { snapshots } => Ok(snapshots),
+            Reply::Snapshots { snapshots, stale } => Ok((snapshots, stale)),
             _ => Err(ClientError::Unexpected { addr: self.addr, request: "list_snapshots" }),
+        }
+    }
+
+    /// Returns once the node has applied everything the cluster had committed when asked
+    /// (Raft ReadIndex through the leader): reads that follow are not stale.
+    pub async fn read_barrier(&self) -> Result<(), ClientError> {
+        match self.call(&[Request::ReadBarrier]).await? {
+            Reply::Ok => Ok(()),
+            _ => Err(ClientError::Unexpected { addr: self.addr, request: "read_barrier" }),
         }
     }
 

@@ -31,8 +31,13 @@ pub enum Permission {
     QueryTenant,
     /// List snapshots and read chunks of the caller's tenant.
     ReadTenant,
-    /// Node status and cluster operations.
+    /// Node status and cluster status.
     Operate,
+    /// Change the cluster's membership (admin only).
+    Administer,
+    /// Speak to another node as a cluster member: Raft messages, chunk replication and
+    /// anti-entropy fetches of any tenant's envelopes (nodes only; they never hold a key).
+    Peer,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -97,6 +102,8 @@ impl Identity {
             (Identity::Agent { .. }, Permission::WriteTenant | Permission::QueryTenant)
                 | (Identity::Restore { .. }, Permission::ReadTenant)
                 | (Identity::Admin | Identity::Node { .. }, Permission::Operate)
+                | (Identity::Admin, Permission::Administer)
+                | (Identity::Node { .. }, Permission::Peer)
         )
     }
 
@@ -147,6 +154,10 @@ mod tests {
         assert!(restore.may(Permission::ReadTenant) && !restore.may(Permission::WriteTenant));
         assert!(!restore.may(Permission::QueryTenant));
         assert!(!admin.may(Permission::ReadTenant) && !admin.may(Permission::WriteTenant));
+        let node = Identity::parse("node:n1").unwrap();
+        assert!(node.may(Permission::Peer) && !node.may(Permission::Administer) && !node.may(Permission::ReadTenant));
+        assert!(admin.may(Permission::Administer) && !admin.may(Permission::Peer));
+        assert!(!agent.may(Permission::Peer) && !restore.may(Permission::Peer) && !agent.may(Permission::Administer));
         assert_eq!(agent.tenant(), Some("lux"));
         assert_eq!(admin.tenant(), None);
     }

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde::Deserialize;
 
@@ -34,6 +34,21 @@ pub struct RunArgs {
     /// are refused as "storage full" while the store is still healthy [default: 512].
     #[arg(long)]
     pub min_free_mib: Option<u64>,
+    /// Another founding member of the cluster, NAME=ADDR (repeatable). Founding members all
+    /// list each other; a node with no peer is a cluster of one.
+    #[arg(long = "peer", value_name = "NAME=ADDR")]
+    pub peers: Vec<String>,
+    /// Join an existing cluster instead of founding one: the node waits until an operator
+    /// adds it (`cluster add-node`). `--peer` still gives the members' addresses.
+    #[arg(long)]
+    pub join: bool,
+    /// Address the other members reach this node at [default: the listen address].
+    #[arg(long)]
+    pub advertise: Option<SocketAddr>,
+    /// Nodes that must hold a chunk durably before an upload is acknowledged
+    /// [default: a majority of the voters].
+    #[arg(long)]
+    pub write_quorum: Option<usize>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -46,6 +61,12 @@ struct FileConfig {
     identity: Option<String>,
     metrics: Option<SocketAddr>,
     min_free_mib: Option<u64>,
+    #[serde(default)]
+    peers: std::collections::BTreeMap<String, SocketAddr>,
+    #[serde(default)]
+    join: bool,
+    advertise: Option<SocketAddr>,
+    write_quorum: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -57,6 +78,10 @@ pub struct NodeConfig {
     pub identity: String,
     pub metrics: Option<SocketAddr>,
     pub min_free_bytes: u64,
+    pub peers: Vec<(String, SocketAddr)>,
+    pub join: bool,
+    pub advertise: SocketAddr,
+    pub write_quorum: Option<usize>,
 }
 
 fn load(path: &Path) -> Result<FileConfig> {
@@ -72,9 +97,35 @@ impl NodeConfig {
         };
         let name = a.name.or(f.name).context("--name (or `name` in the config) is required")?;
         exclave::identity::check_name("node name", &name)?;
+        let mut peers: Vec<(String, SocketAddr)> = f.peers.into_iter().collect();
+        for p in &a.peers {
+            let (n, addr) = p.split_once('=').with_context(|| format!("--peer {p:?}: expected NAME=ADDR"))?;
+            let addr: SocketAddr = addr.parse().with_context(|| format!("--peer {p:?}: bad address"))?;
+            exclave::identity::check_name("peer name", n)?;
+            peers.retain(|(m, _)| m != n);
+            peers.push((n.to_string(), addr));
+        }
+        if peers.iter().any(|(n, _)| *n == name) {
+            bail!("--peer names this node itself ({name})");
+        }
+        let listen = a.listen.or(f.listen).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 7401)));
+        let advertise = a.advertise.or(f.advertise).unwrap_or(listen);
+        if advertise.ip().is_unspecified() && !peers.is_empty() {
+            bail!(
+                "--advertise is required when listening on {listen} in a cluster: peers need an address to reach this node"
+            );
+        }
+        let write_quorum = a.write_quorum.or(f.write_quorum);
+        if write_quorum == Some(0) {
+            bail!("--write-quorum must be at least 1");
+        }
         Ok(NodeConfig {
             data: a.data.or(f.data).context("--data (or `data` in the config) is required")?,
-            listen: a.listen.or(f.listen).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 7401))),
+            listen,
+            peers,
+            join: a.join || f.join,
+            advertise,
+            write_quorum,
             pki: a.pki.or(f.pki).context("--pki (or `pki` in the config) is required")?,
             identity: a.identity.or(f.identity).unwrap_or_else(|| name.clone()),
             metrics: a.metrics.or(f.metrics),
@@ -97,6 +148,30 @@ mod tests {
         assert_eq!(cfg.identity, "embassy1");
         assert_eq!(cfg.min_free_bytes, 512 << 20);
         assert_eq!(cfg.listen.port(), 7401);
+        assert_eq!(cfg.peers.len(), 2);
+        assert_eq!(cfg.advertise.to_string(), "10.1.0.1:7401");
+    }
+
+    #[test]
+    fn peers_from_flags_are_checked() {
+        let base = || RunArgs {
+            name: Some("n1".into()),
+            data: Some("/tmp/x".into()),
+            pki: Some("/tmp/p".into()),
+            listen: Some("127.0.0.1:7401".parse().unwrap()),
+            ..RunArgs::default()
+        };
+        let ok = NodeConfig::resolve(RunArgs { peers: vec!["n2=127.0.0.1:7402".into()], ..base() }).unwrap();
+        assert_eq!(ok.peers, vec![("n2".to_string(), "127.0.0.1:7402".parse().unwrap())]);
+        for bad in ["n2", "n2=nowhere", "n1=127.0.0.1:7402", "N2=127.0.0.1:1"] {
+            assert!(NodeConfig::resolve(RunArgs { peers: vec![bad.into()], ..base() }).is_err(), "{bad}");
+        }
+        let wild = RunArgs {
+            listen: Some("0.0.0.0:7401".parse().unwrap()),
+            peers: vec!["n2=127.0.0.1:7402".into()],
+            ..base()
+        };
+        assert!(NodeConfig::resolve(wild).unwrap_err().to_string().contains("--advertise"));
     }
 
     #[test]

@@ -1,7 +1,13 @@
 //! `exclave-replicator`: the embassy storage node, and the cluster's PKI tooling.
 
+mod catalog;
+mod cluster;
 mod config;
+mod consensus;
 mod metrics;
+mod peers;
+mod raft_log;
+mod replication;
 mod server;
 mod store;
 
@@ -28,8 +34,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run the storage node (QUIC server, RocksDB store) until SIGTERM.
+    /// Run the storage node (QUIC server, RocksDB store, Raft member) until SIGTERM.
     Run(config::RunArgs),
+    /// Cluster operations: status of every member, add or remove a node.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCmd),
     /// Create the cluster CA and issue certificates.
     #[command(subcommand)]
     Pki(PkiCmd),
@@ -135,18 +144,52 @@ fn run(cli: Cli) -> Result<()> {
             tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run_node(cfg))
         }
         Cmd::Status(a) => tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(status(a)),
+        Cmd::Cluster(c) => tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(cluster::run(c)),
     }
 }
 
 async fn run_node(cfg: config::NodeConfig) -> Result<()> {
     let tls = TlsIdentity::load(&cfg.pki, &cfg.identity)
         .with_context(|| format!("loading identity {:?} from {}", cfg.identity, cfg.pki.display()))?;
-    if !matches!(tls.identity, Identity::Node { .. }) {
-        bail!("certificate {} is for {}, not a node", cfg.identity, tls.identity);
+    match &tls.identity {
+        Identity::Node { id } if *id == cfg.name => {}
+        Identity::Node { id } => {
+            bail!("certificate {} is for node {id}, but this node is named {}", cfg.identity, cfg.name)
+        }
+        other => bail!("certificate {} is for {other}, not a node", cfg.identity),
     }
+    let tls = Arc::new(tls);
     let store = Arc::new(
         store::Store::open(&cfg.data).with_context(|| format!("opening the store in {}", cfg.data.display()))?,
     );
+    let me = catalog::raft_id(&cfg.name);
+    let mut founders = vec![(me, catalog::Member { name: cfg.name.clone(), addr: cfg.advertise.to_string() })];
+    founders.extend(
+        cfg.peers.iter().map(|(n, a)| (catalog::raft_id(n), catalog::Member { name: n.clone(), addr: a.to_string() })),
+    );
+    let (input, inbox) = std::sync::mpsc::channel();
+    let peers = peers::Peers::new(me, tls.clone(), input.clone(), tokio::runtime::Handle::current());
+    // Static addresses first; the catalog's membership (applied by the Raft thread) wins.
+    peers.set_members(founders.clone());
+    let raft = consensus::start(&cfg.name, &store, &founders, cfg.join, input)
+        .with_context(|| format!("opening the Raft log in {}", cfg.data.display()))?;
+    {
+        let (h, st, p) = (raft.clone(), store.clone(), peers.clone());
+        std::thread::Builder::new().name("raft".into()).spawn(move || {
+            // A panic inside raft-rs must not leave a node that serves without consensus.
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| consensus::run(&h, st, p, inbox))) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    error!(error = %e, "the Raft member could not start; stopping");
+                    std::process::exit(70);
+                }
+                Err(_) => {
+                    error!("the Raft member failed; stopping so the node restarts from disk");
+                    std::process::exit(70);
+                }
+            }
+        })?;
+    }
     let metrics = metrics::NodeMetrics::new(&cfg.name)?;
     metrics.update_disk(&cfg.data);
     let endpoint = transport::endpoint(cfg.listen, Some(transport::server_config(&tls)?))
@@ -158,6 +201,10 @@ async fn run_node(cfg: config::NodeConfig) -> Result<()> {
         started: Instant::now(),
         data_dir: cfg.data.clone(),
         min_free_bytes: cfg.min_free_bytes,
+        raft: raft.clone(),
+        peers: peers.clone(),
+        write_quorum: cfg.write_quorum,
+        backfill: Default::default(),
     });
     if let Some(addr) = cfg.metrics {
         exclave::metrics::serve(addr, metrics.registry.clone())
@@ -166,15 +213,22 @@ async fn run_node(cfg: config::NodeConfig) -> Result<()> {
         info!(%addr, "metrics on /metrics");
     }
     {
-        let (m, d) = (metrics.clone(), cfg.data.clone());
+        let (m, d, raft, peers) = (metrics.clone(), cfg.data.clone(), raft.clone(), peers.clone());
         tokio::spawn(async move {
+            let mut n = 0u64;
             loop {
-                tokio::time::sleep(Duration::from_secs(15)).await;
-                m.update_disk(&d);
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                m.raft_state(&raft.view(), raft.id, |id| peers.name_of(id));
+                n += 1;
+                if n.is_multiple_of(3) {
+                    m.update_disk(&d);
+                }
             }
         });
     }
-    info!(name = %cfg.name, listen = %cfg.listen, data = %cfg.data.display(), "storage node ready");
+    info!(name = %cfg.name, listen = %cfg.listen, data = %cfg.data.display(), peers = cfg.peers.len(),
+          join = cfg.join, "storage node ready");
+    tokio::spawn(replication::anti_entropy(node.clone()));
     let server = tokio::spawn(server::serve(endpoint.clone(), node));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -198,6 +252,9 @@ async fn status(a: StatusArgs) -> Result<()> {
     let Reply::Status(s) = client.call(&[exclave::protocol::Request::Status]).await? else {
         bail!("unexpected reply to status");
     };
+    let Reply::RaftStatus(r) = client.call(&[exclave::protocol::Request::RaftStatus]).await? else {
+        bail!("unexpected reply to raft status");
+    };
     client.close().await;
     if a.json {
         println!(
@@ -205,11 +262,28 @@ async fn status(a: StatusArgs) -> Result<()> {
             serde_json::json!({
                 "name": s.name, "version": s.version, "uptime_secs": s.uptime_secs, "chunks": s.chunks,
                 "snapshots": s.snapshots, "disk_used_bytes": s.disk_used_bytes, "disk_free_bytes": s.disk_free_bytes,
+                "raft": serde_json::to_value(&r)?,
             })
         );
     } else {
         println!("node        {} (version {}, up {} s)", s.name, s.version, s.uptime_secs);
-        println!("chunks      ~{}", s.chunks);
+        println!(
+            "raft        {} (term {}, leader {}, commit {}, applied {})",
+            r.role,
+            r.term,
+            r.leader.as_deref().unwrap_or("none"),
+            r.commit_index,
+            r.applied_index
+        );
+        if let Some(why) = &r.stale {
+            println!("warning     {why}");
+        }
+        println!(
+            "chunks      ~{} held, {} indexed in the cluster, {} missing here",
+            s.chunks,
+            r.chunks_indexed,
+            if r.scanned_at.is_some() { r.chunks_missing.to_string() } else { "?".into() }
+        );
         println!("snapshots   ~{}", s.snapshots);
         println!("disk        {} MiB used, {} MiB free", s.disk_used_bytes >> 20, s.disk_free_bytes >> 20);
     }

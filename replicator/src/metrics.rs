@@ -4,7 +4,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use exclave::protocol::SnapshotInfo;
-use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 #[derive(Clone)]
 pub struct NodeMetrics {
@@ -16,6 +18,11 @@ pub struct NodeMetrics {
     bytes_received: IntCounter,
     last_snapshot: IntGaugeVec,
     disk: IntGaugeVec,
+    commit_seconds: Histogram,
+    raft: IntGaugeVec,
+    chunks_missing: IntGauge,
+    chunks_backfilled: IntCounter,
+    peer_contact: prometheus::GaugeVec,
 }
 
 impl NodeMetrics {
@@ -46,7 +53,45 @@ impl NodeMetrics {
         registry.register(Box::new(bytes_received.clone()))?;
         registry.register(Box::new(last_snapshot.clone()))?;
         registry.register(Box::new(disk.clone()))?;
-        Ok(NodeMetrics { registry, requests, latency, errors, chunks_stored, bytes_received, last_snapshot, disk })
+        let commit_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "commit_seconds",
+                "Time to commit a snapshot through Raft, once its references are staged",
+            )
+            .buckets(vec![0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0]),
+        )?;
+        let raft = IntGaugeVec::new(
+            Opts::new("raft", "Raft state: term, is_leader, commit_index, applied_index, voters, learners"),
+            &["field"],
+        )?;
+        let chunks_missing =
+            IntGauge::new("chunks_missing", "Indexed chunks this node lacks (last anti-entropy pass)")?;
+        let chunks_backfilled =
+            IntCounter::new("chunks_backfilled_total", "Chunks fetched from peers by anti-entropy")?;
+        let peer_contact = prometheus::GaugeVec::new(
+            Opts::new("peer_last_contact_seconds", "Seconds since this node last heard from each peer"),
+            &["peer"],
+        )?;
+        registry.register(Box::new(commit_seconds.clone()))?;
+        registry.register(Box::new(raft.clone()))?;
+        registry.register(Box::new(chunks_missing.clone()))?;
+        registry.register(Box::new(chunks_backfilled.clone()))?;
+        registry.register(Box::new(peer_contact.clone()))?;
+        Ok(NodeMetrics {
+            registry,
+            requests,
+            latency,
+            errors,
+            chunks_stored,
+            bytes_received,
+            last_snapshot,
+            disk,
+            commit_seconds,
+            raft,
+            chunks_missing,
+            chunks_backfilled,
+            peer_contact,
+        })
     }
 
     pub fn request(&self, kind: &str, ok: bool, took: Duration) {
@@ -63,7 +108,31 @@ impl NodeMetrics {
         self.bytes_received.inc_by(bytes as u64);
     }
 
-    pub fn committed(&self, tenant: &str, s: &SnapshotInfo) {
+    pub fn backfill(&self, missing: u64, fetched: u64) {
+        self.chunks_missing.set(missing as i64);
+        self.chunks_backfilled.inc_by(fetched);
+    }
+
+    /// Publishes the Raft member's state and when each peer was last heard from.
+    pub fn raft_state(&self, v: &crate::consensus::RaftView, me: u64, name_of: impl Fn(u64) -> String) {
+        let is_leader = v.leader == me && v.role == Some(raft::StateRole::Leader);
+        for (field, value) in [
+            ("term", v.term),
+            ("is_leader", u64::from(is_leader)),
+            ("commit_index", v.commit),
+            ("applied_index", v.applied),
+            ("voters", v.voters.len() as u64),
+            ("learners", v.learners.len() as u64),
+        ] {
+            self.raft.with_label_values(&[field]).set(value as i64);
+        }
+        for (id, t) in &v.last_heard {
+            self.peer_contact.with_label_values(&[&name_of(*id)]).set(t.elapsed().as_secs_f64());
+        }
+    }
+
+    pub fn committed(&self, tenant: &str, s: &SnapshotInfo, took: Duration) {
+        self.commit_seconds.observe(took.as_secs_f64());
         let g = self.last_snapshot.with_label_values(&[tenant, &s.source]);
         if s.time > g.get() {
             g.set(s.time);

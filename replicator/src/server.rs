@@ -1,9 +1,11 @@
 //! The node's QUIC service: accepts mutually authenticated connections, authorises every
-//! request by the caller's certificate, and answers from the store.
+//! request by the caller's certificate, and answers from the store, the applied catalog and
+//! the Raft member.
 //!
 //! Every request is answered: a malformed, oversized or unauthorised one gets an error reply
 //! naming the problem and is logged with the caller's identity. Store calls run on the
-//! blocking pool, since a synced RocksDB write blocks the thread.
+//! blocking pool, since a synced RocksDB write blocks the thread. Peers' Raft messages arrive
+//! on unidirectional streams and are handed to the consensus thread.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,17 +14,21 @@ use std::time::{Duration, Instant};
 use exclave::identity::{Identity, Permission, check_name};
 use exclave::protocol::frame::FrameKind;
 use exclave::protocol::{
-    ErrorCode, MAX_CHUNKS_REPLY_BYTES, MAX_IDS_PER_MESSAGE, NodeStatus, Reply, Request, SnapshotInfo,
+    ErrorCode, MAX_CHUNKS_REPLY_BYTES, MAX_IDS_PER_MESSAGE, MemberReport, MemberStatus, NodeStatus, PeerContact,
+    PutChunk, Reply, Request, SnapshotInfo,
 };
 use exclave::transport::{self, TransportError};
+use raft::eraftpb::ConfChangeType;
 use tracing::{debug, info, warn};
 
+use crate::catalog::{self, Command, IndexEntry, MAX_COMMIT_BATCHES, Member, Outcome};
+use crate::consensus::{ConsensusError, Input, RaftHandle};
 use crate::metrics::NodeMetrics;
+use crate::peers::{self, Peers};
+use crate::replication::{self, Backfill};
 use crate::store::{Store, StoreError};
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
-/// Most references one commit may carry (32 Mi chunks: about 2 PiB at 64 KiB).
-const MAX_COMMIT_BATCHES: u32 = 1024;
 
 pub struct Node {
     pub name: String,
@@ -33,6 +39,76 @@ pub struct Node {
     /// Free bytes kept in reserve: RocksDB must never meet a full disk (Debian's build aborts
     /// on a sync after a failed write), and compaction and deletion need room to work.
     pub min_free_bytes: u64,
+    pub raft: RaftHandle,
+    pub peers: Arc<Peers>,
+    /// Nodes that must hold a chunk before it is acknowledged (`None`: a majority of voters).
+    pub write_quorum: Option<usize>,
+    pub backfill: std::sync::Mutex<Backfill>,
+}
+
+impl Node {
+    /// Refuses a write of `bytes` that would eat into the free-space reserve.
+    pub fn check_room(&self, bytes: usize) -> Result<(), Failure> {
+        let (_, free) = crate::metrics::disk_usage(&self.data_dir);
+        // A write costs about three times its size on disk: WAL, blob file, compaction.
+        if free < self.min_free_bytes.saturating_add(3 * bytes as u64) {
+            return Err(Failure::new(
+                ErrorCode::StorageFull,
+                format!(
+                    "storage is full on {}: {} MiB free, {} MiB are kept in reserve",
+                    self.name,
+                    free >> 20,
+                    self.min_free_bytes >> 20
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn member_status(&self) -> Result<MemberStatus, StoreError> {
+        let v = self.raft.view();
+        let me = self.raft.id;
+        let view = self.store.catalog()?;
+        let b = self.backfill.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let name = |id: u64| self.peers.name_of(id);
+        let role = match v.role {
+            _ if !v.voters.contains(&me) && !v.learners.contains(&me) => "joining".to_string(),
+            _ if v.learners.contains(&me) => "learner".to_string(),
+            Some(raft::StateRole::Leader) => "leader".into(),
+            Some(raft::StateRole::Candidate) => "candidate".into(),
+            Some(raft::StateRole::PreCandidate) => "pre-candidate".into(),
+            _ => "follower".into(),
+        };
+        let peers = v
+            .voters
+            .iter()
+            .chain(v.learners.iter())
+            .filter(|id| **id != me)
+            .map(|id| PeerContact {
+                name: name(*id),
+                last_contact_ms: v.last_heard.get(id).map(|t| t.elapsed().as_millis() as u64),
+                matched: v.matched.get(id).copied(),
+            })
+            .collect();
+        Ok(MemberStatus {
+            name: self.name.clone(),
+            raft_id: me,
+            role,
+            term: v.term,
+            leader: (v.leader != 0).then(|| name(v.leader)),
+            commit_index: v.commit,
+            applied_index: v.applied,
+            last_index: v.last_index,
+            voters: v.voters.iter().map(|id| name(*id)).collect(),
+            learners: v.learners.iter().map(|id| name(*id)).collect(),
+            chunks_indexed: catalog::count(&view, catalog::CHUNK_PREFIX)?,
+            chunks_missing: b.missing,
+            scanned_at: b.scanned_at,
+            snapshots: catalog::count(&view, catalog::SNAPSHOT_ID_PREFIX)?,
+            peers,
+            stale: v.cut_off(me),
+        })
+    }
 }
 
 /// Accepts connections until the endpoint is closed.
@@ -66,15 +142,77 @@ async fn handle_connection(conn: quinn::Connection, node: Arc<Node>) {
     debug!(%remote, %identity, "connection accepted");
     let identity = Arc::new(identity);
     loop {
-        match conn.accept_bi().await {
-            Ok((send, recv)) => {
+        let accepted = tokio::select! {
+            bi = conn.accept_bi() => bi.map(|(send, recv)| (Some(send), recv)),
+            uni = conn.accept_uni() => uni.map(|recv| (None, recv)),
+        };
+        match accepted {
+            Ok((Some(send), recv)) => {
                 let (node, identity) = (node.clone(), identity.clone());
                 tokio::spawn(async move { handle_stream(send, recv, node, identity, remote).await });
+            }
+            Ok((None, recv)) => {
+                let (node, identity) = (node.clone(), identity.clone());
+                tokio::spawn(async move { raft_stream(recv, node, identity, remote).await });
             }
             Err(quinn::ConnectionError::ApplicationClosed(_) | quinn::ConnectionError::LocallyClosed) => break,
             Err(e) => {
                 debug!(%remote, %identity, error = %e, "connection ended");
                 break;
+            }
+        }
+    }
+}
+
+/// A peer's ordered stream of Raft messages. Only nodes may send them, and only as themselves.
+async fn raft_stream(mut recv: quinn::RecvStream, node: Arc<Node>, identity: Arc<Identity>, remote: SocketAddr) {
+    let Identity::Node { id: ref peer_name } = *identity else {
+        node.metrics.error("unauthorized");
+        warn!(%remote, %identity, "refused a Raft stream from a non-node identity");
+        let _ = recv.stop(1u32.into());
+        return;
+    };
+    let peer_id = catalog::raft_id(peer_name);
+    let mut large: Vec<u8> = Vec::new();
+    loop {
+        let frame = match transport::read_frame::<Request>(&mut recv, FrameKind::Request).await {
+            Ok(Some(f)) => f,
+            Ok(None) => return,
+            Err(e) => {
+                debug!(%remote, %identity, error = %e, "raft stream ended");
+                return;
+            }
+        };
+        let messages = match frame {
+            Request::Raft { messages } => messages.into_iter().map(|b| b.into_vec()).collect(),
+            Request::RaftLarge { total, part } => {
+                if total > peers::MAX_RAFT_MESSAGE || large.len() as u64 + part.len() as u64 > total {
+                    warn!(%remote, %identity, total, "refused an oversized Raft message");
+                    return;
+                }
+                large.extend_from_slice(&part);
+                if (large.len() as u64) < total {
+                    continue;
+                }
+                vec![std::mem::take(&mut large)]
+            }
+            other => {
+                node.metrics.error("bad_request");
+                warn!(%remote, %identity, request = other.name(), "unexpected frame on a Raft stream");
+                return;
+            }
+        };
+        for bytes in messages {
+            match peers::decode_message(&bytes) {
+                Ok(m) if m.from == peer_id => node.raft.send(Input::Step(m)),
+                Ok(m) => {
+                    node.metrics.error("unauthorized");
+                    warn!(%remote, %identity, from = m.from, "refused a Raft message sent in another node's name");
+                }
+                Err(e) => {
+                    node.metrics.error("bad_request");
+                    warn!(%remote, %identity, error = %e, "malformed Raft message");
+                }
             }
         }
     }
@@ -112,7 +250,7 @@ async fn handle_stream(
     let _ = tokio::time::timeout(Duration::from_secs(10), send.stopped()).await;
 }
 
-struct Failure {
+pub struct Failure {
     request: &'static str,
     code: ErrorCode,
     message: String,
@@ -144,11 +282,22 @@ impl Failure {
 
 impl From<StoreError> for Failure {
     fn from(e: StoreError) -> Failure {
-        let missing = match &e {
-            StoreError::Missing(m) => m.clone(),
-            _ => Vec::new(),
-        };
-        Failure { request: "unknown", code: e.code(), message: e.to_string(), missing }
+        Failure { request: "unknown", code: e.code(), message: e.to_string(), missing: Vec::new() }
+    }
+}
+
+impl From<ConsensusError> for Failure {
+    fn from(e: ConsensusError) -> Failure {
+        match e {
+            ConsensusError::Refused(m) => Failure::new(ErrorCode::BadRequest, m),
+            other => Failure::new(ErrorCode::Unavailable, other.to_string()),
+        }
+    }
+}
+
+impl From<catalog::CatalogError> for Failure {
+    fn from(e: catalog::CatalogError) -> Failure {
+        Failure::from(StoreError::from(e))
     }
 }
 
@@ -165,6 +314,8 @@ fn authorise(identity: &Identity, p: Permission, request: &'static str) -> Resul
             Permission::QueryTenant => "query chunks",
             Permission::ReadTenant => "read",
             Permission::Operate => "operate the node",
+            Permission::Administer => "change the cluster",
+            Permission::Peer => "act as a cluster member",
         };
         return Err(Failure::new(ErrorCode::Unauthorized, format!("identity {identity} may not {what} ({request})"))
             .on(request));
@@ -205,27 +356,13 @@ async fn dispatch(
             if ids.len() > MAX_IDS_PER_MESSAGE {
                 return Err(Failure::new(ErrorCode::BadRequest, "too many ids in one request"));
             }
-            let ids = blocking(move || store.missing(&tenant, &ids)).await?;
+            // The cluster's index, not this node's disk: what is indexed is on a write quorum.
+            let ids = blocking(move || Ok(catalog::missing(&store.catalog()?, &tenant, &ids)?)).await?;
             Ok(Reply::Missing { ids })
         }
         Request::PutChunks { chunks } => {
             let tenant = authorise(identity, Permission::WriteTenant, "put_chunks")?;
-            let bytes: usize = chunks.iter().map(|c| c.envelope.len()).sum();
-            let (_, free) = crate::metrics::disk_usage(&node.data_dir);
-            // A write costs about three times its size on disk: WAL, blob file, compaction.
-            if free < node.min_free_bytes.saturating_add(3 * bytes as u64) {
-                return Err(Failure::new(
-                    ErrorCode::StorageFull,
-                    format!(
-                        "storage is full: {} MiB free, {} MiB are kept in reserve",
-                        free >> 20,
-                        node.min_free_bytes >> 20
-                    ),
-                ));
-            }
-            let new = blocking(move || store.put_chunks(&tenant, &chunks)).await?;
-            node.metrics.stored(new, bytes);
-            Ok(Reply::Ok)
+            put_chunks(node, tenant, chunks).await
         }
         Request::Commit { snapshot, ref_batches } => {
             let tenant = authorise(identity, Permission::WriteTenant, "commit")?;
@@ -237,31 +374,58 @@ async fn dispatch(
             if ref_batches > MAX_COMMIT_BATCHES {
                 return Err(Failure::new(ErrorCode::BadRequest, "commit carries too many reference batches"));
             }
-            let mut refs: Vec<exclave::ChunkId> = Vec::new();
-            for _ in 0..ref_batches {
-                match transport::read_frame::<Request>(recv, FrameKind::Request).await? {
-                    Some(Request::CommitRefs { ids }) if ids.len() <= MAX_IDS_PER_MESSAGE => refs.extend(ids),
+            if let Some(why) = node.raft.view().cut_off(node.raft.id) {
+                // Refuse before the client streams its references.
+                if node.raft.view().leader == 0 {
+                    return Err(Failure::new(ErrorCode::Unavailable, format!("{}: {why}", node.name)));
+                }
+            }
+            for batch in 0..ref_batches {
+                let ids = match transport::read_frame::<Request>(recv, FrameKind::Request).await? {
+                    Some(Request::CommitRefs { ids }) if ids.len() <= MAX_IDS_PER_MESSAGE => ids,
                     Some(_) => return Err(Failure::new(ErrorCode::BadRequest, "expected a commit reference batch")),
                     None => return Err(Failure::new(ErrorCode::BadRequest, "commit ended before its references")),
+                };
+                let cmd = Command::StageRefs { tenant: tenant.clone(), snapshot_id: snapshot.id.clone(), batch, ids };
+                if let Outcome::Refused(m) = node.raft.propose(cmd).await? {
+                    return Err(Failure::new(ErrorCode::BadRequest, m));
                 }
             }
             // The node, not the client, says who committed.
             let snap = SnapshotInfo { agent: name.clone(), ..snapshot };
-            let (t, s) = (tenant.clone(), snap.clone());
-            let committed = blocking(move || store.commit(&t, &s, &refs)).await?;
-            node.metrics.committed(&tenant, &committed);
-            info!(%tenant, source = %committed.source, snapshot = %committed.id, files = committed.files,
-                  bytes = committed.logical_bytes, "snapshot committed");
-            Ok(Reply::Committed { snapshot: committed })
+            let started = Instant::now();
+            let cmd = Command::Commit { tenant: tenant.clone(), snapshot: snap, batches: ref_batches };
+            match node.raft.propose(cmd).await? {
+                Outcome::Committed(committed) => {
+                    node.metrics.committed(&tenant, &committed, started.elapsed());
+                    info!(%tenant, source = %committed.source, snapshot = %committed.id, files = committed.files,
+                          bytes = committed.logical_bytes, "snapshot committed");
+                    Ok(Reply::Committed { snapshot: committed })
+                }
+                Outcome::Missing(missing) => Err(Failure {
+                    request: "commit",
+                    code: ErrorCode::MissingChunks,
+                    message: format!(
+                        "{} referenced chunks are not stored in the cluster (absent from its index)",
+                        missing.len()
+                    ),
+                    missing,
+                }),
+                Outcome::Refused(m) => Err(Failure::new(ErrorCode::BadRequest, m)),
+                Outcome::Done => Err(Failure::new(ErrorCode::Internal, "commit applied without a result")),
+            }
         }
         Request::CommitRefs { .. } => Err(Failure::new(ErrorCode::BadRequest, "reference batch outside a commit")),
         Request::ListSnapshots { source } => {
             let tenant = authorise(identity, Permission::ReadTenant, "list_snapshots")?;
-            let snapshots = blocking(move || store.snapshots(&tenant, source.as_deref())).await?;
-            Ok(Reply::Snapshots { snapshots })
+            let stale = node.raft.view().cut_off(node.raft.id).map(|why| format!("{}: {why}", node.name));
+            let snapshots =
+                blocking(move || Ok(catalog::snapshots(&store.catalog()?, &tenant, source.as_deref())?)).await?;
+            Ok(Reply::Snapshots { snapshots, stale })
         }
         Request::GetChunk { id } => {
             let tenant = authorise(identity, Permission::ReadTenant, "get_chunk")?;
+            read_through(node, &tenant, &[id]).await;
             let envelope = blocking(move || store.get_chunk(&tenant, &id)).await?;
             Ok(Reply::Chunk { envelope })
         }
@@ -270,26 +434,8 @@ async fn dispatch(
             if ids.len() > MAX_IDS_PER_MESSAGE {
                 return Err(Failure::new(ErrorCode::BadRequest, "too many ids in one request"));
             }
-            let chunks = blocking(move || {
-                let mut out = Vec::with_capacity(ids.len());
-                let mut bytes = 0usize;
-                for id in &ids {
-                    if bytes >= MAX_CHUNKS_REPLY_BYTES {
-                        out.push(Err((ErrorCode::Unavailable, "reply full; ask again".to_string())));
-                        continue;
-                    }
-                    out.push(match store.get_chunk(&tenant, id) {
-                        Ok(env) => {
-                            bytes += env.len();
-                            Ok(serde_bytes::ByteBuf::from(env))
-                        }
-                        Err(e) => Err((e.code(), e.to_string())),
-                    });
-                }
-                Ok(out)
-            })
-            .await?;
-            Ok(Reply::Chunks { chunks })
+            read_through(node, &tenant, &ids).await;
+            Ok(Reply::Chunks { chunks: serve_chunks(store, tenant, ids).await? })
         }
         Request::Hello => Ok(Reply::Hello {
             node: node.name.clone(),
@@ -299,15 +445,196 @@ async fn dispatch(
         Request::Status => {
             authorise(identity, Permission::Operate, "status")?;
             let (used, free) = crate::metrics::disk_usage(&node.data_dir);
+            let snapshots =
+                blocking(move || Ok(catalog::count(&store.catalog()?, catalog::SNAPSHOT_ID_PREFIX)?)).await?;
             Ok(Reply::Status(NodeStatus {
                 name: node.name.clone(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 uptime_secs: node.started.elapsed().as_secs(),
-                chunks: store.chunk_count(),
-                snapshots: store.snapshot_count(),
+                chunks: node.store.chunk_count(),
+                snapshots,
                 disk_used_bytes: used,
                 disk_free_bytes: free,
             }))
         }
+        Request::Raft { .. } | Request::RaftLarge { .. } => {
+            Err(Failure::new(ErrorCode::BadRequest, "Raft messages travel on a unidirectional stream"))
+        }
+        Request::Replicate { tenant, chunks } => {
+            authorise(identity, Permission::Peer, "replicate")?;
+            check_name("tenant", &tenant).map_err(|e| Failure::new(ErrorCode::BadRequest, e.to_string()))?;
+            let bytes: usize = chunks.iter().map(|c| c.envelope.len()).sum();
+            node.check_room(bytes)?;
+            let new = blocking(move || store.put_chunks(&tenant, &chunks)).await?;
+            node.metrics.stored(new, bytes);
+            Ok(Reply::Ok)
+        }
+        Request::Fetch { tenant, ids } => {
+            authorise(identity, Permission::Peer, "fetch")?;
+            if ids.len() > MAX_IDS_PER_MESSAGE {
+                return Err(Failure::new(ErrorCode::BadRequest, "too many ids in one request"));
+            }
+            Ok(Reply::Chunks { chunks: serve_chunks(store, tenant, ids).await? })
+        }
+        Request::RaftStatus => {
+            authorise(identity, Permission::Operate, "raft_status")?;
+            let n = node.clone();
+            Ok(Reply::RaftStatus(blocking(move || n.member_status()).await?))
+        }
+        Request::ClusterStatus => {
+            authorise(identity, Permission::Operate, "cluster_status")?;
+            Ok(Reply::ClusterStatus { members: cluster_status(node).await? })
+        }
+        Request::AddNode { name, addr, voter } => {
+            authorise(identity, Permission::Administer, "add_node")?;
+            check_name("node name", &name).map_err(|e| Failure::new(ErrorCode::BadRequest, e.to_string()))?;
+            addr.parse::<SocketAddr>()
+                .map_err(|e| Failure::new(ErrorCode::BadRequest, format!("address {addr:?}: {e}")))?;
+            let change = if voter { ConfChangeType::AddNode } else { ConfChangeType::AddLearnerNode };
+            let id = catalog::raft_id(&name);
+            match node.raft.change_member(change, id, Member { name: name.clone(), addr }).await? {
+                Outcome::Refused(m) => Err(Failure::new(ErrorCode::BadRequest, m)),
+                _ => {
+                    info!(%name, voter, by = %identity, "membership changed: node added");
+                    Ok(Reply::Ok)
+                }
+            }
+        }
+        Request::RemoveNode { name } => {
+            authorise(identity, Permission::Administer, "remove_node")?;
+            let Some(id) = node.peers.id_of(&name) else {
+                return Err(Failure::new(ErrorCode::NotFound, format!("no member named {name}")));
+            };
+            let member = node.peers.member(id).unwrap_or(Member { name: name.clone(), addr: String::new() });
+            match node.raft.change_member(ConfChangeType::RemoveNode, id, member).await? {
+                Outcome::Refused(m) => Err(Failure::new(ErrorCode::BadRequest, m)),
+                _ => {
+                    info!(%name, by = %identity, "membership changed: node removed");
+                    Ok(Reply::Ok)
+                }
+            }
+        }
+        Request::ReadBarrier => {
+            if !(identity.may(Permission::ReadTenant) || identity.may(Permission::Operate)) {
+                authorise(identity, Permission::ReadTenant, "read_barrier")?;
+            }
+            node.raft.read_barrier().await?;
+            Ok(Reply::Ok)
+        }
     }
+}
+
+/// Stores an agent's chunks here, on a write quorum of nodes, then in the cluster's index.
+async fn put_chunks(node: &Arc<Node>, tenant: String, chunks: Vec<PutChunk>) -> Result<Reply, Failure> {
+    let bytes: usize = chunks.iter().map(|c| c.envelope.len()).sum();
+    node.check_room(bytes)?;
+    let chunks = Arc::new(chunks);
+    let (store, t, c) = (node.store.clone(), tenant.clone(), chunks.clone());
+    let new = blocking(move || store.put_chunks(&t, &c)).await?;
+    node.metrics.stored(new, bytes);
+    let need = replication::write_quorum(node);
+    if need > 1 {
+        let others = replication::others(node);
+        let (ok, errors) = node.peers.replicate(&tenant, chunks.clone(), &others, need - 1).await;
+        if ok + 1 < need {
+            return Err(Failure::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "only {} of the {need} nodes needed hold these chunks durably ({}); they will be indexed once a quorum holds them",
+                    ok + 1,
+                    if errors.is_empty() { "no answer".to_string() } else { errors.join("; ") }
+                ),
+            ));
+        }
+    }
+    let (store, t, c) = (node.store.clone(), tenant.clone(), chunks.clone());
+    let entries: Vec<(exclave::ChunkId, IndexEntry)> = blocking(move || {
+        let ids: Vec<exclave::ChunkId> = c.iter().map(|p| p.id).collect();
+        let unindexed: std::collections::HashSet<_> =
+            catalog::missing(&store.catalog()?, &t, &ids)?.into_iter().collect();
+        Ok(c.iter()
+            .filter(|p| unindexed.contains(&p.id))
+            .map(|p| (p.id, IndexEntry { envelope_len: p.envelope.len() as u32, checksum: p.checksum }))
+            .collect())
+    })
+    .await?;
+    if !entries.is_empty() {
+        node.raft.propose(Command::IndexChunks { tenant, chunks: entries }).await?;
+    }
+    Ok(Reply::Ok)
+}
+
+/// Fetches from peers the indexed chunks among `ids` that this node does not hold yet.
+async fn read_through(node: &Arc<Node>, tenant: &str, ids: &[exclave::ChunkId]) {
+    let (store, t, ids) = (node.store.clone(), tenant.to_string(), ids.to_vec());
+    let want = blocking(move || {
+        let lacking = store.missing(&t, &ids)?;
+        let view = store.catalog()?;
+        let mut want = Vec::new();
+        for id in lacking {
+            if let Some(e) = catalog::index_entry(&view, &t, &id)? {
+                want.push((id, e));
+            }
+        }
+        Ok(want)
+    })
+    .await
+    .unwrap_or_default();
+    if !want.is_empty() {
+        replication::fetch_from_peers(node, tenant, &want).await;
+    }
+}
+
+async fn serve_chunks(
+    store: Arc<Store>,
+    tenant: String,
+    ids: Vec<exclave::ChunkId>,
+) -> Result<Vec<Result<serde_bytes::ByteBuf, (ErrorCode, String)>>, Failure> {
+    blocking(move || {
+        let mut out = Vec::with_capacity(ids.len());
+        let mut bytes = 0usize;
+        for id in &ids {
+            if bytes >= MAX_CHUNKS_REPLY_BYTES {
+                out.push(Err((ErrorCode::Unavailable, "reply full; ask again".to_string())));
+                continue;
+            }
+            out.push(match store.get_chunk(&tenant, id) {
+                Ok(env) => {
+                    bytes += env.len();
+                    Ok(serde_bytes::ByteBuf::from(env))
+                }
+                Err(e) => Err((e.code(), e.to_string())),
+            });
+        }
+        Ok(out)
+    })
+    .await
+}
+
+/// This node's status, then every other member's as reported by itself.
+async fn cluster_status(node: &Arc<Node>) -> Result<Vec<MemberReport>, Failure> {
+    let n = node.clone();
+    let me = blocking(move || n.member_status()).await?;
+    let v = node.raft.view();
+    let mut reports = vec![MemberReport {
+        name: node.name.clone(),
+        addr: node.peers.member(node.raft.id).map(|m| m.addr).unwrap_or_default(),
+        voter: v.voters.contains(&node.raft.id),
+        status: Ok(me),
+    }];
+    let others = replication::others(node);
+    let asks = others.iter().map(|id| {
+        let node = node.clone();
+        let id = *id;
+        async move { (id, node.peers.status(id).await) }
+    });
+    for (id, status) in futures::future::join_all(asks).await {
+        reports.push(MemberReport {
+            name: node.peers.name_of(id),
+            addr: node.peers.member(id).map(|m| m.addr).unwrap_or_default(),
+            voter: v.voters.contains(&id),
+            status,
+        });
+    }
+    Ok(reports)
 }

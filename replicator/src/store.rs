@@ -1,21 +1,19 @@
-//! The node's durable store: chunk envelopes, the chunk index and the snapshot catalog, in
-//! RocksDB.
+//! The node's durable store: one RocksDB holding this node's chunk envelopes, the applied
+//! cluster catalog (see `catalog`) and the Raft log (see `raft_log`).
 //!
 //! Column families and keys (`tenant` never contains a NUL byte, see `identity::check_name`):
 //!
 //! ```text
-//! chunks        tenant ‖ 0 ‖ chunk id (32)                → envelope bytes (BlobDB: large values in blob files)
-//! chunk_index   tenant ‖ 0 ‖ chunk id (32)                → postcard(IndexEntry { envelope_len, checksum })
-//! snapshots     tenant ‖ 0 ‖ source ‖ 0 ‖ time (i64 BE) ‖ snapshot id → postcard(SnapshotInfo)
-//! snapshot_ids  tenant ‖ 0 ‖ snapshot id                  → source ‖ 0 ‖ time (i64 BE)  (lookup by id)
-//! snapshot_refs tenant ‖ 0 ‖ snapshot id ‖ 0 ‖ batch (u32 BE) → postcard(Vec<ChunkId>)  (for GC)
+//! chunks        tenant ‖ 0 ‖ chunk id (32)   → envelope bytes (BlobDB: large values in blob files)
+//! chunk_index   tenant ‖ 0 ‖ chunk id (32)   → postcard(IndexEntry): the chunks this node holds
+//! catalog       see `catalog`                 the replicated state machine, as applied here
+//! raft          see `raft_log`                log entries, hard state, conf state, applied index
 //! ```
 //!
 //! Invariants:
-//! - A chunk and its index entry are written in one batch: the index never names a chunk
-//!   that is not stored. Every write that is acknowledged is synced (WAL fsync) first.
-//! - A snapshot is written only after every chunk it references is in the index, in one
-//!   synced batch with its references.
+//! - A chunk and its local index entry are written in one batch: the local index never names
+//!   a chunk that is not stored. Every chunk write is synced (WAL fsync) before it is
+//!   acknowledged.
 //! - The storage checksum (`blake3(envelope)`) is checked before a chunk is stored and before
 //!   it is served; a damaged chunk is reported, never served.
 
@@ -23,23 +21,19 @@ use std::path::Path;
 
 use exclave::chunk_id::{Checksum, ChunkId};
 use exclave::envelope;
-use exclave::protocol::{ErrorCode, PutChunk, SnapshotInfo};
+use std::sync::Arc;
+
+use exclave::protocol::{ErrorCode, PutChunk};
 use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
 use serde::{Deserialize, Serialize};
 
+pub use crate::catalog::IndexEntry;
+use crate::catalog::{CatalogError, CatalogRead};
+
 const CF_CHUNKS: &str = "chunks";
 const CF_INDEX: &str = "chunk_index";
-const CF_SNAPSHOTS: &str = "snapshots";
-const CF_SNAPSHOT_IDS: &str = "snapshot_ids";
-const CF_REFS: &str = "snapshot_refs";
-/// Most missing ids listed in one refusal (the agent re-sends those and tries again).
-const MAX_MISSING_REPORTED: usize = 32 * 1024;
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-pub struct IndexEntry {
-    pub envelope_len: u32,
-    pub checksum: Checksum,
-}
+pub const CF_CATALOG: &str = "catalog";
+pub const CF_RAFT: &str = "raft";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -55,10 +49,17 @@ pub enum StoreError {
     Malformed(ChunkId, String),
     #[error("chunk {0} not found")]
     NotFound(ChunkId),
-    #[error("{} referenced chunks are not stored", .0.len())]
-    Missing(Vec<ChunkId>),
     #[error("index entry damaged: {0}")]
     Decode(String),
+}
+
+impl From<CatalogError> for StoreError {
+    fn from(e: CatalogError) -> StoreError {
+        match e {
+            CatalogError::Storage(s) => StoreError::Io(s),
+            CatalogError::Decode(s) => StoreError::Decode(s),
+        }
+    }
 }
 
 impl StoreError {
@@ -69,12 +70,11 @@ impl StoreError {
             StoreError::Corrupt { .. } => ErrorCode::Corrupt,
             StoreError::Malformed(..) => ErrorCode::BadRequest,
             StoreError::NotFound(_) => ErrorCode::NotFound,
-            StoreError::Missing(_) => ErrorCode::MissingChunks,
         }
     }
 }
 
-fn db_err(e: rocksdb::Error) -> StoreError {
+pub fn db_err(e: rocksdb::Error) -> StoreError {
     let s = e.into_string();
     if s.contains("No space left") || s.contains("ENOSPC") || s.contains("NoSpace") {
         StoreError::Full(s)
@@ -84,25 +84,14 @@ fn db_err(e: rocksdb::Error) -> StoreError {
 }
 
 pub struct Store {
-    db: DB,
-    /// Serialises commits: the commit sequence is read, incremented and written with the snapshot.
-    commit_lock: std::sync::Mutex<()>,
+    db: Arc<DB>,
 }
-
-/// Key of the commit sequence counter in `snapshot_ids` (no tenant name is empty).
-const COMMIT_SEQ_KEY: &[u8] = b"\0commit_seq";
 
 fn chunk_key(tenant: &str, id: &ChunkId) -> Vec<u8> {
     let mut k = Vec::with_capacity(tenant.len() + 33);
     k.extend_from_slice(tenant.as_bytes());
     k.push(0);
     k.extend_from_slice(&id.0);
-    k
-}
-
-fn tenant_prefix(tenant: &str) -> Vec<u8> {
-    let mut k = tenant.as_bytes().to_vec();
-    k.push(0);
     k
 }
 
@@ -130,25 +119,33 @@ impl Store {
         let cfs = vec![
             ColumnFamilyDescriptor::new(CF_CHUNKS, chunks),
             ColumnFamilyDescriptor::new(CF_INDEX, Options::default()),
-            ColumnFamilyDescriptor::new(CF_SNAPSHOTS, Options::default()),
-            ColumnFamilyDescriptor::new(CF_SNAPSHOT_IDS, Options::default()),
-            ColumnFamilyDescriptor::new(CF_REFS, Options::default()),
+            ColumnFamilyDescriptor::new(CF_CATALOG, Options::default()),
+            ColumnFamilyDescriptor::new(CF_RAFT, Options::default()),
         ];
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| open_err(e.into_string()))?;
-        Ok(Store { db, commit_lock: std::sync::Mutex::new(()) })
+        Ok(Store { db: Arc::new(db) })
     }
 
-    fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily, StoreError> {
+    pub fn db(&self) -> &Arc<DB> {
+        &self.db
+    }
+
+    pub fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily, StoreError> {
         self.db.cf_handle(name).ok_or_else(|| StoreError::Io(format!("column family {name} missing")))
     }
 
-    fn synced() -> WriteOptions {
+    /// The applied catalog, for reads.
+    pub fn catalog(&self) -> Result<CatalogView<'_>, StoreError> {
+        Ok(CatalogView { db: &self.db, cf: self.cf(CF_CATALOG)? })
+    }
+
+    pub fn synced() -> WriteOptions {
         let mut w = WriteOptions::default();
         w.set_sync(true);
         w
     }
 
-    /// Which of `ids` are not in the index.
+    /// Which of `ids` this node does not hold.
     pub fn missing(&self, tenant: &str, ids: &[ChunkId]) -> Result<Vec<ChunkId>, StoreError> {
         let cf = self.cf(CF_INDEX)?;
         let keys: Vec<Vec<u8>> = ids.iter().map(|id| chunk_key(tenant, id)).collect();
@@ -208,96 +205,6 @@ impl Store {
         Ok(env)
     }
 
-    pub fn snapshot(&self, tenant: &str, snapshot_id: &str) -> Result<Option<SnapshotInfo>, StoreError> {
-        let mut k = tenant_prefix(tenant);
-        k.extend_from_slice(snapshot_id.as_bytes());
-        let Some(loc) = self.db.get_cf(self.cf(CF_SNAPSHOT_IDS)?, &k).map_err(db_err)? else { return Ok(None) };
-        let mut sk = tenant_prefix(tenant);
-        sk.extend_from_slice(&loc);
-        sk.extend_from_slice(snapshot_id.as_bytes());
-        match self.db.get_cf(self.cf(CF_SNAPSHOTS)?, &sk).map_err(db_err)? {
-            Some(v) => Ok(Some(decode(&v)?)),
-            None => Ok(None),
-        }
-    }
-
-    /// Records a snapshot once every referenced chunk is held. Idempotent by snapshot id.
-    /// `stored_bytes` and `chunks` are computed here from the index, not taken from the client.
-    pub fn commit(&self, tenant: &str, snap: &SnapshotInfo, refs: &[ChunkId]) -> Result<SnapshotInfo, StoreError> {
-        let _serial = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(existing) = self.snapshot(tenant, &snap.id)? {
-            return Ok(existing);
-        }
-        let mut refs = refs.to_vec();
-        refs.push(snap.root);
-        refs.sort_unstable();
-        refs.dedup();
-        let cf = self.cf(CF_INDEX)?;
-        let mut missing = Vec::new();
-        let mut stored_bytes = 0u64;
-        for batch in refs.chunks(4096) {
-            let keys: Vec<Vec<u8>> = batch.iter().map(|id| chunk_key(tenant, id)).collect();
-            for (id, r) in batch.iter().zip(self.db.batched_multi_get_cf(cf, &keys, false)) {
-                match r.map_err(db_err)? {
-                    Some(v) => stored_bytes += decode::<IndexEntry>(&v)?.envelope_len as u64,
-                    None if missing.len() < MAX_MISSING_REPORTED => missing.push(*id),
-                    None => {}
-                }
-            }
-        }
-        if !missing.is_empty() {
-            return Err(StoreError::Missing(missing));
-        }
-        let seq = match self.db.get_cf(self.cf(CF_SNAPSHOT_IDS)?, COMMIT_SEQ_KEY).map_err(db_err)? {
-            Some(v) => {
-                u64::from_be_bytes(v.as_slice().try_into().map_err(|_| StoreError::Decode("commit seq".into()))?)
-            }
-            None => 0,
-        } + 1;
-        let snap = SnapshotInfo { stored_bytes, chunks: refs.len() as u64, commit_seq: seq, ..snap.clone() };
-        let mut loc = snap.source.as_bytes().to_vec();
-        loc.push(0);
-        loc.extend_from_slice(&snap.time.to_be_bytes());
-        let mut sk = tenant_prefix(tenant);
-        sk.extend_from_slice(&loc);
-        sk.extend_from_slice(snap.id.as_bytes());
-        let mut idk = tenant_prefix(tenant);
-        idk.extend_from_slice(snap.id.as_bytes());
-        let mut batch = WriteBatch::default();
-        batch.put_cf(self.cf(CF_SNAPSHOTS)?, &sk, encode(&snap));
-        batch.put_cf(self.cf(CF_SNAPSHOT_IDS)?, &idk, &loc);
-        batch.put_cf(self.cf(CF_SNAPSHOT_IDS)?, COMMIT_SEQ_KEY, seq.to_be_bytes());
-        let cf_refs = self.cf(CF_REFS)?;
-        for (i, part) in refs.chunks(16 * 1024).enumerate() {
-            let mut rk = idk.clone();
-            rk.push(0);
-            rk.extend_from_slice(&(i as u32).to_be_bytes());
-            batch.put_cf(cf_refs, &rk, encode(&part.to_vec()));
-        }
-        self.db.write_opt(batch, &Self::synced()).map_err(db_err)?;
-        Ok(snap)
-    }
-
-    /// Snapshots of a tenant (optionally one source), oldest first.
-    pub fn snapshots(&self, tenant: &str, source: Option<&str>) -> Result<Vec<SnapshotInfo>, StoreError> {
-        let mut prefix = tenant_prefix(tenant);
-        if let Some(s) = source {
-            prefix.extend_from_slice(s.as_bytes());
-            prefix.push(0);
-        }
-        let mut out = Vec::new();
-        let it = self.db.iterator_cf(self.cf(CF_SNAPSHOTS)?, IteratorMode::From(&prefix, Direction::Forward));
-        for item in it {
-            let (k, v) = item.map_err(db_err)?;
-            if !k.starts_with(&prefix) {
-                break;
-            }
-            out.push(decode(&v)?);
-        }
-        out.sort_by_key(|s: &SnapshotInfo| (s.time, s.commit_seq));
-        Ok(out)
-    }
-
     pub fn estimate_keys(&self, cf: &str) -> u64 {
         self.cf(cf)
             .ok()
@@ -305,20 +212,51 @@ impl Store {
             .unwrap_or(0)
     }
 
+    /// Chunks held by this node (RocksDB's estimate).
     pub fn chunk_count(&self) -> u64 {
         self.estimate_keys(CF_INDEX)
     }
 
-    pub fn snapshot_count(&self) -> u64 {
-        self.estimate_keys(CF_SNAPSHOT_IDS)
-    }
-
     /// Flushes memtables so that a clean shutdown leaves nothing to replay.
     pub fn flush(&self) -> Result<(), StoreError> {
-        for cf in [CF_CHUNKS, CF_INDEX, CF_SNAPSHOTS, CF_SNAPSHOT_IDS, CF_REFS] {
+        for cf in [CF_CHUNKS, CF_INDEX, CF_CATALOG, CF_RAFT] {
             self.db.flush_cf(self.cf(cf)?).map_err(db_err)?;
         }
         Ok(())
+    }
+}
+
+/// The catalog column family seen through `CatalogRead`.
+pub struct CatalogView<'a> {
+    db: &'a DB,
+    cf: &'a rocksdb::ColumnFamily,
+}
+
+fn cat_err(e: rocksdb::Error) -> CatalogError {
+    CatalogError::Storage(e.into_string())
+}
+
+impl CatalogRead for CatalogView<'_> {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, CatalogError> {
+        self.db.get_cf(self.cf, key).map_err(cat_err)
+    }
+
+    fn scan(&self, prefix: &[u8], f: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), CatalogError> {
+        for item in self.db.iterator_cf(self.cf, IteratorMode::From(prefix, Direction::Forward)) {
+            let (k, v) = item.map_err(cat_err)?;
+            if !k.starts_with(prefix) || !f(&k, &v) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn get_many(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, CatalogError> {
+        self.db
+            .batched_multi_get_cf(self.cf, keys, false)
+            .into_iter()
+            .map(|r| r.map(|v| v.map(|p| p.to_vec())).map_err(cat_err))
+            .collect()
     }
 }
 
@@ -344,23 +282,6 @@ mod tests {
         PutChunk { id: ChunkId([id; 32]), checksum: Checksum::of(&env), envelope: env }
     }
 
-    fn snap(id: &str, root: u8, time: i64) -> SnapshotInfo {
-        SnapshotInfo {
-            id: id.into(),
-            source: "rnpp".into(),
-            time,
-            root: ChunkId([root; 32]),
-            key_fingerprint: "f".into(),
-            agent: "a".into(),
-            hostname: "h".into(),
-            files: 1,
-            logical_bytes: 1,
-            chunks: 1,
-            stored_bytes: 1,
-            commit_seq: 0,
-        }
-    }
-
     #[test]
     fn chunks_are_scoped_by_tenant_and_verified() {
         let dir = tempfile::tempdir().unwrap();
@@ -380,33 +301,5 @@ mod tests {
         garbage.envelope = b"not an envelope at all, really".to_vec();
         garbage.checksum = Checksum::of(&garbage.envelope);
         assert!(matches!(s.put_chunks("lux", &[garbage]), Err(StoreError::Malformed(..))));
-    }
-
-    #[test]
-    fn commit_requires_every_chunk_and_is_idempotent() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
-        let (a, root) = (put(1, b"a"), put(9, b"root"));
-        s.put_chunks("lux", std::slice::from_ref(&root)).unwrap();
-        // Duplicates are allowed: an agent's in-run dedup set is bounded.
-        let refs = vec![a.id, root.id, a.id];
-        match s.commit("lux", &snap("s1", 9, 10), &refs) {
-            Err(StoreError::Missing(m)) => assert_eq!(m, vec![a.id]),
-            other => panic!("expected missing, got {other:?}"),
-        }
-        assert!(s.snapshots("lux", None).unwrap().is_empty());
-        s.put_chunks("lux", &[a]).unwrap();
-        let committed = s.commit("lux", &snap("s1", 9, 10), &refs).unwrap();
-        assert_eq!(committed.chunks, 2, "references are counted once");
-        s.commit("lux", &snap("s1", 9, 10), &refs).unwrap();
-        s.commit("lux", &snap("s0", 9, 5), &refs).unwrap();
-        let list = s.snapshots("lux", Some("rnpp")).unwrap();
-        assert_eq!(list.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), vec!["s0", "s1"]);
-        assert!(s.snapshots("est", None).unwrap().is_empty());
-        assert!(s.snapshots("lux", Some("rnp")).unwrap().is_empty(), "source prefix must not match");
-        drop(s);
-        let s = Store::open(dir.path()).unwrap();
-        assert_eq!(s.snapshots("lux", None).unwrap().len(), 2, "survives reopen");
-        assert!(s.snapshot("lux", "s1").unwrap().is_some());
     }
 }

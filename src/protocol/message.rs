@@ -10,6 +10,12 @@
 //! - `Hello` → `Hello` (first, on connect); `ListSnapshots` → `Snapshots`; `GetChunk` → `Chunk`;
 //!   `GetChunks` → `Chunks` (each entry an envelope or that chunk's error);
 //!   `Status` → `Status`.
+//! - Between nodes (node certificates only): `Raft` and `RaftLarge` frames on one ordered
+//!   unidirectional stream per peer (no reply); `Replicate` → `Ok` once durable;
+//!   `Fetch` → `Chunks` (anti-entropy); `RaftStatus` → `RaftStatus`.
+//! - Cluster operations: `ClusterStatus` → `ClusterStatus`; `AddNode`, `RemoveNode` → `Ok`
+//!   once the configuration change is applied (admin only); `ReadBarrier` → `Ok` once this
+//!   node has applied everything the leader had committed when it was asked.
 //!
 //! Enum variants are only ever appended, never reordered: postcard encodes the index.
 
@@ -83,6 +89,39 @@ pub enum Request {
     GetChunks {
         ids: Vec<ChunkId>,
     },
+    /// Raft messages (protobuf-encoded `eraftpb::Message`), in order.
+    Raft {
+        messages: Vec<serde_bytes::ByteBuf>,
+    },
+    /// One part of a Raft message too large for a frame (a catalog snapshot): parts follow
+    /// each other on the stream until `total` bytes are received.
+    RaftLarge {
+        total: u64,
+        #[serde(with = "serde_bytes")]
+        part: Vec<u8>,
+    },
+    /// Store envelopes received by a peer from an agent (write quorum).
+    Replicate {
+        tenant: String,
+        chunks: Vec<PutChunk>,
+    },
+    /// Envelopes of any tenant, for a peer that lacks them (anti-entropy).
+    Fetch {
+        tenant: String,
+        ids: Vec<ChunkId>,
+    },
+    RaftStatus,
+    ClusterStatus,
+    /// Add a node as a learner (`voter: false`) or promote it to voter.
+    AddNode {
+        name: String,
+        addr: String,
+        voter: bool,
+    },
+    RemoveNode {
+        name: String,
+    },
+    ReadBarrier,
 }
 
 impl Request {
@@ -97,6 +136,15 @@ impl Request {
             Request::Status => "status",
             Request::Hello => "hello",
             Request::GetChunks { .. } => "get_chunks",
+            Request::Raft { .. } => "raft",
+            Request::RaftLarge { .. } => "raft_large",
+            Request::Replicate { .. } => "replicate",
+            Request::Fetch { .. } => "fetch",
+            Request::RaftStatus => "raft_status",
+            Request::ClusterStatus => "cluster_status",
+            Request::AddNode { .. } => "add_node",
+            Request::RemoveNode { .. } => "remove_node",
+            Request::ReadBarrier => "read_barrier",
         }
     }
 }
@@ -145,6 +193,9 @@ pub enum Reply {
     },
     Snapshots {
         snapshots: Vec<SnapshotInfo>,
+        /// Set when the answering node cannot confirm its catalog is current (cut off from
+        /// the cluster's majority): the list may lack the latest snapshots.
+        stale: Option<String>,
     },
     Chunk {
         #[serde(with = "serde_bytes")]
@@ -166,6 +217,56 @@ pub enum Reply {
     Chunks {
         chunks: Vec<Result<serde_bytes::ByteBuf, (ErrorCode, String)>>,
     },
+    RaftStatus(MemberStatus),
+    ClusterStatus {
+        /// The node that answered, then every other member as that node sees it.
+        members: Vec<MemberReport>,
+    },
+}
+
+/// One node's view of itself in the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub name: String,
+    pub raft_id: u64,
+    /// leader, follower, candidate, pre-candidate, learner, or joining (not yet in a configuration).
+    pub role: String,
+    pub term: u64,
+    pub leader: Option<String>,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub last_index: u64,
+    pub voters: Vec<String>,
+    pub learners: Vec<String>,
+    /// Chunks in the cluster index (this node's applied state).
+    pub chunks_indexed: u64,
+    /// Indexed chunks this node lacks, as counted by its last anti-entropy pass.
+    pub chunks_missing: u64,
+    /// Applied index at the start of the last complete anti-entropy pass (`None`: no pass
+    /// completed since the node started). Backfill is complete once this reaches the
+    /// cluster's commit index with nothing missing.
+    pub scanned_at: Option<u64>,
+    pub snapshots: u64,
+    /// Milliseconds since this node last heard from each peer (`None`: never since start).
+    pub peers: Vec<PeerContact>,
+    /// Why this node's catalog may be stale, if it may be.
+    pub stale: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerContact {
+    pub name: String,
+    pub last_contact_ms: Option<u64>,
+    /// Log index known replicated on that peer (leader only).
+    pub matched: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberReport {
+    pub name: String,
+    pub addr: String,
+    pub voter: bool,
+    pub status: Result<MemberStatus, String>,
 }
 
 impl Reply {

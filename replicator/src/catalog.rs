@@ -1,0 +1,638 @@
+//! The cluster catalog: the state machine that Raft replicates on every embassy node.
+//!
+//! It owns what the cluster must know in the clear: tenants, snapshots and their references,
+//! the chunk index (id, envelope size, storage checksum) and the membership. Chunks themselves
+//! never pass through here (see `replication`).
+//!
+//! `apply` is a pure function: it reads the current state through `CatalogRead` and returns
+//! the outcome and the writes to make, so every node that applies the same log reaches the
+//! same state, and the logic is tested without a disk or a network. Nothing in a command may
+//! depend on the applying node (its clock, its disk, its chunks).
+//!
+//! Keys (`tenant`, `source` and snapshot ids never contain a NUL byte, see `identity::check_name`):
+//!
+//! ```text
+//! c ‖ tenant ‖ 0 ‖ chunk id (32)                      → postcard(IndexEntry)       chunk index
+//! s ‖ tenant ‖ 0 ‖ source ‖ 0 ‖ time (i64 BE) ‖ id    → postcard(SnapshotInfo)     snapshots
+//! i ‖ tenant ‖ 0 ‖ id                                 → source ‖ 0 ‖ time (i64 BE) lookup by id
+//! r ‖ tenant ‖ 0 ‖ id ‖ 0 ‖ batch (u32 BE)             → postcard(Vec<ChunkId>)     references (for GC)
+//! p ‖ tenant ‖ 0 ‖ id ‖ 0 ‖ batch (u32 BE)             → postcard(Vec<ChunkId>)     staged by an unfinished commit
+//! t ‖ tenant                                          → postcard(TenantInfo)
+//! n ‖ raft id (u64 BE)                                → postcard(Member)
+//! q                                                   → commit sequence (u64 BE)
+//! ```
+
+use exclave::chunk_id::{Checksum, ChunkId};
+use exclave::protocol::SnapshotInfo;
+use serde::{Deserialize, Serialize};
+
+/// Most missing ids listed in one refusal (the agent re-sends those and tries again).
+pub const MAX_MISSING_REPORTED: usize = 32 * 1024;
+/// References per stored batch.
+const REFS_PER_BATCH: usize = 16 * 1024;
+/// Most reference batches one commit may stage (32 Mi chunks: about 2 PiB at 64 KiB).
+pub const MAX_COMMIT_BATCHES: u32 = 1024;
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub envelope_len: u32,
+    pub checksum: Checksum,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Member {
+    pub name: String,
+    pub addr: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TenantInfo {
+    pub snapshots: u64,
+    /// Time of the newest snapshot committed (the agent's clock, as recorded in the snapshot).
+    pub last_snapshot_time: i64,
+}
+
+/// A change to the catalog, as proposed through Raft. Variants are only ever appended.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Command {
+    /// Chunks now held durably by a write quorum of nodes.
+    IndexChunks {
+        tenant: String,
+        chunks: Vec<(ChunkId, IndexEntry)>,
+    },
+    /// One batch of a snapshot's references, ahead of its `Commit`.
+    StageRefs {
+        tenant: String,
+        snapshot_id: String,
+        batch: u32,
+        ids: Vec<ChunkId>,
+    },
+    /// Records the snapshot if every staged reference (and the root) is in the index.
+    Commit {
+        tenant: String,
+        snapshot: SnapshotInfo,
+        batches: u32,
+    },
+    /// Drops a snapshot from the catalog (its chunks stay until garbage collection).
+    Forget {
+        tenant: String,
+        snapshot_id: String,
+    },
+    SetMember {
+        raft_id: u64,
+        member: Member,
+    },
+    RemoveMember {
+        raft_id: u64,
+    },
+}
+
+/// What applying a command decided; the proposer reports it to its client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    Committed(SnapshotInfo),
+    /// The commit references chunks that are not in the index (at most `MAX_MISSING_REPORTED`).
+    Missing(Vec<ChunkId>),
+    Refused(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Write {
+    Put(Vec<u8>, Vec<u8>),
+    Delete(Vec<u8>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("catalog storage error: {0}")]
+    Storage(String),
+    #[error("catalog entry damaged: {0}")]
+    Decode(String),
+}
+
+/// Read access to the applied catalog.
+pub trait CatalogRead {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, CatalogError>;
+    /// Calls `f` for each key starting with `prefix`, in key order, until it returns false.
+    fn scan(&self, prefix: &[u8], f: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), CatalogError>;
+    /// Values of several keys (implementations may batch the lookups).
+    fn get_many(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, CatalogError> {
+        keys.iter().map(|k| self.get(k)).collect()
+    }
+}
+
+fn tenant_key(tag: u8, tenant: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(tenant.len() + 40);
+    k.push(tag);
+    k.extend_from_slice(tenant.as_bytes());
+    k.push(0);
+    k
+}
+
+pub fn chunk_key(tenant: &str, id: &ChunkId) -> Vec<u8> {
+    let mut k = tenant_key(b'c', tenant);
+    k.extend_from_slice(&id.0);
+    k
+}
+
+/// Prefix of every chunk index key.
+pub const CHUNK_PREFIX: &[u8] = b"c";
+
+/// Splits a chunk index key into tenant and chunk id.
+pub fn parse_chunk_key(key: &[u8]) -> Option<(String, ChunkId)> {
+    let rest = key.strip_prefix(CHUNK_PREFIX)?;
+    let nul = rest.iter().position(|b| *b == 0)?;
+    let tenant = std::str::from_utf8(&rest[..nul]).ok()?.to_string();
+    let id: [u8; 32] = rest[nul + 1..].try_into().ok()?;
+    Some((tenant, ChunkId(id)))
+}
+
+fn id_key(tenant: &str, snapshot_id: &str) -> Vec<u8> {
+    let mut k = tenant_key(b'i', tenant);
+    k.extend_from_slice(snapshot_id.as_bytes());
+    k
+}
+
+fn batch_key(tag: u8, tenant: &str, snapshot_id: &str, batch: u32) -> Vec<u8> {
+    let mut k = tenant_key(tag, tenant);
+    k.extend_from_slice(snapshot_id.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&batch.to_be_bytes());
+    k
+}
+
+fn batches_prefix(tag: u8, tenant: &str, snapshot_id: &str) -> Vec<u8> {
+    let mut k = tenant_key(tag, tenant);
+    k.extend_from_slice(snapshot_id.as_bytes());
+    k.push(0);
+    k
+}
+
+fn location(snap: &SnapshotInfo) -> Vec<u8> {
+    let mut loc = snap.source.as_bytes().to_vec();
+    loc.push(0);
+    loc.extend_from_slice(&snap.time.to_be_bytes());
+    loc
+}
+
+fn snapshot_key(tenant: &str, loc: &[u8], snapshot_id: &str) -> Vec<u8> {
+    let mut k = tenant_key(b's', tenant);
+    k.extend_from_slice(loc);
+    k.extend_from_slice(snapshot_id.as_bytes());
+    k
+}
+
+fn member_key(raft_id: u64) -> Vec<u8> {
+    let mut k = vec![b'n'];
+    k.extend_from_slice(&raft_id.to_be_bytes());
+    k
+}
+
+const SEQ_KEY: &[u8] = b"q";
+
+pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_allocvec(v).unwrap_or_default()
+}
+
+pub fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, CatalogError> {
+    postcard::from_bytes(b).map_err(|e| CatalogError::Decode(e.to_string()))
+}
+
+/// Applies one command. Pure: the same state and command always give the same result.
+pub fn apply(view: &dyn CatalogRead, cmd: &Command) -> Result<(Outcome, Vec<Write>), CatalogError> {
+    let mut w = Vec::new();
+    let outcome = match cmd {
+        Command::IndexChunks { tenant, chunks } => {
+            let keys: Vec<Vec<u8>> = chunks.iter().map(|(id, _)| chunk_key(tenant, id)).collect();
+            let old = view.get_many(&keys)?;
+            let mut seen = std::collections::HashSet::new();
+            for ((key, (_, entry)), old) in keys.into_iter().zip(chunks).zip(old) {
+                // First writer wins: an index entry, once made, never changes.
+                if old.is_none() && seen.insert(key.clone()) {
+                    w.push(Write::Put(key, encode(entry)));
+                }
+            }
+            Outcome::Done
+        }
+        Command::StageRefs { tenant, snapshot_id, batch, ids } => {
+            if *batch >= MAX_COMMIT_BATCHES {
+                Outcome::Refused(format!("reference batch {batch} is beyond the limit of {MAX_COMMIT_BATCHES}"))
+            } else if view.get(&id_key(tenant, snapshot_id))?.is_some() {
+                Outcome::Done
+            } else {
+                w.push(Write::Put(batch_key(b'p', tenant, snapshot_id, *batch), encode(ids)));
+                Outcome::Done
+            }
+        }
+        Command::Commit { tenant, snapshot, batches } => commit(view, tenant, snapshot, *batches, &mut w)?,
+        Command::Forget { tenant, snapshot_id } => match view.get(&id_key(tenant, snapshot_id))? {
+            None => Outcome::Refused(format!("snapshot {snapshot_id} not found")),
+            Some(loc) => {
+                w.push(Write::Delete(snapshot_key(tenant, &loc, snapshot_id)));
+                w.push(Write::Delete(id_key(tenant, snapshot_id)));
+                view.scan(&batches_prefix(b'r', tenant, snapshot_id), &mut |k, _| {
+                    w.push(Write::Delete(k.to_vec()));
+                    true
+                })?;
+                let mut info: TenantInfo = match view.get(&tenant_key(b't', tenant))? {
+                    Some(v) => decode(&v)?,
+                    None => TenantInfo::default(),
+                };
+                info.snapshots = info.snapshots.saturating_sub(1);
+                w.push(Write::Put(tenant_key(b't', tenant), encode(&info)));
+                Outcome::Done
+            }
+        },
+        Command::SetMember { raft_id, member } => {
+            w.push(Write::Put(member_key(*raft_id), encode(member)));
+            Outcome::Done
+        }
+        Command::RemoveMember { raft_id } => {
+            w.push(Write::Delete(member_key(*raft_id)));
+            Outcome::Done
+        }
+    };
+    Ok((outcome, w))
+}
+
+fn commit(
+    view: &dyn CatalogRead,
+    tenant: &str,
+    snapshot: &SnapshotInfo,
+    batches: u32,
+    w: &mut Vec<Write>,
+) -> Result<Outcome, CatalogError> {
+    if let Some(existing) = self::snapshot(view, tenant, &snapshot.id)? {
+        return Ok(Outcome::Committed(existing));
+    }
+    let staged_prefix = batches_prefix(b'p', tenant, &snapshot.id);
+    let mut staged: Vec<(Vec<u8>, Vec<ChunkId>)> = Vec::new();
+    let mut bad = None;
+    view.scan(&staged_prefix, &mut |k, v| {
+        match decode::<Vec<ChunkId>>(v) {
+            Ok(ids) => staged.push((k.to_vec(), ids)),
+            Err(e) => bad = Some(e),
+        }
+        true
+    })?;
+    if let Some(e) = bad {
+        return Err(e);
+    }
+    let drop_staged = |w: &mut Vec<Write>, staged: &[(Vec<u8>, Vec<ChunkId>)]| {
+        w.extend(staged.iter().map(|(k, _)| Write::Delete(k.clone())));
+    };
+    for b in 0..batches {
+        if !staged.iter().any(|(k, _)| k == &batch_key(b'p', tenant, &snapshot.id, b)) {
+            drop_staged(w, &staged);
+            return Ok(Outcome::Refused(format!(
+                "reference batch {b} of snapshot {} never reached the cluster; commit again",
+                snapshot.id
+            )));
+        }
+    }
+    let mut refs: Vec<ChunkId> = staged.iter().flat_map(|(_, ids)| ids.iter().copied()).collect();
+    refs.push(snapshot.root);
+    refs.sort_unstable();
+    refs.dedup();
+    let mut missing = Vec::new();
+    let mut stored_bytes = 0u64;
+    for part in refs.chunks(4096) {
+        let keys: Vec<Vec<u8>> = part.iter().map(|id| chunk_key(tenant, id)).collect();
+        for (id, v) in part.iter().zip(view.get_many(&keys)?) {
+            match v {
+                Some(v) => stored_bytes += u64::from(decode::<IndexEntry>(&v)?.envelope_len),
+                None if missing.len() < MAX_MISSING_REPORTED => missing.push(*id),
+                None => {}
+            }
+        }
+    }
+    // Staged references are dropped either way: a retried commit stages them again.
+    drop_staged(w, &staged);
+    if !missing.is_empty() {
+        return Ok(Outcome::Missing(missing));
+    }
+    let seq = match view.get(SEQ_KEY)? {
+        Some(v) => u64::from_be_bytes(v.as_slice().try_into().map_err(|_| CatalogError::Decode("commit seq".into()))?),
+        None => 0,
+    } + 1;
+    let snap = SnapshotInfo { stored_bytes, chunks: refs.len() as u64, commit_seq: seq, ..snapshot.clone() };
+    let loc = location(&snap);
+    w.push(Write::Put(snapshot_key(tenant, &loc, &snap.id), encode(&snap)));
+    w.push(Write::Put(id_key(tenant, &snap.id), loc));
+    w.push(Write::Put(SEQ_KEY.to_vec(), seq.to_be_bytes().to_vec()));
+    for (i, part) in refs.chunks(REFS_PER_BATCH).enumerate() {
+        w.push(Write::Put(batch_key(b'r', tenant, &snap.id, i as u32), encode(&part.to_vec())));
+    }
+    let mut info: TenantInfo = match view.get(&tenant_key(b't', tenant))? {
+        Some(v) => decode(&v)?,
+        None => TenantInfo::default(),
+    };
+    info.snapshots += 1;
+    info.last_snapshot_time = info.last_snapshot_time.max(snap.time);
+    w.push(Write::Put(tenant_key(b't', tenant), encode(&info)));
+    Ok(Outcome::Committed(snap))
+}
+
+// ---- Reads over the applied state ----
+
+pub fn index_entry(view: &dyn CatalogRead, tenant: &str, id: &ChunkId) -> Result<Option<IndexEntry>, CatalogError> {
+    view.get(&chunk_key(tenant, id))?.map(|v| decode(&v)).transpose()
+}
+
+/// Which of `ids` are not in the index.
+pub fn missing(view: &dyn CatalogRead, tenant: &str, ids: &[ChunkId]) -> Result<Vec<ChunkId>, CatalogError> {
+    let keys: Vec<Vec<u8>> = ids.iter().map(|id| chunk_key(tenant, id)).collect();
+    Ok(ids.iter().zip(view.get_many(&keys)?).filter(|(_, v)| v.is_none()).map(|(id, _)| *id).collect())
+}
+
+pub fn snapshot(view: &dyn CatalogRead, tenant: &str, snapshot_id: &str) -> Result<Option<SnapshotInfo>, CatalogError> {
+    let Some(loc) = view.get(&id_key(tenant, snapshot_id))? else { return Ok(None) };
+    view.get(&snapshot_key(tenant, &loc, snapshot_id))?.map(|v| decode(&v)).transpose()
+}
+
+/// Snapshots of a tenant (optionally one source), oldest first.
+pub fn snapshots(
+    view: &dyn CatalogRead,
+    tenant: &str,
+    source: Option<&str>,
+) -> Result<Vec<SnapshotInfo>, CatalogError> {
+    let mut prefix = tenant_key(b's', tenant);
+    if let Some(s) = source {
+        prefix.extend_from_slice(s.as_bytes());
+        prefix.push(0);
+    }
+    let mut out = Vec::new();
+    let mut bad = None;
+    view.scan(&prefix, &mut |_, v| match decode(v) {
+        Ok(s) => {
+            out.push(s);
+            true
+        }
+        Err(e) => {
+            bad = Some(e);
+            false
+        }
+    })?;
+    if let Some(e) = bad {
+        return Err(e);
+    }
+    out.sort_by_key(|s: &SnapshotInfo| (s.time, s.commit_seq));
+    Ok(out)
+}
+
+pub fn members(view: &dyn CatalogRead) -> Result<Vec<(u64, Member)>, CatalogError> {
+    let mut out = Vec::new();
+    let mut bad = None;
+    view.scan(b"n", &mut |k, v| {
+        let id = k.get(1..9).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+        match (id, decode::<Member>(v)) {
+            (Some(id), Ok(m)) => out.push((id, m)),
+            (None, _) => bad = Some(CatalogError::Decode("member key".into())),
+            (_, Err(e)) => bad = Some(e),
+        }
+        true
+    })?;
+    match bad {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
+}
+
+/// Counts keys under a prefix (chunks: `CHUNK_PREFIX`; snapshots: `b"i"`).
+pub fn count(view: &dyn CatalogRead, prefix: &[u8]) -> Result<u64, CatalogError> {
+    let mut n = 0u64;
+    view.scan(prefix, &mut |_, _| {
+        n += 1;
+        true
+    })?;
+    Ok(n)
+}
+
+/// Prefix of the snapshot lookup keys, for counting snapshots.
+pub const SNAPSHOT_ID_PREFIX: &[u8] = b"i";
+
+/// The Raft id of a node name: stable, so every node derives the same id from the same name.
+pub fn raft_id(name: &str) -> u64 {
+    let h = blake3::derive_key("exclave 2026-11 raft node id", name.as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&h[..8]);
+    // Non-zero (0 means "none" in Raft) and below 2^63 so it prints the same signed or not.
+    (u64::from_be_bytes(b) >> 1).max(1)
+}
+
+/// An ordered in-memory catalog: tests, and the model the RocksDB catalog must agree with.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct MemCatalog(pub std::collections::BTreeMap<Vec<u8>, Vec<u8>>);
+
+#[cfg(test)]
+impl MemCatalog {
+    pub fn write(&mut self, writes: Vec<Write>) {
+        for w in writes {
+            match w {
+                Write::Put(k, v) => {
+                    self.0.insert(k, v);
+                }
+                Write::Delete(k) => {
+                    self.0.remove(&k);
+                }
+            }
+        }
+    }
+
+    /// Applies and writes; returns the outcome.
+    pub fn apply(&mut self, cmd: &Command) -> Result<Outcome, CatalogError> {
+        let (outcome, writes) = apply(self, cmd)?;
+        self.write(writes);
+        Ok(outcome)
+    }
+}
+
+impl CatalogRead for MemCatalog {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, CatalogError> {
+        Ok(self.0.get(key).cloned())
+    }
+
+    fn scan(&self, prefix: &[u8], f: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), CatalogError> {
+        for (k, v) in self.0.range(prefix.to_vec()..) {
+            if !k.starts_with(prefix) || !f(k, v) {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn entry(n: u8) -> IndexEntry {
+        IndexEntry { envelope_len: 100 + u32::from(n), checksum: Checksum([n; 32]) }
+    }
+
+    fn id(n: u8) -> ChunkId {
+        ChunkId([n; 32])
+    }
+
+    fn snap(sid: &str, root: u8, time: i64) -> SnapshotInfo {
+        SnapshotInfo {
+            id: sid.into(),
+            source: "rnpp".into(),
+            time,
+            root: id(root),
+            key_fingerprint: "f".into(),
+            agent: "a".into(),
+            hostname: "h".into(),
+            files: 1,
+            logical_bytes: 1,
+            chunks: 0,
+            stored_bytes: 0,
+            commit_seq: 0,
+        }
+    }
+
+    fn index(c: &mut MemCatalog, tenant: &str, ns: &[u8]) {
+        let chunks = ns.iter().map(|n| (id(*n), entry(*n))).collect();
+        assert_eq!(c.apply(&Command::IndexChunks { tenant: tenant.into(), chunks }).unwrap(), Outcome::Done);
+    }
+
+    fn stage_and_commit(c: &mut MemCatalog, tenant: &str, s: &SnapshotInfo, refs: &[u8]) -> Outcome {
+        let ids = refs.iter().map(|n| id(*n)).collect();
+        let stage = Command::StageRefs { tenant: tenant.into(), snapshot_id: s.id.clone(), batch: 0, ids };
+        assert_eq!(c.apply(&stage).unwrap(), Outcome::Done);
+        c.apply(&Command::Commit { tenant: tenant.into(), snapshot: s.clone(), batches: 1 }).unwrap()
+    }
+
+    #[test]
+    fn commit_requires_every_chunk_in_the_index_and_is_idempotent() {
+        let mut c = MemCatalog::default();
+        index(&mut c, "lux", &[9]);
+        match stage_and_commit(&mut c, "lux", &snap("s1", 9, 10), &[1, 9, 1]) {
+            Outcome::Missing(m) => assert_eq!(m, vec![id(1)]),
+            other => panic!("expected missing, got {other:?}"),
+        }
+        assert!(snapshots(&c, "lux", None).unwrap().is_empty());
+        assert!(c.0.keys().all(|k| k[0] != b'p'), "a refused commit leaves no staged references");
+        index(&mut c, "lux", &[1]);
+        let Outcome::Committed(first) = stage_and_commit(&mut c, "lux", &snap("s1", 9, 10), &[1, 9, 1]) else {
+            panic!("commit refused")
+        };
+        assert_eq!((first.chunks, first.stored_bytes, first.commit_seq), (2, 101 + 109, 1));
+        // A retried commit returns the recorded snapshot, unchanged.
+        assert_eq!(stage_and_commit(&mut c, "lux", &snap("s1", 9, 10), &[1, 9]), Outcome::Committed(first));
+        let Outcome::Committed(second) = stage_and_commit(&mut c, "lux", &snap("s0", 9, 5), &[1]) else { panic!() };
+        assert_eq!(second.commit_seq, 2);
+        let list = snapshots(&c, "lux", Some("rnpp")).unwrap();
+        assert_eq!(list.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), vec!["s0", "s1"]);
+        assert!(snapshots(&c, "est", None).unwrap().is_empty());
+        assert!(snapshots(&c, "lux", Some("rnp")).unwrap().is_empty(), "source prefix must not match");
+        assert_eq!(missing(&c, "est", &[id(1)]).unwrap(), vec![id(1)], "the index is scoped by tenant");
+        assert_eq!(count(&c, SNAPSHOT_ID_PREFIX).unwrap(), 2);
+    }
+
+    #[test]
+    fn a_commit_whose_batches_never_arrived_is_refused() {
+        let mut c = MemCatalog::default();
+        index(&mut c, "lux", &[1]);
+        let out = c.apply(&Command::Commit { tenant: "lux".into(), snapshot: snap("s1", 1, 1), batches: 2 }).unwrap();
+        assert!(matches!(out, Outcome::Refused(m) if m.contains("batch 0")));
+    }
+
+    #[test]
+    fn index_entries_never_change_once_made() {
+        let mut c = MemCatalog::default();
+        index(&mut c, "lux", &[1]);
+        let other = IndexEntry { envelope_len: 1, checksum: Checksum([0; 32]) };
+        c.apply(&Command::IndexChunks { tenant: "lux".into(), chunks: vec![(id(1), other)] }).unwrap();
+        assert_eq!(index_entry(&c, "lux", &id(1)).unwrap(), Some(entry(1)));
+    }
+
+    #[test]
+    fn forget_drops_the_snapshot_and_its_references() {
+        let mut c = MemCatalog::default();
+        index(&mut c, "lux", &[1, 2]);
+        assert!(matches!(stage_and_commit(&mut c, "lux", &snap("s1", 2, 1), &[1]), Outcome::Committed(_)));
+        c.apply(&Command::Forget { tenant: "lux".into(), snapshot_id: "s1".into() }).unwrap();
+        assert!(snapshot(&c, "lux", "s1").unwrap().is_none());
+        assert!(c.0.keys().all(|k| k[0] != b'r' && k[0] != b's' && k[0] != b'i'));
+        assert_eq!(count(&c, CHUNK_PREFIX).unwrap(), 2, "chunks stay until garbage collection");
+        let again = c.apply(&Command::Forget { tenant: "lux".into(), snapshot_id: "s1".into() }).unwrap();
+        assert!(matches!(again, Outcome::Refused(_)));
+    }
+
+    #[test]
+    fn chunk_keys_round_trip_and_raft_ids_are_stable() {
+        assert_eq!(parse_chunk_key(&chunk_key("lux", &id(7))), Some(("lux".to_string(), id(7))));
+        assert_eq!(raft_id("n1"), raft_id("n1"));
+        assert_ne!(raft_id("n1"), raft_id("n2"));
+        assert!(raft_id("n1") > 0 && raft_id("n1") < 1 << 63);
+    }
+
+    fn command() -> impl Strategy<Value = Command> {
+        let tenant = prop::sample::select(vec!["lux", "est"]).prop_map(str::to_string);
+        let sid = prop::sample::select(vec!["a", "b", "c"]).prop_map(str::to_string);
+        prop_oneof![
+            (tenant.clone(), prop::collection::vec(0u8..12, 0..6)).prop_map(|(tenant, ns)| Command::IndexChunks {
+                tenant,
+                chunks: ns.iter().map(|n| (id(*n), entry(*n))).collect()
+            }),
+            (tenant.clone(), sid.clone(), 0u32..2, prop::collection::vec(0u8..12, 0..6)).prop_map(
+                |(tenant, snapshot_id, batch, ns)| Command::StageRefs {
+                    tenant,
+                    snapshot_id,
+                    batch,
+                    ids: ns.iter().map(|n| id(*n)).collect()
+                }
+            ),
+            (tenant.clone(), sid.clone(), 0u8..12, 0i64..5, 0u32..3).prop_map(|(tenant, s, root, time, batches)| {
+                Command::Commit { tenant, snapshot: snap(&s, root, time), batches }
+            }),
+            (tenant, sid).prop_map(|(tenant, snapshot_id)| Command::Forget { tenant, snapshot_id }),
+            (1u64..4, "[a-z]{1,3}").prop_map(|(raft_id, name)| Command::SetMember {
+                raft_id,
+                member: Member { name, addr: "127.0.0.1:1".into() }
+            }),
+            (1u64..4).prop_map(|raft_id| Command::RemoveMember { raft_id }),
+        ]
+    }
+
+    proptest! {
+        /// Every node applies the same log; one of them joins late from a copy of another's
+        /// state taken part way (a Raft snapshot). All end in the same state with the same
+        /// outcomes, and the log survives its own encoding.
+        #[test]
+        fn the_same_log_gives_the_same_state_on_every_node(
+            log in prop::collection::vec(command(), 0..60),
+            cut in 0usize..60,
+        ) {
+            let cut = cut.min(log.len());
+            let (mut a, mut b) = (MemCatalog::default(), MemCatalog::default());
+            let mut outcomes_a = Vec::new();
+            for cmd in &log {
+                outcomes_a.push(a.apply(cmd).unwrap());
+            }
+            for cmd in &log[..cut] {
+                b.apply(cmd).unwrap();
+            }
+            let mut late = MemCatalog(b.0.clone());
+            for (i, cmd) in log[cut..].iter().enumerate() {
+                let decoded: Command = decode(&encode(cmd)).unwrap();
+                prop_assert_eq!(&decoded, cmd);
+                prop_assert_eq!(&late.apply(&decoded).unwrap(), &outcomes_a[cut + i]);
+            }
+            prop_assert_eq!(&a, &late);
+            // A committed snapshot's every reference is in the index.
+            for (k, v) in &a.0 {
+                if k[0] == b'r' {
+                    let tenant_end = k.iter().position(|b| *b == 0).unwrap();
+                    let tenant = std::str::from_utf8(&k[1..tenant_end]).unwrap();
+                    for r in decode::<Vec<ChunkId>>(v).unwrap() {
+                        prop_assert!(index_entry(&a, tenant, &r).unwrap().is_some());
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! `exclave-replicator cluster ...`: what a site operator runs against a live cluster:
+//! status of every member, adding a node (learner, backfill, then voter) and removing one.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use exclave::client::{NodeClient, connect_any};
+use exclave::protocol::{MemberReport, MemberStatus, Reply, Request};
+use exclave::transport::TlsIdentity;
+
+#[derive(Subcommand)]
+pub enum ClusterCmd {
+    /// Every member's role, term, commit and applied index, backfill and last contact.
+    Status {
+        #[command(flatten)]
+        conn: Conn,
+        /// Print the status as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a node: it joins as a learner, backfills every chunk, then is promoted to voter.
+    /// Start it first with `run --join`. Safe to run again if interrupted.
+    AddNode {
+        #[command(flatten)]
+        conn: Conn,
+        /// The new node's name (its certificate is node:NAME).
+        #[arg(long)]
+        name: String,
+        /// Address the other members reach it at.
+        #[arg(long)]
+        addr: SocketAddr,
+        /// Leave it a learner: do not wait for backfill nor promote it.
+        #[arg(long)]
+        learner: bool,
+        /// Give up waiting for backfill after this many seconds (it stays a learner).
+        #[arg(long, default_value_t = 24 * 3600)]
+        timeout: u64,
+    },
+    /// Remove a member from the cluster's configuration.
+    RemoveNode {
+        #[command(flatten)]
+        conn: Conn,
+        /// The member to remove.
+        #[arg(long)]
+        name: String,
+    },
+}
+
+#[derive(Args)]
+pub struct Conn {
+    /// A member's address (repeatable; the first that answers is used).
+    #[arg(long = "node", required = true)]
+    nodes: Vec<SocketAddr>,
+    /// PKI directory holding ca.crt and the admin certificate.
+    #[arg(long)]
+    pki: PathBuf,
+    /// Certificate name in the PKI directory (an admin identity; a node's may read status).
+    #[arg(long, default_value = "admin")]
+    identity: String,
+}
+
+impl Conn {
+    async fn connect(&self) -> Result<NodeClient> {
+        let tls = TlsIdentity::load(&self.pki, &self.identity)
+            .with_context(|| format!("loading identity {:?} from {}", self.identity, self.pki.display()))?;
+        Ok(connect_any(&self.nodes, &tls).await?)
+    }
+}
+
+pub async fn run(cmd: ClusterCmd) -> Result<()> {
+    match cmd {
+        ClusterCmd::Status { conn, json } => {
+            let client = conn.connect().await?;
+            let members = status(&client).await?;
+            client.close().await;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status_json(&members))?);
+            } else {
+                print_status(&members);
+            }
+            Ok(())
+        }
+        ClusterCmd::AddNode { conn, name, addr, learner, timeout } => {
+            exclave::identity::check_name("node name", &name)?;
+            let client = conn.connect().await?;
+            let before = status(&client).await?;
+            let known = before.iter().find(|m| m.name == name);
+            if known.is_some_and(|m| m.voter) {
+                println!("{name} is already a voter");
+                return Ok(());
+            }
+            if known.is_none() {
+                change(&client, Request::AddNode { name: name.clone(), addr: addr.to_string(), voter: false }).await?;
+                println!("{name} ({addr}) added as a learner; it now receives the catalog and backfills chunks");
+            } else {
+                println!("{name} is a learner already; waiting for its backfill");
+            }
+            if learner {
+                client.close().await;
+                return Ok(());
+            }
+            let target = commit_index(&status(&client).await?);
+            let started = Instant::now();
+            let mut last_line = String::new();
+            loop {
+                let members = status(&client).await?;
+                let Some(report) = members.iter().find(|m| m.name == name) else {
+                    bail!("{name} is no longer a member (removed meanwhile?)");
+                };
+                let line = match &report.status {
+                    Ok(s) if caught_up(s, target) => break,
+                    Ok(s) => format!(
+                        "{name}: applied {}/{target}, {} chunks indexed, {} missing{}",
+                        s.applied_index,
+                        s.chunks_indexed,
+                        s.chunks_missing,
+                        if s.scanned_at.is_some_and(|i| i >= target) { "" } else { " (scan pending)" }
+                    ),
+                    Err(e) => format!("{name}: not answering ({e})"),
+                };
+                if line != last_line {
+                    eprintln!("{line}");
+                    last_line = line;
+                }
+                if started.elapsed() > Duration::from_secs(timeout) {
+                    bail!(
+                        "{name} has not finished its backfill within {timeout} s; it stays a learner (run add-node again to resume)"
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            change(&client, Request::AddNode { name: name.clone(), addr: addr.to_string(), voter: true }).await?;
+            println!(
+                "{name} holds every indexed chunk and is now a voter (backfill took {:.1} s)",
+                started.elapsed().as_secs_f64()
+            );
+            client.close().await;
+            Ok(())
+        }
+        ClusterCmd::RemoveNode { conn, name } => {
+            let client = conn.connect().await?;
+            change(&client, Request::RemoveNode { name: name.clone() }).await?;
+            println!(
+                "{name} removed from the cluster; stop it and keep its data directory until you no longer need it"
+            );
+            client.close().await;
+            Ok(())
+        }
+    }
+}
+
+/// Whether a learner has applied up to `target` and a later anti-entropy pass found nothing missing.
+fn caught_up(s: &MemberStatus, target: u64) -> bool {
+    s.applied_index >= target && s.scanned_at.is_some_and(|i| i >= target) && s.chunks_missing == 0
+}
+
+fn commit_index(members: &[MemberReport]) -> u64 {
+    members.iter().filter_map(|m| m.status.as_ref().ok()).map(|s| s.commit_index).max().unwrap_or(0)
+}
+
+async fn status(client: &NodeClient) -> Result<Vec<MemberReport>> {
+    match client.call(&[Request::ClusterStatus]).await? {
+        Reply::ClusterStatus { members } => Ok(members),
+        _ => bail!("unexpected reply to cluster status"),
+    }
+}
+
+async fn change(client: &NodeClient, req: Request) -> Result<()> {
+    match client.call(&[req]).await? {
+        Reply::Ok => Ok(()),
+        _ => bail!("unexpected reply to a membership change"),
+    }
+}
+
+fn status_json(members: &[MemberReport]) -> serde_json::Value {
+    let list: Vec<serde_json::Value> = members
+        .iter()
+        .map(|m| {
+            let mut v = serde_json::json!({ "name": m.name, "addr": m.addr, "voter": m.voter });
+            match &m.status {
+                Ok(s) => {
+                    v["reachable"] = true.into();
+                    v["status"] = serde_json::to_value(s).unwrap_or_default();
+                }
+                Err(e) => {
+                    v["reachable"] = false.into();
+                    v["error"] = e.clone().into();
+                }
+            }
+            v
+        })
+        .collect();
+    serde_json::json!({ "members": list })
+}
+
+fn print_status(members: &[MemberReport]) {
+    let Some(Ok(me)) = members.first().map(|m| &m.status) else { return };
+    let learners = members.iter().filter(|m| !m.voter).count();
+    println!(
+        "cluster: {} voters, {learners} learners; leader {}, term {} (as seen by {})",
+        me.voters.len(),
+        me.leader.as_deref().unwrap_or("none"),
+        me.term,
+        me.name
+    );
+    if let Some(why) = &me.stale {
+        println!("warning: {why}");
+    }
+    println!(
+        "{:<12} {:<22} {:<13} {:>5} {:>8} {:>8} {:>9} {:>8} {:>9} {:>12}",
+        "NAME", "ADDRESS", "ROLE", "TERM", "COMMIT", "APPLIED", "CHUNKS", "MISSING", "SNAPSHOTS", "LAST CONTACT"
+    );
+    for m in members {
+        match &m.status {
+            Ok(s) => {
+                let contact = if m.name == me.name {
+                    "-".to_string()
+                } else {
+                    me.peers
+                        .iter()
+                        .find(|p| p.name == m.name)
+                        .and_then(|p| p.last_contact_ms)
+                        .map(|ms| format!("{:.1} s ago", ms as f64 / 1000.0))
+                        .unwrap_or_else(|| "never".into())
+                };
+                let missing = match s.scanned_at {
+                    Some(_) => s.chunks_missing.to_string(),
+                    None => "?".into(),
+                };
+                println!(
+                    "{:<12} {:<22} {:<13} {:>5} {:>8} {:>8} {:>9} {:>8} {:>9} {:>12}",
+                    m.name,
+                    m.addr,
+                    s.role,
+                    s.term,
+                    s.commit_index,
+                    s.applied_index,
+                    s.chunks_indexed,
+                    missing,
+                    s.snapshots,
+                    contact
+                );
+            }
+            Err(e) => println!("{:<12} {:<22} unreachable: {e}", m.name, m.addr),
+        }
+    }
+}

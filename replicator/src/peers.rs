@@ -1,0 +1,312 @@
+//! Connections from this node to the other members: Raft messages, chunk replication,
+//! anti-entropy fetches and status queries, all over QUIC with this node's certificate.
+//!
+//! Raft messages to a peer go, in order, on one long-lived unidirectional stream fed by a
+//! bounded queue; when the queue is full or the peer unreachable they are dropped and Raft
+//! is told (it retransmits). A peer's certificate must name the node expected at its address.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::mpsc::Sender as InputSender;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use exclave::ChunkId;
+use exclave::client::{ClientError, NodeClient};
+use exclave::identity::Identity;
+use exclave::protocol::frame::FrameKind;
+use exclave::protocol::{MemberStatus, PutChunk, Reply, Request};
+use exclave::transport::{self, TlsIdentity};
+use protobuf::Message as _;
+use raft::eraftpb::Message;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::catalog::Member;
+use crate::consensus::{Input, is_snapshot};
+
+/// Raft messages queued per peer before new ones are dropped.
+const QUEUE: usize = 4096;
+/// Raft frames are cut at this size; a larger message (a snapshot) goes in `RaftLarge` parts.
+const RAFT_FRAME_BYTES: usize = 8 * 1024 * 1024;
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+type Slot = Arc<tokio::sync::Mutex<Option<Arc<NodeClient>>>>;
+
+pub struct Peers {
+    me: u64,
+    tls: Arc<TlsIdentity>,
+    members: RwLock<HashMap<u64, Member>>,
+    clients: Mutex<HashMap<u64, Slot>>,
+    queues: Mutex<HashMap<u64, mpsc::Sender<Message>>>,
+    input: InputSender<Input>,
+    rt: tokio::runtime::Handle,
+    /// For the sender tasks this struct spawns.
+    this: std::sync::Weak<Peers>,
+}
+
+impl Peers {
+    pub fn new(me: u64, tls: Arc<TlsIdentity>, input: InputSender<Input>, rt: tokio::runtime::Handle) -> Arc<Peers> {
+        Arc::new_cyclic(|this| Peers {
+            me,
+            tls,
+            members: RwLock::new(HashMap::new()),
+            clients: Mutex::new(HashMap::new()),
+            queues: Mutex::new(HashMap::new()),
+            input,
+            rt,
+            this: this.clone(),
+        })
+    }
+
+    /// Replaces the address book (the catalog's membership, plus statically configured peers
+    /// not yet in it). A changed address drops the old connection.
+    pub fn set_members(&self, list: Vec<(u64, Member)>) {
+        let mut m = self.members.write().unwrap_or_else(|p| p.into_inner());
+        for (id, member) in list {
+            if m.get(&id).is_some_and(|old| old.addr != member.addr) {
+                self.clients.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            }
+            m.insert(id, member);
+        }
+    }
+
+    pub fn member(&self, id: u64) -> Option<Member> {
+        self.members.read().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
+    }
+
+    pub fn name_of(&self, id: u64) -> String {
+        self.member(id).map(|m| m.name).unwrap_or_else(|| format!("#{id:x}"))
+    }
+
+    pub fn id_of(&self, name: &str) -> Option<u64> {
+        self.members.read().unwrap_or_else(|p| p.into_inner()).iter().find(|(_, m)| m.name == name).map(|(id, _)| *id)
+    }
+
+    /// A connection to a peer, made (or remade) on demand.
+    pub async fn client(&self, id: u64) -> Result<Arc<NodeClient>, String> {
+        let slot: Slot = self.clients.lock().unwrap_or_else(|p| p.into_inner()).entry(id).or_default().clone();
+        let mut guard = slot.lock().await;
+        if let Some(c) = guard.as_ref()
+            && c.connection().close_reason().is_none()
+        {
+            return Ok(c.clone());
+        }
+        let member = self.member(id).ok_or_else(|| format!("no address known for node #{id:x}"))?;
+        let addr: SocketAddr =
+            member.addr.parse().map_err(|e| format!("address {:?} of {}: {e}", member.addr, member.name))?;
+        let client = NodeClient::connect(addr, &self.tls).await.map_err(|e| e.to_string())?;
+        match transport::peer_identity(client.connection()) {
+            Ok(Identity::Node { id: ref n }) if *n == member.name => {}
+            Ok(other) => {
+                return Err(format!(
+                    "the node at {addr} is {other}, not node:{} as the configuration says",
+                    member.name
+                ));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+        let client = Arc::new(client);
+        *guard = Some(client.clone());
+        Ok(client)
+    }
+
+    fn forget_client(&self, id: u64) {
+        self.clients.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    }
+
+    /// Sends a request to a peer and returns its reply.
+    pub async fn call(&self, id: u64, req: Request) -> Result<Reply, String> {
+        let client = self.client(id).await?;
+        match tokio::time::timeout(CALL_TIMEOUT, client.call(std::slice::from_ref(&req))).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(e)) => {
+                if matches!(e, ClientError::Transport(_)) {
+                    self.forget_client(id);
+                }
+                Err(e.to_string())
+            }
+            Err(_) => Err(format!("{} did not answer within {} s", self.name_of(id), CALL_TIMEOUT.as_secs())),
+        }
+    }
+
+    /// Queues Raft messages for their destinations (never blocks the Raft thread).
+    pub fn send_raft(&self, msgs: Vec<Message>) {
+        for m in msgs {
+            let to = m.to;
+            let tx = {
+                let mut q = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+                let Some(this) = self.this.upgrade() else { return };
+                q.entry(to)
+                    .or_insert_with(|| {
+                        let (tx, rx) = mpsc::channel(QUEUE);
+                        self.rt.spawn(raft_sender(this, to, rx));
+                        tx
+                    })
+                    .clone()
+            };
+            if let Err(e) = tx.try_send(m) {
+                let m = match e {
+                    mpsc::error::TrySendError::Full(m) | mpsc::error::TrySendError::Closed(m) => m,
+                };
+                self.undelivered(&m);
+            }
+        }
+    }
+
+    fn undelivered(&self, m: &Message) {
+        let _ = self.input.send(Input::Unreachable(m.to));
+        if is_snapshot(m) {
+            let _ = self.input.send(Input::SnapshotSent { to: m.to, ok: false });
+        }
+    }
+
+    /// Stores `chunks` on peers until `need` of them confirmed (durable), or all answered.
+    /// Returns how many confirmed; the remaining sends carry on in the background.
+    pub async fn replicate(
+        self: &Arc<Self>,
+        tenant: &str,
+        chunks: Arc<Vec<PutChunk>>,
+        to: &[u64],
+        need: usize,
+    ) -> (usize, Vec<String>) {
+        let (tx, mut rx) = mpsc::channel(to.len().max(1));
+        for id in to.iter().copied().filter(|id| *id != self.me) {
+            let (peers, tx, tenant, chunks) = (self.clone(), tx.clone(), tenant.to_string(), chunks.clone());
+            tokio::spawn(async move {
+                let req = Request::Replicate { tenant, chunks: chunks.as_ref().clone() };
+                let r = match peers.call(id, req).await {
+                    Ok(Reply::Ok) => Ok(()),
+                    Ok(Reply::Error { message, .. }) => Err(message),
+                    Ok(_) => Err("unexpected reply".to_string()),
+                    Err(e) => Err(e),
+                };
+                let _ = tx.send((id, r)).await;
+            });
+        }
+        drop(tx);
+        let (mut ok, mut errors) = (0, Vec::new());
+        while ok < need {
+            match rx.recv().await {
+                Some((_, Ok(()))) => ok += 1,
+                Some((id, Err(e))) => errors.push(format!("{}: {e}", self.name_of(id))),
+                None => break,
+            }
+        }
+        (ok, errors)
+    }
+
+    /// Envelopes of `ids` from one peer (each an envelope or that chunk's error).
+    pub async fn fetch(&self, id: u64, tenant: &str, ids: &[ChunkId]) -> Result<Vec<Option<Vec<u8>>>, String> {
+        match self.call(id, Request::Fetch { tenant: tenant.to_string(), ids: ids.to_vec() }).await? {
+            Reply::Chunks { chunks } if chunks.len() == ids.len() => {
+                Ok(chunks.into_iter().map(|r| r.ok().map(|b| b.into_vec())).collect())
+            }
+            Reply::Error { message, .. } => Err(message),
+            _ => Err("unexpected reply to fetch".into()),
+        }
+    }
+
+    pub async fn status(&self, id: u64) -> Result<MemberStatus, String> {
+        match tokio::time::timeout(Duration::from_secs(3), self.call(id, Request::RaftStatus)).await {
+            Ok(Ok(Reply::RaftStatus(s))) => Ok(s),
+            Ok(Ok(Reply::Error { message, .. })) => Err(message),
+            Ok(Ok(_)) => Err("unexpected reply".into()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err("no answer within 3 s".into()),
+        }
+    }
+}
+
+async fn raft_sender(peers: Arc<Peers>, to: u64, mut rx: mpsc::Receiver<Message>) {
+    let mut stream: Option<quinn::SendStream> = None;
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 256 {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        if stream.is_none() {
+            match peers.client(to).await {
+                Ok(c) => match c.connection().open_uni().await {
+                    Ok(s) => stream = Some(s),
+                    Err(e) => {
+                        peers.forget_client(to);
+                        debug!(peer = %peers.name_of(to), error = %e, "raft stream not opened");
+                    }
+                },
+                Err(e) => debug!(peer = %peers.name_of(to), error = %e, "peer unreachable"),
+            }
+        }
+        let sent = match stream.as_mut() {
+            Some(s) => write_batch(s, &batch).await,
+            None => Err("no connection".to_string()),
+        };
+        match sent {
+            Ok(()) => {
+                for m in batch.iter().filter(|m| is_snapshot(m)) {
+                    let _ = peers.input.send(Input::SnapshotSent { to: m.to, ok: true });
+                }
+            }
+            Err(e) => {
+                if stream.is_some() {
+                    warn!(peer = %peers.name_of(to), error = %e, "raft stream broken; reconnecting");
+                    peers.forget_client(to);
+                }
+                stream = None;
+                for m in &batch {
+                    peers.undelivered(m);
+                }
+                // Do not spin on a dead peer: Raft retransmits what matters.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                while rx.try_recv().is_ok() {}
+            }
+        }
+    }
+}
+
+async fn write_batch(s: &mut quinn::SendStream, batch: &[Message]) -> Result<(), String> {
+    let mut frame: Vec<serde_bytes::ByteBuf> = Vec::new();
+    let mut size = 0;
+    for m in batch {
+        let bytes = m.write_to_bytes().map_err(|e| e.to_string())?;
+        if bytes.len() > RAFT_FRAME_BYTES {
+            flush(s, &mut frame, &mut size).await?;
+            let total = bytes.len() as u64;
+            for part in bytes.chunks(RAFT_FRAME_BYTES) {
+                let req = Request::RaftLarge { total, part: part.to_vec() };
+                transport::write_frame(s, FrameKind::Request, &req).await.map_err(|e| e.to_string())?;
+            }
+            continue;
+        }
+        if size + bytes.len() > RAFT_FRAME_BYTES {
+            flush(s, &mut frame, &mut size).await?;
+        }
+        size += bytes.len() + 8;
+        frame.push(serde_bytes::ByteBuf::from(bytes));
+    }
+    flush(s, &mut frame, &mut size).await
+}
+
+async fn flush(
+    s: &mut quinn::SendStream,
+    frame: &mut Vec<serde_bytes::ByteBuf>,
+    size: &mut usize,
+) -> Result<(), String> {
+    if frame.is_empty() {
+        return Ok(());
+    }
+    let req = Request::Raft { messages: std::mem::take(frame) };
+    *size = 0;
+    transport::write_frame(s, FrameKind::Request, &req).await.map_err(|e| e.to_string())
+}
+
+/// Largest Raft message accepted in parts (a catalog snapshot).
+pub const MAX_RAFT_MESSAGE: u64 = 1 << 30;
+
+/// Decodes a Raft message received from a peer.
+pub fn decode_message(bytes: &[u8]) -> Result<Message, String> {
+    Message::parse_from_bytes(bytes).map_err(|e| e.to_string())
+}

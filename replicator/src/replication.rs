@@ -1,0 +1,190 @@
+//! Chunks travel outside the Raft log: this module owns how they reach every embassy.
+//!
+//! - **Write quorum**: the node that receives an agent's chunks stores them, sends them to
+//!   every other member, and acknowledges once `write_quorum` nodes (itself included) hold
+//!   them durably; only then are they proposed for the index. So an indexed chunk is on a
+//!   quorum of sites, and a commit that references only indexed chunks survives the loss of
+//!   any minority.
+//! - **Anti-entropy**: each node walks the index it has applied, fetches from peers every
+//!   chunk it lacks, checks it against the index's storage checksum, and stores it. A node
+//!   that was down, or new, backfills completely; every site converges to a full copy.
+//! - **Read-through**: a restore asking this node for an indexed chunk it does not hold yet
+//!   gets it fetched from a peer on the spot.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use exclave::ChunkId;
+use exclave::protocol::PutChunk;
+use tracing::{debug, info, warn};
+
+use crate::catalog::{self, CatalogRead, IndexEntry};
+use crate::server::Node;
+
+/// Chunks asked of a peer in one fetch (bounded by the reply's byte limit too).
+const FETCH_BATCH: usize = 32;
+/// Index entries examined per page of an anti-entropy pass.
+const PAGE: usize = 2048;
+
+/// What the last anti-entropy pass found.
+#[derive(Debug, Clone, Default)]
+pub struct Backfill {
+    /// Indexed chunks this node still lacks after the last pass.
+    pub missing: u64,
+    /// Applied index when the last complete pass began (`None`: no pass completed yet).
+    pub scanned_at: Option<u64>,
+    pub fetched_total: u64,
+    pub last_error: Option<String>,
+}
+
+/// Members a chunk should reach, other than this node.
+pub fn others(node: &Node) -> Vec<u64> {
+    let v = node.raft.view();
+    v.voters.iter().chain(v.learners.iter()).copied().filter(|id| *id != node.raft.id).collect()
+}
+
+/// How many nodes must hold a chunk before it is acknowledged.
+pub fn write_quorum(node: &Node) -> usize {
+    let voters = node.raft.view().voters.len().max(1);
+    node.write_quorum.unwrap_or(voters / 2 + 1).clamp(1, voters.max(1))
+}
+
+/// Runs anti-entropy passes until the node stops.
+pub async fn anti_entropy(node: Arc<Node>) {
+    loop {
+        let started_at = node.raft.view().applied;
+        let t = Instant::now();
+        let pause = match pass(&node).await {
+            Ok((missing, fetched)) => {
+                let mut b = node.backfill.lock().unwrap_or_else(|p| p.into_inner());
+                b.missing = missing;
+                b.scanned_at = Some(started_at);
+                b.fetched_total += fetched;
+                b.last_error = None;
+                node.metrics.backfill(missing, fetched);
+                if fetched > 0 {
+                    info!(fetched, missing, secs = t.elapsed().as_secs_f64(), "anti-entropy pass fetched chunks");
+                }
+                if fetched > 0 && missing > 0 { Duration::from_millis(100) } else { Duration::from_secs(2) }
+            }
+            Err(e) => {
+                warn!(error = %e, "anti-entropy pass failed");
+                node.backfill.lock().unwrap_or_else(|p| p.into_inner()).last_error = Some(e);
+                Duration::from_secs(5)
+            }
+        };
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// One walk over the index: returns (still missing, fetched).
+async fn pass(node: &Arc<Node>) -> Result<(u64, u64), String> {
+    let mut cursor = catalog::CHUNK_PREFIX.to_vec();
+    let (mut missing, mut fetched) = (0u64, 0u64);
+    loop {
+        let store = node.store.clone();
+        let from = cursor.clone();
+        // Page of the index, reduced to what this node lacks, grouped by tenant.
+        let (lacking, next) = tokio::task::spawn_blocking(move || -> Result<_, String> {
+            let view = store.catalog().map_err(|e| e.to_string())?;
+            let mut page: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(PAGE);
+            view.scan(&from, &mut |k, v| {
+                if !k.starts_with(catalog::CHUNK_PREFIX) {
+                    return false;
+                }
+                page.push((k.to_vec(), v.to_vec()));
+                page.len() < PAGE
+            })
+            .map_err(|e| e.to_string())?;
+            let next = page.last().map(|(k, _)| {
+                let mut n = k.clone();
+                n.push(0);
+                n
+            });
+            let mut by_tenant: BTreeMap<String, Vec<(ChunkId, IndexEntry)>> = BTreeMap::new();
+            for (k, v) in &page {
+                let (tenant, id) = catalog::parse_chunk_key(k).ok_or("malformed index key")?;
+                let entry: IndexEntry = catalog::decode(v).map_err(|e| e.to_string())?;
+                by_tenant.entry(tenant).or_default().push((id, entry));
+            }
+            let mut lacking = Vec::new();
+            for (tenant, entries) in by_tenant {
+                let ids: Vec<ChunkId> = entries.iter().map(|(id, _)| *id).collect();
+                let gone: std::collections::HashSet<ChunkId> =
+                    store.missing(&tenant, &ids).map_err(|e| e.to_string())?.into_iter().collect();
+                let want: Vec<(ChunkId, IndexEntry)> =
+                    entries.into_iter().filter(|(id, _)| gone.contains(id)).collect();
+                if !want.is_empty() {
+                    lacking.push((tenant, want));
+                }
+            }
+            Ok((lacking, next))
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        for (tenant, want) in lacking {
+            for group in want.chunks(FETCH_BATCH) {
+                let got = fetch_from_peers(node, &tenant, group).await;
+                fetched += got as u64;
+                missing += (group.len() - got) as u64;
+            }
+        }
+        match next {
+            Some(n) => cursor = n,
+            None => break,
+        }
+    }
+    Ok((missing, fetched))
+}
+
+/// Fetches `want` from whichever peers have them, verifies each against its index entry and
+/// stores it. Returns how many were stored.
+pub async fn fetch_from_peers(node: &Arc<Node>, tenant: &str, want: &[(ChunkId, IndexEntry)]) -> usize {
+    let mut left: Vec<(ChunkId, IndexEntry)> = want.to_vec();
+    let mut stored = 0;
+    let mut peers = others(node);
+    // Spread the load: start with a different peer for each batch.
+    if !peers.is_empty() {
+        let k = (want.first().map(|(id, _)| id.0[0] as usize).unwrap_or(0)) % peers.len();
+        peers.rotate_left(k);
+    }
+    for peer in peers {
+        if left.is_empty() {
+            break;
+        }
+        let ids: Vec<ChunkId> = left.iter().map(|(id, _)| *id).collect();
+        let envelopes = match node.peers.fetch(peer, tenant, &ids).await {
+            Ok(e) => e,
+            Err(e) => {
+                debug!(peer = %node.peers.name_of(peer), error = %e, "fetch failed");
+                continue;
+            }
+        };
+        let mut good = Vec::new();
+        let mut still = Vec::new();
+        for ((id, entry), env) in left.into_iter().zip(envelopes) {
+            match env {
+                Some(envelope) if exclave::Checksum::of(&envelope) == entry.checksum => {
+                    good.push(PutChunk { id, checksum: entry.checksum, envelope })
+                }
+                Some(_) => {
+                    warn!(peer = %node.peers.name_of(peer), chunk = %id, "peer served a chunk that fails its checksum");
+                    still.push((id, entry));
+                }
+                None => still.push((id, entry)),
+            }
+        }
+        left = still;
+        if !good.is_empty() {
+            let (store, tenant) = (node.store.clone(), tenant.to_string());
+            let n = good.len();
+            match tokio::task::spawn_blocking(move || store.put_chunks(&tenant, &good)).await {
+                Ok(Ok(_)) => stored += n,
+                Ok(Err(e)) => warn!(error = %e, "storing fetched chunks failed"),
+                Err(e) => warn!(error = %e, "store task failed"),
+            }
+        }
+    }
+    stored
+}

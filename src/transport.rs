@@ -93,7 +93,9 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     t.stream_receive_window((8u32 * 1024 * 1024).into());
     t.receive_window((32u32 * 1024 * 1024).into());
     t.send_window(32 * 1024 * 1024);
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    // A peer that vanishes without closing (killed, cut off) is declared gone after 10 s of
+    // silence, so agents fail over and Raft streams reconnect; keep-alives keep live idle links.
+    t.keep_alive_interval(Some(Duration::from_secs(2)));
     // Probe above Ethernet's 1500 bytes: loopback and jumbo-frame links carry far larger
     // datagrams (fewer packets per byte); elsewhere the probes fail and 1452 stays.
     let mut mtu = quinn::MtuDiscoveryConfig::default();
@@ -102,7 +104,7 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     // Start at Ethernet's size rather than QUIC's 1200-byte floor; a smaller path falls back.
     t.initial_mtu(1452);
     #[allow(clippy::expect_used)]
-    t.max_idle_timeout(Some(Duration::from_secs(30).try_into().expect("30 s is a valid idle timeout")));
+    t.max_idle_timeout(Some(Duration::from_secs(10).try_into().expect("10 s is a valid idle timeout")));
     Arc::new(t)
 }
 

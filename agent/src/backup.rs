@@ -8,9 +8,13 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
+use std::net::SocketAddr;
+
 use exclave::chunker::ChunkerParams;
+use exclave::client::ClientError;
 use exclave::identity::Identity;
 use exclave::keys::read_key_file;
+use exclave::protocol::ErrorCode;
 use exclave::protocol::SnapshotInfo;
 use exclave::transport::TlsIdentity;
 use serde::Serialize;
@@ -46,6 +50,8 @@ pub struct Summary {
     pub duration_secs: f64,
     pub mb_per_s: f64,
     pub warnings: Vec<String>,
+    /// Runs needed: more than one when a node failed and another took over.
+    pub attempts: usize,
 }
 
 fn now_secs() -> i64 {
@@ -137,15 +143,32 @@ fn resolve(a: &BackupArgs) -> Result<Resolved> {
     })
 }
 
-pub async fn run(a: BackupArgs) -> Result<i32> {
-    let r = resolve(&a)?;
-    let chunker: ChunkerParams = r.src.chunker()?;
-    let roots = source::roots(&r.src.paths)?;
-    let client = Arc::new(exclave::client::connect_any(&r.nodes, &r.tls).await?);
-    let node = client.addr().to_string();
+/// Whether a failed run may succeed on another node (the node or the link failed, not the
+/// request).
+fn fails_over(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| match c.downcast_ref::<ClientError>() {
+        Some(ClientError::Transport(_) | ClientError::NoNode(_)) => true,
+        Some(ClientError::Remote { code, .. }) => matches!(code, ErrorCode::Unavailable | ErrorCode::StorageError),
+        _ => false,
+    })
+}
+
+type Attempt = (Arc<exclave::client::NodeClient>, Vec<String>, SnapshotInfo);
+
+/// One run of the backup against the first of `nodes` that answers. On failure, says which
+/// node was in use.
+async fn attempt(
+    r: &Resolved,
+    a: &BackupArgs,
+    nodes: &[SocketAddr],
+    stats: Arc<Stats>,
+) -> std::result::Result<Attempt, (Option<SocketAddr>, anyhow::Error)> {
+    let chunker: ChunkerParams = r.src.chunker().map_err(|e| (None, e))?;
+    let roots = source::roots(&r.src.paths).map_err(|e| (None, e.into()))?;
+    let client = Arc::new(exclave::client::connect_any(nodes, &r.tls).await.map_err(|e| (None, e.into()))?);
+    let used = Some(client.addr());
     let time = now_secs();
     let id = snapshot_id(time);
-    let stats = Arc::new(Stats::default());
     let plan = Plan {
         tenant: r.keys.tenant.clone(),
         source: r.source.clone(),
@@ -158,15 +181,15 @@ pub async fn run(a: BackupArgs) -> Result<i32> {
         time,
         hostname: hostname(),
     };
-    let started = Instant::now();
     let progress =
         (!a.quiet && !a.json && std::io::stderr().is_terminal()).then(|| Progress::start(&plan.roots, stats.clone()));
     let outcome = pipeline::run(client.clone(), r.keys.clone(), plan, stats.clone()).await;
     if let Some(p) = progress {
         p.finish();
     }
-    let outcome =
-        outcome.context("backup failed; nothing was committed (chunks already stored are reused next time)")?;
+    let outcome = outcome
+        .context("backup failed; nothing was committed (chunks already stored are reused next time)")
+        .map_err(|e| (used, e))?;
     let g = |c: &std::sync::atomic::AtomicU64| Stats::get(c);
     let info = SnapshotInfo {
         id: id.clone(),
@@ -182,9 +205,50 @@ pub async fn run(a: BackupArgs) -> Result<i32> {
         stored_bytes: 0,
         commit_seq: 0,
     };
-    let batches = outcome.refs.into_batches(exclave::protocol::MAX_IDS_PER_MESSAGE)?;
-    let committed =
-        client.commit_batches(info, batches.batch_count() as u32, batches).await.context("committing the snapshot")?;
+    let warnings = outcome.warnings;
+    let batches = outcome
+        .refs
+        .into_batches(exclave::protocol::MAX_IDS_PER_MESSAGE)
+        .map_err(|e| (used, anyhow::Error::from(e)))?;
+    let committed = client
+        .commit_batches(info, batches.batch_count() as u32, batches)
+        .await
+        .context("committing the snapshot")
+        .map_err(|e| (used, e))?;
+    Ok((client, warnings, committed))
+}
+
+pub async fn run(a: BackupArgs) -> Result<i32> {
+    let r = resolve(&a)?;
+    let started = Instant::now();
+    // Another node can take over if the one in use fails mid-run: the backup is run again
+    // there, and the chunks already on a write quorum are not sent twice.
+    let mut order = r.nodes.clone();
+    let mut attempts = 0usize;
+    let (client, node, stats, warnings, committed) = loop {
+        attempts += 1;
+        let stats = Arc::new(Stats::default());
+        let result = attempt(&r, &a, &order, stats.clone()).await;
+        match result {
+            Ok((client, warnings, committed)) => {
+                let node = client.addr().to_string();
+                break (client, node, stats, warnings, committed);
+            }
+            Err((failed, e)) if attempts < r.nodes.len() && fails_over(&e) => {
+                tracing::warn!(node = %failed.map(|a| a.to_string()).unwrap_or_default(), error = %format!("{e:#}"),
+                    "node failed during the backup; running it again on another node");
+                if !a.quiet && !a.json {
+                    eprintln!("warning: {e:#}\nretrying the backup on another node");
+                }
+                if let Some(f) = failed {
+                    order.retain(|n| *n != f);
+                    order.push(f);
+                }
+            }
+            Err((_, e)) => return Err(e),
+        }
+    };
+    let g = |c: &std::sync::atomic::AtomicU64| Stats::get(c);
     let duration = started.elapsed();
     if let Ok(c) = Arc::try_unwrap(client) {
         c.close().await;
@@ -209,7 +273,8 @@ pub async fn run(a: BackupArgs) -> Result<i32> {
         compression_ratio: new as f64 / up.max(1) as f64,
         duration_secs: secs,
         mb_per_s: read as f64 / 1e6 / secs,
-        warnings: outcome.warnings,
+        warnings,
+        attempts,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);

@@ -62,7 +62,7 @@ impl World {
         let pki = w.pki();
         ok(run(Command::new(&r).args(["pki", "init", "--dir"]).arg(&pki)));
         let issue = |args: &[&str]| ok(run(Command::new(&r).args(["pki", "issue", "--dir"]).arg(&pki).args(args)));
-        for n in ["n1", "n2", "n3"] {
+        for n in ["n1", "n2", "n3", "n4"] {
             issue(&["--role", "node", "--name", n, "--host", "127.0.0.1"]);
         }
         issue(&["--role", "agent", "--name", "rnpp", "--tenant", "lux"]);
@@ -100,6 +100,89 @@ impl World {
     }
 
     /// `exclave-agent backup` as agent `rnpp` of tenant lux, with `--json`.
+    /// Starts founding members `names` of one cluster on loopback and waits for a leader.
+    pub fn start_cluster(&self, names: &[&str]) -> Vec<Node> {
+        let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
+        let nodes: Vec<Node> = names
+            .iter()
+            .zip(&ports)
+            .map(|(name, port)| {
+                let mut args: Vec<String> = vec!["--min-free-mib".into(), "64".into()];
+                for (other, p) in names.iter().zip(&ports).filter(|(o, _)| *o != name) {
+                    args.push("--peer".into());
+                    args.push(format!("{other}=127.0.0.1:{p}"));
+                }
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                Node::spawn_with(self, name, &self.path(&format!("data-{name}")), *port, &args)
+            })
+            .collect();
+        for n in &nodes {
+            n.wait_ready();
+        }
+        self.wait_leader(&nodes);
+        nodes
+    }
+
+    /// `cluster status --json` as seen by `node`.
+    pub fn cluster_status(&self, node: &Node) -> Option<serde_json::Value> {
+        let o = run(Command::new(bin("exclave-replicator"))
+            .args(["cluster", "status", "--json", "--node", &node.addr.to_string(), "--pki"])
+            .arg(self.pki()));
+        o.status.success().then(|| json(&o))
+    }
+
+    /// Waits until the running nodes among `nodes` agree on a leader; returns its index.
+    #[track_caller]
+    pub fn wait_leader(&self, nodes: &[Node]) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            for n in nodes.iter().filter(|n| n.running()) {
+                if let Some(st) = self.cluster_status(n) {
+                    let leader = st["members"][0]["status"]["leader"].as_str().map(str::to_string);
+                    if let Some(l) = leader
+                        && let Some(i) = nodes.iter().position(|n| n.name == l && n.running())
+                    {
+                        return i;
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("no leader elected within 30 s");
+    }
+
+    /// Waits until `node` has applied the cluster's commit index (as `leader` reports it) and
+    /// holds every indexed chunk.
+    #[track_caller]
+    pub fn wait_backfilled(&self, node: &Node, leader: &Node) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut last = serde_json::Value::Null;
+        while Instant::now() < deadline {
+            let commit = self.cluster_status(leader).and_then(|s| s["members"][0]["status"]["commit_index"].as_u64());
+            if let (Some(commit), Some(st)) = (commit, self.cluster_status(node)) {
+                let me = st["members"][0]["status"].clone();
+                let scanned = me["scanned_at"].as_u64().unwrap_or(0);
+                if me["applied_index"].as_u64() >= Some(commit) && scanned >= commit && me["chunks_missing"] == 0 {
+                    return me;
+                }
+                last = me;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("{} did not backfill within 60 s; last status: {last}", node.name);
+    }
+
+    pub fn backup_to(&self, nodes: &[&Node], source: &str, paths: &[&Path]) -> Output {
+        let mut c = Command::new(bin("exclave-agent"));
+        c.args(["backup", "--json"]);
+        for n in nodes {
+            c.args(["--node", &n.addr.to_string()]);
+        }
+        c.arg("--pki").arg(self.pki()).args(["--identity", "rnpp", "--key-file"]).arg(self.path("lux.key"));
+        c.args(["--source", source]).args(paths);
+        run(&mut c)
+    }
+
     pub fn backup(&self, node: &Node, source: &str, paths: &[&Path]) -> Output {
         self.backup_as(node, "rnpp", "lux.key", source, paths, &[])
     }
@@ -158,6 +241,8 @@ pub struct Node {
     pub data: PathBuf,
     pub log: PathBuf,
     child: Option<Child>,
+    pki: PathBuf,
+    extra: Vec<String>,
 }
 
 impl Node {
@@ -168,27 +253,57 @@ impl Node {
     pub fn spawn_with(w: &World, name: &str, data: &Path, port: u16, extra: &[&str]) -> Node {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
         let log = w.path(&format!("{name}-{port}-{}.log", std::process::id()));
-        let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log");
+        let mut node = Node {
+            name: name.into(),
+            addr,
+            data: data.into(),
+            log,
+            child: None,
+            pki: w.pki(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        node.launch();
+        node
+    }
+
+    fn launch(&mut self) {
+        let logf = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
         let child = Command::new(bin("exclave-replicator"))
-            .args(["run", "--name", name, "--listen", &addr.to_string(), "--pki"])
-            .arg(w.pki())
+            .args(["run", "--name", &self.name, "--listen", &self.addr.to_string(), "--pki"])
+            .arg(&self.pki)
             .arg("--data")
-            .arg(data)
-            .args(extra)
+            .arg(&self.data)
+            .args(&self.extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(logf.try_clone().expect("log"))
             .stderr(logf)
             .spawn()
             .expect("spawn node");
-        Node { name: name.into(), addr, data: data.into(), log, child: Some(child) }
+        self.child = Some(child);
+    }
+
+    /// Starts a stopped node again with the same settings and waits until it serves.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "{} is running", self.name);
+        let before = self.log_text().matches("storage node ready").count();
+        self.launch();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.log_text().matches("storage node ready").count() <= before {
+            assert!(Instant::now() < deadline, "node {} did not restart:\n{}", self.name, self.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn running(&self) -> bool {
+        self.child.is_some()
     }
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn wait_ready(&self) {
+    pub fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if self.log_text().contains("storage node ready") {

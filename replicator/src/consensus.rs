@@ -134,7 +134,7 @@ impl RaftHandle {
 
     /// Waits briefly for a leader (the cluster may be electing one); refuses at once when
     /// this node has been cut off from the majority for longer than an election.
-    async fn leader_known(&self) -> Result<(), ConsensusError> {
+    pub async fn leader_known(&self) -> Result<(), ConsensusError> {
         let deadline = Instant::now() + LEADER_SILENCE;
         loop {
             let why = self.view().cut_off(self.id);

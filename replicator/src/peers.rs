@@ -30,6 +30,13 @@ const QUEUE: usize = 4096;
 /// Raft frames are cut at this size; a larger message (a snapshot) goes in `RaftLarge` parts.
 const RAFT_FRAME_BYTES: usize = 8 * 1024 * 1024;
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// A peer that did not answer a connection attempt is not tried again for this long.
+const DOWN_FOR: Duration = Duration::from_secs(1);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Replications in flight to one peer. Beyond this the peer is skipped for that batch (it
+/// backfills later): a dead peer whose connection has not timed out yet must not make this
+/// node hold every batch it receives.
+const REPLICATIONS_IN_FLIGHT: usize = 8;
 
 type Slot = Arc<tokio::sync::Mutex<Option<Arc<NodeClient>>>>;
 
@@ -41,6 +48,8 @@ pub struct Peers {
     queues: Mutex<HashMap<u64, mpsc::Sender<Message>>>,
     input: InputSender<Input>,
     rt: tokio::runtime::Handle,
+    down_until: Mutex<HashMap<u64, std::time::Instant>>,
+    inflight: Mutex<HashMap<u64, Arc<tokio::sync::Semaphore>>>,
     /// For the sender tasks this struct spawns.
     this: std::sync::Weak<Peers>,
 }
@@ -55,6 +64,8 @@ impl Peers {
             queues: Mutex::new(HashMap::new()),
             input,
             rt,
+            down_until: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
             this: this.clone(),
         })
     }
@@ -95,7 +106,29 @@ impl Peers {
         let member = self.member(id).ok_or_else(|| format!("no address known for node #{id:x}"))?;
         let addr: SocketAddr =
             member.addr.parse().map_err(|e| format!("address {:?} of {}: {e}", member.addr, member.name))?;
-        let client = NodeClient::connect(addr, &self.tls).await.map_err(|e| e.to_string())?;
+        if self
+            .down_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .is_some_and(|t| *t > std::time::Instant::now())
+        {
+            return Err(format!("{} ({addr}) did not answer a moment ago", member.name));
+        }
+        let connected = match tokio::time::timeout(CONNECT_TIMEOUT, NodeClient::connect(addr, &self.tls)).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("{} ({addr}) did not answer within {} s", member.name, CONNECT_TIMEOUT.as_secs())),
+        };
+        let client = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                self.down_until
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(id, std::time::Instant::now() + DOWN_FOR);
+                return Err(e);
+            }
+        };
         match transport::peer_identity(client.connection()) {
             Ok(Identity::Node { id: ref n }) if *n == member.name => {}
             Ok(other) => {
@@ -173,7 +206,19 @@ impl Peers {
         let (tx, mut rx) = mpsc::channel(to.len().max(1));
         for id in to.iter().copied().filter(|id| *id != self.me) {
             let (peers, tx, tenant, chunks) = (self.clone(), tx.clone(), tenant.to_string(), chunks.clone());
+            let sem = self
+                .inflight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(id)
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(REPLICATIONS_IN_FLIGHT)))
+                .clone();
+            let Ok(permit) = sem.try_acquire_owned() else {
+                let _ = tx.try_send((id, Err("too many replications in flight; it will backfill".to_string())));
+                continue;
+            };
             tokio::spawn(async move {
+                let _permit = permit;
                 let req = Request::Replicate { tenant, chunks: chunks.as_ref().clone() };
                 let r = match peers.call(id, req).await {
                     Ok(Reply::Ok) => Ok(()),

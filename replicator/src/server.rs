@@ -374,12 +374,11 @@ async fn dispatch(
             if ref_batches > MAX_COMMIT_BATCHES {
                 return Err(Failure::new(ErrorCode::BadRequest, "commit carries too many reference batches"));
             }
-            if let Some(why) = node.raft.view().cut_off(node.raft.id) {
-                // Refuse before the client streams its references.
-                if node.raft.view().leader == 0 {
-                    return Err(Failure::new(ErrorCode::Unavailable, format!("{}: {why}", node.name)));
-                }
-            }
+            // Refuse before the client streams its references.
+            node.raft
+                .leader_known()
+                .await
+                .map_err(|e| Failure::new(ErrorCode::Unavailable, format!("{}: {e}", node.name)))?;
             for batch in 0..ref_batches {
                 let ids = match transport::read_frame::<Request>(recv, FrameKind::Request).await? {
                     Some(Request::CommitRefs { ids }) if ids.len() <= MAX_IDS_PER_MESSAGE => ids,
@@ -528,6 +527,8 @@ async fn dispatch(
 async fn put_chunks(node: &Arc<Node>, tenant: String, chunks: Vec<PutChunk>) -> Result<Reply, Failure> {
     let bytes: usize = chunks.iter().map(|c| c.envelope.len()).sum();
     node.check_room(bytes)?;
+    // A node cut off from the majority could store but never index: say why at once.
+    node.raft.leader_known().await.map_err(|e| Failure::new(ErrorCode::Unavailable, format!("{}: {e}", node.name)))?;
     let chunks = Arc::new(chunks);
     let (store, t, c) = (node.store.clone(), tenant.clone(), chunks.clone());
     let new = blocking(move || store.put_chunks(&t, &c)).await?;

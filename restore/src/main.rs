@@ -79,6 +79,11 @@ struct Conn {
     /// Tenant master key file (needed to decrypt; `snapshots` works without it).
     #[arg(long)]
     key_file: Option<PathBuf>,
+    /// Read the snapshot list only once the node has caught up with everything the cluster's
+    /// leader has committed (Raft ReadIndex); fails if no majority is reachable. Without it,
+    /// the node answers from its own catalog and warns if that may be stale.
+    #[arg(long)]
+    consistent: bool,
 }
 
 #[derive(Args)]
@@ -131,6 +136,19 @@ async fn connect(conn: &Conn) -> Result<(NodeClient, TlsIdentity)> {
     Ok((client, tls))
 }
 
+/// Lists snapshots, after a read barrier with `--consistent`; warns when the node's catalog
+/// may be stale.
+async fn list(client: &NodeClient, conn: &Conn, source: Option<&str>) -> Result<Vec<SnapshotInfo>> {
+    if conn.consistent {
+        client.read_barrier().await.context("--consistent: the node could not confirm its catalog is current")?;
+    }
+    let (list, stale) = client.list_snapshots(source).await?;
+    if let Some(why) = stale {
+        eprintln!("warning: {why}");
+    }
+    Ok(list)
+}
+
 fn keys(conn: &Conn, tls: &TlsIdentity) -> Result<TenantKeys> {
     let path = conn.key_file.as_ref().context("--key-file is required to decrypt the snapshot")?;
     let keys = read_key_file(path)?;
@@ -164,7 +182,7 @@ async fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Cmd::Snapshots { conn, source, json } => {
             let (client, _) = connect(&conn).await?;
-            let list = client.snapshots(source.as_deref()).await?;
+            let list = list(&client, &conn, source.as_deref()).await?;
             client.close().await;
             if json {
                 println!("{}", serde_json::to_string_pretty(&list.iter().map(snapshot_json).collect::<Vec<_>>())?);
@@ -220,7 +238,7 @@ async fn read_back(conn: Conn, pick: Pick, target: Option<PathBuf>, overwrite: b
     let (client, tls) = connect(&conn).await?;
     let keys = keys(&conn, &tls)?;
     let node = client.addr();
-    let snap = select(&client.snapshots(Some(&pick.source)).await?, &pick.source, &pick.snapshot)?;
+    let snap = select(&list(&client, &conn, Some(&pick.source)).await?, &pick.source, &pick.snapshot)?;
     if snap.key_fingerprint != keys.fingerprint {
         bail!(
             "wrong key: snapshot {} was sealed with key {}, the key file holds key {}",

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The main job on an embedded default: build, start an embassy node on loopback, generate a
-# sample national register, back it up (encrypted, deduplicated), back it up again after a
-# day of changes, restore it, verify it byte for byte, and print the summaries.
+# The main job on an embedded default: build, start a cluster of three embassy nodes on
+# loopback, generate a sample national register, back it up (encrypted, deduplicated,
+# replicated to a quorum of embassies), back it up again after a day of changes, then run the
+# restore drill from one embassy alone (the two others stopped): restore, compare byte for
+# byte, verify, and print the summaries.
 #
 #   deploy/demo.sh [SIZE_MIB]        (default 64; everything lives in a temporary directory)
 set -euo pipefail
@@ -14,31 +16,43 @@ fi
 cargo build --release --workspace --bins --quiet
 B=$CARGO_TARGET_DIR/release
 W=$(mktemp -d /tmp/exclave-demo.XXXXXX)
-NODE_PID=
-cleanup() { [ -n "$NODE_PID" ] && kill "$NODE_PID" 2>/dev/null; wait 2>/dev/null; rm -rf "$W"; }
+declare -A PID
+cleanup() { for p in "${PID[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null; rm -rf "$W"; }
 trap cleanup EXIT
-PORT=$((20000 + RANDOM % 20000))
-NODE=127.0.0.1:$PORT
+BASE=$((20000 + RANDOM % 20000))
+declare -A ADDR=([embassy1]=127.0.0.1:$BASE [embassy2]=127.0.0.1:$((BASE + 1)) [embassy3]=127.0.0.1:$((BASE + 2)))
+NAMES=(embassy1 embassy2 embassy3)
 step() { printf '\n== %s\n' "$*"; }
 
 step "cluster PKI and tenant key"
 $B/exclave-replicator pki init --dir "$W/pki" --cluster demo >/dev/null
-$B/exclave-replicator pki issue --dir "$W/pki" --role node --name embassy1 --host 127.0.0.1
+for n in "${NAMES[@]}"; do $B/exclave-replicator pki issue --dir "$W/pki" --role node --name "$n" --host 127.0.0.1; done
 $B/exclave-replicator pki issue --dir "$W/pki" --role agent --name rnpp --tenant lux
 $B/exclave-replicator pki issue --dir "$W/pki" --role restore --name drteam --tenant lux
+$B/exclave-replicator pki issue --dir "$W/pki" --role admin --name admin
 $B/exclave-agent keys init --tenant lux --out "$W/lux.key"
 
-step "embassy node embassy1 on $NODE"
-$B/exclave-replicator run --name embassy1 --data "$W/embassy1" --listen "$NODE" --pki "$W/pki" \
-  --metrics 127.0.0.1:$((PORT + 1)) 2>"$W/node.log" &
-NODE_PID=$!
-for _ in $(seq 100); do grep -q "storage node ready" "$W/node.log" && break; sleep 0.1; done
+start() { # start NAME: a founding member that knows the two others
+  local n=$1 peers=() m
+  for m in "${NAMES[@]}"; do [ "$m" != "$n" ] && peers+=(--peer "$m=${ADDR[$m]}"); done
+  $B/exclave-replicator run --name "$n" --data "$W/$n" --listen "${ADDR[$n]}" --pki "$W/pki" "${peers[@]}" \
+    --metrics "127.0.0.1:$(( ${ADDR[$n]##*:} + 100 ))" 2>>"$W/$n.log" &
+  PID[$n]=$!
+}
+step "three embassy nodes: ${ADDR[embassy1]}, ${ADDR[embassy2]}, ${ADDR[embassy3]}"
+for n in "${NAMES[@]}"; do start "$n"; done
+ADMIN=(--node "${ADDR[embassy1]}" --pki "$W/pki")
+for _ in $(seq 100); do
+  $B/exclave-replicator cluster status "${ADMIN[@]}" --json 2>/dev/null | grep -q '"leader": "embassy' && break; sleep 0.2
+done
+$B/exclave-replicator cluster status "${ADMIN[@]}"
 
 step "sample register, ${SIZE} MiB (persons, vehicles, cadastre, scanned documents)"
 $B/exclave-sample-register "$W/register" "$SIZE"
 
-AGENT=(--node "$NODE" --pki "$W/pki" --identity rnpp --key-file "$W/lux.key")
-RESTORE=(--node "$NODE" --pki "$W/pki" --identity drteam --key-file "$W/lux.key")
+ALL=(--node "${ADDR[embassy1]}" --node "${ADDR[embassy2]}" --node "${ADDR[embassy3]}")
+AGENT=("${ALL[@]}" --pki "$W/pki" --identity rnpp --key-file "$W/lux.key")
+RESTORE=(--node "${ADDR[embassy3]}" --pki "$W/pki" --identity drteam --key-file "$W/lux.key")
 step "day 1 backup"
 $B/exclave-agent backup "${AGENT[@]}" --source rnpp "$W/register"
 
@@ -52,15 +66,24 @@ open(p, "w", encoding="utf-8").write("\n".join(rows))
 PY
 $B/exclave-agent backup "${AGENT[@]}" --source rnpp "$W/register"
 
-step "snapshots held by the embassy"
+step "every embassy converges to a full copy"
+for _ in $(seq 150); do
+  J=$($B/exclave-replicator cluster status "${ADMIN[@]}" --json)
+  [ "$(grep -c '"chunks_missing": 0' <<<"$J")" = 3 ] && [ "$(grep -c '"scanned_at": [0-9]' <<<"$J")" = 3 ] && break; sleep 0.2
+done
+$B/exclave-replicator cluster status "${ADMIN[@]}"
+
+step "the home country and two embassies are lost: only embassy3 remains"
+kill "${PID[embassy1]}" "${PID[embassy2]}"; wait "${PID[embassy1]}" "${PID[embassy2]}" 2>/dev/null || true
+unset 'PID[embassy1]' 'PID[embassy2]'
 $B/exclave-restore snapshots "${RESTORE[@]}"
 
-step "restore drill: restore the latest snapshot and verify it"
+step "restore drill from embassy3 alone: restore the latest snapshot and verify it"
 $B/exclave-restore restore "${RESTORE[@]}" --source rnpp --snapshot latest --to "$W/restored"
 diff -r "$W/register" "$W/restored/register" && echo "byte-for-byte comparison with the source: identical"
 $B/exclave-restore verify "${RESTORE[@]}" --source rnpp --snapshot latest
 
-step "node metrics (excerpt)"
-exec 3<>/dev/tcp/127.0.0.1/$((PORT + 1)); printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3
-grep -E '^exclave_(chunks_stored_total|snapshot_last_time_seconds|requests_total\{.*commit)' <&3 || true
+step "embassy3 metrics (excerpt)"
+exec 3<>/dev/tcp/127.0.0.1/$(( ${ADDR[embassy3]##*:} + 100 )); printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3
+grep -E '^exclave_(chunks_stored_total|chunks_backfilled_total|chunks_missing|raft\{|snapshot_last_time_seconds)' <&3 || true
 echo; echo "demo complete"

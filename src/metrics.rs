@@ -40,6 +40,9 @@ pub async fn serve(addr: SocketAddr, registry: Registry) -> std::io::Result<toki
                     body.len()
                 );
                 let _ = sock.write_all(resp.as_bytes()).await;
+                // Close gracefully: dropping a socket with unread input resets the connection,
+                // which can cut the response short at the client.
+                let _ = sock.shutdown().await;
             });
         }
     }))

@@ -52,6 +52,8 @@ pub struct Summary {
     pub warnings: Vec<String>,
     /// Runs needed: more than one when a node failed and another took over.
     pub attempts: usize,
+    /// Time from sending the commit to its acknowledgement (through Raft in a cluster).
+    pub commit_secs: f64,
 }
 
 fn now_secs() -> i64 {
@@ -153,7 +155,7 @@ fn fails_over(e: &anyhow::Error) -> bool {
     })
 }
 
-type Attempt = (Arc<exclave::client::NodeClient>, Vec<String>, SnapshotInfo);
+type Attempt = (Arc<exclave::client::NodeClient>, Vec<String>, SnapshotInfo, f64);
 
 /// One run of the backup against the first of `nodes` that answers. On failure, says which
 /// node was in use.
@@ -210,12 +212,13 @@ async fn attempt(
         .refs
         .into_batches(exclave::protocol::MAX_IDS_PER_MESSAGE)
         .map_err(|e| (used, anyhow::Error::from(e)))?;
+    let commit_started = Instant::now();
     let committed = client
         .commit_batches(info, batches.batch_count() as u32, batches)
         .await
         .context("committing the snapshot")
         .map_err(|e| (used, e))?;
-    Ok((client, warnings, committed))
+    Ok((client, warnings, committed, commit_started.elapsed().as_secs_f64()))
 }
 
 pub async fn run(a: BackupArgs) -> Result<i32> {
@@ -225,14 +228,14 @@ pub async fn run(a: BackupArgs) -> Result<i32> {
     // there, and the chunks already on a write quorum are not sent twice.
     let mut order = r.nodes.clone();
     let mut attempts = 0usize;
-    let (client, node, stats, warnings, committed) = loop {
+    let (client, node, stats, warnings, committed, commit_secs) = loop {
         attempts += 1;
         let stats = Arc::new(Stats::default());
         let result = attempt(&r, &a, &order, stats.clone()).await;
         match result {
-            Ok((client, warnings, committed)) => {
+            Ok((client, warnings, committed, commit_secs)) => {
                 let node = client.addr().to_string();
-                break (client, node, stats, warnings, committed);
+                break (client, node, stats, warnings, committed, commit_secs);
             }
             Err((failed, e)) if attempts < r.nodes.len() && fails_over(&e) => {
                 tracing::warn!(node = %failed.map(|a| a.to_string()).unwrap_or_default(), error = %format!("{e:#}"),
@@ -275,6 +278,7 @@ pub async fn run(a: BackupArgs) -> Result<i32> {
         mb_per_s: read as f64 / 1e6 / secs,
         warnings,
         attempts,
+        commit_secs,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);

@@ -211,15 +211,17 @@ fn print_status(members: &[MemberReport]) {
     }
     println!(
         "{:<12} {:<22} {:<13} {:>5} {:>8} {:>8} {:>9} {:>8} {:>9} {:>12}",
-        "NAME", "ADDRESS", "ROLE", "TERM", "COMMIT", "APPLIED", "CHUNKS", "MISSING", "SNAPSHOTS", "LAST CONTACT"
+        "NAME", "ADDRESS", "ROLE", "TERM", "COMMIT", "APPLIED", "CHUNKS", "MISSING", "SNAPSHOTS", "LEADER HEARD"
     );
+    // Contact as the leader sees it: followers only hear from the leader.
+    let seer = members.iter().filter_map(|m| m.status.as_ref().ok()).find(|s| s.role == "leader").unwrap_or(me);
     for m in members {
         match &m.status {
             Ok(s) => {
-                let contact = if m.name == me.name {
+                let contact = if m.name == seer.name {
                     "-".to_string()
                 } else {
-                    me.peers
+                    seer.peers
                         .iter()
                         .find(|p| p.name == m.name)
                         .and_then(|p| p.last_contact_ms)

@@ -531,22 +531,29 @@ async fn put_chunks(node: &Arc<Node>, tenant: String, chunks: Vec<PutChunk>) -> 
     node.raft.leader_known().await.map_err(|e| Failure::new(ErrorCode::Unavailable, format!("{}: {e}", node.name)))?;
     let chunks = Arc::new(chunks);
     let (store, t, c) = (node.store.clone(), tenant.clone(), chunks.clone());
-    let new = blocking(move || store.put_chunks(&t, &c)).await?;
-    node.metrics.stored(new, bytes);
     let need = replication::write_quorum(node);
-    if need > 1 {
-        let others = replication::others(node);
-        let (ok, errors) = node.peers.replicate(&tenant, chunks.clone(), &others, need - 1).await;
-        if ok + 1 < need {
-            return Err(Failure::new(
-                ErrorCode::Unavailable,
-                format!(
-                    "only {} of the {need} nodes needed hold these chunks durably ({}); they will be indexed once a quorum holds them",
-                    ok + 1,
-                    if errors.is_empty() { "no answer".to_string() } else { errors.join("; ") }
-                ),
-            ));
+    // Written here and sent to the peers at once: the fsyncs overlap.
+    let local = blocking(move || store.put_chunks(&t, &c));
+    let remote = async {
+        if need > 1 {
+            let others = replication::others(node);
+            node.peers.replicate(&tenant, chunks.clone(), &others, need - 1).await
+        } else {
+            (0, Vec::new())
         }
+    };
+    let (local, (ok, errors)) = tokio::join!(local, remote);
+    let new = local?;
+    node.metrics.stored(new, bytes);
+    if ok + 1 < need {
+        return Err(Failure::new(
+            ErrorCode::Unavailable,
+            format!(
+                "only {} of the {need} nodes needed hold these chunks durably ({}); they will be indexed once a quorum holds them",
+                ok + 1,
+                if errors.is_empty() { "no answer".to_string() } else { errors.join("; ") }
+            ),
+        ));
     }
     let (store, t, c) = (node.store.clone(), tenant.clone(), chunks.clone());
     let entries: Vec<(exclave::ChunkId, IndexEntry)> = blocking(move || {

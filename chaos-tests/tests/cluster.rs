@@ -158,6 +158,12 @@ fn a_node_cut_off_from_the_majority_refuses_commits_and_the_majority_goes_on() {
     // n3 alone: its peers are stopped.
     nodes[0].stop().expect("stopped");
     nodes[1].stop().expect("stopped");
+    // Until it has missed the leader for a few elections it cannot know it is cut off.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while status_of(&w, &nodes[2])["stale"].is_null() {
+        assert!(Instant::now() < deadline, "n3 never noticed it is cut off");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // Known data and new data alike: nothing is committed, and the error says why.
     let more = w.path("more");
     sample_tree(&more, 6, 256 << 10);

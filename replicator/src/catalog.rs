@@ -267,18 +267,7 @@ fn commit(
         return Ok(Outcome::Committed(existing));
     }
     let staged_prefix = batches_prefix(b'p', tenant, &snapshot.id);
-    let mut staged: Vec<(Vec<u8>, Vec<ChunkId>)> = Vec::new();
-    let mut bad = None;
-    view.scan(&staged_prefix, &mut |k, v| {
-        match decode::<Vec<ChunkId>>(v) {
-            Ok(ids) => staged.push((k.to_vec(), ids)),
-            Err(e) => bad = Some(e),
-        }
-        true
-    })?;
-    if let Some(e) = bad {
-        return Err(e);
-    }
+    let staged: Vec<(Vec<u8>, Vec<ChunkId>)> = scan_decoded(view, &staged_prefix)?;
     let drop_staged = |w: &mut Vec<Write>, staged: &[(Vec<u8>, Vec<ChunkId>)]| {
         w.extend(staged.iter().map(|(k, _)| Write::Delete(k.clone())));
     };
@@ -362,11 +351,31 @@ pub fn snapshots(
         prefix.extend_from_slice(s.as_bytes());
         prefix.push(0);
     }
+    let mut out: Vec<SnapshotInfo> = scan_decoded(view, &prefix)?.into_iter().map(|(_, s)| s).collect();
+    out.sort_by_key(|s: &SnapshotInfo| (s.time, s.commit_seq));
+    Ok(out)
+}
+
+pub fn members(view: &dyn CatalogRead) -> Result<Vec<(u64, Member)>, CatalogError> {
+    scan_decoded::<Member>(view, b"n")?
+        .into_iter()
+        .map(|(k, m)| {
+            let id = k.get(1..9).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+            id.map(|id| (id, m)).ok_or_else(|| CatalogError::Decode("member key".into()))
+        })
+        .collect()
+}
+
+/// Every value under `prefix`, decoded, with its key, in key order.
+fn scan_decoded<T: for<'de> Deserialize<'de>>(
+    view: &dyn CatalogRead,
+    prefix: &[u8],
+) -> Result<Vec<(Vec<u8>, T)>, CatalogError> {
     let mut out = Vec::new();
     let mut bad = None;
-    view.scan(&prefix, &mut |_, v| match decode(v) {
-        Ok(s) => {
-            out.push(s);
+    view.scan(prefix, &mut |k, v| match decode(v) {
+        Ok(t) => {
+            out.push((k.to_vec(), t));
             true
         }
         Err(e) => {
@@ -374,29 +383,7 @@ pub fn snapshots(
             false
         }
     })?;
-    if let Some(e) = bad {
-        return Err(e);
-    }
-    out.sort_by_key(|s: &SnapshotInfo| (s.time, s.commit_seq));
-    Ok(out)
-}
-
-pub fn members(view: &dyn CatalogRead) -> Result<Vec<(u64, Member)>, CatalogError> {
-    let mut out = Vec::new();
-    let mut bad = None;
-    view.scan(b"n", &mut |k, v| {
-        let id = k.get(1..9).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
-        match (id, decode::<Member>(v)) {
-            (Some(id), Ok(m)) => out.push((id, m)),
-            (None, _) => bad = Some(CatalogError::Decode("member key".into())),
-            (_, Err(e)) => bad = Some(e),
-        }
-        true
-    })?;
-    match bad {
-        Some(e) => Err(e),
-        None => Ok(out),
-    }
+    bad.map_or(Ok(out), Err)
 }
 
 /// Counts keys under a prefix (chunks: `CHUNK_PREFIX`; snapshots: `b"i"`).

@@ -196,7 +196,8 @@ fn fatal(e: impl std::fmt::Display) -> Fatal {
     Fatal(e.to_string())
 }
 
-/// Starts the Raft member. `founders` (this node and its static peers) seed the
+/// Opens the Raft log (and writes the founding configuration on a first start), for `run`.
+/// `founders` (this node and its static peers) seed the
 /// configuration on the very first start, unless `join` says the node waits to be added.
 pub fn start(
     name: &str,
@@ -204,7 +205,7 @@ pub fn start(
     founders: &[(u64, Member)],
     join: bool,
     tx: Sender<Input>,
-) -> anyhow::Result<RaftHandle> {
+) -> anyhow::Result<(RaftHandle, RaftLog)> {
     let id = catalog::raft_id(name);
     let mut log = RaftLog::open(store.db().clone())?;
     if log.is_blank() && !join {
@@ -221,12 +222,17 @@ pub fn start(
         info!(voters = founders.len(), "new cluster configuration written (bootstrap)");
     }
     let view = Arc::new(Mutex::new(RaftView::default()));
-    Ok(RaftHandle { id, tx, view })
+    Ok((RaftHandle { id, tx, view }, log))
 }
 
 /// Runs the member until the input channel closes; exits the process on a storage error.
-pub fn run(handle: &RaftHandle, store: Arc<Store>, peers: Arc<Peers>, rx: Receiver<Input>) -> anyhow::Result<()> {
-    let log = RaftLog::open(store.db().clone())?;
+pub fn run(
+    handle: &RaftHandle,
+    log: RaftLog,
+    store: Arc<Store>,
+    peers: Arc<Peers>,
+    rx: Receiver<Input>,
+) -> anyhow::Result<()> {
     let cfg = raft::Config {
         id: handle.id,
         election_tick: ELECTION_TICKS,
@@ -344,21 +350,8 @@ impl Driver {
     }
 
     fn expire(&mut self) {
-        let now = Instant::now();
-        let why =
-            || "not applied within 10 s: the cluster may have lost its leader or its majority; try again".to_string();
-        let late: Vec<u64> = self.pending.iter().filter(|(_, (_, t))| *t <= now).map(|(s, _)| *s).collect();
-        for s in late {
-            if let Some((r, _)) = self.pending.remove(&s) {
-                let _ = r.send(Err(ConsensusError::NoQuorum(why())));
-            }
-        }
-        let late: Vec<u64> = self.reads.iter().filter(|(_, (_, t))| *t <= now).map(|(s, _)| *s).collect();
-        for s in late {
-            if let Some((r, _)) = self.reads.remove(&s) {
-                let _ = r.send(Err(ConsensusError::NoQuorum(why())));
-            }
-        }
+        expire(&mut self.pending);
+        expire(&mut self.reads);
     }
 
     fn on_ready(&mut self) -> Result<(), Fatal> {
@@ -503,6 +496,19 @@ impl Driver {
             last_heard: self.last_heard.clone(),
         };
         *self.view.lock().unwrap_or_else(|p| p.into_inner()) = v;
+    }
+}
+
+/// Fails the callers whose proposal or read has waited past its deadline.
+fn expire<T>(waiting: &mut HashMap<u64, (Reply<T>, Instant)>) {
+    let now = Instant::now();
+    let late: Vec<u64> = waiting.iter().filter(|(_, (_, t))| *t <= now).map(|(s, _)| *s).collect();
+    for s in late {
+        if let Some((reply, _)) = waiting.remove(&s) {
+            let _ = reply.send(Err(ConsensusError::NoQuorum(
+                "not applied within 10 s: the cluster may have lost its leader or its majority; try again".into(),
+            )));
+        }
     }
 }
 

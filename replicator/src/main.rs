@@ -171,13 +171,13 @@ async fn run_node(cfg: config::NodeConfig) -> Result<()> {
     let peers = peers::Peers::new(me, tls.clone(), input.clone(), tokio::runtime::Handle::current());
     // Static addresses first; the catalog's membership (applied by the Raft thread) wins.
     peers.set_members(founders.clone());
-    let raft = consensus::start(&cfg.name, &store, &founders, cfg.join, input)
+    let (raft, log) = consensus::start(&cfg.name, &store, &founders, cfg.join, input)
         .with_context(|| format!("opening the Raft log in {}", cfg.data.display()))?;
     {
         let (h, st, p) = (raft.clone(), store.clone(), peers.clone());
         std::thread::Builder::new().name("raft".into()).spawn(move || {
             // A panic inside raft-rs must not leave a node that serves without consensus.
-            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| consensus::run(&h, st, p, inbox))) {
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| consensus::run(&h, log, st, p, inbox))) {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     error!(error = %e, "the Raft member could not start; stopping");

@@ -65,6 +65,11 @@ impl Node {
         Ok(())
     }
 
+    /// Refuses at once (after a short wait for an election) when no leader can be reached.
+    async fn require_leader(&self) -> Result<(), Failure> {
+        self.raft.leader_known().await.map_err(|e| Failure::new(ErrorCode::Unavailable, format!("{}: {e}", self.name)))
+    }
+
     fn member_status(&self) -> Result<MemberStatus, StoreError> {
         let v = self.raft.view();
         let me = self.raft.id;
@@ -307,6 +312,17 @@ impl From<TransportError> for Failure {
     }
 }
 
+fn valid_name(what: &'static str, value: &str) -> Result<(), Failure> {
+    check_name(what, value).map_err(|e| Failure::new(ErrorCode::BadRequest, e.to_string()))
+}
+
+fn ids_within_limit(ids: &[exclave::ChunkId]) -> Result<(), Failure> {
+    if ids.len() > MAX_IDS_PER_MESSAGE {
+        return Err(Failure::new(ErrorCode::BadRequest, "too many ids in one request"));
+    }
+    Ok(())
+}
+
 fn authorise(identity: &Identity, p: Permission, request: &'static str) -> Result<String, Failure> {
     if !identity.may(p) {
         let what = match p {
@@ -353,9 +369,7 @@ async fn dispatch(
     match req {
         Request::Have { ids } => {
             let tenant = authorise(identity, Permission::QueryTenant, "have")?;
-            if ids.len() > MAX_IDS_PER_MESSAGE {
-                return Err(Failure::new(ErrorCode::BadRequest, "too many ids in one request"));
-            }
+            ids_within_limit(&ids)?;
             // The cluster's index, not this node's disk: what is indexed is on a write quorum.
             let ids = blocking(move || Ok(catalog::missing(&store.catalog()?, &tenant, &ids)?)).await?;
             Ok(Reply::Missing { ids })
@@ -369,16 +383,13 @@ async fn dispatch(
             let Identity::Agent { name, .. } = identity else {
                 return Err(Failure::new(ErrorCode::Unauthorized, "only agents commit snapshots"));
             };
-            check_name("source", &snapshot.source).map_err(|e| Failure::new(ErrorCode::BadRequest, e.to_string()))?;
-            check_name("snapshot id", &snapshot.id).map_err(|e| Failure::new(ErrorCode::BadRequest, e.to_string()))?;
+            valid_name("source", &snapshot.source)?;
+            valid_name("snapshot id", &snapshot.id)?;
             if ref_batches > MAX_COMMIT_BATCHES {
                 return Err(Failure::new(ErrorCode::BadRequest, "commit carries too many reference batches"));
             }
             // Refuse before the client streams its references.
-            node.raft
-                .leader_known()
-                .await
-                .map_err(|e| Failure::new(ErrorCode::Unavailable, format!("{}: {e}", node.name)))?;
+            node.require_leader().await?;
             for batch in 0..ref_batches {
                 let ids = match transport::read_frame::<Request>(recv, FrameKind::Request).await? {
                     Some(Request::CommitRefs { ids }) if ids.len() <= MAX_IDS_PER_MESSAGE => ids,
@@ -430,9 +441,7 @@ async fn dispatch(
         }
         Request::GetChunks { ids } => {
             let tenant = authorise(identity, Permission::ReadTenant, "get_chunks")?;
-            if ids.len() > MAX_IDS_PER_MESSAGE {
-                return Err(Failure::new(ErrorCode::BadRequest, "too many ids in one request"));
-            }
+            ids_within_limit(&ids)?;
             read_through(node, &tenant, &ids).await;
             Ok(Reply::Chunks { chunks: serve_chunks(store, tenant, ids).await? })
         }
@@ -461,7 +470,7 @@ async fn dispatch(
         }
         Request::Replicate { tenant, chunks } => {
             authorise(identity, Permission::Peer, "replicate")?;
-            check_name("tenant", &tenant).map_err(|e| Failure::new(ErrorCode::BadRequest, e.to_string()))?;
+            valid_name("tenant", &tenant)?;
             let bytes: usize = chunks.iter().map(|c| c.envelope.len()).sum();
             node.check_room(bytes)?;
             let new = blocking(move || store.put_chunks(&tenant, &chunks)).await?;
@@ -470,9 +479,7 @@ async fn dispatch(
         }
         Request::Fetch { tenant, ids } => {
             authorise(identity, Permission::Peer, "fetch")?;
-            if ids.len() > MAX_IDS_PER_MESSAGE {
-                return Err(Failure::new(ErrorCode::BadRequest, "too many ids in one request"));
-            }
+            ids_within_limit(&ids)?;
             Ok(Reply::Chunks { chunks: serve_chunks(store, tenant, ids).await? })
         }
         Request::RaftStatus => {
@@ -486,7 +493,7 @@ async fn dispatch(
         }
         Request::AddNode { name, addr, voter } => {
             authorise(identity, Permission::Administer, "add_node")?;
-            check_name("node name", &name).map_err(|e| Failure::new(ErrorCode::BadRequest, e.to_string()))?;
+            valid_name("node name", &name)?;
             addr.parse::<SocketAddr>()
                 .map_err(|e| Failure::new(ErrorCode::BadRequest, format!("address {addr:?}: {e}")))?;
             let change = if voter { ConfChangeType::AddNode } else { ConfChangeType::AddLearnerNode };
@@ -528,7 +535,7 @@ async fn put_chunks(node: &Arc<Node>, tenant: String, chunks: Vec<PutChunk>) -> 
     let bytes: usize = chunks.iter().map(|c| c.envelope.len()).sum();
     node.check_room(bytes)?;
     // A node cut off from the majority could store but never index: say why at once.
-    node.raft.leader_known().await.map_err(|e| Failure::new(ErrorCode::Unavailable, format!("{}: {e}", node.name)))?;
+    node.require_leader().await?;
     let chunks = Arc::new(chunks);
     let (store, t, c) = (node.store.clone(), tenant.clone(), chunks.clone());
     let need = replication::write_quorum(node);

@@ -10,8 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE=${1:-64}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/exclave-target}
-if ! ldconfig -p | grep -q librocksdb.so; then
-  echo "installing librocksdb-dev and libclang-dev (needs root)"; apt-get update -qq && apt-get install -y -qq librocksdb-dev libclang-dev >/dev/null
+if ! ldconfig -p | grep -q librocksdb.so || [ ! -e /usr/include/sqlite3.h ]; then
+  echo "installing librocksdb-dev, libclang-dev and libsqlite3-dev (needs root)"
+  apt-get update -qq && apt-get install -y -qq librocksdb-dev libclang-dev libsqlite3-dev >/dev/null
 fi
 cargo build --release --workspace --bins --quiet
 B=$CARGO_TARGET_DIR/release

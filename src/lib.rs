@@ -1,13 +1,14 @@
 //! Exclave core library: the formats and protocols every Exclave program shares.
 //!
 //! Pure parts (no I/O): `chunker`, `chunk_id`, `keys` (derivation), `envelope`, `manifest`,
-//! `protocol`, `identity`. Thin I/O edges: `pki` (certificate files), `transport` (QUIC and
+//! `protocol`, `identity`, `facts`. Thin I/O edges: `pki` (certificate files), `transport` (QUIC and
 //! TLS), `client` (a connection to a storage node), `metrics` (Prometheus exposition).
 
 pub mod chunk_id;
 pub mod chunker;
 pub mod client;
 pub mod envelope;
+pub mod facts;
 pub mod identity;
 pub mod keys;
 pub mod logging;

@@ -20,14 +20,15 @@ use exclave::transport::TlsIdentity;
 use serde::Serialize;
 
 use crate::BackupArgs;
-use crate::config::{AgentConfig, SourceConfig};
+use crate::config::{AgentConfig, PgMethod, SourceConfig, SourceKind};
 use crate::pipeline::{self, Plan, Stats};
 use crate::progress::Progress;
-use crate::source;
+use crate::source::{self, Item};
 
 #[derive(Serialize)]
 pub struct Summary {
     pub source: String,
+    pub kind: &'static str,
     pub snapshot: String,
     pub node: String,
     pub files: u64,
@@ -54,6 +55,8 @@ pub struct Summary {
     pub attempts: usize,
     /// Time from sending the commit to its acknowledgement (through Raft in a cluster).
     pub commit_secs: f64,
+    /// Tables whose row count and checksum were recorded (database sources).
+    pub tables: Option<usize>,
 }
 
 fn now_secs() -> i64 {
@@ -103,23 +106,15 @@ fn resolve(a: &BackupArgs) -> Result<Resolved> {
         ),
         other => bail!("certificate {ident} is {other}, not an agent identity"),
     }
-    let (source, mut src) = match (&a.source, a.paths.is_empty()) {
-        (Some(name), false) => (
-            name.clone(),
-            SourceConfig {
-                kind: "path".into(),
-                paths: a.paths.clone(),
-                chunk_min: None,
-                chunk_avg: None,
-                chunk_max: None,
-            },
-        ),
-        (Some(name), true) => match cfg.sources.get(name) {
+    let one_shot = one_shot_source(a)?;
+    let (source, mut src) = match (&a.source, one_shot) {
+        (Some(name), Some(src)) => (name.clone(), src),
+        (Some(name), None) => match cfg.sources.get(name) {
             Some(s) => (name.clone(), s.clone()),
             None => bail!("no source {name:?} in the config and no PATH given"),
         },
-        (None, false) => bail!("--source NAME is required: it names the snapshots of these paths"),
-        (None, true) => match cfg.sources.len() {
+        (None, Some(_)) => bail!("--source NAME is required: it names the snapshots of this source"),
+        (None, None) => match cfg.sources.len() {
             1 => cfg.sources.iter().next().map(|(n, s)| (n.clone(), s.clone())).context("no source")?,
             0 => bail!("nothing to back up: give --source NAME PATH..."),
             _ => bail!(
@@ -145,6 +140,33 @@ fn resolve(a: &BackupArgs) -> Result<Resolved> {
     })
 }
 
+/// The source given by flags (PATHs, --postgres, --sqlite or --command), if any.
+fn one_shot_source(a: &BackupArgs) -> Result<Option<SourceConfig>> {
+    let given = [!a.paths.is_empty(), a.postgres.is_some(), a.sqlite.is_some(), a.command.is_some()];
+    if given.iter().filter(|g| **g).count() > 1 {
+        bail!("give one of PATH..., --postgres, --sqlite or --command");
+    }
+    let mut s = SourceConfig::default();
+    if !a.paths.is_empty() {
+        s.paths = a.paths.clone();
+    } else if let Some(conn) = &a.postgres {
+        s.kind = SourceKind::Postgres;
+        s.connection = Some(conn.clone());
+        s.method = if a.pg_base { PgMethod::Base } else { PgMethod::Dump };
+        s.pg_bin = a.pg_bin.clone();
+    } else if let Some(db) = &a.sqlite {
+        s.kind = SourceKind::Sqlite;
+        s.database = Some(db.clone());
+    } else if let Some(cmd) = &a.command {
+        s.kind = SourceKind::Command;
+        s.command = vec!["/bin/sh".into(), "-c".into(), cmd.clone()];
+    } else {
+        return Ok(None);
+    }
+    s.validate()?;
+    Ok(Some(s))
+}
+
 /// Whether a failed run may succeed on another node (the node or the link failed, not the
 /// request).
 fn fails_over(e: &anyhow::Error) -> bool {
@@ -155,7 +177,7 @@ fn fails_over(e: &anyhow::Error) -> bool {
     })
 }
 
-type Attempt = (Arc<exclave::client::NodeClient>, Vec<String>, SnapshotInfo, f64);
+type Attempt = (Arc<exclave::client::NodeClient>, Vec<String>, SnapshotInfo, f64, Option<usize>);
 
 /// One run of the backup against the first of `nodes` that answers. On failure, says which
 /// node was in use.
@@ -166,15 +188,26 @@ async fn attempt(
     stats: Arc<Stats>,
 ) -> std::result::Result<Attempt, (Option<SocketAddr>, anyhow::Error)> {
     let chunker: ChunkerParams = r.src.chunker().map_err(|e| (None, e))?;
-    let roots = source::roots(&r.src.paths).map_err(|e| (None, e.into()))?;
     let client = Arc::new(exclave::client::connect_any(nodes, &r.tls).await.map_err(|e| (None, e.into()))?);
     let used = Some(client.addr());
     let time = now_secs();
     let id = snapshot_id(time);
+    // Preparing may talk to a database with a blocking client: off the async threads.
+    let prepared = {
+        let (name, src) = (r.source.clone(), r.src.clone());
+        tokio::task::spawn_blocking(move || source::prepare(&name, &src, time))
+            .await
+            .map_err(|e| (None, anyhow::Error::from(e)))?
+            .with_context(|| format!("preparing source {}", r.source))
+            .map_err(|e| (None, e))?
+    };
+    let source::Prepared { items, facts, hold } = prepared;
+    let trees: Vec<source::Root> =
+        items.iter().filter_map(|i| if let Item::Tree(r) = i { Some(r.clone()) } else { None }).collect();
     let plan = Plan {
         tenant: r.keys.tenant.clone(),
         source: r.source.clone(),
-        roots,
+        items,
         chunker,
         zstd_level: r.zstd_level,
         budget_bytes: r.budget_mib << 20,
@@ -184,8 +217,10 @@ async fn attempt(
         hostname: hostname(),
     };
     let progress =
-        (!a.quiet && !a.json && std::io::stderr().is_terminal()).then(|| Progress::start(&plan.roots, stats.clone()));
+        (!a.quiet && !a.json && std::io::stderr().is_terminal()).then(|| Progress::start(trees, stats.clone()));
     let outcome = pipeline::run(client.clone(), r.keys.clone(), plan, stats.clone()).await;
+    // The source's transaction (or staging copy) is released only now that it is read.
+    let _ = tokio::task::spawn_blocking(move || drop(hold)).await;
     if let Some(p) = progress {
         p.finish();
     }
@@ -218,7 +253,8 @@ async fn attempt(
         .await
         .context("committing the snapshot")
         .map_err(|e| (used, e))?;
-    Ok((client, warnings, committed, commit_started.elapsed().as_secs_f64()))
+    let tables = facts.map(|f| f.tables.len());
+    Ok((client, warnings, committed, commit_started.elapsed().as_secs_f64(), tables))
 }
 
 pub async fn run(a: BackupArgs) -> Result<i32> {
@@ -228,14 +264,14 @@ pub async fn run(a: BackupArgs) -> Result<i32> {
     // there, and the chunks already on a write quorum are not sent twice.
     let mut order = r.nodes.clone();
     let mut attempts = 0usize;
-    let (client, node, stats, warnings, committed, commit_secs) = loop {
+    let (client, node, stats, warnings, committed, commit_secs, tables) = loop {
         attempts += 1;
         let stats = Arc::new(Stats::default());
         let result = attempt(&r, &a, &order, stats.clone()).await;
         match result {
-            Ok((client, warnings, committed, commit_secs)) => {
+            Ok((client, warnings, committed, commit_secs, tables)) => {
                 let node = client.addr().to_string();
-                break (client, node, stats, warnings, committed, commit_secs);
+                break (client, node, stats, warnings, committed, commit_secs, tables);
             }
             Err((failed, e)) if attempts < r.nodes.len() && fails_over(&e) => {
                 tracing::warn!(node = %failed.map(|a| a.to_string()).unwrap_or_default(), error = %format!("{e:#}"),
@@ -260,6 +296,7 @@ pub async fn run(a: BackupArgs) -> Result<i32> {
     let (read, new, up) = (g(&stats.bytes_read), g(&stats.new_bytes), g(&stats.uploaded_bytes));
     let summary = Summary {
         source: r.source,
+        kind: r.src.kind_name(),
         snapshot: committed.id,
         node,
         files: g(&stats.files),
@@ -279,6 +316,7 @@ pub async fn run(a: BackupArgs) -> Result<i32> {
         warnings,
         attempts,
         commit_secs,
+        tables,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -298,6 +336,9 @@ fn print_summary(s: &Summary) {
     }
     println!("snapshot {} of source {} committed on {}", s.snapshot, s.source, s.node);
     println!("  files         {} ({} dirs, {} symlinks)", s.files, s.dirs, s.symlinks);
+    if let Some(t) = s.tables {
+        println!("  tables        {t} (row counts and checksums recorded for restore drills)");
+    }
     println!("  read          {}", mib(s.bytes_read));
     println!("  new           {}  ({} of {} data chunks)", mib(s.new_bytes), s.data_chunks_uploaded, s.chunks);
     println!("  uploaded      {}  (after compression and encryption)", mib(s.uploaded_bytes));

@@ -29,21 +29,58 @@ pub struct AgentConfig {
     pub sources: BTreeMap<String, SourceConfig>,
 }
 
-#[derive(Deserialize, Debug, Clone)]
+/// What a source is; each kind names the fields it needs (see deploy/agent.example.toml).
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SourceKind {
+    /// Files and directories (`paths`).
+    #[default]
+    Path,
+    /// A PostgreSQL database (`connection`): `method = "dump"` (pg_dump, the default) or
+    /// `"base"` (a base backup for point-in-time restore with `wal-push`).
+    Postgres,
+    /// A SQLite database file (`database`), copied with the online backup API.
+    Sqlite,
+    /// The standard output of a command (`command`, an argv list; no shell).
+    Command,
+}
+
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum PgMethod {
+    #[default]
+    Dump,
+    Base,
+}
+
+#[derive(Deserialize, Debug, Clone, Default)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct SourceConfig {
-    /// Source kind; `path` (files and directories) is the one this version knows.
-    #[serde(default = "default_kind")]
-    pub kind: String,
+    #[serde(default)]
+    pub kind: SourceKind,
+    /// `path`: files and directories.
+    #[serde(default)]
     pub paths: Vec<PathBuf>,
+    /// `postgres`: libpq connection string (`host=... dbname=...` or `postgresql://...`).
+    pub connection: Option<String>,
+    /// `postgres`: `dump` or `base`.
+    #[serde(default)]
+    pub method: PgMethod,
+    /// `postgres`: directory of pg_dump / pg_basebackup [default: found on PATH].
+    pub pg_bin: Option<PathBuf>,
+    /// `sqlite`: the database file.
+    pub database: Option<PathBuf>,
+    /// `command`: program and arguments.
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// `command`: name of the file holding the output in the snapshot [default: SOURCE.out].
+    pub output_name: Option<String>,
+    /// Where database copies are staged (SQLite) [default: the system temporary directory].
+    pub spool_dir: Option<PathBuf>,
     /// FastCDC sizes in bytes; defaults in `ChunkerParams::default`.
     pub chunk_min: Option<u32>,
     pub chunk_avg: Option<u32>,
     pub chunk_max: Option<u32>,
-}
-
-fn default_kind() -> String {
-    "path".into()
 }
 
 impl SourceConfig {
@@ -57,6 +94,42 @@ impl SourceConfig {
         p.validate()?;
         Ok(p)
     }
+
+    /// Checks that the fields the kind needs are there and no other kind's are.
+    pub fn validate(&self) -> Result<()> {
+        let has = |b: bool, field: &str, kind: &str| -> Result<()> {
+            if b { Ok(()) } else { bail!("`{field}` is required for kind = \"{kind}\"") }
+        };
+        let stray = |b: bool, field: &str| -> Result<()> {
+            if b { bail!("`{field}` does not apply to kind = \"{}\"", self.kind_name()) } else { Ok(()) }
+        };
+        match self.kind {
+            SourceKind::Path => has(!self.paths.is_empty(), "paths", "path")?,
+            SourceKind::Postgres => has(self.connection.is_some(), "connection", "postgres")?,
+            SourceKind::Sqlite => has(self.database.is_some(), "database", "sqlite")?,
+            SourceKind::Command => has(!self.command.is_empty(), "command", "command")?,
+        }
+        stray(self.kind != SourceKind::Path && !self.paths.is_empty(), "paths")?;
+        stray(self.kind != SourceKind::Postgres && self.connection.is_some(), "connection")?;
+        stray(self.kind != SourceKind::Postgres && self.pg_bin.is_some(), "pg-bin")?;
+        stray(self.kind != SourceKind::Sqlite && self.database.is_some(), "database")?;
+        stray(self.kind != SourceKind::Command && !self.command.is_empty(), "command")?;
+        stray(self.kind != SourceKind::Command && self.output_name.is_some(), "output-name")?;
+        if let Some(n) = &self.output_name {
+            exclave::identity::check_name("output-name", n)?;
+        }
+        self.chunker()?;
+        Ok(())
+    }
+
+    pub fn kind_name(&self) -> &'static str {
+        match self.kind {
+            SourceKind::Path => "path",
+            SourceKind::Postgres => "postgres",
+            SourceKind::Sqlite => "sqlite",
+            SourceKind::Command => "command",
+        }
+    }
 }
 
 impl AgentConfig {
@@ -65,13 +138,7 @@ impl AgentConfig {
         let cfg: AgentConfig = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         for (name, s) in &cfg.sources {
             exclave::identity::check_name("source name", name)?;
-            if s.kind != "path" {
-                bail!("source {name}: kind {:?} is not supported by this version (use \"path\")", s.kind);
-            }
-            if s.paths.is_empty() {
-                bail!("source {name}: `paths` is empty");
-            }
-            s.chunker().with_context(|| format!("source {name}"))?;
+            s.validate().with_context(|| format!("source {name}"))?;
         }
         Ok(cfg)
     }
@@ -96,5 +163,9 @@ mod tests {
         assert!(AgentConfig::load(&p).is_err());
         std::fs::write(&p, "[sources.x]\nkind = \"tape\"\npaths = [\"/\"]\n").unwrap();
         assert!(format!("{:#}", AgentConfig::load(&p).unwrap_err()).contains("tape"));
+        std::fs::write(&p, "[sources.x]\nkind = \"postgres\"\n").unwrap();
+        assert!(format!("{:#}", AgentConfig::load(&p).unwrap_err()).contains("`connection` is required"));
+        std::fs::write(&p, "[sources.x]\nkind = \"sqlite\"\ndatabase = \"/d\"\npaths = [\"/\"]\n").unwrap();
+        assert!(format!("{:#}", AgentConfig::load(&p).unwrap_err()).contains("`paths` does not apply"));
     }
 }

@@ -28,7 +28,20 @@ enum Cmd {
     #[command(subcommand)]
     Keys(KeysCmd),
     /// Take one snapshot of a source and upload it.
-    Backup(BackupArgs),
+    Backup(Box<BackupArgs>),
+    /// Print a database's verification facts (tables, row counts, checksums) as recorded in
+    /// its snapshots, to compare a restored database with what was backed up.
+    Facts {
+        /// A PostgreSQL database (libpq connection string).
+        #[arg(long, value_name = "CONNECTION", conflicts_with = "sqlite", required_unless_present = "sqlite")]
+        postgres: Option<String>,
+        /// A SQLite database file.
+        #[arg(long, value_name = "FILE")]
+        sqlite: Option<PathBuf>,
+        /// Compare with the facts file restored from a snapshot; exit 1 if they differ.
+        #[arg(long, value_name = "FACTS.JSON")]
+        compare: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -44,7 +57,7 @@ enum KeysCmd {
     },
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Default)]
 pub struct BackupArgs {
     /// Settings file with named sources (see deploy/agent.example.toml).
     #[arg(long)]
@@ -66,6 +79,21 @@ pub struct BackupArgs {
     pub source: Option<String>,
     /// Paths to back up as the source (instead of the config's).
     pub paths: Vec<PathBuf>,
+    /// Back up a PostgreSQL database (libpq connection string) instead of paths.
+    #[arg(long, value_name = "CONNECTION")]
+    pub postgres: Option<String>,
+    /// With --postgres: a base backup for point-in-time restore instead of a pg_dump.
+    #[arg(long, requires = "postgres")]
+    pub pg_base: bool,
+    /// With --postgres: directory holding pg_dump / pg_basebackup [default: PATH].
+    #[arg(long, requires = "postgres")]
+    pub pg_bin: Option<PathBuf>,
+    /// Back up a SQLite database file (copied with the online backup API).
+    #[arg(long, value_name = "FILE")]
+    pub sqlite: Option<PathBuf>,
+    /// Back up the standard output of a shell command.
+    #[arg(long, value_name = "SHELL-COMMAND")]
+    pub command: Option<String>,
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -106,9 +134,37 @@ fn run(cli: Cli) -> Result<i32> {
             println!("keep a copy offline: without it no backup of {tenant} can ever be read");
             Ok(0)
         }
+        Cmd::Facts { postgres, sqlite, compare } => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0);
+            let facts = match (postgres, sqlite) {
+                (Some(conn), _) => source::postgres::current_facts(&conn, now)?,
+                (None, Some(db)) => source::sqlite::facts(&db, now)?,
+                (None, None) => anyhow::bail!("give --postgres or --sqlite"),
+            };
+            let Some(path) = compare else {
+                print!("{}", String::from_utf8_lossy(&facts.to_json()));
+                return Ok(0);
+            };
+            let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            let recorded = exclave::facts::DbFacts::from_json(&bytes)?;
+            let diffs = recorded.differences(&facts);
+            for d in &diffs {
+                println!("DIFFERS {d}");
+            }
+            if diffs.is_empty() {
+                println!("OK: {} tables match the facts recorded at snapshot time", recorded.tables.len());
+                Ok(0)
+            } else {
+                println!("FAILED: {} difference(s) from the facts recorded at snapshot time", diffs.len());
+                Ok(1)
+            }
+        }
         Cmd::Backup(args) => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(backup::run(args))
+            rt.block_on(backup::run(*args))
         }
     }
 }

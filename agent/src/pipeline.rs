@@ -30,18 +30,18 @@ use exclave::client::NodeClient;
 use exclave::envelope::Sealer;
 use exclave::keys::TenantKeys;
 use exclave::manifest::{
-    ChunkRef, EntryKind, MANIFEST_FORMAT, ManifestHeader, ManifestRoot, ManifestWriter, encode_root,
+    ChunkRef, Entry, EntryKind, MANIFEST_FORMAT, ManifestHeader, ManifestRoot, ManifestWriter, encode_root,
 };
 use exclave::protocol::{PutChunk, Request};
 
 use crate::budget::ByteBudget;
 use crate::refs::RefSpool;
-use crate::source::{self, Root};
+use crate::source::{self, Item};
 
 pub struct Plan {
     pub tenant: String,
     pub source: String,
-    pub roots: Vec<Root>,
+    pub items: Vec<Item>,
     pub chunker: ChunkerParams,
     pub zstd_level: i32,
     pub budget_bytes: usize,
@@ -178,14 +178,14 @@ pub async fn run(client: Arc<NodeClient>, keys: TenantKeys, plan: Plan, stats: A
             time: plan.time,
             hostname: plan.hostname.clone(),
             chunker: plan.chunker,
-            roots: plan.roots.iter().map(|r| r.name.clone()).collect(),
+            roots: plan.items.iter().map(|i| i.name().to_string()).collect(),
         };
-        let (roots, params) = (plan.roots.clone(), plan.chunker);
+        let (items, params, time) = (plan.items, plan.chunker, plan.time);
         std::thread::Builder::new().name("reader".into()).spawn(move || {
             let r = RefSpool::new().context("creating the temporary reference list").and_then(|refs| {
                 let mut d =
                     Dispatcher { keys, budget, tx: job_tx, stats, seen: HashSet::new(), seen_cap: SEEN_CAP, refs };
-                let r = read_all(&roots, params, header, &mut d);
+                let r = read_all(items, params, time, header, &mut d);
                 d.tx.close();
                 r.map(|(root, warnings)| (root, d.refs, warnings))
             });
@@ -309,21 +309,59 @@ impl Dispatcher {
 const READ_BLOCK: usize = 1 << 20;
 
 fn read_all(
-    roots: &[Root],
+    items: Vec<Item>,
     params: ChunkerParams,
+    time: i64,
     header: ManifestHeader,
     d: &mut Dispatcher,
 ) -> Result<(ChunkId, Vec<String>)> {
     let mut reader = Reader::new(params, d)?;
-    for root in roots {
-        let mut walk_warnings = Vec::new();
-        let mut w = |m: String| walk_warnings.push(m);
-        for item in source::walk(root, &mut w) {
-            reader.entry(item)?;
+    for item in items {
+        match item {
+            Item::Tree(root) => {
+                let mut walk_warnings = Vec::new();
+                let mut w = |m: String| walk_warnings.push(m);
+                for listed in source::walk(&root, &mut w) {
+                    reader.entry(listed)?;
+                }
+                reader.warnings.extend(walk_warnings);
+            }
+            Item::Bytes { name, data, mtime } => {
+                reader.stream(own_entry(name.into_bytes(), 0o600, mtime), &mut data.as_slice())?;
+            }
+            Item::Output { name, child } => {
+                let mut running = child.spawn()?;
+                let what = format!("the output of {}", running.program());
+                reader.stream(own_entry(name.into_bytes(), 0o600, time), &mut running).context(what)?;
+                running.finish()?;
+            }
+            Item::Tar { name, child } => {
+                let mut running = child.spawn()?;
+                let what = format!("the tar stream of {}", running.program());
+                reader.tar(&name, &mut running, time).context(what)?;
+                // The archive ends before the stream does (padding): read it out.
+                std::io::copy(&mut running, &mut std::io::sink())?;
+                running.finish()?;
+            }
         }
-        reader.warnings.extend(walk_warnings);
     }
     reader.finish(header)
+}
+
+/// A file entry owned by the agent's user, for content that has no file of its own.
+fn own_entry(path: Vec<u8>, mode: u32, mtime: i64) -> Entry {
+    // getuid/getgid cannot fail.
+    #[allow(unsafe_code)]
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    Entry {
+        path,
+        kind: EntryKind::File { size: 0, blake3: [0; 32], chunks: Vec::new() },
+        mode,
+        uid,
+        gid,
+        mtime_sec: mtime,
+        mtime_nsec: 0,
+    }
 }
 
 /// Reads listed entries in order into chunks and the manifest stream.
@@ -380,9 +418,77 @@ impl<'a> Reader<'a> {
             EntryKind::Dir => Stats::add(&self.d.stats.dirs, 1),
             EntryKind::Symlink { .. } => Stats::add(&self.d.stats.symlinks, 1),
         }
+        self.push(&item.entry)
+    }
+
+    /// Backs up one file whose content comes from `src` (a child's output, a tar member, a
+    /// buffer). Unlike a file on disk, a read error fails the snapshot: there is no copy
+    /// to skip to.
+    fn stream(&mut self, mut entry: Entry, src: &mut dyn Read) -> Result<()> {
+        let mut chunks = Vec::new();
+        let (size, hash) = match chunk_stream(src, &mut self.buf, &mut self.chunker, self.d, &mut chunks) {
+            Ok(r) => r,
+            Err(ReadError::Stopped(e)) => return Err(e),
+            Err(ReadError::Io(e)) => return Err(anyhow!(e).context(format!("reading {}", entry.path_lossy()))),
+        };
+        entry.kind = EntryKind::File { size, blake3: hash, chunks };
+        Stats::add(&self.d.stats.files, 1);
+        self.push(&entry)
+    }
+
+    fn push(&mut self, entry: &Entry) -> Result<()> {
         let pending = &mut self.pending;
-        self.manifest.push(&item.entry, &mut |p: &[u8]| pending.push(p.to_vec()));
+        self.manifest.push(entry, &mut |p: &[u8]| pending.push(p.to_vec()));
         self.flush_pieces()
+    }
+
+    /// Unpacks a tar stream into entries under `name/`.
+    fn tar(&mut self, name: &str, src: &mut dyn Read, time: i64) -> Result<()> {
+        let mut top = own_entry(name.as_bytes().to_vec(), 0o700, time);
+        top.kind = EntryKind::Dir;
+        Stats::add(&self.d.stats.dirs, 1);
+        self.push(&top)?;
+        let mut archive = tar::Archive::new(src);
+        for member in archive.entries()? {
+            let mut member = member?;
+            let raw = member.path_bytes().into_owned();
+            let rel = raw.strip_prefix(b"./").unwrap_or(&raw);
+            let rel = rel.strip_suffix(b"/").unwrap_or(rel);
+            if rel.is_empty() {
+                continue;
+            }
+            if rel.starts_with(b"/") || rel.split(|b| *b == b'/').any(|c| c == b".." || c.is_empty()) {
+                anyhow::bail!("tar member {:?} has an unsafe path", String::from_utf8_lossy(rel));
+            }
+            let h = member.header();
+            let mut entry = Entry {
+                path: [name.as_bytes(), b"/", rel].concat(),
+                kind: EntryKind::Dir,
+                mode: h.mode()? & 0o7777,
+                uid: h.uid()? as u32,
+                gid: h.gid()? as u32,
+                mtime_sec: h.mtime()? as i64,
+                mtime_nsec: 0,
+            };
+            match h.entry_type() {
+                tar::EntryType::Directory => {
+                    Stats::add(&self.d.stats.dirs, 1);
+                    self.push(&entry)?;
+                }
+                tar::EntryType::Symlink => {
+                    let target = member.link_name_bytes().map(|t| t.into_owned()).unwrap_or_default();
+                    entry.kind = EntryKind::Symlink { target: target.to_vec() };
+                    Stats::add(&self.d.stats.symlinks, 1);
+                    self.push(&entry)?;
+                }
+                tar::EntryType::Regular | tar::EntryType::Continuous => self.stream(entry, &mut member)?,
+                other => anyhow::bail!(
+                    "tar member {} is of a kind this version cannot store ({other:?})",
+                    String::from_utf8_lossy(rel)
+                ),
+            }
+        }
+        Ok(())
     }
 
     fn flush_pieces(&mut self) -> Result<()> {
@@ -420,10 +526,28 @@ fn read_file(
 ) -> Result<(u64, [u8; 32], bool), ReadError> {
     let mut f = std::fs::File::open(path).map_err(ReadError::Io)?;
     let before = f.metadata().map_err(ReadError::Io)?;
+    let (size, hash) = chunk_stream(&mut f, buf, chunker, d, refs)?;
+    let after = std::fs::metadata(path).ok();
+    let changed = size != before.len()
+        || after.is_none_or(|a| {
+            use std::os::unix::fs::MetadataExt;
+            a.mtime() != before.mtime() || a.mtime_nsec() != before.mtime_nsec() || a.len() != size
+        });
+    Ok((size, hash, changed))
+}
+
+/// Reads `src` to its end through the chunker; returns (size, BLAKE3).
+fn chunk_stream(
+    src: &mut dyn Read,
+    buf: &mut [u8],
+    chunker: &mut Chunker,
+    d: &mut Dispatcher,
+    refs: &mut Vec<ChunkRef>,
+) -> Result<(u64, [u8; 32]), ReadError> {
     let mut hasher = blake3::Hasher::new();
     let mut size = 0u64;
     loop {
-        let n = match f.read(buf) {
+        let n = match src.read(buf) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -440,13 +564,7 @@ fn read_file(
         d.cut(chunker, Some(&buf[..n]), refs).map_err(ReadError::Stopped)?;
     }
     d.cut(chunker, None, refs).map_err(ReadError::Stopped)?;
-    let after = std::fs::metadata(path).ok();
-    let changed = size != before.len()
-        || after.is_none_or(|a| {
-            use std::os::unix::fs::MetadataExt;
-            a.mtime() != before.mtime() || a.mtime_nsec() != before.mtime_nsec() || a.len() != size
-        });
-    Ok((size, *hasher.finalize().as_bytes(), changed))
+    Ok((size, *hasher.finalize().as_bytes()))
 }
 
 async fn dedup_stage(

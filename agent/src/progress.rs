@@ -17,12 +17,12 @@ pub struct Progress {
 }
 
 impl Progress {
-    pub fn start(roots: &[Root], stats: Arc<Stats>) -> Progress {
+    pub fn start(roots: Vec<Root>, stats: Arc<Stats>) -> Progress {
         let stop = Arc::new(AtomicBool::new(false));
         let total = Arc::new(AtomicU64::new(0));
         let scanned = Arc::new(AtomicBool::new(false));
         {
-            let (roots, stop, total, scanned) = (roots.to_vec(), stop.clone(), total.clone(), scanned.clone());
+            let (stop, total, scanned) = (stop.clone(), total.clone(), scanned.clone());
             std::thread::spawn(move || {
                 for root in &roots {
                     for e in walkdir::WalkDir::new(&root.path).follow_links(false).into_iter().flatten() {

@@ -5,6 +5,8 @@
 //! `EXCLAVE_BIN_DIR`. Every process is killed when its handle drops, every directory is a
 //! temporary one.
 
+pub mod postgres;
+
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

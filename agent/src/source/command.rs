@@ -1,0 +1,175 @@
+//! Child processes whose standard output is backed up (pg_dump, pg_basebackup, a `command`
+//! source): spawning them, reading their output, and deciding whether it is complete.
+//!
+//! Output is complete only when the child exits with status 0 after its output ended; a
+//! non-zero status, a signal or a read error fails the whole snapshot (never a snapshot that
+//! looks complete). The tail of the child's standard error is kept for the error message.
+//! A child still running when its reader is dropped (the backup failed) is killed.
+
+use std::ffi::OsString;
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Child, ChildStdout, Command, Stdio};
+
+/// Most of a child's standard error kept for the error message.
+const STDERR_TAIL: usize = 4096;
+
+#[derive(Debug, Clone)]
+pub struct ChildSpec {
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+    pub env: Vec<(OsString, OsString)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChildError {
+    #[error("cannot run {program}: {source}{hint}")]
+    Spawn { program: String, source: std::io::Error, hint: &'static str },
+    #[error("{program} {status}{stderr}")]
+    Failed { program: String, status: String, stderr: String },
+    #[error("reading the output of {program}: {source}")]
+    Read { program: String, source: std::io::Error },
+}
+
+impl ChildSpec {
+    pub fn new(program: impl Into<PathBuf>, args: impl IntoIterator<Item = impl Into<OsString>>) -> ChildSpec {
+        ChildSpec { program: program.into(), args: args.into_iter().map(Into::into).collect(), env: Vec::new() }
+    }
+
+    fn name(&self) -> String {
+        self.program.display().to_string()
+    }
+
+    pub fn spawn(&self) -> Result<RunningChild, ChildError> {
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().map_err(|source| ChildError::Spawn {
+            program: self.name(),
+            hint: if source.kind() == std::io::ErrorKind::NotFound { " (not installed, or not on PATH?)" } else { "" },
+            source,
+        })?;
+        let (Some(stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take()) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(ChildError::Spawn {
+                program: self.name(),
+                source: std::io::Error::other("no pipes"),
+                hint: "",
+            });
+        };
+        // Drained on its own thread so a chatty child never blocks on a full stderr pipe.
+        let stderr_tail = std::thread::spawn(move || {
+            let mut tail = Vec::new();
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                tail.extend_from_slice(&buf[..n]);
+                if tail.len() > 2 * STDERR_TAIL {
+                    tail.drain(..tail.len() - STDERR_TAIL);
+                }
+            }
+            tail
+        });
+        Ok(RunningChild { program: self.name(), child: Some(child), stdout, stderr_tail: Some(stderr_tail) })
+    }
+
+    /// Runs to completion and returns standard output (for small outputs such as `--version`).
+    pub fn output(&self) -> Result<Vec<u8>, ChildError> {
+        let mut running = self.spawn()?;
+        let mut out = Vec::new();
+        running
+            .read_to_end(&mut out)
+            .map_err(|source| ChildError::Read { program: running.program.clone(), source })?;
+        running.finish()?;
+        Ok(out)
+    }
+}
+
+pub struct RunningChild {
+    program: String,
+    child: Option<Child>,
+    stdout: ChildStdout,
+    stderr_tail: Option<std::thread::JoinHandle<Vec<u8>>>,
+}
+
+impl Read for RunningChild {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.stdout.read(buf)
+    }
+}
+
+impl RunningChild {
+    pub fn program(&self) -> &str {
+        &self.program
+    }
+
+    /// Waits for the child (its output must have been read to the end) and checks it
+    /// succeeded.
+    pub fn finish(mut self) -> Result<(), ChildError> {
+        let Some(mut child) = self.child.take() else { return Ok(()) };
+        let status = child.wait().map_err(|source| ChildError::Read { program: self.program.clone(), source })?;
+        let tail = self.stderr_tail.take().and_then(|t| t.join().ok()).unwrap_or_default();
+        if status.success() {
+            return Ok(());
+        }
+        let text = String::from_utf8_lossy(&tail[tail.len().saturating_sub(STDERR_TAIL)..]).trim().to_string();
+        let status = match (status.code(), std::os::unix::process::ExitStatusExt::signal(&status)) {
+            (Some(c), _) => format!("exited with status {c}"),
+            (None, Some(s)) => format!("was killed by signal {s}"),
+            _ => "failed".to_string(),
+        };
+        Err(ChildError::Failed {
+            program: self.program.clone(),
+            status,
+            stderr: if text.is_empty() { String::new() } else { format!(": {text}") },
+        })
+    }
+}
+
+impl Drop for RunningChild {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> ChildSpec {
+        ChildSpec::new("/bin/sh", ["-c", script])
+    }
+
+    #[test]
+    fn output_of_a_successful_child() {
+        assert_eq!(sh("printf hello").output().unwrap(), b"hello");
+    }
+
+    #[test]
+    fn failure_reports_status_and_stderr() {
+        let e = sh("echo partial; echo 'connection refused' >&2; exit 3").output().unwrap_err().to_string();
+        assert!(e.contains("exited with status 3") && e.contains("connection refused"), "{e}");
+        let e = sh("kill -9 $$").output().unwrap_err().to_string();
+        assert!(e.contains("killed by signal 9"), "{e}");
+        let e = ChildSpec::new("/nonexistent/pg_dump", ["-V"]).output().unwrap_err().to_string();
+        assert!(e.contains("cannot run /nonexistent/pg_dump") && e.contains("not installed"), "{e}");
+    }
+
+    #[test]
+    fn dropping_a_running_child_kills_it() {
+        let mut c = sh("echo started; exec sleep 30").spawn().unwrap();
+        let mut first = [0u8; 8];
+        c.read_exact(&mut first).unwrap();
+        let t = std::time::Instant::now();
+        drop(c);
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
+    }
+}

@@ -73,6 +73,8 @@ fn snapshot_id(time: i64) -> String {
 }
 
 struct Resolved {
+    /// `wal-push`: the WAL file to archive (the snapshot id is its name).
+    wal: Option<std::path::PathBuf>,
     nodes: Vec<std::net::SocketAddr>,
     tls: TlsIdentity,
     keys: exclave::keys::TenantKeys,
@@ -106,7 +108,7 @@ fn resolve(a: &BackupArgs) -> Result<Resolved> {
         ),
         other => bail!("certificate {ident} is {other}, not an agent identity"),
     }
-    let one_shot = one_shot_source(a)?;
+    let one_shot = if a.wal_file.is_some() { Some(SourceConfig::default()) } else { one_shot_source(a)? };
     let (source, mut src) = match (&a.source, one_shot) {
         (Some(name), Some(src)) => (name.clone(), src),
         (Some(name), None) => match cfg.sources.get(name) {
@@ -124,12 +126,15 @@ fn resolve(a: &BackupArgs) -> Result<Resolved> {
         },
     };
     exclave::identity::check_name("source name", &source)?;
+    // Archived WAL is kept apart from the source's base backups.
+    let source = if a.wal_file.is_some() { crate::wal::catalog_source(&source)? } else { source };
     if let Some(avg) = a.chunk_avg {
         src.chunk_avg = Some(avg);
         src.chunk_min = Some(avg / 4);
         src.chunk_max = Some(avg.saturating_mul(4));
     }
     Ok(Resolved {
+        wal: a.wal_file.clone(),
         nodes,
         tls,
         keys,
@@ -191,9 +196,16 @@ async fn attempt(
     let client = Arc::new(exclave::client::connect_any(nodes, &r.tls).await.map_err(|e| (None, e.into()))?);
     let used = Some(client.addr());
     let time = now_secs();
-    let id = snapshot_id(time);
+    let mut id = snapshot_id(time);
+    // The manifest of a WAL file carries no time or host, so the same file always gives the
+    // same root and archiving it twice is recognised as such.
+    let (manifest_time, manifest_host) = if r.wal.is_some() { (0, String::new()) } else { (time, hostname()) };
     // Preparing may talk to a database with a blocking client: off the async threads.
-    let prepared = {
+    let prepared = if let Some(path) = &r.wal {
+        let (name, data) = crate::wal::read(path).map_err(|e| (None, e))?;
+        id = crate::wal::snapshot_id(&name).map_err(|e| (None, e))?;
+        source::Prepared { items: vec![Item::Bytes { name, data, mtime: 0 }], facts: None, hold: Vec::new() }
+    } else {
         let (name, src) = (r.source.clone(), r.src.clone());
         tokio::task::spawn_blocking(move || source::prepare(&name, &src, time))
             .await
@@ -213,8 +225,8 @@ async fn attempt(
         budget_bytes: r.budget_mib << 20,
         seal_workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
         upload_streams: 8,
-        time,
-        hostname: hostname(),
+        time: manifest_time,
+        hostname: manifest_host,
     };
     let progress =
         (!a.quiet && !a.json && std::io::stderr().is_terminal()).then(|| Progress::start(trees, stats.clone()));
@@ -243,6 +255,7 @@ async fn attempt(
         commit_seq: 0,
     };
     let warnings = outcome.warnings;
+    let info_root = info.root;
     let batches = outcome
         .refs
         .into_batches(exclave::protocol::MAX_IDS_PER_MESSAGE)
@@ -253,6 +266,15 @@ async fn attempt(
         .await
         .context("committing the snapshot")
         .map_err(|e| (used, e))?;
+    if r.wal.is_some() && committed.root != info_root {
+        return Err((
+            used,
+            anyhow::anyhow!(
+                "WAL file {} is already archived with different content; refusing to replace it",
+                committed.id.to_uppercase()
+            ),
+        ));
+    }
     let tables = facts.map(|f| f.tables.len());
     Ok((client, warnings, committed, commit_started.elapsed().as_secs_f64(), tables))
 }
@@ -320,6 +342,15 @@ pub async fn run(a: BackupArgs) -> Result<i32> {
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else if r.wal.is_some() {
+        // One line for the PostgreSQL server log.
+        println!(
+            "archived {} ({}, {} uploaded) on {}",
+            summary.snapshot.to_uppercase(),
+            mib(summary.bytes_read),
+            mib(summary.uploaded_bytes),
+            summary.node
+        );
     } else {
         print_summary(&summary);
     }

@@ -7,6 +7,7 @@ mod pipeline;
 mod progress;
 mod refs;
 mod source;
+mod wal;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,6 +30,19 @@ enum Cmd {
     Keys(KeysCmd),
     /// Take one snapshot of a source and upload it.
     Backup(Box<BackupArgs>),
+    /// Archive one PostgreSQL WAL file: `archive_command = 'exclave-agent wal-push --config
+    /// agent.toml --source NAME %p'`. Exits 0 only once the file is stored on a write quorum
+    /// and committed, so PostgreSQL never recycles a segment that is not safe; archiving the
+    /// same file twice succeeds, a different file under the same name is refused.
+    WalPush {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// The `postgres` source the WAL belongs to (its base backups are snapshots of it).
+        #[arg(long)]
+        source: String,
+        /// The WAL file (`%p`).
+        file: PathBuf,
+    },
     /// Print a database's verification facts (tables, row counts, checksums) as recorded in
     /// its snapshots, to compare a restored database with what was backed up.
     Facts {
@@ -94,6 +108,9 @@ pub struct BackupArgs {
     /// Back up the standard output of a shell command.
     #[arg(long, value_name = "SHELL-COMMAND")]
     pub command: Option<String>,
+    /// Set by `wal-push`: the WAL file to archive.
+    #[arg(skip)]
+    pub wal_file: Option<PathBuf>,
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -109,6 +126,26 @@ pub struct BackupArgs {
     /// Most plaintext held in memory between read and upload, MiB [default: 32].
     #[arg(long)]
     pub memory_budget_mib: Option<usize>,
+}
+
+/// Where to upload and as whom (the same as `backup`'s flags; the config supplies the rest).
+#[derive(Args, Debug)]
+pub struct ConnArgs {
+    /// Settings file (see deploy/agent.example.toml).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Storage node address (repeatable; the first that answers is used).
+    #[arg(long = "node")]
+    pub nodes: Vec<SocketAddr>,
+    /// PKI directory holding ca.crt and the agent certificate.
+    #[arg(long)]
+    pub pki: Option<PathBuf>,
+    /// Certificate name in the PKI directory.
+    #[arg(long)]
+    pub identity: Option<String>,
+    /// Tenant master key file.
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
 }
 
 fn main() {
@@ -133,6 +170,21 @@ fn run(cli: Cli) -> Result<i32> {
             println!("created key file {} for tenant {tenant} (fingerprint {})", out.display(), keys.fingerprint);
             println!("keep a copy offline: without it no backup of {tenant} can ever be read");
             Ok(0)
+        }
+        Cmd::WalPush { conn, source, file } => {
+            let args = BackupArgs {
+                config: conn.config,
+                nodes: conn.nodes,
+                pki: conn.pki,
+                identity: conn.identity,
+                key_file: conn.key_file,
+                source: Some(source),
+                quiet: true,
+                wal_file: Some(file),
+                ..BackupArgs::default()
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(backup::run(args))
         }
         Cmd::Facts { postgres, sqlite, compare } => {
             let now = std::time::SystemTime::now()

@@ -8,10 +8,12 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+
+use crate::World;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::{free_port, ok, run, stdout};
+use crate::{ok, run, stdout};
 
 /// The bin directory of the newest installed PostgreSQL (`EXCLAVE_PG_BIN` wins).
 pub fn bin_dir() -> PathBuf {
@@ -29,6 +31,11 @@ pub fn bin_dir() -> PathBuf {
         .collect();
     found.sort();
     found.pop().expect("no PostgreSQL server under /usr/lib/postgresql").1
+}
+
+/// A TCP port nothing listens on now (`free_port` checks UDP, where the nodes listen).
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
 fn is_root() -> bool {
@@ -49,30 +56,37 @@ pub struct PgServer {
 impl PgServer {
     /// Initialises and starts a server; `conf` is appended to postgresql.conf.
     pub fn start(conf: &str) -> PgServer {
+        let mut s = PgServer::init(conf);
+        s.start_existing();
+        s
+    }
+
+    /// A server's directory with no data directory yet (for a restored one).
+    pub fn empty() -> PgServer {
         let dir = tempfile::Builder::new().prefix("exclave-pg-").tempdir_in("/tmp").expect("tempdir");
-        let s = PgServer { dir, port: free_port(), bin: bin_dir(), running: false };
+        let s = PgServer { dir, port: free_tcp_port(), bin: bin_dir(), running: false };
         s.own(s.dir.path());
+        s
+    }
+
+    /// Initialises a server without starting it.
+    pub fn init(conf: &str) -> PgServer {
+        let s = PgServer::empty();
         ok(run(s.as_server(
             Command::new(s.bin.join("initdb"))
                 .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync", "-D"])
                 .arg(s.data()),
         )));
         s.configure(conf);
-        let mut s = s;
-        s.start_existing();
         s
     }
 
-    /// A server on an existing data directory (e.g. a point-in-time restore), not started.
-    pub fn on_data(data: &Path) -> PgServer {
-        let dir = tempfile::Builder::new().prefix("exclave-pg-").tempdir_in("/tmp").expect("tempdir");
-        let s = PgServer { dir, port: free_port(), bin: bin_dir(), running: false };
-        s.own(s.dir.path());
-        let target = s.data();
-        ok(run(Command::new("cp").arg("-a").arg(data).arg(&target)));
-        s.own(&target);
+    /// Readies a data directory restored into `data()` to run as this server.
+    pub fn adopt_data(&self, conf: &str) {
+        let target = self.data();
+        self.own(&target);
         std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o700)).expect("chmod");
-        s
+        self.configure(conf);
     }
 
     pub fn data(&self) -> PathBuf {
@@ -160,6 +174,34 @@ impl PgServer {
         ok(run(Command::new("cp").arg("-a").arg(src).arg(&dst)));
         self.own(&dst);
         dst
+    }
+
+    /// Copies a program and the agent/restore settings of `w` (PKI, lux key) here, so the
+    /// server's user can run them (`archive_command`, `restore_command`); writes an agent
+    /// config for `nodes`. Returns (program copy, config path, pki copy, key copy).
+    pub fn share_client(
+        &self,
+        w: &World,
+        program: &str,
+        nodes: &[std::net::SocketAddr],
+    ) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
+        let prog = self.share(&crate::bin(program), program);
+        let pki = self.share(&w.pki(), "pki");
+        let key = self.share(&w.path("lux.key"), "lux.key");
+        let cfg = self.dir.path().join(format!("{program}.toml"));
+        let nodes: Vec<String> = nodes.iter().map(|n| format!("\"{n}\"")).collect();
+        std::fs::write(
+            &cfg,
+            format!(
+                "node = [{}]\npki = \"{}\"\nidentity = \"rnpp\"\nkey-file = \"{}\"\n",
+                nodes.join(", "),
+                pki.display(),
+                key.display()
+            ),
+        )
+        .expect("write config");
+        self.own(&cfg);
+        (prog, cfg, pki, key)
     }
 
     /// Gives `path` (recursively) to the server's user.

@@ -3,6 +3,7 @@
 //! Exit codes: 0 everything verified; 1 failure (every damaged file is named); 2 usage.
 
 mod fetch;
+mod pitr;
 mod writer;
 
 use std::net::SocketAddr;
@@ -62,6 +63,41 @@ enum Cmd {
         pick: Pick,
         #[command(flatten)]
         out: Out,
+    },
+    /// Point-in-time restore of PostgreSQL: lay out the newest base backup taken before
+    /// TIME as a data directory that replays the archived WAL up to TIME, then promotes.
+    Pitr {
+        #[command(flatten)]
+        conn: Conn,
+        /// The `postgres` source (method = "base") whose WAL is archived with wal-push.
+        #[arg(long)]
+        source: String,
+        /// Recover the transactions committed before this time (UTC, `YYYY-MM-DD HH:MM:SS`).
+        #[arg(long)]
+        target_time: String,
+        /// Use this base backup (id or unique prefix) instead of the newest before TIME.
+        #[arg(long)]
+        base: Option<String>,
+        /// The data directory to create (absent or empty).
+        #[arg(long)]
+        to: PathBuf,
+        /// Requests in flight (each fetches up to 16 chunks).
+        #[arg(long, default_value_t = 8)]
+        parallel: usize,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Fetch one archived WAL file (PostgreSQL's restore_command; `pitr` writes it):
+    /// exits 1 when the archive does not hold FILE.
+    WalFetch {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        source: String,
+        /// WAL file name (`%f`).
+        file: String,
+        /// Where to write it (`%p`).
+        dest: PathBuf,
     },
 }
 
@@ -213,7 +249,127 @@ async fn run(cli: Cli) -> Result<i32> {
             read_back(conn, pick, Some(to), overwrite, out).await
         }
         Cmd::Verify { conn, pick, out } => read_back(conn, pick, None, false, out).await,
+        Cmd::Pitr { conn, source, target_time, base, to, parallel, out } => {
+            run_pitr(conn, &source, &target_time, base.as_deref(), &to, parallel, out).await
+        }
+        Cmd::WalFetch { conn, source, file, dest } => wal_fetch(conn, &source, &file, &dest).await,
     }
+}
+
+async fn wal_fetch(conn: Conn, source: &str, file: &str, dest: &std::path::Path) -> Result<i32> {
+    let (client, tls) = connect(&conn).await?;
+    let keys = keys(&conn, &tls)?;
+    let id = file.to_ascii_lowercase();
+    let list = list(&client, &conn, Some(&pitr::wal_source(source))).await?;
+    let Some(snap) = list.into_iter().find(|s| s.id == id) else {
+        // PostgreSQL asks for files past the end of the archive: not an error for it.
+        eprintln!("{file} is not in the WAL archive of {source}");
+        client.close().await;
+        return Ok(1);
+    };
+    let parent = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let staging = tempfile::Builder::new()
+        .prefix(".exclave-wal-")
+        .tempdir_in(&parent)
+        .with_context(|| format!("creating a staging directory in {}", parent.display()))?;
+    let client = Arc::new(client);
+    let w = writer::Writer::new(Some(staging.path().to_path_buf()), false);
+    let (_, report) = restore_into(&client, &keys, &snap, w, 4).await?;
+    if let Some(f) = report.failures.first() {
+        bail!("WAL file {file} failed verification: {}", f.error);
+    }
+    let fetched = std::fs::read_dir(staging.path())?
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().eq_ignore_ascii_case(file))
+        .with_context(|| format!("the archived snapshot {} does not hold {file}", snap.id))?;
+    std::fs::rename(fetched.path(), dest).with_context(|| format!("moving {file} to {}", dest.display()))?;
+    if let Ok(c) = Arc::try_unwrap(client) {
+        c.close().await;
+    }
+    Ok(0)
+}
+
+async fn run_pitr(
+    conn: Conn,
+    source: &str,
+    target_time: &str,
+    base: Option<&str>,
+    to: &std::path::Path,
+    parallel: usize,
+    out: Out,
+) -> Result<i32> {
+    let started = Instant::now();
+    let target = pitr::parse_target_time(target_time)?;
+    writer::check_target(to, false)?;
+    let to = std::path::absolute(to)?;
+    let (client, tls) = connect(&conn).await?;
+    let keys = keys(&conn, &tls)?;
+    let node = client.addr();
+    let bases = list(&client, &conn, Some(source)).await?;
+    let snap = pitr::select_base(&bases, target, base)?.clone();
+    let wal = list(&client, &conn, Some(&pitr::wal_source(source))).await?;
+    let newest_wal = wal.iter().map(|s| s.time).max();
+    let client = Arc::new(client);
+    let w = writer::Writer::new(Some(to.clone()), false).strip_root("pgdata");
+    let (_, report) = restore_into(&client, &keys, &snap, w, parallel).await?;
+    if let Some(f) = report.failures.first() {
+        bail!("the base backup {} failed verification at {}: {}", snap.id, f.path, f.error);
+    }
+    // The restore command repeats this invocation's connection settings, with absolute paths.
+    let exe = std::env::current_exe().context("locating exclave-restore")?;
+    let mut argv: Vec<String> = vec![exe.display().to_string(), "wal-fetch".into()];
+    for n in &conn.nodes {
+        argv.extend(["--node".into(), n.to_string()]);
+    }
+    argv.extend(["--pki".into(), std::path::absolute(&conn.pki)?.display().to_string()]);
+    argv.extend(["--identity".into(), conn.identity.clone()]);
+    if let Some(k) = &conn.key_file {
+        argv.extend(["--key-file".into(), std::path::absolute(k)?.display().to_string()]);
+    }
+    argv.extend(["--source".into(), source.to_string()]);
+    pitr::prepare_data_dir(&to, &pitr::recovery_settings(&argv, target))?;
+    let secs = started.elapsed().as_secs_f64();
+    let target_text = pitr::pg_time(target);
+    let t = target.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    let archive_short = newest_wal.is_none_or(|n| n < t);
+    if out.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "action": "pitr", "node": node.to_string(), "base": snapshot_json(&snap),
+                "target_time": target_text, "data_directory": to.display().to_string(),
+                "wal_files_archived": wal.len(), "newest_wal_time": newest_wal,
+                "archive_reaches_target": !archive_short,
+                "files": report.files, "bytes": report.bytes, "duration_secs": secs,
+            }))?
+        );
+    } else {
+        println!("prepared {} for point-in-time recovery to {target_text}", to.display());
+        println!("  base backup  {} taken {} ({})", snap.id, format_time(snap.time), human(report.bytes));
+        println!(
+            "  WAL archive  {} file(s), newest stored {}",
+            wal.len(),
+            newest_wal.map(format_time).unwrap_or_else(|| "never".into())
+        );
+        println!("  duration     {secs:.2} s");
+        println!(
+            "next: start PostgreSQL on it (pg_ctl -D {} start); it replays WAL to the target and promotes",
+            to.display()
+        );
+    }
+    if archive_short {
+        eprintln!(
+            "warning: no WAL file was archived after the target time; recovery will stop at the end of the archive, \
+             which may be before {target_text}"
+        );
+    }
+    if let Ok(c) = Arc::try_unwrap(client) {
+        c.close().await;
+    }
+    Ok(0)
 }
 
 fn snapshot_json(s: &SnapshotInfo) -> serde_json::Value {
@@ -233,12 +389,14 @@ fn human(b: u64) -> String {
     }
 }
 
-async fn read_back(conn: Conn, pick: Pick, target: Option<PathBuf>, overwrite: bool, out: Out) -> Result<i32> {
-    let started = Instant::now();
-    let (client, tls) = connect(&conn).await?;
-    let keys = keys(&conn, &tls)?;
-    let node = client.addr();
-    let snap = select(&list(&client, &conn, Some(&pick.source)).await?, &pick.source, &pick.snapshot)?;
+/// Fetches a snapshot through `w` (which writes it, or only checks it).
+pub(crate) async fn restore_into(
+    client: &Arc<NodeClient>,
+    keys: &TenantKeys,
+    snap: &SnapshotInfo,
+    mut w: writer::Writer,
+    parallel: usize,
+) -> Result<(exclave::manifest::ManifestHeader, writer::Report)> {
     if snap.key_fingerprint != keys.fingerprint {
         bail!(
             "wrong key: snapshot {} was sealed with key {}, the key file holds key {}",
@@ -247,18 +405,28 @@ async fn read_back(conn: Conn, pick: Pick, target: Option<PathBuf>, overwrite: b
             keys.fingerprint
         );
     }
-    let client = Arc::new(client);
-    let root = fetch::manifest_root(&client, &keys, snap.root).await?;
+    let root = fetch::manifest_root(client, keys, snap.root).await?;
     let header = root.header.clone();
-    let mut w = writer::Writer::new(target.clone(), overwrite);
     let mut pages = std::pin::pin!(fetch::pages(client.clone(), keys.clone(), root));
     while let Some(page) = pages.next().await {
-        let mut stream = std::pin::pin!(fetch::items(client.clone(), keys.clone(), page?, pick.parallel));
+        let mut stream = std::pin::pin!(fetch::items(client.clone(), keys.clone(), page?, parallel));
         while let Some(item) = stream.next().await {
             w.item(item)?;
         }
     }
-    let report = w.finish()?;
+    let report = w.finish()?.clone();
+    Ok((header, report))
+}
+
+async fn read_back(conn: Conn, pick: Pick, target: Option<PathBuf>, overwrite: bool, out: Out) -> Result<i32> {
+    let started = Instant::now();
+    let (client, tls) = connect(&conn).await?;
+    let keys = keys(&conn, &tls)?;
+    let node = client.addr();
+    let snap = select(&list(&client, &conn, Some(&pick.source)).await?, &pick.source, &pick.snapshot)?;
+    let client = Arc::new(client);
+    let (header, report) =
+        restore_into(&client, &keys, &snap, writer::Writer::new(target.clone(), overwrite), pick.parallel).await?;
     let secs = started.elapsed().as_secs_f64().max(1e-9);
     let verb = if target.is_some() { "restored" } else { "verified" };
     if out.json {

@@ -20,7 +20,7 @@ use filetime::FileTime;
 
 use crate::fetch::Item;
 
-#[derive(Debug, Default, serde::Serialize)]
+#[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct Report {
     pub files: u64,
     pub dirs: u64,
@@ -31,7 +31,7 @@ pub struct Report {
     pub failures: Vec<Failure>,
 }
 
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Failure {
     pub path: String,
     pub error: String,
@@ -46,6 +46,7 @@ pub struct Writer {
     dirs: Vec<(PathBuf, Arc<Entry>)>,
     symlinks: HashSet<Vec<u8>>,
     pub report: Report,
+    strip: Option<Vec<u8>>,
 }
 
 struct Current {
@@ -84,11 +85,24 @@ impl Writer {
             dirs: Vec::new(),
             symlinks: HashSet::new(),
             report: Report::default(),
+            strip: None,
         }
     }
 
+    /// Restores the tree under the top-level name `root` into the target itself (a
+    /// point-in-time restore puts `pgdata/` where the operator asked for the data directory).
+    pub fn strip_root(mut self, root: &str) -> Writer {
+        self.strip = Some(root.as_bytes().to_vec());
+        self
+    }
+
     fn path_of(&self, e: &Entry) -> Option<PathBuf> {
-        self.target.as_ref().map(|t| t.join(std::ffi::OsStr::from_bytes(&e.path)))
+        let rel: &[u8] = match &self.strip {
+            Some(root) if e.path == *root => b"",
+            Some(root) => e.path.strip_prefix(root.as_slice()).and_then(|r| r.strip_prefix(b"/")).unwrap_or(&e.path),
+            None => &e.path,
+        };
+        self.target.as_ref().map(|t| if rel.is_empty() { t.clone() } else { t.join(std::ffi::OsStr::from_bytes(rel)) })
     }
 
     /// Refuses entries below a symlink restored earlier (a manifest cannot make us write

@@ -1,0 +1,157 @@
+//! PostgreSQL continuous archiving through a real node: pgbench writes while PostgreSQL's
+//! own archiver runs `exclave-agent wal-push`; a point-in-time restore to T recovers exactly
+//! the transactions committed before T; an unreachable cluster makes the archive command
+//! fail, PostgreSQL retries, and no segment is lost.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::process::Command;
+use std::time::Duration;
+
+use exclave_chaos_tests::postgres::PgServer;
+use exclave_chaos_tests::*;
+
+/// A server whose archive_command pushes WAL to `nodes` as source `pg`.
+fn archiving_server(w: &World, nodes: &[std::net::SocketAddr]) -> PgServer {
+    let mut pg = PgServer::init("");
+    let (agent, cfg, _, _) = pg.share_client(w, "exclave-agent", nodes);
+    pg.configure(&format!(
+        "wal_level = replica\narchive_mode = on\narchive_command = '{} wal-push --config {} --source pg %p'\n",
+        agent.display(),
+        cfg.display()
+    ));
+    pg.start_existing();
+    pg
+}
+
+/// Forces a WAL switch and waits until the archiver has stored the switched segment.
+fn switch_and_wait_archived(pg: &PgServer, timeout: Duration) -> String {
+    let seg = pg.psql("postgres", "SELECT pg_walfile_name(pg_switch_wal())");
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let last = pg.psql("postgres", "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver");
+        if last.len() == 24 && last >= seg {
+            return seg;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "segment {seg} not archived in {timeout:?} (last {last})\n{}",
+            pg.log()
+        );
+        // Nudge the archiver: a switch wakes it at once instead of at its next 60 s cycle.
+        pg.psql("postgres", "SELECT pg_switch_wal()");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn wal_ids(w: &World, node: &Node) -> Vec<String> {
+    let o = ok(run(w.restore_cmd(node, "snapshots").args(["--source", "pg.wal", "--json"])));
+    json(&o).as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_string()).collect()
+}
+
+fn pgbench(pg: &PgServer, args: &[&str]) {
+    ok(run(Command::new(pg.bin.join("pgbench")).arg("-n").args(args).arg(pg.conn("bench"))));
+}
+
+#[test]
+fn point_in_time_restore_recovers_exactly_what_was_committed_before_t() {
+    let w = World::new();
+    let node = w.start_node("n1");
+    let pg = archiving_server(&w, &[node.addr]);
+    pg.psql("postgres", "CREATE DATABASE bench");
+    ok(run(Command::new(pg.bin.join("pgbench")).args(["-i", "-q", "-s", "1"]).arg(pg.conn("bench"))));
+
+    let base = json(&ok(w.backup_as(
+        &node,
+        "rnpp",
+        "lux.key",
+        "pg",
+        &[],
+        &["--postgres", &pg.conn("postgres"), "--pg-base", "--pg-bin", pg.bin.to_str().unwrap()],
+    )));
+    assert!(base["files"].as_u64().unwrap() > 100, "{base}");
+
+    pgbench(&pg, &["-T", "4", "-c", "2"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let t = pg.psql("postgres", "SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')");
+    let at_t = w.path("facts-at-t.json");
+    let facts = ok(run(Command::new(bin("exclave-agent")).args(["facts", "--postgres", &pg.conn("bench")])));
+    std::fs::write(&at_t, &facts.stdout).unwrap();
+    let history_at_t = pg.psql("bench", "SELECT count(*) FROM pgbench_history");
+    assert!(history_at_t.parse::<u64>().unwrap() > 50, "pgbench must have run: {history_at_t}");
+    std::thread::sleep(Duration::from_millis(1500));
+    pgbench(&pg, &["-T", "3", "-c", "2"]);
+    switch_and_wait_archived(&pg, Duration::from_secs(90));
+    assert_eq!(pg.psql("postgres", "SELECT failed_count FROM pg_stat_archiver"), "0", "{}", pg.log());
+    assert!(wal_ids(&w, &node).len() >= 3);
+
+    // The recovered server's user must be able to run the restore command pitr writes.
+    let mut rec = PgServer::empty();
+    let (restore, _, pki, key) = rec.share_client(&w, "exclave-restore", &[node.addr]);
+    let o = ok(run(Command::new(&restore)
+        .args(["pitr", "--json", "--node", &node.addr.to_string(), "--pki"])
+        .arg(&pki)
+        .args(["--identity", "dr", "--key-file"])
+        .arg(&key)
+        .args(["--source", "pg", "--target-time", &t, "--to"])
+        .arg(rec.data())));
+    let report = json(&o);
+    assert_eq!(report["base"]["id"], base["snapshot"]);
+    assert_eq!(report["archive_reaches_target"], true);
+    rec.adopt_data("archive_mode = off\n");
+    rec.start_existing();
+    rec.wait_for("postgres", "SELECT pg_is_in_recovery()", "f", Duration::from_secs(120));
+
+    assert_eq!(rec.psql("bench", "SELECT count(*) FROM pgbench_history"), history_at_t);
+    let cmp = ok(run(Command::new(bin("exclave-agent"))
+        .args(["facts", "--postgres", &rec.conn("bench"), "--compare"])
+        .arg(&at_t)));
+    assert!(stdout(&cmp).contains("OK: 4 tables match"), "{}", stdout(&cmp));
+    assert!(rec.log().contains("recovery stopping before commit"), "{}", rec.log());
+}
+
+#[test]
+fn archiving_fails_while_the_cluster_is_unreachable_and_loses_no_segment() {
+    let w = World::new();
+    let mut node = w.start_node("n1");
+    let pg = archiving_server(&w, &[node.addr]);
+    pg.psql("postgres", "CREATE TABLE t (i int)");
+    let first = switch_and_wait_archived(&pg, Duration::from_secs(60));
+
+    node.stop();
+    pg.psql("postgres", "INSERT INTO t SELECT generate_series(1, 1000)");
+    let held = pg.psql("postgres", "SELECT pg_walfile_name(pg_switch_wal())");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while pg.psql("postgres", "SELECT failed_count FROM pg_stat_archiver") == "0" {
+        assert!(std::time::Instant::now() < deadline, "the archive command never failed\n{}", pg.log());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let last = pg.psql("postgres", "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver");
+    assert!(last < held, "{held} must not be reported archived while the cluster is down (last {last})");
+    assert!(pg.log().contains("archive command failed"), "{}", pg.log());
+
+    node.restart();
+    pg.psql("postgres", "INSERT INTO t SELECT generate_series(1, 1000)");
+    let last = switch_and_wait_archived(&pg, Duration::from_secs(120));
+
+    // Every segment from the first to the last is in the archive, the held one included.
+    let ids = wal_ids(&w, &node);
+    let seg_no = |name: &str| {
+        u64::from_str_radix(&name[8..16], 16).unwrap() * 0x100 + u64::from_str_radix(&name[16..24], 16).unwrap()
+    };
+    let mut have: Vec<u64> = ids.iter().filter(|i| i.len() == 24).map(|i| seg_no(i)).collect();
+    have.sort();
+    for n in seg_no(&first)..=seg_no(&last) {
+        assert!(have.binary_search(&n).is_ok(), "segment {n:x} missing from the archive: {ids:?}");
+    }
+    assert!(ids.contains(&held.to_ascii_lowercase()));
+
+    // wal-fetch gives the archived file back; a name not archived is answered with exit 1.
+    let dest = w.path("fetched");
+    ok(run(w.restore_cmd(&node, "wal-fetch").args(["--source", "pg", &held]).arg(&dest)));
+    assert_eq!(std::fs::metadata(&dest).unwrap().len(), 16 << 20);
+    let o =
+        run(w.restore_cmd(&node, "wal-fetch").args(["--source", "pg", "0000000100000000000000FF"]).arg(w.path("none")));
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("not in the WAL archive"), "{}", stderr(&o));
+}

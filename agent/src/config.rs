@@ -25,6 +25,12 @@ pub struct AgentConfig {
     pub memory_budget_mib: Option<usize>,
     /// zstd level for chunks.
     pub zstd_level: Option<i32>,
+    /// Where the daemon keeps its status file [default: /var/lib/exclave-agent].
+    pub state_dir: Option<PathBuf>,
+    /// The daemon's first retry after a failed run, in seconds (doubling up to 1 h) [default: 30].
+    pub retry_secs: Option<i64>,
+    /// Address for the daemon's Prometheus metrics (e.g. "127.0.0.1:9711"); none if unset.
+    pub metrics_listen: Option<SocketAddr>,
     #[serde(default)]
     pub sources: BTreeMap<String, SourceConfig>,
 }
@@ -81,6 +87,13 @@ pub struct SourceConfig {
     pub chunk_min: Option<u32>,
     pub chunk_avg: Option<u32>,
     pub chunk_max: Option<u32>,
+    /// When the daemon snapshots this source: a cron expression (minute hour day month
+    /// weekday, local time; an optional leading seconds field). Unscheduled sources are only
+    /// backed up by `exclave-agent backup`.
+    pub schedule: Option<String>,
+    /// Each run starts up to this many seconds after its scheduled time (random) [default: 0].
+    #[serde(default)]
+    pub jitter_secs: u64,
 }
 
 impl SourceConfig {
@@ -115,6 +128,9 @@ impl SourceConfig {
         stray(self.kind != SourceKind::Sqlite && self.database.is_some(), "database")?;
         stray(self.kind != SourceKind::Command && !self.command.is_empty(), "command")?;
         stray(self.kind != SourceKind::Command && self.output_name.is_some(), "output-name")?;
+        if let Some(expr) = &self.schedule {
+            crate::schedule::parse(expr)?;
+        }
         if let Some(n) = &self.output_name {
             exclave::identity::check_name("output-name", n)?;
         }
@@ -132,7 +148,13 @@ impl SourceConfig {
     }
 }
 
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/exclave-agent";
+
 impl AgentConfig {
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR))
+    }
+
     pub fn load(path: &Path) -> Result<AgentConfig> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let cfg: AgentConfig = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;

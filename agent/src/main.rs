@@ -3,9 +3,11 @@
 mod backup;
 mod budget;
 mod config;
+mod daemon;
 mod pipeline;
 mod progress;
 mod refs;
+mod schedule;
 mod source;
 mod wal;
 
@@ -30,6 +32,23 @@ enum Cmd {
     Keys(KeysCmd),
     /// Take one snapshot of a source and upload it.
     Backup(Box<BackupArgs>),
+    /// Run as a daemon: take each source's snapshots on its `schedule`, retrying failures
+    /// with backoff, never two of one source at once. Stops on SIGTERM.
+    Run {
+        /// Settings file with the sources and their schedules.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// What the daemon did: per source, last success, next run, failures. Exit 0 when no
+    /// scheduled source is failing, 1 otherwise.
+    Status {
+        /// The daemon's settings file (for `state-dir`).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Archive one PostgreSQL WAL file: `archive_command = 'exclave-agent wal-push --config
     /// agent.toml --source NAME %p'`. Exits 0 only once the file is stored on a write quorum
     /// and committed, so PostgreSQL never recycles a segment that is not safe; archiving the
@@ -150,7 +169,8 @@ pub struct ConnArgs {
 
 fn main() {
     let cli = Cli::parse();
-    exclave::logging::init("warn");
+    // The daemon says what it does; one-shot commands only warn.
+    exclave::logging::init(if matches!(cli.cmd, Cmd::Run { .. }) { "info" } else { "warn" });
     let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -171,6 +191,11 @@ fn run(cli: Cli) -> Result<i32> {
             println!("keep a copy offline: without it no backup of {tenant} can ever be read");
             Ok(0)
         }
+        Cmd::Run { config } => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(daemon::run(config))
+        }
+        Cmd::Status { config, json } => daemon::status(config.as_deref(), json),
         Cmd::WalPush { conn, source, file } => {
             let args = BackupArgs {
                 config: conn.config,

@@ -1,0 +1,348 @@
+//! `exclave-agent run`: the daemon that takes every scheduled source's snapshots, and
+//! `exclave-agent status`, which reports what it did.
+//!
+//! Each run is a child `exclave-agent backup --config F --source NAME --json`, so a run
+//! that fails or crashes never takes the daemon with it, and a run behaves exactly like the
+//! command an operator would type. When to run is decided by `schedule` (pure); the
+//! daemon only feeds it the clock and the results. A cluster that cannot be reached just
+//! makes runs fail; they are retried with backoff until it answers again.
+//!
+//! Status file (`STATE-DIR/status.json`, replaced atomically after every change):
+//! `{ pid, started, updated, sources: { NAME: SourceStatus } }`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+use serde::{Deserialize, Serialize};
+
+use crate::config::AgentConfig;
+use crate::schedule::{self, Scheduler};
+
+#[derive(Serialize, Deserialize, Default, Debug, Clone)]
+pub struct SourceStatus {
+    pub kind: String,
+    pub schedule: String,
+    pub running: bool,
+    pub running_since: Option<i64>,
+    pub next_run: Option<i64>,
+    pub last_attempt: Option<i64>,
+    pub last_success: Option<i64>,
+    pub last_snapshot: Option<String>,
+    pub last_error: Option<String>,
+    pub consecutive_failures: u32,
+    pub last_duration_secs: Option<f64>,
+    pub last_uploaded_bytes: Option<u64>,
+    pub runs: u64,
+    pub failures: u64,
+}
+
+#[derive(Serialize, Deserialize, Default, Debug)]
+pub struct Status {
+    pub pid: u32,
+    pub started: i64,
+    pub updated: i64,
+    pub sources: BTreeMap<String, SourceStatus>,
+}
+
+fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+impl Status {
+    pub fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join("status.json")
+    }
+
+    pub fn load(state_dir: &Path) -> Result<Option<Status>> {
+        let p = Status::path(state_dir);
+        match std::fs::read(&p) {
+            Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| format!("parsing {}", p.display()))?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+        }
+    }
+
+    fn save(&mut self, state_dir: &Path) -> Result<()> {
+        self.updated = now();
+        let p = Status::path(state_dir);
+        let tmp = state_dir.join(".status.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &p).with_context(|| format!("replacing {}", p.display()))?;
+        Ok(())
+    }
+}
+
+/// What one run (a child backup) gave.
+struct RunOutcome {
+    ok: bool,
+    snapshot: Option<String>,
+    error: Option<String>,
+    duration_secs: f64,
+    uploaded_bytes: Option<u64>,
+}
+
+async fn run_one(config: &Path, source: &str) -> RunOutcome {
+    let started = std::time::Instant::now();
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("exclave-agent"));
+    let out = tokio::process::Command::new(exe)
+        .args(["backup", "--json", "--quiet", "--config"])
+        .arg(config)
+        .args(["--source", source])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await;
+    let duration_secs = started.elapsed().as_secs_f64();
+    let out = match out {
+        Ok(o) => o,
+        Err(e) => {
+            return RunOutcome {
+                ok: false,
+                snapshot: None,
+                error: Some(format!("cannot start the backup: {e}")),
+                duration_secs,
+                uploaded_bytes: None,
+            };
+        }
+    };
+    // Exit 3: committed, with files skipped (warnings); still a snapshot.
+    let committed = matches!(out.status.code(), Some(0 | 3));
+    let summary: Option<serde_json::Value> = serde_json::from_slice(&out.stdout).ok();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let error = if committed {
+        None
+    } else {
+        let tail: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        Some(tail[tail.len().saturating_sub(3)..].join(" / "))
+            .filter(|s| !s.is_empty())
+            .or(Some(format!("backup exited with {}", out.status)))
+    };
+    RunOutcome {
+        ok: committed,
+        snapshot: summary.as_ref().and_then(|s| s["snapshot"].as_str().map(String::from)),
+        error,
+        duration_secs,
+        uploaded_bytes: summary.as_ref().and_then(|s| s["uploaded_bytes"].as_u64()),
+    }
+}
+
+struct Metrics {
+    registry: Registry,
+    last_success: IntGaugeVec,
+    runs: IntCounterVec,
+    running: IntGaugeVec,
+}
+
+impl Metrics {
+    fn new() -> Result<Metrics> {
+        let registry = Registry::new();
+        let last_success = IntGaugeVec::new(
+            Opts::new("exclave_agent_last_success_timestamp_seconds", "When the source's last snapshot committed"),
+            &["source"],
+        )?;
+        let runs = IntCounterVec::new(
+            Opts::new("exclave_agent_runs_total", "Scheduled snapshot runs by result"),
+            &["source", "result"],
+        )?;
+        let running =
+            IntGaugeVec::new(Opts::new("exclave_agent_running", "1 while a source's run is under way"), &["source"])?;
+        registry.register(Box::new(last_success.clone()))?;
+        registry.register(Box::new(runs.clone()))?;
+        registry.register(Box::new(running.clone()))?;
+        Ok(Metrics { registry, last_success, runs, running })
+    }
+}
+
+pub async fn run(config_path: PathBuf) -> Result<i32> {
+    let config_path = std::path::absolute(&config_path)?;
+    let cfg = AgentConfig::load(&config_path)?;
+    let state_dir = cfg.state_dir();
+    std::fs::create_dir_all(&state_dir).with_context(|| format!("creating state directory {}", state_dir.display()))?;
+    let previous = Status::load(&state_dir).ok().flatten().unwrap_or_default();
+    let mut sched = Scheduler::new(chrono::Local, Box::new(|n| rand::random_range(0..n)))
+        .with_first_retry(cfg.retry_secs.unwrap_or(schedule::FIRST_RETRY_SECS));
+    let mut status = Status { pid: std::process::id(), started: now(), ..Status::default() };
+    let metrics = Metrics::new()?;
+    for (name, src) in &cfg.sources {
+        let Some(expr) = &src.schedule else { continue };
+        let before = previous.sources.get(name).cloned().unwrap_or_default();
+        sched.add(name, schedule::parse(expr)?, src.jitter_secs, now(), before.last_success);
+        if let Some(t) = before.last_success {
+            metrics.last_success.with_label_values(&[name]).set(t);
+        }
+        let s = SourceStatus {
+            kind: src.kind_name().into(),
+            schedule: expr.clone(),
+            running: false,
+            running_since: None,
+            next_run: sched.due_of(name),
+            ..before
+        };
+        tracing::info!(source = %name, schedule = %expr, next_run = ?s.next_run, "scheduled");
+        status.sources.insert(name.clone(), s);
+    }
+    if status.sources.is_empty() {
+        bail!("no source in {} has a `schedule`: the daemon would have nothing to do", config_path.display());
+    }
+    status.save(&state_dir)?;
+    let _metrics_server = match cfg.metrics_listen {
+        Some(addr) => Some(
+            exclave::metrics::serve(addr, metrics.registry.clone())
+                .await
+                .with_context(|| format!("serving metrics on {addr}"))?,
+        ),
+        None => None,
+    };
+    eprintln!(
+        "exclave-agent daemon: {} scheduled source(s), status in {}",
+        status.sources.len(),
+        Status::path(&state_dir).display()
+    );
+
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, RunOutcome)>();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        let t = now();
+        for name in sched.take_due(t) {
+            tracing::info!(source = %name, "snapshot started");
+            metrics.running.with_label_values(&[&name]).set(1);
+            if let Some(s) = status.sources.get_mut(&name) {
+                s.running = true;
+                s.running_since = Some(t);
+                s.next_run = None;
+                s.last_attempt = Some(t);
+            }
+            let (tx, cfg) = (tx.clone(), config_path.clone());
+            tasks.spawn(async move {
+                let outcome = run_one(&cfg, &name).await;
+                let _ = tx.send((name, outcome));
+            });
+        }
+        status.save(&state_dir)?;
+        let wait = sched.next_due().map(|d| (d - now()).clamp(0, 60)).unwrap_or(60) as u64;
+        tokio::select! {
+            Some((name, o)) = rx.recv() => {
+                let t = now();
+                sched.finished(&name, t, o.ok);
+                metrics.running.with_label_values(&[&name]).set(0);
+                metrics.runs.with_label_values(&[name.as_str(), if o.ok { "ok" } else { "failed" }]).inc();
+                if let Some(s) = status.sources.get_mut(&name) {
+                    s.running = false;
+                    s.running_since = None;
+                    s.runs += 1;
+                    s.last_duration_secs = Some(o.duration_secs);
+                    s.next_run = sched.due_of(&name);
+                    if o.ok {
+                        s.last_success = Some(t);
+                        s.last_snapshot = o.snapshot.clone();
+                        s.last_error = None;
+                        s.consecutive_failures = 0;
+                        s.last_uploaded_bytes = o.uploaded_bytes;
+                        metrics.last_success.with_label_values(&[&name]).set(t);
+                        tracing::info!(source = %name, snapshot = ?o.snapshot, secs = o.duration_secs, next_run = ?s.next_run, "snapshot committed");
+                    } else {
+                        s.failures += 1;
+                        s.consecutive_failures += 1;
+                        s.last_error = o.error.clone();
+                        tracing::warn!(source = %name, error = ?o.error, retry_at = ?s.next_run, "snapshot failed; will retry");
+                    }
+                }
+            }
+            _ = tokio::time::sleep(std::time::Duration::from_secs(wait.max(1))) => {}
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: stopping; runs under way are cancelled and commit nothing");
+                break;
+            }
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    tasks.shutdown().await;
+    for s in status.sources.values_mut() {
+        s.running = false;
+        s.running_since = None;
+    }
+    status.pid = 0;
+    status.save(&state_dir)?;
+    Ok(0)
+}
+
+fn fmt_time(t: Option<i64>) -> String {
+    match t {
+        Some(t) => {
+            humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(t.max(0) as u64)).to_string()
+        }
+        None => "-".into(),
+    }
+}
+
+fn daemon_alive(pid: u32) -> bool {
+    // Signal 0 only checks that the process exists.
+    #[allow(unsafe_code)]
+    let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
+    pid != 0 && r == 0
+}
+
+/// `exclave-agent status`: exit 0 when every scheduled source's last run committed, 1 when
+/// one failed or the daemon never ran.
+pub fn status(config: Option<&Path>, json: bool) -> Result<i32> {
+    let cfg = match config {
+        Some(p) => AgentConfig::load(p)?,
+        None => AgentConfig::default(),
+    };
+    let dir = cfg.state_dir();
+    let Some(st) = Status::load(&dir)? else {
+        if json {
+            println!("{}", serde_json::json!({ "daemon": "never-ran", "sources": {} }));
+        } else {
+            println!("the daemon has not run yet (no {})", Status::path(&dir).display());
+        }
+        return Ok(1);
+    };
+    let alive = daemon_alive(st.pid);
+    let failing = st.sources.values().filter(|s| s.consecutive_failures > 0).count();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "daemon": if alive { "running" } else { "stopped" }, "pid": st.pid,
+                "started": st.started, "updated": st.updated, "sources": st.sources,
+            }))?
+        );
+    } else {
+        if alive {
+            println!("daemon running (pid {}) since {}", st.pid, fmt_time(Some(st.started)));
+        } else {
+            println!("daemon not running (last update {})", fmt_time(Some(st.updated)));
+        }
+        println!(
+            "{:<16} {:<9} {:<14} {:<21} {:<21} {:<18} STATE",
+            "SOURCE", "KIND", "SCHEDULE", "LAST SUCCESS", "NEXT RUN", "LAST SNAPSHOT"
+        );
+        for (name, s) in &st.sources {
+            let state = if s.running {
+                format!("running since {}", fmt_time(s.running_since))
+            } else if s.consecutive_failures > 0 {
+                format!("FAILING ({}x): {}", s.consecutive_failures, s.last_error.as_deref().unwrap_or("?"))
+            } else if s.last_success.is_some() {
+                "ok".into()
+            } else {
+                "waiting for first run".into()
+            };
+            println!(
+                "{:<16} {:<9} {:<14} {:<21} {:<21} {:<18} {}",
+                name,
+                s.kind,
+                s.schedule,
+                fmt_time(s.last_success),
+                fmt_time(s.next_run),
+                s.last_snapshot.as_deref().unwrap_or("-"),
+                state
+            );
+        }
+    }
+    Ok(if failing == 0 && st.sources.values().any(|s| s.last_success.is_some()) { 0 } else { 1 })
+}

@@ -1,0 +1,164 @@
+//! The agent daemon against a real node: scheduled snapshots commit, a failing source is
+//! reported and retried, a slow source never runs twice at once, the cluster going away
+//! and coming back is survived, status and metrics tell the operator, SIGTERM stops it.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use exclave_chaos_tests::*;
+
+fn status(cfg: &std::path::Path) -> (Option<i32>, serde_json::Value) {
+    let o = run(Command::new(bin("exclave-agent")).args(["status", "--json", "--config"]).arg(cfg));
+    (o.status.code(), json(&o))
+}
+
+fn wait_until(
+    cfg: &std::path::Path,
+    what: &str,
+    timeout: Duration,
+    f: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (_, s) = status(cfg);
+        if f(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{what} within {timeout:?}; status: {s:#}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn metrics(port: u16) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn daemon_runs_schedules_retries_and_reports() {
+    let w = World::new();
+    let mut node = w.start_node("n1");
+    let docs = w.path("docs");
+    sample_tree(&docs, 7, 256 << 10);
+    let lock = w.path("slow.lock");
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let cfg = w.path("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"node = ["{node}"]
+pki = "{pki}"
+identity = "rnpp"
+key-file = "{key}"
+state-dir = "{state}"
+retry-secs = 1
+metrics-listen = "127.0.0.1:{metrics_port}"
+
+[sources.docs]
+kind = "path"
+paths = ["{docs}"]
+schedule = "*/2 * * * * *"
+
+[sources.slow]
+kind = "command"
+command = ["/bin/sh", "-c", "mkdir {lock} || exit 9; sleep 2; rmdir {lock}; echo done"]
+schedule = "* * * * * *"
+
+[sources.broken]
+kind = "command"
+command = ["/bin/sh", "-c", "echo 'export tool crashed' >&2; exit 5"]
+schedule = "0 3 * * *"
+jitter-secs = 1
+
+[sources.manual]
+kind = "path"
+paths = ["{docs}"]
+"#,
+            node = node.addr,
+            pki = w.pki().display(),
+            key = w.path("lux.key").display(),
+            state = w.path("state").display(),
+            docs = docs.display(),
+            lock = lock.display(),
+        ),
+    )
+    .unwrap();
+    let (code, s) = status(&cfg);
+    assert_eq!((code, s["daemon"].as_str()), (Some(1), Some("never-ran")));
+
+    let log = std::fs::File::create(w.path("daemon.log")).unwrap();
+    let mut daemon = Command::new(bin("exclave-agent"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+
+    let s = wait_until(&cfg, "docs committed twice and slow ran twice", Duration::from_secs(60), |s| {
+        s["sources"]["docs"]["runs"].as_u64() >= Some(2)
+            && s["sources"]["slow"]["runs"].as_u64() >= Some(2)
+            && s["sources"]["docs"]["last_snapshot"].is_string()
+    });
+    assert_eq!(s["daemon"], "running");
+    assert!(s["sources"].get("manual").is_none(), "an unscheduled source is not the daemon's");
+    // A run of `slow` started while another was under way would have failed on the lock.
+    assert_eq!(s["sources"]["slow"]["failures"], 0, "{s:#}");
+    // `broken` is only due at 03:00; it has not run, so nothing is failing yet.
+    assert_eq!(s["sources"]["broken"]["runs"], 0);
+    let (code, _) = status(&cfg);
+    assert_eq!(code, Some(0));
+
+    // The cluster goes away: runs fail and are retried; it comes back: runs commit again.
+    node.stop();
+    let s = wait_until(&cfg, "docs failing while the node is down", Duration::from_secs(60), |s| {
+        s["sources"]["docs"]["consecutive_failures"].as_u64() >= Some(1)
+    });
+    let failed_at_runs = s["sources"]["docs"]["runs"].as_u64().unwrap();
+    let o = run(Command::new(bin("exclave-agent")).args(["status", "--config"]).arg(&cfg));
+    assert_eq!(o.status.code(), Some(1), "status exits 1 while a source fails");
+    assert!(stdout(&o).contains("FAILING"), "{}", stdout(&o));
+    node.restart();
+    let s = wait_until(&cfg, "docs committing again after the node returned", Duration::from_secs(90), |s| {
+        s["sources"]["docs"]["consecutive_failures"] == 0
+            && s["sources"]["docs"]["runs"].as_u64() > Some(failed_at_runs)
+    });
+    assert!(s["sources"]["docs"]["failures"].as_u64() >= Some(1));
+
+    let m = metrics(metrics_port);
+    assert!(m.contains("exclave_agent_runs_total{result=\"ok\",source=\"docs\"}"), "{m}");
+    assert!(m.contains("exclave_agent_runs_total{result=\"failed\",source=\"docs\"}"), "{m}");
+    assert!(m.contains("exclave_agent_last_success_timestamp_seconds{source=\"slow\"}"), "{m}");
+
+    // The snapshots are real: the latest restores exactly.
+    let to = w.path("restored");
+    ok(w.restore(&node, "docs", "latest", &to));
+    assert_same_tree(&docs, &to.join("docs"));
+
+    // SIGTERM: the daemon stops cleanly and says so.
+    // Sending a signal to our own child cannot violate memory safety.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(daemon.id() as i32, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let code = loop {
+        if let Some(st) = daemon.try_wait().unwrap() {
+            break st.code();
+        }
+        assert!(Instant::now() < deadline, "daemon ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(code, Some(0));
+    let (_, s) = status(&cfg);
+    assert_eq!(s["daemon"], "stopped");
+    assert!(!lock.exists() || s["sources"]["slow"]["running"] == false);
+    let log = std::fs::read_to_string(w.path("daemon.log")).unwrap();
+    assert!(log.contains("snapshot committed") && log.contains("snapshot failed"), "{log}");
+}

@@ -1,7 +1,7 @@
 //! Exclave core library: the formats and protocols every Exclave program shares.
 //!
 //! Pure parts (no I/O): `chunker`, `chunk_id`, `keys` (derivation), `envelope`, `manifest`,
-//! `protocol`, `identity`, `facts`. Thin I/O edges: `pki` (certificate files), `transport` (QUIC and
+//! `protocol`, `identity`, `facts`, `retention`. Thin I/O edges: `pki` (certificate files), `transport` (QUIC and
 //! TLS), `client` (a connection to a storage node), `metrics` (Prometheus exposition).
 
 pub mod chunk_id;
@@ -16,6 +16,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod pki;
 pub mod protocol;
+pub mod retention;
 pub mod transport;
 
 pub use chunk_id::{Checksum, ChunkId};

@@ -57,6 +57,8 @@ pub struct Summary {
     pub commit_secs: f64,
     /// Tables whose row count and checksum were recorded (database sources).
     pub tables: Option<usize>,
+    /// The retention policy sent with the snapshot, or why the cluster refused it.
+    pub retention: Option<String>,
 }
 
 fn now_secs() -> i64 {
@@ -182,7 +184,26 @@ fn fails_over(e: &anyhow::Error) -> bool {
     })
 }
 
-type Attempt = (Arc<exclave::client::NodeClient>, Vec<String>, SnapshotInfo, f64, Option<usize>);
+type Attempt = (Arc<exclave::client::NodeClient>, Vec<String>, SnapshotInfo, f64, Option<usize>, Option<String>);
+
+/// Sends the source's retention policy ahead of the commit, which then applies it. A policy
+/// the cluster refuses (shorter than the one in force) is reported, not fatal: the snapshot
+/// is still worth committing.
+async fn send_retention(
+    client: &exclave::client::NodeClient,
+    source: &str,
+    policy: exclave::retention::RetentionPolicy,
+) -> Result<String> {
+    let req = exclave::protocol::Request::SetRetention { source: source.to_string(), policy };
+    match client.call(&[req]).await {
+        Ok(_) => Ok(policy.describe()),
+        Err(ClientError::Remote { code: ErrorCode::BadRequest, message, .. }) => {
+            tracing::warn!(%source, %message, "retention policy refused");
+            Ok(format!("refused: {message}"))
+        }
+        Err(e) => Err(anyhow::Error::from(e).context("sending the retention policy")),
+    }
+}
 
 /// One run of the backup against the first of `nodes` that answers. On failure, says which
 /// node was in use.
@@ -260,6 +281,10 @@ async fn attempt(
         .refs
         .into_batches(exclave::protocol::MAX_IDS_PER_MESSAGE)
         .map_err(|e| (used, anyhow::Error::from(e)))?;
+    let retention = match (&r.src.retention, &r.wal) {
+        (Some(policy), None) => Some(send_retention(&client, &r.source, *policy).await.map_err(|e| (used, e))?),
+        _ => None,
+    };
     let commit_started = Instant::now();
     let committed = client
         .commit_batches(info, batches.batch_count() as u32, batches)
@@ -276,7 +301,7 @@ async fn attempt(
         ));
     }
     let tables = facts.map(|f| f.tables.len());
-    Ok((client, warnings, committed, commit_started.elapsed().as_secs_f64(), tables))
+    Ok((client, warnings, committed, commit_started.elapsed().as_secs_f64(), tables, retention))
 }
 
 pub async fn run(a: BackupArgs) -> Result<i32> {
@@ -286,14 +311,14 @@ pub async fn run(a: BackupArgs) -> Result<i32> {
     // there, and the chunks already on a write quorum are not sent twice.
     let mut order = r.nodes.clone();
     let mut attempts = 0usize;
-    let (client, node, stats, warnings, committed, commit_secs, tables) = loop {
+    let (client, node, stats, warnings, committed, commit_secs, tables, retention) = loop {
         attempts += 1;
         let stats = Arc::new(Stats::default());
         let result = attempt(&r, &a, &order, stats.clone()).await;
         match result {
-            Ok((client, warnings, committed, commit_secs, tables)) => {
+            Ok((client, warnings, committed, commit_secs, tables, retention)) => {
                 let node = client.addr().to_string();
-                break (client, node, stats, warnings, committed, commit_secs, tables);
+                break (client, node, stats, warnings, committed, commit_secs, tables, retention);
             }
             Err((failed, e)) if attempts < r.nodes.len() && fails_over(&e) => {
                 tracing::warn!(node = %failed.map(|a| a.to_string()).unwrap_or_default(), error = %format!("{e:#}"),
@@ -339,6 +364,7 @@ pub async fn run(a: BackupArgs) -> Result<i32> {
         attempts,
         commit_secs,
         tables,
+        retention,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -375,6 +401,9 @@ fn print_summary(s: &Summary) {
     println!("  uploaded      {}  (after compression and encryption)", mib(s.uploaded_bytes));
     println!("  dedup ratio   {:.2}x   compression {:.2}x", s.dedup_ratio, s.compression_ratio);
     println!("  duration      {:.2} s  ({:.1} MB/s)", s.duration_secs, s.mb_per_s);
+    if let Some(r) = &s.retention {
+        println!("  retention     {r} (applied by the cluster)");
+    }
     if !s.warnings.is_empty() {
         println!("  warnings      {} (see above; exit code 3)", s.warnings.len());
     }

@@ -94,6 +94,10 @@ pub struct SourceConfig {
     /// Each run starts up to this many seconds after its scheduled time (random) [default: 0].
     #[serde(default)]
     pub jitter_secs: u64,
+    /// Which snapshots the cluster keeps (`keep-last`, `keep-hourly`, `keep-daily`,
+    /// `keep-weekly`, `keep-monthly`, `keep-yearly`); sent with every backup and applied by
+    /// the cluster. Without it the cluster keeps every snapshot.
+    pub retention: Option<exclave::retention::RetentionPolicy>,
 }
 
 impl SourceConfig {
@@ -128,6 +132,9 @@ impl SourceConfig {
         stray(self.kind != SourceKind::Sqlite && self.database.is_some(), "database")?;
         stray(self.kind != SourceKind::Command && !self.command.is_empty(), "command")?;
         stray(self.kind != SourceKind::Command && self.output_name.is_some(), "output-name")?;
+        if let Some(r) = &self.retention {
+            r.validate()?;
+        }
         if let Some(expr) = &self.schedule {
             crate::schedule::parse(expr)?;
         }

@@ -18,12 +18,14 @@
 //! r ‖ tenant ‖ 0 ‖ id ‖ 0 ‖ batch (u32 BE)             → postcard(Vec<ChunkId>)     references (for GC)
 //! p ‖ tenant ‖ 0 ‖ id ‖ 0 ‖ batch (u32 BE)             → postcard(Vec<ChunkId>)     staged by an unfinished commit
 //! t ‖ tenant                                          → postcard(TenantInfo)
+//! k ‖ tenant ‖ 0 ‖ source                             → postcard(RetentionPolicy)
 //! n ‖ raft id (u64 BE)                                → postcard(Member)
 //! q                                                   → commit sequence (u64 BE)
 //! ```
 
 use exclave::chunk_id::{Checksum, ChunkId};
 use exclave::protocol::SnapshotInfo;
+use exclave::retention::{Candidate, RetentionPolicy};
 use serde::{Deserialize, Serialize};
 
 /// Most missing ids listed in one refusal (the agent re-sends those and tries again).
@@ -85,6 +87,82 @@ pub enum Command {
     RemoveMember {
         raft_id: u64,
     },
+    /// The retention policy of a source, applied at once and after every commit of the
+    /// source. Unless `by_admin`, a policy may only keep more than the one in force: an
+    /// agent can lengthen retention, never shorten it.
+    SetRetention {
+        tenant: String,
+        source: String,
+        policy: RetentionPolicy,
+        by_admin: bool,
+    },
+}
+
+/// Archived WAL of a source lives in `SOURCE.wal` (see the agent's `wal` module); WAL
+/// archived before the oldest kept base backup started is no longer needed for recovery,
+/// and is kept this much longer for clock differences between hosts.
+const WAL_MARGIN_SECS: i64 = 3600;
+
+fn retention_key(tenant: &str, source: &str) -> Vec<u8> {
+    let mut k = tenant_key(b'k', tenant);
+    k.extend_from_slice(source.as_bytes());
+    k
+}
+
+pub fn retention(view: &dyn CatalogRead, tenant: &str, source: &str) -> Result<Option<RetentionPolicy>, CatalogError> {
+    view.get(&retention_key(tenant, source))?.map(|v| decode(&v)).transpose()
+}
+
+/// Writes that drop one snapshot (its entry, id lookup and references); returns false if
+/// it does not exist.
+fn forget_writes(
+    view: &dyn CatalogRead,
+    tenant: &str,
+    snapshot_id: &str,
+    w: &mut Vec<Write>,
+) -> Result<bool, CatalogError> {
+    let Some(loc) = view.get(&id_key(tenant, snapshot_id))? else { return Ok(false) };
+    w.push(Write::Delete(snapshot_key(tenant, &loc, snapshot_id)));
+    w.push(Write::Delete(id_key(tenant, snapshot_id)));
+    view.scan(&batches_prefix(b'r', tenant, snapshot_id), &mut |k, _| {
+        w.push(Write::Delete(k.to_vec()));
+        true
+    })?;
+    Ok(true)
+}
+
+/// Applies `policy` to the snapshots of `source` (plus `new`, committed in this same
+/// command), and prunes the source's archived WAL older than its oldest kept snapshot.
+/// Returns how many snapshots were forgotten.
+fn apply_retention(
+    view: &dyn CatalogRead,
+    tenant: &str,
+    source: &str,
+    policy: &RetentionPolicy,
+    new: Option<&SnapshotInfo>,
+    w: &mut Vec<Write>,
+) -> Result<u64, CatalogError> {
+    let mut snaps = snapshots(view, tenant, Some(source))?;
+    snaps.extend(new.cloned());
+    let candidates: Vec<Candidate> =
+        snaps.iter().map(|s| Candidate { id: s.id.clone(), time: s.time, commit_seq: s.commit_seq }).collect();
+    let forget = policy.forget(&candidates);
+    let mut n = 0;
+    for id in &forget {
+        if forget_writes(view, tenant, id, w)? {
+            n += 1;
+        }
+    }
+    let oldest_kept = snaps.iter().filter(|s| !forget.contains(&s.id)).map(|s| s.time).min();
+    if let Some(oldest) = oldest_kept {
+        let wal = format!("{source}.wal");
+        for s in snapshots(view, tenant, Some(&wal))? {
+            if s.time < oldest - WAL_MARGIN_SECS && forget_writes(view, tenant, &s.id, w)? {
+                n += 1;
+            }
+        }
+    }
+    Ok(n)
 }
 
 /// What applying a command decided; the proposer reports it to its client.
@@ -226,24 +304,38 @@ pub fn apply(view: &dyn CatalogRead, cmd: &Command) -> Result<(Outcome, Vec<Writ
             }
         }
         Command::Commit { tenant, snapshot, batches } => commit(view, tenant, snapshot, *batches, &mut w)?,
-        Command::Forget { tenant, snapshot_id } => match view.get(&id_key(tenant, snapshot_id))? {
-            None => Outcome::Refused(format!("snapshot {snapshot_id} not found")),
-            Some(loc) => {
-                w.push(Write::Delete(snapshot_key(tenant, &loc, snapshot_id)));
-                w.push(Write::Delete(id_key(tenant, snapshot_id)));
-                view.scan(&batches_prefix(b'r', tenant, snapshot_id), &mut |k, _| {
-                    w.push(Write::Delete(k.to_vec()));
-                    true
-                })?;
-                let mut info: TenantInfo = match view.get(&tenant_key(b't', tenant))? {
-                    Some(v) => decode(&v)?,
-                    None => TenantInfo::default(),
-                };
+        Command::Forget { tenant, snapshot_id } => {
+            if forget_writes(view, tenant, snapshot_id, &mut w)? {
+                let mut info = tenant_info(view, tenant)?;
                 info.snapshots = info.snapshots.saturating_sub(1);
                 w.push(Write::Put(tenant_key(b't', tenant), encode(&info)));
                 Outcome::Done
+            } else {
+                Outcome::Refused(format!("snapshot {snapshot_id} not found"))
             }
-        },
+        }
+        Command::SetRetention { tenant, source, policy, by_admin } => {
+            let current = retention(view, tenant, source)?;
+            if policy.validate().is_err() {
+                Outcome::Refused("a retention policy must keep something (a keep-* above 0)".into())
+            } else if let Some(cur) = current.filter(|c| !*by_admin && !policy.keeps_at_least(c)) {
+                Outcome::Refused(format!(
+                    "retention of {source} is \"{}\"; an agent may lengthen it but not shorten it to \"{}\" \
+                     (an administrator can: exclave-replicator retention set)",
+                    cur.describe(),
+                    policy.describe()
+                ))
+            } else {
+                w.push(Write::Put(retention_key(tenant, source), encode(policy)));
+                let forgotten = apply_retention(view, tenant, source, policy, None, &mut w)?;
+                if forgotten > 0 {
+                    let mut info = tenant_info(view, tenant)?;
+                    info.snapshots = info.snapshots.saturating_sub(forgotten);
+                    w.push(Write::Put(tenant_key(b't', tenant), encode(&info)));
+                }
+                Outcome::Done
+            }
+        }
         Command::SetMember { raft_id, member } => {
             w.push(Write::Put(member_key(*raft_id), encode(member)));
             Outcome::Done
@@ -313,14 +405,22 @@ fn commit(
     for (i, part) in refs.chunks(REFS_PER_BATCH).enumerate() {
         w.push(Write::Put(batch_key(b'r', tenant, &snap.id, i as u32), encode(&part.to_vec())));
     }
-    let mut info: TenantInfo = match view.get(&tenant_key(b't', tenant))? {
-        Some(v) => decode(&v)?,
-        None => TenantInfo::default(),
+    let forgotten = match retention(view, tenant, &snap.source)? {
+        Some(policy) => apply_retention(view, tenant, &snap.source, &policy, Some(&snap), w)?,
+        None => 0,
     };
-    info.snapshots += 1;
+    let mut info = tenant_info(view, tenant)?;
+    info.snapshots = (info.snapshots + 1).saturating_sub(forgotten);
     info.last_snapshot_time = info.last_snapshot_time.max(snap.time);
     w.push(Write::Put(tenant_key(b't', tenant), encode(&info)));
     Ok(Outcome::Committed(snap))
+}
+
+fn tenant_info(view: &dyn CatalogRead, tenant: &str) -> Result<TenantInfo, CatalogError> {
+    Ok(match view.get(&tenant_key(b't', tenant))? {
+        Some(v) => decode(&v)?,
+        None => TenantInfo::default(),
+    })
 }
 
 // ---- Reads over the applied state ----
@@ -490,6 +590,48 @@ mod tests {
         let stage = Command::StageRefs { tenant: tenant.into(), snapshot_id: s.id.clone(), batch: 0, ids };
         assert_eq!(c.apply(&stage).unwrap(), Outcome::Done);
         c.apply(&Command::Commit { tenant: tenant.into(), snapshot: s.clone(), batches: 1 }).unwrap()
+    }
+
+    #[test]
+    fn retention_is_applied_by_the_catalog_and_agents_can_only_lengthen_it() {
+        let mut c = MemCatalog::default();
+        index(&mut c, "lux", &[1, 2]);
+        let day = 86400;
+        for d in 0..5 {
+            let s = snap(&format!("d{d}"), 1, 1_795_000_000 + d * day);
+            assert!(matches!(stage_and_commit(&mut c, "lux", &s, &[2]), Outcome::Committed(_)));
+        }
+        // WAL archived over the same days, under SOURCE.wal.
+        for d in 0..5 {
+            let w =
+                SnapshotInfo { source: "rnpp.wal".into(), ..snap(&format!("w{d}"), 1, 1_795_000_000 + d * day + 60) };
+            assert!(matches!(stage_and_commit(&mut c, "lux", &w, &[2]), Outcome::Committed(_)));
+        }
+        let ids = |c: &MemCatalog, src: &str| -> Vec<String> {
+            snapshots(c, "lux", Some(src)).unwrap().into_iter().map(|s| s.id).collect()
+        };
+        let set = |c: &mut MemCatalog, keep_last: u32, by_admin: bool| {
+            let policy = RetentionPolicy { keep_last, ..Default::default() };
+            c.apply(&Command::SetRetention { tenant: "lux".into(), source: "rnpp".into(), policy, by_admin }).unwrap()
+        };
+        assert_eq!(set(&mut c, 3, false), Outcome::Done);
+        assert_eq!(ids(&c, "rnpp"), ["d2", "d3", "d4"]);
+        // WAL older than the oldest kept base backup (d2), less the margin, is pruned.
+        assert_eq!(ids(&c, "rnpp.wal"), ["w2", "w3", "w4"]);
+        assert!(c.0.keys().all(|k| !(k[0] == b'r' && k.windows(2).any(|w| w == b"d0"))), "references dropped");
+        // A new commit applies the policy in the same step.
+        let s = snap("d5", 1, 1_795_000_000 + 5 * day);
+        let Outcome::Committed(_) = stage_and_commit(&mut c, "lux", &s, &[2]) else { panic!() };
+        assert_eq!(ids(&c, "rnpp"), ["d3", "d4", "d5"]);
+        assert_eq!(tenant_info(&c, "lux").unwrap().snapshots, 3 + 2, "w2 went with d2");
+        // An agent cannot shorten it; an administrator can.
+        let Outcome::Refused(why) = set(&mut c, 1, false) else { panic!("shortened by an agent") };
+        assert!(why.contains("may lengthen it but not shorten it"), "{why}");
+        assert_eq!(ids(&c, "rnpp").len(), 3);
+        assert_eq!(set(&mut c, 5, false), Outcome::Done);
+        assert_eq!(set(&mut c, 1, true), Outcome::Done);
+        assert_eq!(ids(&c, "rnpp"), ["d5"]);
+        assert!(matches!(set(&mut c, 0, true), Outcome::Refused(_)), "an empty policy would forget everything");
     }
 
     #[test]

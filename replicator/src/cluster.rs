@@ -63,7 +63,7 @@ pub struct Conn {
 }
 
 impl Conn {
-    async fn connect(&self) -> Result<NodeClient> {
+    pub async fn connect(&self) -> Result<NodeClient> {
         let tls = TlsIdentity::load(&self.pki, &self.identity)
             .with_context(|| format!("loading identity {:?} from {}", self.identity, self.pki.display()))?;
         Ok(connect_any(&self.nodes, &tls).await?)

@@ -8,6 +8,7 @@ mod metrics;
 mod peers;
 mod raft_log;
 mod replication;
+mod retention;
 mod server;
 mod store;
 
@@ -39,6 +40,9 @@ enum Cmd {
     /// Cluster operations: status of every member, add or remove a node.
     #[command(subcommand)]
     Cluster(cluster::ClusterCmd),
+    /// Retention policies of the tenants' sources (administrator).
+    #[command(subcommand)]
+    Retention(retention::RetentionCmd),
     /// Create the cluster CA and issue certificates.
     #[command(subcommand)]
     Pki(PkiCmd),
@@ -145,6 +149,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Status(a) => tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(status(a)),
         Cmd::Cluster(c) => tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(cluster::run(c)),
+        Cmd::Retention(c) => {
+            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(retention::run(c))
+        }
     }
 }
 

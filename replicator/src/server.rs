@@ -346,6 +346,30 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, StoreError> +
     }
 }
 
+async fn set_retention(
+    node: &Arc<Node>,
+    tenant: String,
+    source: String,
+    policy: exclave::retention::RetentionPolicy,
+    by_admin: bool,
+) -> Result<Reply, Failure> {
+    valid_name("source", &source)?;
+    node.require_leader().await?;
+    let described = policy.describe();
+    match node
+        .raft
+        .propose(Command::SetRetention { tenant: tenant.clone(), source: source.clone(), policy, by_admin })
+        .await?
+    {
+        Outcome::Done => {
+            info!(%tenant, %source, policy = %described, by_admin, "retention set");
+            Ok(Reply::Ok)
+        }
+        Outcome::Refused(m) => Err(Failure::new(ErrorCode::BadRequest, m)),
+        other => Err(Failure::new(ErrorCode::Internal, format!("retention applied with {other:?}"))),
+    }
+}
+
 async fn read_and_dispatch(
     recv: &mut quinn::RecvStream,
     node: &Arc<Node>,
@@ -426,6 +450,15 @@ async fn dispatch(
             }
         }
         Request::CommitRefs { .. } => Err(Failure::new(ErrorCode::BadRequest, "reference batch outside a commit")),
+        Request::SetRetention { source, policy } => {
+            let tenant = authorise(identity, Permission::WriteTenant, "set_retention")?;
+            set_retention(node, tenant, source, policy, false).await
+        }
+        Request::SetRetentionFor { tenant, source, policy } => {
+            authorise(identity, Permission::Administer, "set_retention_for")?;
+            valid_name("tenant", &tenant)?;
+            set_retention(node, tenant, source, policy, true).await
+        }
         Request::ListSnapshots { source } => {
             let tenant = authorise(identity, Permission::ReadTenant, "list_snapshots")?;
             let stale = node.raft.view().cut_off(node.raft.id).map(|why| format!("{}: {why}", node.name));

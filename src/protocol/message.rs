@@ -122,6 +122,18 @@ pub enum Request {
         name: String,
     },
     ReadBarrier,
+    /// The retention policy of one of the agent's tenant's sources (it may only lengthen
+    /// the policy in force).
+    SetRetention {
+        source: String,
+        policy: crate::retention::RetentionPolicy,
+    },
+    /// An administrator's retention policy for any tenant's source (may shorten it).
+    SetRetentionFor {
+        tenant: String,
+        source: String,
+        policy: crate::retention::RetentionPolicy,
+    },
 }
 
 impl Request {
@@ -145,6 +157,8 @@ impl Request {
             Request::AddNode { .. } => "add_node",
             Request::RemoveNode { .. } => "remove_node",
             Request::ReadBarrier => "read_barrier",
+            Request::SetRetention { .. } => "set_retention",
+            Request::SetRetentionFor { .. } => "set_retention_for",
         }
     }
 }

@@ -1,0 +1,76 @@
+//! Retention through a real node: the agent sends its source's policy, the cluster applies
+//! it on commit; an agent cannot shorten a policy in force, an administrator can.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::process::Command;
+
+use exclave_chaos_tests::*;
+
+fn config(w: &World, node: &Node, docs: &std::path::Path, keep_last: u32) -> std::path::PathBuf {
+    let cfg = w.path(&format!("agent-{keep_last}.toml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "node = [\"{}\"]\npki = \"{}\"\nidentity = \"rnpp\"\nkey-file = \"{}\"\n\n[sources.docs]\nkind = \"path\"\n\
+             paths = [\"{}\"]\nretention = {{ keep-last = {keep_last} }}\n",
+            node.addr,
+            w.pki().display(),
+            w.path("lux.key").display(),
+            docs.display()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+fn backup(cfg: &std::path::Path) -> serde_json::Value {
+    json(&ok(run(Command::new(bin("exclave-agent"))
+        .args(["backup", "--json", "--source", "docs", "--config"])
+        .arg(cfg))))
+}
+
+fn snapshot_ids(w: &World, node: &Node) -> Vec<String> {
+    let o = ok(run(w.restore_cmd(node, "snapshots").args(["--source", "docs", "--json"])));
+    json(&o).as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_string()).collect()
+}
+
+#[test]
+fn the_cluster_applies_retention_and_only_an_admin_shortens_it() {
+    let w = World::new();
+    let node = w.start_node("n1");
+    let docs = w.path("docs");
+    sample_tree(&docs, 3, 128 << 10);
+    let keep2 = config(&w, &node, &docs, 2);
+    let mut made = Vec::new();
+    for i in 0..4 {
+        std::fs::write(docs.join("day.txt"), format!("day {i}")).unwrap();
+        let s = backup(&keep2);
+        assert_eq!(s["retention"], "keep last 2");
+        made.push(s["snapshot"].as_str().unwrap().to_string());
+    }
+    assert_eq!(snapshot_ids(&w, &node), made[2..], "the two newest are kept");
+
+    // A shorter policy from the agent is refused; the snapshot still commits under the old one.
+    let s = backup(&config(&w, &node, &docs, 1));
+    assert!(s["retention"].as_str().unwrap().starts_with("refused:"), "{s}");
+    assert!(s["retention"].as_str().unwrap().contains("may lengthen it but not shorten it"), "{s}");
+    assert_eq!(snapshot_ids(&w, &node), [made[3].clone(), s["snapshot"].as_str().unwrap().to_string()]);
+
+    // Only an administrator may shorten it; an agent identity is refused.
+    let set = |identity: &str| {
+        run(Command::new(bin("exclave-replicator"))
+            .args(["retention", "set", "--node", &node.addr.to_string(), "--pki"])
+            .arg(w.pki())
+            .args(["--identity", identity, "--tenant", "lux", "--source", "docs", "--keep-last", "1"]))
+    };
+    let o = set("rnpp");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("may not change the cluster"), "{}", stderr(&o));
+    assert!(stdout(&ok(set("admin"))).contains("keep last 1"));
+    let left = snapshot_ids(&w, &node);
+    assert_eq!(left, [s["snapshot"].as_str().unwrap().to_string()]);
+    let to = w.path("restored");
+    ok(w.restore(&node, "docs", "latest", &to));
+    assert_same_tree(&docs, &to.join("docs"));
+}

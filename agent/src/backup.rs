@@ -87,18 +87,22 @@ struct Resolved {
 }
 
 fn resolve(a: &BackupArgs) -> Result<Resolved> {
-    let cfg = match &a.config {
+    let cfg = match &a.conn.config {
         Some(p) => AgentConfig::load(p)?,
         None => AgentConfig::default(),
     };
-    let nodes = if a.nodes.is_empty() { cfg.node.clone() } else { a.nodes.clone() };
+    let nodes = if a.conn.nodes.is_empty() { cfg.node.clone() } else { a.conn.nodes.clone() };
     if nodes.is_empty() {
         bail!("no storage node given: use --node ADDR (or `node` in the config)");
     }
-    let pki = a.pki.clone().or(cfg.pki.clone()).context("--pki (or `pki` in the config) is required")?;
-    let ident = a.identity.clone().or(cfg.identity.clone()).context("--identity (or `identity`) is required")?;
-    let key_file =
-        a.key_file.clone().or(cfg.key_file.clone()).context("--key-file (or `key-file` in the config) is required")?;
+    let pki = a.conn.pki.clone().or(cfg.pki.clone()).context("--pki (or `pki` in the config) is required")?;
+    let ident = a.conn.identity.clone().or(cfg.identity.clone()).context("--identity (or `identity`) is required")?;
+    let key_file = a
+        .conn
+        .key_file
+        .clone()
+        .or(cfg.key_file.clone())
+        .context("--key-file (or `key-file` in the config) is required")?;
     let tls = TlsIdentity::load(&pki, &ident).with_context(|| format!("loading identity {ident:?}"))?;
     let keys = read_key_file(&key_file)?;
     match &tls.identity {
@@ -343,7 +347,7 @@ pub async fn run(a: BackupArgs) -> Result<i32> {
     let (read, new, up) = (g(&stats.bytes_read), g(&stats.new_bytes), g(&stats.uploaded_bytes));
     let summary = Summary {
         source: r.source,
-        kind: r.src.kind_name(),
+        kind: if r.wal.is_some() { "wal" } else { r.src.kind_name() },
         snapshot: committed.id,
         node,
         files: g(&stats.files),

@@ -92,21 +92,8 @@ enum KeysCmd {
 
 #[derive(Args, Debug, Default)]
 pub struct BackupArgs {
-    /// Settings file with named sources (see deploy/agent.example.toml).
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Storage node address (repeatable; the first that answers is used).
-    #[arg(long = "node")]
-    pub nodes: Vec<SocketAddr>,
-    /// PKI directory holding ca.crt and the agent certificate.
-    #[arg(long)]
-    pub pki: Option<PathBuf>,
-    /// Certificate name in the PKI directory (agent:<tenant>:<name>).
-    #[arg(long)]
-    pub identity: Option<String>,
-    /// Tenant master key file.
-    #[arg(long)]
-    pub key_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub conn: ConnArgs,
     /// Source name (a table of the config, or the name for PATHs given here).
     #[arg(long)]
     pub source: Option<String>,
@@ -147,10 +134,10 @@ pub struct BackupArgs {
     pub memory_budget_mib: Option<usize>,
 }
 
-/// Where to upload and as whom (the same as `backup`'s flags; the config supplies the rest).
-#[derive(Args, Debug)]
+/// Where to upload and as whom; the config supplies what the flags do not.
+#[derive(Args, Debug, Default)]
 pub struct ConnArgs {
-    /// Settings file (see deploy/agent.example.toml).
+    /// Settings file with named sources (see deploy/agent.example.toml).
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Storage node address (repeatable; the first that answers is used).
@@ -159,7 +146,7 @@ pub struct ConnArgs {
     /// PKI directory holding ca.crt and the agent certificate.
     #[arg(long)]
     pub pki: Option<PathBuf>,
-    /// Certificate name in the PKI directory.
+    /// Certificate name in the PKI directory (agent:<tenant>:<name>).
     #[arg(long)]
     pub identity: Option<String>,
     /// Tenant master key file.
@@ -197,17 +184,8 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Status { config, json } => daemon::status(config.as_deref(), json),
         Cmd::WalPush { conn, source, file } => {
-            let args = BackupArgs {
-                config: conn.config,
-                nodes: conn.nodes,
-                pki: conn.pki,
-                identity: conn.identity,
-                key_file: conn.key_file,
-                source: Some(source),
-                quiet: true,
-                wal_file: Some(file),
-                ..BackupArgs::default()
-            };
+            let args =
+                BackupArgs { conn, source: Some(source), quiet: true, wal_file: Some(file), ..BackupArgs::default() };
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(backup::run(args))
         }

@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# Benchmark: the PostgreSQL source, in one run on this machine.
+#
+#   bench/postgres.sh [SCALE] [LOAD_SECS]     (defaults 50 and 120; run as root or as a user
+#                                             that can run PostgreSQL's initdb)
+#
+# 1. a PostgreSQL server archiving its WAL with `exclave-agent wal-push` into one node;
+#    pgbench initialised at SCALE;
+# 2. logical snapshot (pg_dump -Fc -Z0 through the agent): MB/s, against pg_dump alone
+#    writing to /dev/null in the same run (the ratio is what to compare);
+# 3. pgbench (4 clients) for LOAD_SECS while a sampler reads, every second, how old the
+#    newest archived WAL is: the time since the server's WAL position passed the end of the
+#    last archived segment (the RPO at that instant). p50 / p99 / max; the issue's limit is 60 s;
+# 4. day-2 snapshot after the pgbench run: bytes read, new and uploaded;
+# 5. agent peak RSS of the snapshot.
+set -euo pipefail
+
+die() { echo "error: $*" >&2; exit 1; }
+SCALE=${1:-50}
+LOAD=${2:-120}
+[[ $SCALE =~ ^[1-9][0-9]*$ && $LOAD =~ ^[1-9][0-9]*$ ]] || die "usage: bench/postgres.sh [SCALE] [LOAD_SECS]"
+HERE=$(cd "$(dirname "$0")" && pwd)
+cd "$HERE/.."
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/exclave-target}
+PGBIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
+[ -x "$PGBIN/initdb" ] || die "PostgreSQL server not installed (apt-get install postgresql)"
+step() { printf '\n== %s\n' "$*"; }
+
+W=$(mktemp -d /tmp/exclave-pg-bench.XXXXXX)
+chmod 755 "$W"
+AS=()
+if [ "$(id -u)" = 0 ]; then AS=(runuser -u postgres --); fi
+NODE_PID=""
+cleanup() {
+  [ -n "$NODE_PID" ] && kill "$NODE_PID" 2>/dev/null
+  "${AS[@]}" "$PGBIN/pg_ctl" -D "$W/pg/data" -m immediate stop >/dev/null 2>&1 || true
+  wait 2>/dev/null || true
+  rm -rf "$W"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+step "build"
+cargo build --release --workspace --bins --quiet
+mkdir -p "$W/bin"
+cp "$CARGO_TARGET_DIR"/release/exclave-{agent,replicator,restore} "$W/bin/"
+B=$W/bin
+
+step "node, PKI, key"
+"$B/exclave-replicator" pki init --dir "$W/pki" >/dev/null
+"$B/exclave-replicator" pki issue --dir "$W/pki" --role node --name n1 --host 127.0.0.1 >/dev/null
+"$B/exclave-replicator" pki issue --dir "$W/pki" --role agent --name pg --tenant lux >/dev/null
+"$B/exclave-agent" keys init --tenant lux --out "$W/lux.key" >/dev/null
+NODE_PORT=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+PG_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+"$B/exclave-replicator" run --name n1 --data "$W/n1" --listen 127.0.0.1:$NODE_PORT --pki "$W/pki" >"$W/n1.log" 2>&1 &
+NODE_PID=$!
+cat >"$W/agent.toml" <<TOML
+node = ["127.0.0.1:$NODE_PORT"]
+pki = "$W/pki"
+identity = "pg"
+key-file = "$W/lux.key"
+TOML
+[ ${#AS[@]} -gt 0 ] && chown -R postgres "$W/pki" "$W/lux.key" "$W/agent.toml"
+
+step "PostgreSQL (archive_command = exclave-agent wal-push), pgbench -i -s $SCALE"
+# The server's own directory (data, log, socket), owned by the user it runs as.
+mkdir "$W/pg" && { [ ${#AS[@]} -eq 0 ] || chown postgres "$W/pg"; }
+"${AS[@]}" "$PGBIN/initdb" -U postgres --auth=trust -D "$W/pg/data" >/dev/null
+cat >>"$W/pg/data/postgresql.conf" <<CONF
+port = $PG_PORT
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$W/pg'
+wal_level = replica
+archive_mode = on
+archive_command = '$B/exclave-agent wal-push --config $W/agent.toml --source pg %p'
+archive_timeout = 30
+max_wal_size = 2GB
+CONF
+"${AS[@]}" "$PGBIN/pg_ctl" -D "$W/pg/data" -l "$W/pg/server.log" -w start >/dev/null
+CONN="host=127.0.0.1 port=$PG_PORT user=postgres dbname=bench"
+psql -X -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -c 'CREATE DATABASE bench' postgres
+t0=$(date +%s.%N)
+"$PGBIN/pgbench" -i -q -s "$SCALE" "$CONN" 2>&1 | tail -1
+echo "pgbench -i: $(python3 -c "print(f'{$(date +%s.%N) - $t0:.1f}')") s"
+DBSIZE=$(psql -X -At "$CONN" -c "SELECT pg_database_size('bench')")
+echo "database size: $((DBSIZE / 1048576)) MiB"
+
+step "logical snapshot, day 1"
+t0=$(date +%s.%N)
+"$PGBIN/pg_dump" --format=custom --compress=0 --dbname="$CONN" >/dev/null
+DUMP_SECS=$(python3 -c "print($(date +%s.%N) - $t0)")
+/usr/bin/time -f %M -o "$W/rss1" "$B/exclave-agent" backup --config "$W/agent.toml" --source bench --postgres "$CONN" --json >"$W/day1.json"
+RSS1=$(cat "$W/rss1")
+
+step "pgbench -c 4 -T $LOAD while WAL is archived; sampling archive lag every second"
+python3 - "$CONN" "$LOAD" >"$W/lag.txt" <<'PY' &
+import subprocess, sys, time
+conn, load = sys.argv[1], int(sys.argv[2])
+def q(sql):
+    return subprocess.run(["psql", "-X", "-At", "-F", "|", conn, "-c", sql], capture_output=True, text=True).stdout.strip()
+hist, lags = [], []
+end = time.time() + load + 5
+while time.time() < end:
+    row = q("SELECT extract(epoch from now()), pg_current_wal_lsn() - '0/0', coalesce(last_archived_wal, '') FROM pg_stat_archiver")
+    try:
+        now, lsn, last = row.split("|")
+        now, lsn = float(now), int(float(lsn))
+    except ValueError:
+        time.sleep(1); continue
+    hist.append((now, lsn))
+    if len(last) == 24:
+        seg_end = int(last[8:16], 16) * (1 << 32) + (int(last[16:24], 16) + 1) * (16 << 20)
+        passed = next((t for t, l in hist if l >= seg_end), None)
+        lags.append(now - passed if passed is not None and lsn > seg_end else 0.0)
+    time.sleep(1)
+lags.sort()
+pick = lambda p: lags[min(len(lags) - 1, int(p * len(lags)))] if lags else float("nan")
+print(f"{pick(0.5):.1f} {pick(0.99):.1f} {lags[-1] if lags else float('nan'):.1f} {len(lags)}")
+PY
+SAMPLER=$!
+"$PGBIN/pgbench" -n -c 4 -j 2 -T "$LOAD" "$CONN" 2>&1 | grep -E "^(tps|number of transactions actually)" || true
+wait $SAMPLER
+read -r LAG50 LAG99 LAGMAX NSAMPLES <"$W/lag.txt"
+ARCHIVED=$(psql -X -At "$CONN" -c "SELECT archived_count || ' archived, ' || failed_count || ' failed' FROM pg_stat_archiver")
+
+step "logical snapshot, day 2 (after pgbench)"
+"$B/exclave-agent" backup --config "$W/agent.toml" --source bench --postgres "$CONN" --json >"$W/day2.json"
+
+step "results"
+python3 - "$W/day1.json" "$W/day2.json" "$DUMP_SECS" "$RSS1" "$LAG50" "$LAG99" "$LAGMAX" "$NSAMPLES" "$ARCHIVED" "$SCALE" "$LOAD" <<'PY'
+import json, sys
+d1, d2 = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
+dump_secs, rss = float(sys.argv[3]), int(sys.argv[4])
+lag50, lag99, lagmax, n = sys.argv[5], sys.argv[6], sys.argv[7], sys.argv[8]
+mib = lambda b: b / 1048576
+pg_dump_mbs = d1["bytes_read"] / 1e6 / dump_secs
+print(f"pgbench scale {sys.argv[10]}, load {sys.argv[11]} s, 4 clients")
+print(f"snapshot day 1   {mib(d1['bytes_read']):8.1f} MiB dump in {d1['duration_secs']:.1f} s = {d1['mb_per_s']:.1f} MB/s "
+      f"(pg_dump alone to /dev/null {pg_dump_mbs:.1f} MB/s; ratio {d1['mb_per_s'] / pg_dump_mbs:.2f}); "
+      f"uploaded {mib(d1['uploaded_bytes']):.1f} MiB; agent peak RSS {rss / 1024:.0f} MiB")
+print(f"WAL archive lag  p50 {lag50} s, p99 {lag99} s, max {lagmax} s over {n} samples (limit 60 s); {sys.argv[9]}")
+print(f"snapshot day 2   read {mib(d2['bytes_read']):.1f} MiB, new {mib(d2['new_bytes']):.1f} MiB "
+      f"({100 * d2['new_bytes'] / max(1, d2['bytes_read']):.1f}%), uploaded {mib(d2['uploaded_bytes']):.1f} MiB "
+      f"in {d2['duration_secs']:.1f} s")
+PY

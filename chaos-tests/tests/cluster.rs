@@ -72,7 +72,9 @@ fn leader_killed_mid_upload_loses_nothing_acknowledged() {
     let first = json(&ok(w.backup_to(&[&nodes[0]], "rnpp", &[&small])))["snapshot"].as_str().unwrap().to_string();
 
     let big = w.path("big");
-    sample_tree(&big, 2, 24 << 20);
+    // Large enough that the upload is still under way when the kill lands, even on a fast
+    // machine (the status polls below take a few hundred milliseconds).
+    sample_tree(&big, 2, 64 << 20);
     let leader = w.wait_leader(&nodes);
     let order: Vec<usize> = std::iter::once(leader).chain((0..3).filter(|i| *i != leader)).collect();
     let mut agent = Command::new(bin("exclave-agent"));
@@ -97,7 +99,7 @@ fn leader_killed_mid_upload_loses_nothing_acknowledged() {
     };
     let before = status(&nodes[leader]);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while status(&nodes[leader]) < before + 20 {
+    while status(&nodes[leader]) < before + 5 {
         assert!(Instant::now() < deadline, "upload never started");
         std::thread::sleep(Duration::from_millis(50));
     }

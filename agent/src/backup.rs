@@ -229,7 +229,7 @@ async fn attempt(
     let prepared = if let Some(path) = &r.wal {
         let (name, data) = crate::wal::read(path).map_err(|e| (None, e))?;
         id = crate::wal::snapshot_id(&name).map_err(|e| (None, e))?;
-        source::Prepared { items: vec![Item::Bytes { name, data, mtime: 0 }], facts: None, hold: Vec::new() }
+        source::Prepared { items: vec![Item::Bytes { name, data, mtime: 0 }], hold: Vec::new() }
     } else {
         let (name, src) = (r.source.clone(), r.src.clone());
         tokio::task::spawn_blocking(move || source::prepare(&name, &src, time))
@@ -238,7 +238,8 @@ async fn attempt(
             .with_context(|| format!("preparing source {}", r.source))
             .map_err(|e| (None, e))?
     };
-    let source::Prepared { items, facts, hold } = prepared;
+    let source::Prepared { items, hold } = prepared;
+    let has_facts = items.iter().any(|i| matches!(i, Item::Facts { .. }));
     let trees: Vec<source::Root> =
         items.iter().filter_map(|i| if let Item::Tree(r) = i { Some(r.clone()) } else { None }).collect();
     let plan = Plan {
@@ -304,7 +305,7 @@ async fn attempt(
             ),
         ));
     }
-    let tables = facts.map(|f| f.tables.len());
+    let tables = has_facts.then(|| Stats::get(&stats.tables) as usize);
     Ok((client, warnings, committed, commit_started.elapsed().as_secs_f64(), tables, retention))
 }
 

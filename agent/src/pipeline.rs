@@ -65,6 +65,8 @@ pub struct Stats {
     /// Of the above, file content only (not manifest pieces or the root).
     pub data_chunks_uploaded: AtomicU64,
     pub data_bytes_uploaded: AtomicU64,
+    /// Tables whose verification facts were recorded (database sources).
+    pub tables: AtomicU64,
     /// Where the stages waited (nanoseconds), to find the bottleneck (logged at debug level).
     pub wait_reader_budget: AtomicU64,
     pub wait_reader_send: AtomicU64,
@@ -328,6 +330,11 @@ fn read_all(
             }
             Item::Bytes { name, data, mtime } => {
                 reader.stream(own_entry(name.into_bytes(), 0o600, mtime), &mut data.as_slice())?;
+            }
+            Item::Facts { name, mtime, rx } => {
+                let facts = rx.recv().map_err(|_| anyhow!("the verification facts were never taken"))??;
+                Stats::add(&reader.d.stats.tables, facts.tables.len() as u64);
+                reader.stream(own_entry(name.into_bytes(), 0o600, mtime), &mut facts.to_json().as_slice())?;
             }
             Item::Output { name, child } => {
                 let mut running = child.spawn()?;

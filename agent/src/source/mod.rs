@@ -38,13 +38,19 @@ pub enum Item {
     Tar { name: String, child: ChildSpec },
     /// One file held in memory.
     Bytes { name: String, data: Vec<u8>, mtime: i64 },
+    /// The verification facts, as JSON, once they arrive: they are taken while the dump
+    /// streams, so the snapshot costs the longer of the two rather than their sum.
+    Facts { name: String, mtime: i64, rx: std::sync::mpsc::Receiver<Result<DbFacts>> },
 }
 
 impl Item {
     pub fn name(&self) -> &str {
         match self {
             Item::Tree(r) => &r.name,
-            Item::Output { name, .. } | Item::Tar { name, .. } | Item::Bytes { name, .. } => name,
+            Item::Output { name, .. }
+            | Item::Tar { name, .. }
+            | Item::Bytes { name, .. }
+            | Item::Facts { name, .. } => name,
         }
     }
 }
@@ -52,11 +58,13 @@ impl Item {
 /// A source ready to be read.
 pub struct Prepared {
     pub items: Vec<Item>,
-    /// Facts recorded in the snapshot (database sources), for the summary.
-    pub facts: Option<DbFacts>,
     /// Kept alive until the items have been read.
     pub hold: Vec<Box<dyn Any + Send>>,
 }
+
+/// Keeps the exporting transaction (and so the snapshot pg_dump imports) open until the
+/// backup is over; dropping it lets the facts thread end the transaction.
+struct SessionHold(#[allow(dead_code)] std::sync::mpsc::Sender<()>);
 
 /// A name usable as a top-level snapshot name (no `/`, not empty, not a dot name).
 fn item_name(raw: &str) -> String {
@@ -65,7 +73,7 @@ fn item_name(raw: &str) -> String {
 }
 
 pub fn prepare(source: &str, cfg: &SourceConfig, time: i64) -> Result<Prepared> {
-    let mut p = Prepared { items: Vec::new(), facts: None, hold: Vec::new() };
+    let mut p = Prepared { items: Vec::new(), hold: Vec::new() };
     match cfg.kind {
         SourceKind::Path => p.items = roots(&cfg.paths)?.into_iter().map(Item::Tree).collect(),
         SourceKind::Command => {
@@ -83,10 +91,10 @@ pub fn prepare(source: &str, cfg: &SourceConfig, time: i64) -> Result<Prepared> 
                 .with_context(|| format!("creating a staging directory in {}", spool.display()))?;
             let copy = dir.path().join(&file);
             sqlite::copy(db, &copy)?;
-            let facts = sqlite::facts(&copy, time)?;
+            let (tx, rx) = std::sync::mpsc::channel();
+            let _ = tx.send(sqlite::facts(&copy, time));
             p.items.push(Item::Tree(Root { path: copy, name: file.clone() }));
-            p.items.push(Item::Bytes { name: format!("{file}.facts.json"), data: facts.to_json(), mtime: time });
-            p.facts = Some(facts);
+            p.items.push(Item::Facts { name: format!("{file}.facts.json"), mtime: time, rx });
             p.hold.push(Box::new(dir));
         }
         SourceKind::Postgres => {
@@ -96,13 +104,18 @@ pub fn prepare(source: &str, cfg: &SourceConfig, time: i64) -> Result<Prepared> 
                     let pg_dump = postgres::program(cfg.pg_bin.as_deref(), "pg_dump");
                     let mut session = postgres::DumpSession::open(conn)?;
                     postgres::check_dump_version(&pg_dump, session.server_major)?;
-                    let facts = session.facts(time)?;
                     let db = item_name(&session.database);
                     let child = postgres::dump_command(&pg_dump, conn, &session.snapshot);
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    let (release, released) = std::sync::mpsc::channel::<()>();
+                    std::thread::Builder::new().name("pg-facts".into()).spawn(move || {
+                        let _ = tx.send(session.facts(time));
+                        // Returns when the hold is dropped; the session (transaction) ends then.
+                        let _ = released.recv();
+                    })?;
                     p.items.push(Item::Output { name: format!("{db}.dump"), child });
-                    p.items.push(Item::Bytes { name: format!("{db}.facts.json"), data: facts.to_json(), mtime: time });
-                    p.facts = Some(facts);
-                    p.hold.push(Box::new(session));
+                    p.items.push(Item::Facts { name: format!("{db}.facts.json"), mtime: time, rx });
+                    p.hold.push(Box::new(SessionHold(release)));
                 }
                 PgMethod::Base => {
                     let prog = postgres::program(cfg.pg_bin.as_deref(), "pg_basebackup");

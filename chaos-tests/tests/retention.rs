@@ -7,13 +7,15 @@ use std::process::Command;
 
 use exclave_chaos_tests::*;
 
+/// An agent config for source `docs`; `keep_last` 0 sends no retention policy.
 fn config(w: &World, node: &Node, docs: &std::path::Path, keep_last: u32) -> std::path::PathBuf {
     let cfg = w.path(&format!("agent-{keep_last}.toml"));
+    let retention = if keep_last > 0 { format!("retention = {{ keep-last = {keep_last} }}\n") } else { String::new() };
     std::fs::write(
         &cfg,
         format!(
             "node = [\"{}\"]\npki = \"{}\"\nidentity = \"rnpp\"\nkey-file = \"{}\"\n\n[sources.docs]\nkind = \"path\"\n\
-             paths = [\"{}\"]\nretention = {{ keep-last = {keep_last} }}\n",
+             paths = [\"{}\"]\n{retention}",
             node.addr,
             w.pki().display(),
             w.path("lux.key").display(),
@@ -41,15 +43,33 @@ fn the_cluster_applies_retention_and_only_an_admin_shortens_it() {
     let node = w.start_node("n1");
     let docs = w.path("docs");
     sample_tree(&docs, 3, 128 << 10);
-    let keep2 = config(&w, &node, &docs, 2);
+    // History made without a policy is not the agent's to erase: its first policy may not
+    // forget what is already stored.
+    let none = config(&w, &node, &docs, 0);
     let mut made = Vec::new();
+    for _ in 0..2 {
+        let s = backup(&none);
+        assert!(s["retention"].is_null());
+        made.push(s["snapshot"].as_str().unwrap().to_string());
+    }
+    let keep2 = config(&w, &node, &docs, 2);
+    let s = backup(&config(&w, &node, &docs, 1));
+    assert!(s["retention"].as_str().unwrap().contains("would forget 1 snapshot(s) already stored"), "{s}");
+    assert_eq!(snapshot_ids(&w, &node).len(), 3);
+    // An administrator clears the way; from then on the agent's policy governs new snapshots.
+    let o = run(Command::new(bin("exclave-replicator"))
+        .args(["retention", "set", "--node", &node.addr.to_string(), "--pki"])
+        .arg(w.pki())
+        .args(["--identity", "admin", "--tenant", "lux", "--source", "docs", "--keep-last", "1"]));
+    ok(o);
+    made.clear();
     for i in 0..4 {
         std::fs::write(docs.join("day.txt"), format!("day {i}")).unwrap();
         let s = backup(&keep2);
         assert_eq!(s["retention"], "keep last 2");
         made.push(s["snapshot"].as_str().unwrap().to_string());
     }
-    assert_eq!(snapshot_ids(&w, &node), made[2..], "the two newest are kept");
+    assert_eq!(snapshot_ids(&w, &node), made[2..], "the two newest are kept (keep-last 2 lengthened 1)");
 
     // A shorter policy from the agent is refused; the snapshot still commits under the old one.
     let s = backup(&config(&w, &node, &docs, 1));

@@ -88,8 +88,9 @@ pub enum Command {
         raft_id: u64,
     },
     /// The retention policy of a source, applied at once and after every commit of the
-    /// source. Unless `by_admin`, a policy may only keep more than the one in force: an
-    /// agent can lengthen retention, never shorten it.
+    /// source. Unless `by_admin`, a policy may only keep more than the one in force, and a
+    /// first policy may not forget anything already stored: an agent governs what comes
+    /// next, never what is there.
     SetRetention {
         tenant: String,
         source: String,
@@ -326,8 +327,22 @@ pub fn apply(view: &dyn CatalogRead, cmd: &Command) -> Result<(Outcome, Vec<Writ
                     policy.describe()
                 ))
             } else {
-                w.push(Write::Put(retention_key(tenant, source), encode(policy)));
-                let forgotten = apply_retention(view, tenant, source, policy, None, &mut w)?;
+                let mut changes = vec![Write::Put(retention_key(tenant, source), encode(policy))];
+                let forgotten = apply_retention(view, tenant, source, policy, None, &mut changes)?;
+                // Without a policy in force the cluster keeps everything; an agent's first
+                // policy may not forget what is already stored (a stolen agent certificate
+                // must not erase history), only govern what comes next.
+                if current.is_none() && !*by_admin && forgotten > 0 {
+                    return Ok((
+                        Outcome::Refused(format!(
+                            "a first retention policy \"{}\" for {source} would forget {forgotten} snapshot(s) already \
+                             stored; an administrator must set it (exclave-replicator retention set)",
+                            policy.describe()
+                        )),
+                        Vec::new(),
+                    ));
+                }
+                w.extend(changes);
                 if forgotten > 0 {
                     let mut info = tenant_info(view, tenant)?;
                     info.snapshots = info.snapshots.saturating_sub(forgotten);
@@ -614,7 +629,10 @@ mod tests {
             let policy = RetentionPolicy { keep_last, ..Default::default() };
             c.apply(&Command::SetRetention { tenant: "lux".into(), source: "rnpp".into(), policy, by_admin }).unwrap()
         };
-        assert_eq!(set(&mut c, 3, false), Outcome::Done);
+        let Outcome::Refused(why) = set(&mut c, 3, false) else { panic!("history erased by an agent") };
+        assert!(why.contains("would forget 4 snapshot(s) already stored"), "{why}"); // 2 bases, 2 WAL
+        assert_eq!(ids(&c, "rnpp").len(), 5);
+        assert_eq!(set(&mut c, 3, true), Outcome::Done);
         assert_eq!(ids(&c, "rnpp"), ["d2", "d3", "d4"]);
         // WAL older than the oldest kept base backup (d2), less the margin, is pruned.
         assert_eq!(ids(&c, "rnpp.wal"), ["w2", "w3", "w4"]);

@@ -159,6 +159,15 @@ impl NodeClient {
         }
     }
 
+    /// The snapshot with exactly this id, if the node's catalog holds it, and the node's
+    /// warning if that catalog may be stale.
+    pub async fn find_snapshot(&self, id: &str) -> Result<(Option<SnapshotInfo>, Option<String>), ClientError> {
+        match self.call(&[Request::FindSnapshot { id: id.to_string() }]).await? {
+            Reply::Snapshots { snapshots, stale } => Ok((snapshots.into_iter().next(), stale)),
+            _ => Err(ClientError::Unexpected { addr: self.addr, request: "find_snapshot" }),
+        }
+    }
+
     /// Returns once the node has applied everything the cluster had committed when asked
     /// (Raft ReadIndex through the leader): reads that follow are not stale.
     pub async fn read_barrier(&self) -> Result<(), ClientError> {

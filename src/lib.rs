@@ -18,5 +18,6 @@ pub mod pki;
 pub mod protocol;
 pub mod retention;
 pub mod transport;
+pub mod wal;
 
 pub use chunk_id::{Checksum, ChunkId};

@@ -133,7 +133,7 @@ fn resolve(a: &BackupArgs) -> Result<Resolved> {
     };
     exclave::identity::check_name("source name", &source)?;
     // Archived WAL is kept apart from the source's base backups.
-    let source = if a.wal_file.is_some() { crate::wal::catalog_source(&source)? } else { source };
+    let source = if a.wal_file.is_some() { exclave::wal::catalog_source(&source)? } else { source };
     if let Some(avg) = a.chunk_avg {
         src.chunk_avg = Some(avg);
         src.chunk_min = Some(avg / 4);
@@ -228,7 +228,7 @@ async fn attempt(
     // Preparing may talk to a database with a blocking client: off the async threads.
     let prepared = if let Some(path) = &r.wal {
         let (name, data) = crate::wal::read(path).map_err(|e| (None, e))?;
-        id = crate::wal::snapshot_id(&name).map_err(|e| (None, e))?;
+        id = exclave::wal::snapshot_id(&r.source, &name).map_err(|e| (None, e.into()))?;
         source::Prepared { items: vec![Item::Bytes { name, data, mtime: 0 }], hold: Vec::new() }
     } else {
         let (name, src) = (r.source.clone(), r.src.clone());
@@ -301,7 +301,7 @@ async fn attempt(
             used,
             anyhow::anyhow!(
                 "WAL file {} is already archived with different content; refusing to replace it",
-                committed.id.to_uppercase()
+                exclave::wal::file_name(&committed.id).unwrap_or(&committed.id).to_uppercase()
             ),
         ));
     }
@@ -377,7 +377,7 @@ pub async fn run(a: BackupArgs) -> Result<i32> {
         // One line for the PostgreSQL server log.
         println!(
             "archived {} ({}, {} uploaded) on {}",
-            summary.snapshot.to_uppercase(),
+            exclave::wal::file_name(&summary.snapshot).unwrap_or(&summary.snapshot).to_uppercase(),
             mib(summary.bytes_read),
             mib(summary.uploaded_bytes),
             summary.node

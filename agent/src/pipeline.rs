@@ -329,7 +329,8 @@ fn read_all(
                 reader.warnings.extend(walk_warnings);
             }
             Item::Bytes { name, data, mtime } => {
-                reader.stream(own_entry(name.into_bytes(), 0o600, mtime), &mut data.as_slice())?;
+                let entry = Entry { uid: 0, gid: 0, ..own_entry(name.into_bytes(), 0o600, mtime) };
+                reader.stream(entry, &mut data.as_slice())?;
             }
             Item::Facts { name, mtime, rx } => {
                 let facts = rx.recv().map_err(|_| anyhow!("the verification facts were never taken"))??;

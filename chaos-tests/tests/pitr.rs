@@ -139,17 +139,44 @@ fn archiving_fails_while_the_cluster_is_unreachable_and_loses_no_segment() {
     let seg_no = |name: &str| {
         u64::from_str_radix(&name[8..16], 16).unwrap() * 0x100 + u64::from_str_radix(&name[16..24], 16).unwrap()
     };
-    let mut have: Vec<u64> = ids.iter().filter(|i| i.len() == 24).map(|i| seg_no(i)).collect();
+    let names: Vec<&str> = ids.iter().filter_map(|i| exclave::wal::file_name(i)).collect();
+    let mut have: Vec<u64> = names.iter().filter(|n| n.len() == 24).map(|n| seg_no(n)).collect();
     have.sort();
     for n in seg_no(&first)..=seg_no(&last) {
         assert!(have.binary_search(&n).is_ok(), "segment {n:x} missing from the archive: {ids:?}");
     }
-    assert!(ids.contains(&held.to_ascii_lowercase()));
+    assert!(names.contains(&held.to_ascii_lowercase().as_str()));
 
     // wal-fetch gives the archived file back; a name not archived is answered with exit 1.
     let dest = w.path("fetched");
     ok(run(w.restore_cmd(&node, "wal-fetch").args(["--source", "pg", &held]).arg(&dest)));
     assert_eq!(std::fs::metadata(&dest).unwrap().len(), 16 << 20);
+
+    // Pushing the same file again succeeds; other content under that name is refused; the
+    // same name from another database cluster (source) is a different file.
+    let push = |source: &str, file: &std::path::Path| {
+        run(Command::new(bin("exclave-agent"))
+            .args(["wal-push", "--node", &node.addr.to_string(), "--pki"])
+            .arg(w.pki())
+            .args(["--identity", "rnpp", "--key-file"])
+            .arg(w.path("lux.key"))
+            .args(["--source", source])
+            .arg(file))
+    };
+    let again = w.path("again");
+    std::fs::create_dir_all(&again).unwrap();
+    std::fs::copy(&dest, again.join(&held)).unwrap();
+    assert!(stdout(&ok(push("pg", &again.join(&held)))).contains(&format!("archived {held}")));
+    let other = w.path("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join(&held), vec![7u8; 16 << 20]).unwrap();
+    let o = push("pg", &other.join(&held));
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("already archived with different content"), "{}", stderr(&o));
+    ok(push("pg2", &other.join(&held)));
+    let back = w.path("back");
+    ok(run(w.restore_cmd(&node, "wal-fetch").args(["--source", "pg", &held]).arg(&back)));
+    assert_eq!(std::fs::read(&back).unwrap(), std::fs::read(&dest).unwrap());
     let o =
         run(w.restore_cmd(&node, "wal-fetch").args(["--source", "pg", "0000000100000000000000FF"]).arg(w.path("none")));
     assert_eq!(o.status.code(), Some(1));

@@ -466,6 +466,13 @@ async fn dispatch(
                 blocking(move || Ok(catalog::snapshots(&store.catalog()?, &tenant, source.as_deref())?)).await?;
             Ok(Reply::Snapshots { snapshots, stale })
         }
+        Request::FindSnapshot { id } => {
+            let tenant = authorise(identity, Permission::ReadTenant, "find_snapshot")?;
+            valid_name("snapshot id", &id)?;
+            let stale = node.raft.view().cut_off(node.raft.id).map(|why| format!("{}: {why}", node.name));
+            let found = blocking(move || Ok(catalog::snapshot(&store.catalog()?, &tenant, &id)?)).await?;
+            Ok(Reply::Snapshots { snapshots: found.into_iter().collect(), stale })
+        }
         Request::GetChunk { id } => {
             let tenant = authorise(identity, Permission::ReadTenant, "get_chunk")?;
             read_through(node, &tenant, &[id]).await;

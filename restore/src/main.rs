@@ -259,9 +259,17 @@ async fn run(cli: Cli) -> Result<i32> {
 async fn wal_fetch(conn: Conn, source: &str, file: &str, dest: &std::path::Path) -> Result<i32> {
     let (client, tls) = connect(&conn).await?;
     let keys = keys(&conn, &tls)?;
-    let id = file.to_ascii_lowercase();
-    let list = list(&client, &conn, Some(&pitr::wal_source(source))).await?;
-    let Some(snap) = list.into_iter().find(|s| s.id == id) else {
+    let wal_source = exclave::wal::catalog_source(source)?;
+    let id = exclave::wal::snapshot_id(&wal_source, file)?;
+    if conn.consistent {
+        client.read_barrier().await.context("--consistent: the node could not confirm its catalog is current")?;
+    }
+    // One lookup by name, not a listing: recovery asks for thousands of files.
+    let (found, stale) = client.find_snapshot(&id).await?;
+    if let Some(why) = stale {
+        eprintln!("warning: {why}");
+    }
+    let Some(snap) = found.filter(|s| s.source == wal_source) else {
         // PostgreSQL asks for files past the end of the archive: not an error for it.
         eprintln!("{file} is not in the WAL archive of {source}");
         client.close().await;
@@ -310,7 +318,7 @@ async fn run_pitr(
     let node = client.addr();
     let bases = list(&client, &conn, Some(source)).await?;
     let snap = pitr::select_base(&bases, target, base)?.clone();
-    let wal = list(&client, &conn, Some(&pitr::wal_source(source))).await?;
+    let wal = list(&client, &conn, Some(&exclave::wal::catalog_source(source)?)).await?;
     let newest_wal = wal.iter().map(|s| s.time).max();
     let client = Arc::new(client);
     let w = writer::Writer::new(Some(to.clone()), false).strip_root("pgdata");

@@ -2,8 +2,8 @@
 //! replays archived WAL (fetched by `wal-fetch`) up to a target time.
 //!
 //! Base backups are snapshots of the `postgres` source (`method = "base"`, one top-level
-//! `pgdata/`); WAL files are snapshots of `SOURCE.wal`, one per file, whose id is the
-//! file's name in lower case (see the agent's `wal` module). The choice of base backup and
+//! `pgdata/`); WAL files are snapshots of `SOURCE.wal`, one per file, named as
+//! `exclave::wal` says. The choice of base backup and
 //! the recovery settings are pure functions, tested here; fetching is done by the caller.
 
 use std::path::Path;
@@ -11,11 +11,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use exclave::protocol::SnapshotInfo;
-
-/// The catalog source of a source's archived WAL.
-pub fn wal_source(source: &str) -> String {
-    format!("{source}.wal")
-}
 
 /// Parses `2026-11-23 10:15:00` / `2026-11-23T10:15:00.5Z` (UTC) into Unix time.
 pub fn parse_target_time(text: &str) -> Result<SystemTime> {

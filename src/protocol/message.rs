@@ -134,6 +134,11 @@ pub enum Request {
         source: String,
         policy: crate::retention::RetentionPolicy,
     },
+    /// One snapshot by its exact id (an archived WAL file by name): answered with
+    /// `Snapshots` holding it, or none.
+    FindSnapshot {
+        id: String,
+    },
 }
 
 impl Request {
@@ -159,6 +164,7 @@ impl Request {
             Request::ReadBarrier => "read_barrier",
             Request::SetRetention { .. } => "set_retention",
             Request::SetRetentionFor { .. } => "set_retention_for",
+            Request::FindSnapshot { .. } => "find_snapshot",
         }
     }
 }

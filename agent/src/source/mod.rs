@@ -36,7 +36,8 @@ pub enum Item {
     Output { name: String, child: ChildSpec },
     /// A tar stream on a child's standard output, unpacked into entries under `name/`.
     Tar { name: String, child: ChildSpec },
-    /// One file held in memory.
+    /// One file held in memory, recorded with owner 0 and the given time, so the same
+    /// bytes always give the same manifest entry whoever pushes them (archived WAL).
     Bytes { name: String, data: Vec<u8>, mtime: i64 },
     /// The verification facts, as JSON, once they arrive: they are taken while the dump
     /// streams, so the snapshot costs the longer of the two rather than their sum.

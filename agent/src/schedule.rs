@@ -71,7 +71,8 @@ impl<Tz: TimeZone> Scheduler<Tz> {
     }
 
     fn at(&self, t: i64) -> DateTime<Tz> {
-        self.tz.timestamp_opt(t, 0).single().unwrap_or_else(|| self.tz.timestamp_opt(0, 0).unwrap())
+        // A Unix time maps to exactly one instant; only an out-of-range value has none.
+        self.tz.timestamp_opt(t, 0).earliest().unwrap_or_else(|| chrono::DateTime::UNIX_EPOCH.with_timezone(&self.tz))
     }
 
     fn next_occurrence(&self, cron: &Cron, after: i64) -> i64 {

@@ -183,7 +183,9 @@ fn one_shot_source(a: &BackupArgs) -> Result<Option<SourceConfig>> {
 fn fails_over(e: &anyhow::Error) -> bool {
     e.chain().any(|c| match c.downcast_ref::<ClientError>() {
         Some(ClientError::Transport(_) | ClientError::NoNode(_)) => true,
-        Some(ClientError::Remote { code, .. }) => matches!(code, ErrorCode::Unavailable | ErrorCode::StorageError),
+        Some(ClientError::Remote { code, .. }) => {
+            matches!(code, ErrorCode::Unavailable | ErrorCode::StorageError | ErrorCode::NoQuorum)
+        }
         _ => false,
     })
 }

@@ -5,6 +5,7 @@
 //! `EXCLAVE_BIN_DIR`. Every process is killed when its handle drops, every directory is a
 //! temporary one.
 
+pub mod netns;
 pub mod postgres;
 
 use std::collections::BTreeMap;
@@ -76,6 +77,14 @@ impl World {
             ok(run(Command::new(bin("exclave-agent")).args(["keys", "init", "--tenant", t, "--out"]).arg(w.path(f))));
         }
         w
+    }
+
+    /// Issues a node certificate for `name` at `host` (an address of a `netns::Net` host).
+    pub fn issue_node(&self, name: &str, host: &str) {
+        ok(run(Command::new(bin("exclave-replicator"))
+            .args(["pki", "issue", "--dir"])
+            .arg(self.pki())
+            .args(["--role", "node", "--name", name, "--host", host])));
     }
 
     pub fn path(&self, p: &str) -> PathBuf {
@@ -245,6 +254,8 @@ pub struct Node {
     child: Option<Child>,
     pki: PathBuf,
     extra: Vec<String>,
+    /// Network namespace the node runs in (`netns::Net`), if any.
+    netns: Option<String>,
 }
 
 impl Node {
@@ -254,7 +265,12 @@ impl Node {
 
     pub fn spawn_with(w: &World, name: &str, data: &Path, port: u16, extra: &[&str]) -> Node {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-        let log = w.path(&format!("{name}-{port}-{}.log", std::process::id()));
+        Node::spawn_in(w, name, data, addr, None, extra)
+    }
+
+    /// A node listening on `addr`, inside network namespace `netns` if given.
+    pub fn spawn_in(w: &World, name: &str, data: &Path, addr: SocketAddr, netns: Option<&str>, extra: &[&str]) -> Node {
+        let log = w.path(&format!("{name}-{}-{}.log", addr.port(), std::process::id()));
         let mut node = Node {
             name: name.into(),
             addr,
@@ -263,6 +279,7 @@ impl Node {
             child: None,
             pki: w.pki(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            netns: netns.map(str::to_string),
         };
         node.launch();
         node
@@ -270,7 +287,16 @@ impl Node {
 
     fn launch(&mut self) {
         let logf = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
-        let child = Command::new(bin("exclave-replicator"))
+        let mut cmd = match &self.netns {
+            // `ip netns exec` enters the namespace and execs the node: same process, same pid.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("exclave-replicator"));
+                c
+            }
+            None => Command::new(bin("exclave-replicator")),
+        };
+        let child = cmd
             .args(["run", "--name", &self.name, "--listen", &self.addr.to_string(), "--pki"])
             .arg(&self.pki)
             .arg("--data")

@@ -67,7 +67,7 @@ impl Node {
 
     /// Refuses at once (after a short wait for an election) when no leader can be reached.
     async fn require_leader(&self) -> Result<(), Failure> {
-        self.raft.leader_known().await.map_err(|e| Failure::new(ErrorCode::Unavailable, format!("{}: {e}", self.name)))
+        self.raft.leader_known().await.map_err(|e| Failure::new(ErrorCode::NoQuorum, format!("{}: {e}", self.name)))
     }
 
     fn member_status(&self) -> Result<MemberStatus, StoreError> {
@@ -281,6 +281,7 @@ impl Failure {
             ErrorCode::StorageError => "storage",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::NoQuorum => "no_quorum",
         }
     }
 }

@@ -182,6 +182,9 @@ pub enum ErrorCode {
     StorageError,
     Unavailable,
     Internal,
+    /// The node cannot reach a majority of its cluster, so it cannot commit: another node
+    /// may (not worth retrying on this one).
+    NoQuorum,
 }
 
 impl ErrorCode {

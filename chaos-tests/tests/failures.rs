@@ -255,3 +255,53 @@ fn a_missing_source_path_is_named_and_nothing_is_committed() {
     let list = json(&ok(run(w.restore_cmd(&node, "snapshots").arg("--json"))));
     assert!(list.as_array().unwrap().is_empty());
 }
+
+#[test]
+fn a_follower_whose_disk_fills_pauses_its_backfill_and_stays_up() {
+    let w = World::new();
+    let dir = w.path("small");
+    mount_tmpfs(&dir, "size=64m");
+    let _u = Unmount(dir.clone());
+    let names = ["n1", "n2", "n3"];
+    let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
+    let nodes: Vec<Node> = (0..3)
+        .map(|i| {
+            // n3's data lives on the small disk, with a 16 MiB reserve.
+            let (data, reserve) = if i == 2 { (dir.join("data"), "16") } else { (w.path(names[i]), "64") };
+            let mut args = vec!["--min-free-mib".to_string(), reserve.into()];
+            for j in (0..3).filter(|j| *j != i) {
+                args.push("--peer".into());
+                args.push(format!("{}=127.0.0.1:{}", names[j], ports[j]));
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            Node::spawn_with(&w, names[i], &data, ports[i], &args)
+        })
+        .collect();
+    for n in &nodes {
+        n.wait_ready();
+    }
+    let leader = w.wait_leader(&nodes);
+    // More than n3 can hold: the write quorum (n1, n2) acknowledges it all the same.
+    let big = w.path("big-src");
+    std::fs::create_dir_all(&big).unwrap();
+    let mut noise = vec![0u8; 64 << 20];
+    rand::Rng::fill(&mut rand::rng(), &mut noise[..]);
+    std::fs::write(big.join("scans.bin"), &noise).unwrap();
+    let via = if leader == 2 { 0 } else { leader };
+    ok(w.backup_to(&[&nodes[via]], "scans", &[&big]));
+
+    // n3 backfills up to its reserve, says why it stopped, and stays up.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !nodes[2].log_text().contains("backfill paused: storage is full") {
+        assert!(std::time::Instant::now() < deadline, "n3 never paused its backfill:\n{}", nodes[2].log_text());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(nodes[2].running(), "n3 must survive a full disk:\n{}", nodes[2].log_text());
+    let st = w.cluster_status(&nodes[2]).expect("n3 answers")["members"][0]["status"].clone();
+    assert!(st["chunks_missing"].as_u64().unwrap() > 0, "{st}");
+    // And it still takes part in the catalog: a small commit goes through.
+    let small = w.path("small-src");
+    sample_tree(&small, 3, 64 << 10);
+    ok(w.backup_to(&[&nodes[via]], "rnpp", &[&small]));
+}

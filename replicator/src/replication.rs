@@ -56,17 +56,28 @@ pub async fn anti_entropy(node: Arc<Node>) {
         let started_at = node.raft.view().applied;
         let t = Instant::now();
         let pause = match pass(&node).await {
-            Ok((missing, fetched)) => {
+            Ok((missing, fetched, paused)) => {
+                if let Some(why) = &paused {
+                    warn!(missing, "{why}");
+                }
                 let mut b = node.backfill.lock().unwrap_or_else(|p| p.into_inner());
                 b.missing = missing;
                 b.scanned_at = Some(started_at);
                 b.fetched_total += fetched;
-                b.last_error = None;
+                let full = paused.is_some();
+                b.last_error = paused;
                 node.metrics.backfill(missing, fetched);
                 if fetched > 0 {
                     info!(fetched, missing, secs = t.elapsed().as_secs_f64(), "anti-entropy pass fetched chunks");
                 }
-                if fetched > 0 && missing > 0 { Duration::from_millis(100) } else { Duration::from_secs(2) }
+                if full {
+                    // Room is made by an operator, not by waiting: look again now and then.
+                    Duration::from_secs(10)
+                } else if fetched > 0 && missing > 0 {
+                    Duration::from_millis(100)
+                } else {
+                    Duration::from_secs(2)
+                }
             }
             Err(e) => {
                 warn!(error = %e, "anti-entropy pass failed");
@@ -78,10 +89,12 @@ pub async fn anti_entropy(node: Arc<Node>) {
     }
 }
 
-/// One walk over the index: returns (still missing, fetched).
-async fn pass(node: &Arc<Node>) -> Result<(u64, u64), String> {
+/// One walk over the index: returns (still missing, fetched, why fetching stopped). Once
+/// the disk is at its reserve the walk goes on counting what is missing, fetching nothing.
+async fn pass(node: &Arc<Node>) -> Result<(u64, u64, Option<String>), String> {
     let mut cursor = catalog::CHUNK_PREFIX.to_vec();
     let (mut missing, mut fetched) = (0u64, 0u64);
+    let mut paused: Option<String> = None;
     loop {
         let store = node.store.clone();
         let from = cursor.clone();
@@ -125,9 +138,20 @@ async fn pass(node: &Arc<Node>) -> Result<(u64, u64), String> {
         .map_err(|e| e.to_string())??;
         for (tenant, want) in lacking {
             for group in want.chunks(FETCH_BATCH) {
-                let got = fetch_from_peers(node, &tenant, group).await;
-                fetched += got as u64;
-                missing += (group.len() - got) as u64;
+                if paused.is_some() {
+                    missing += group.len() as u64;
+                    continue;
+                }
+                match fetch_from_peers(node, &tenant, group).await {
+                    Ok(got) => {
+                        fetched += got as u64;
+                        missing += (group.len() - got) as u64;
+                    }
+                    Err(why) => {
+                        missing += group.len() as u64;
+                        paused = Some(why);
+                    }
+                }
             }
         }
         match next {
@@ -135,12 +159,14 @@ async fn pass(node: &Arc<Node>) -> Result<(u64, u64), String> {
             None => break,
         }
     }
-    Ok((missing, fetched))
+    Ok((missing, fetched, paused))
 }
 
 /// Fetches `want` from whichever peers have them, verifies each against its index entry and
-/// stores it. Returns how many were stored.
-pub async fn fetch_from_peers(node: &Arc<Node>, tenant: &str, want: &[(ChunkId, IndexEntry)]) -> usize {
+/// stores it. Returns how many were stored, or why it stopped: the disk reaching the node's
+/// reserve stops a backfill (it resumes once room is made) rather than filling the disk
+/// until RocksDB fails and takes the Raft log with it.
+pub async fn fetch_from_peers(node: &Arc<Node>, tenant: &str, want: &[(ChunkId, IndexEntry)]) -> Result<usize, String> {
     let mut left: Vec<(ChunkId, IndexEntry)> = want.to_vec();
     let mut stored = 0;
     let mut peers = others(node);
@@ -177,6 +203,8 @@ pub async fn fetch_from_peers(node: &Arc<Node>, tenant: &str, want: &[(ChunkId, 
         }
         left = still;
         if !good.is_empty() {
+            let bytes: usize = good.iter().map(|c| c.envelope.len()).sum();
+            node.check_room(bytes).map_err(|f| format!("backfill paused: {}", f.message()))?;
             let (store, tenant) = (node.store.clone(), tenant.to_string());
             let n = good.len();
             match tokio::task::spawn_blocking(move || store.put_chunks(&tenant, &good)).await {
@@ -186,5 +214,5 @@ pub async fn fetch_from_peers(node: &Arc<Node>, tenant: &str, want: &[(ChunkId, 
             }
         }
     }
-    stored
+    Ok(stored)
 }

@@ -266,6 +266,10 @@ impl Failure {
     fn new(code: ErrorCode, message: impl Into<String>) -> Failure {
         Failure { request: "unknown", code, message: message.into(), missing: Vec::new() }
     }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
     fn on(mut self, request: &'static str) -> Failure {
         self.request = request;
         self
@@ -636,8 +640,10 @@ async fn read_through(node: &Arc<Node>, tenant: &str, ids: &[exclave::ChunkId]) 
     })
     .await
     .unwrap_or_default();
-    if !want.is_empty() {
-        replication::fetch_from_peers(node, tenant, &want).await;
+    if !want.is_empty()
+        && let Err(e) = replication::fetch_from_peers(node, tenant, &want).await
+    {
+        warn!(%tenant, error = %e, "read-through fetch stopped");
     }
 }
 

@@ -300,6 +300,11 @@ fn a_follower_whose_disk_fills_pauses_its_backfill_and_stays_up() {
     assert!(nodes[2].running(), "n3 must survive a full disk:\n{}", nodes[2].log_text());
     let st = w.cluster_status(&nodes[2]).expect("n3 answers")["members"][0]["status"].clone();
     assert!(st["chunks_missing"].as_u64().unwrap() > 0, "{st}");
+    assert!(st["backfill_error"].as_str().unwrap().contains("storage is full"), "{st}");
+    let table = ok(run(Command::new(bin("exclave-replicator"))
+        .args(["cluster", "status", "--node", &nodes[0].addr.to_string(), "--pki"])
+        .arg(w.pki())));
+    assert!(stdout(&table).contains("warning: n3: backfill paused: storage is full"), "{}", stdout(&table));
     // And it still takes part in the catalog: a small commit goes through.
     let small = w.path("small-src");
     sample_tree(&small, 3, 64 << 10);

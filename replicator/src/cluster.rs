@@ -249,4 +249,11 @@ fn print_status(members: &[MemberReport]) {
             Err(e) => println!("{:<12} {:<22} unreachable: {e}", m.name, m.addr),
         }
     }
+    for m in members {
+        if let Ok(s) = &m.status
+            && let Some(why) = &s.backfill_error
+        {
+            println!("warning: {}: {why}", m.name);
+        }
+    }
 }

@@ -112,6 +112,7 @@ impl Node {
             snapshots: catalog::count(&view, catalog::SNAPSHOT_ID_PREFIX)?,
             peers,
             stale: v.cut_off(me),
+            backfill_error: b.last_error.clone(),
         })
     }
 }

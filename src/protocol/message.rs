@@ -274,6 +274,8 @@ pub struct MemberStatus {
     pub peers: Vec<PeerContact>,
     /// Why this node's catalog may be stale, if it may be.
     pub stale: Option<String>,
+    /// Why this node's backfill stopped short (its disk at the reserve...), if it did.
+    pub backfill_error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

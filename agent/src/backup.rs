@@ -77,6 +77,8 @@ fn snapshot_id(time: i64) -> String {
 struct Resolved {
     /// `wal-push`: the WAL file to archive (the snapshot id is its name).
     wal: Option<std::path::PathBuf>,
+    /// Where runs of a configured source take their lock (the daemon's state directory).
+    lock_dir: Option<std::path::PathBuf>,
     nodes: Vec<std::net::SocketAddr>,
     tls: TlsIdentity,
     keys: exclave::keys::TenantKeys,
@@ -140,6 +142,7 @@ fn resolve(a: &BackupArgs) -> Result<Resolved> {
         src.chunk_max = Some(avg.saturating_mul(4));
     }
     Ok(Resolved {
+        lock_dir: a.conn.config.as_ref().map(|_| cfg.state_dir().join("locks")),
         wal: a.wal_file.clone(),
         nodes,
         tls,
@@ -311,8 +314,47 @@ async fn attempt(
     Ok((client, warnings, committed, commit_started.elapsed().as_secs_f64(), tables, retention))
 }
 
+/// Holds the lock that keeps two snapshots of one source from running at once (a daemon
+/// run and a manual one, say). Released when dropped (or when the process dies).
+struct SourceLock(#[allow(dead_code)] Option<nix::fcntl::Flock<std::fs::File>>);
+
+fn lock_source(dir: &std::path::Path, source: &str) -> Result<SourceLock> {
+    use std::io::{Read, Seek, Write};
+    if std::fs::create_dir_all(dir).is_err() {
+        // No writable state directory (a one-off run as another user): nothing to guard.
+        tracing::debug!(dir = %dir.display(), "no lock directory; running unguarded");
+        return Ok(SourceLock(None));
+    }
+    let path = dir.join(format!("{source}.lock"));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(mut lock) => {
+            let _ = lock.set_len(0);
+            let _ = lock.rewind();
+            let _ = write!(lock, "{}", std::process::id());
+            Ok(SourceLock(Some(lock)))
+        }
+        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            bail!("a snapshot of source {source} is already running (pid {}); not starting another", pid.trim())
+        }
+        Err((_, e)) => Err(anyhow::anyhow!("locking {}: {e}", path.display())),
+    }
+}
+
 pub async fn run(a: BackupArgs) -> Result<i32> {
     let r = resolve(&a)?;
+    let _lock = match (&r.lock_dir, &r.wal) {
+        (Some(dir), None) => lock_source(dir, &r.source)?,
+        _ => SourceLock(None),
+    };
     let started = Instant::now();
     // Another node can take over if the one in use fails mid-run: the backup is run again
     // there, and the chunks already on a write quorum are not sent twice.

@@ -14,11 +14,12 @@ fn config(w: &World, node: &Node, docs: &std::path::Path, keep_last: u32) -> std
     std::fs::write(
         &cfg,
         format!(
-            "node = [\"{}\"]\npki = \"{}\"\nidentity = \"rnpp\"\nkey-file = \"{}\"\n\n[sources.docs]\nkind = \"path\"\n\
+            "node = [\"{}\"]\npki = \"{}\"\nidentity = \"rnpp\"\nkey-file = \"{}\"\nstate-dir = \"{}\"\n\n[sources.docs]\nkind = \"path\"\n\
              paths = [\"{}\"]\n{retention}",
             node.addr,
             w.pki().display(),
             w.path("lux.key").display(),
+            w.path("state").display(),
             docs.display()
         ),
     )

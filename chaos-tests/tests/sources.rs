@@ -216,3 +216,41 @@ fn bad_postgres_sources_fail_clearly_without_a_snapshot() {
     assert!(stderr(&o).contains("killed by signal 9"), "{}", stderr(&o));
     assert_eq!(snapshot_count(&w, &node, "pg"), 0);
 }
+
+#[test]
+fn two_snapshots_of_one_source_never_run_at_once() {
+    let w = World::new();
+    let node = w.start_node("n1");
+    let cfg = w.path("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "node = [\"{}\"]\npki = \"{}\"\nidentity = \"rnpp\"\nkey-file = \"{}\"\nstate-dir = \"{}\"\n\n\
+             [sources.slow]\nkind = \"command\"\ncommand = [\"/bin/sh\", \"-c\", \"sleep 3; echo done\"]\n",
+            node.addr,
+            w.pki().display(),
+            w.path("lux.key").display(),
+            w.path("state").display()
+        ),
+    )
+    .unwrap();
+    let backup = || {
+        let mut c = Command::new(bin("exclave-agent"));
+        c.args(["backup", "--json", "--source", "slow", "--config"]).arg(&cfg);
+        c
+    };
+    let first = backup().stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let lock = w.path("state/locks/slow.lock");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::fs::read_to_string(&lock).map(|p| p.trim().is_empty()).unwrap_or(true) {
+        assert!(std::time::Instant::now() < deadline, "the first run never took its lock");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let second = run(&mut backup());
+    assert_eq!(second.status.code(), Some(1));
+    assert!(stderr(&second).contains("a snapshot of source slow is already running"), "{}", stderr(&second));
+    let first = ok(first.wait_with_output().unwrap());
+    assert_eq!(json(&first)["kind"], "command");
+    // Once it is over, the next run goes ahead.
+    ok(run(&mut backup()));
+}

@@ -340,16 +340,22 @@ fn read_all(
             Item::Output { name, child } => {
                 let mut running = child.spawn()?;
                 let what = format!("the output of {}", running.program());
-                reader.stream(own_entry(name.into_bytes(), 0o600, time), &mut running).context(what)?;
-                running.finish()?;
+                match reader.stream(own_entry(name.into_bytes(), 0o600, time), &mut running) {
+                    Ok(()) => running.finish()?,
+                    Err(e) => return Err(running.abort().map(anyhow::Error::from).unwrap_or(e.context(what))),
+                }
             }
             Item::Tar { name, child } => {
                 let mut running = child.spawn()?;
                 let what = format!("the tar stream of {}", running.program());
-                reader.tar(&name, &mut running, time).context(what)?;
                 // The archive ends before the stream does (padding): read it out.
-                std::io::copy(&mut running, &mut std::io::sink())?;
-                running.finish()?;
+                let read = reader
+                    .tar(&name, &mut running, time)
+                    .and_then(|()| Ok(std::io::copy(&mut running, &mut std::io::sink()).map(|_| ())?));
+                match read {
+                    Ok(()) => running.finish()?,
+                    Err(e) => return Err(running.abort().map(anyhow::Error::from).unwrap_or(e.context(what))),
+                }
             }
         }
     }

@@ -214,6 +214,17 @@ fn bad_postgres_sources_fail_clearly_without_a_snapshot() {
     let o = backup(&["--postgres", &pg.conn("postgres"), "--pg-bin", old.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("killed by signal 9"), "{}", stderr(&o));
+    // A base backup whose tar stream breaks off: pg_basebackup's own words are reported.
+    std::fs::write(
+        old.join("pg_basebackup"),
+        "#!/bin/sh\ntar -cf - -C /etc hostname passwd group | head -c 1800\n\
+         echo 'pg_basebackup: error: could not read COPY data: server closed the connection' >&2; exit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(old.join("pg_basebackup"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let o = backup(&["--postgres", &pg.conn("postgres"), "--pg-base", "--pg-bin", old.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("server closed the connection"), "{}", stderr(&o));
     assert_eq!(snapshot_count(&w, &node, "pg"), 0);
 }
 

@@ -131,6 +131,25 @@ impl RunningChild {
     }
 }
 
+impl RunningChild {
+    /// After reading its output failed: the child's own failure, if it has one (it usually
+    /// explains the broken stream better than the reader can), else None. A child still
+    /// running after a short grace is killed, so nothing waits on a pipe nobody reads.
+    pub fn abort(mut self) -> Option<ChildError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            match self.child.as_mut().map(|c| c.try_wait()) {
+                Some(Ok(Some(status))) if status.success() => return None,
+                Some(Ok(Some(_))) => return self.finish().err(),
+                Some(Ok(None)) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(50))
+                }
+                _ => return None, // dropped here: killed
+            }
+        }
+    }
+}
+
 impl Drop for RunningChild {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -161,6 +180,19 @@ mod tests {
         assert!(e.contains("killed by signal 9"), "{e}");
         let e = ChildSpec::new("/nonexistent/pg_dump", ["-V"]).output().unwrap_err().to_string();
         assert!(e.contains("cannot run /nonexistent/pg_dump") && e.contains("not installed"), "{e}");
+    }
+
+    #[test]
+    fn abort_prefers_the_childs_own_failure() {
+        let mut c = sh("printf partial; echo 'server closed the connection' >&2; exit 1").spawn().unwrap();
+        let mut out = Vec::new();
+        c.read_to_end(&mut out).unwrap();
+        let e = c.abort().expect("the child failed").to_string();
+        assert!(e.contains("server closed the connection"), "{e}");
+        let c = sh("exec sleep 30").spawn().unwrap();
+        let t = std::time::Instant::now();
+        assert!(c.abort().is_none());
+        assert!(t.elapsed() < std::time::Duration::from_secs(10));
     }
 
     #[test]

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The main job on an embedded default: build, start a cluster of three embassy nodes on
 # loopback, generate a sample national register, back it up (encrypted, deduplicated,
-# replicated to a quorum of embassies), back it up again after a day of changes, then run the
-# restore drill from one embassy alone (the two others stopped): restore, compare byte for
-# byte, verify, and print the summaries.
+# replicated to a quorum of embassies), back it up again after a day of changes, snapshot the
+# vehicle register (a SQLite database being written to) with its verification facts, then run
+# the restore drill from one embassy alone (the two others stopped): restore, compare byte for
+# byte, verify, check the database against its facts, and print the summaries.
 #
 #   deploy/demo.sh [SIZE_MIB]        (default 64; everything lives in a temporary directory)
 set -euo pipefail
@@ -67,6 +68,28 @@ open(p, "w", encoding="utf-8").write("\n".join(rows))
 PY
 $B/exclave-agent backup "${AGENT[@]}" --source rnpp "$W/register"
 
+step "the vehicle register is a SQLite database in use: an online snapshot with verification facts"
+python3 - "$W/vehicles.db" <<'PY'
+import random, sqlite3, sys
+db = sqlite3.connect(sys.argv[1]); db.execute("PRAGMA journal_mode=WAL"); random.seed(7)
+db.execute("CREATE TABLE vehicle (vin TEXT PRIMARY KEY, plate TEXT, make TEXT, owner_id INTEGER, km INTEGER)")
+makes = ["Peugeot", "Renault", "Volkswagen", "Toyota", "Skoda", "BMW"]
+db.executemany("INSERT INTO vehicle VALUES (?, ?, ?, ?, ?)", (
+    (f"WVW{i:014d}", f"LU-{i % 100000:05d}", random.choice(makes), random.randrange(1, 10**6), random.randrange(0, 300000))
+    for i in range(50000)))
+db.commit()
+PY
+# A clerk keeps registering mileage while the snapshot is taken.
+python3 - "$W/vehicles.db" <<'PY' &
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1]); end = time.time() + 3; i = 0
+while time.time() < end:
+    db.execute("UPDATE vehicle SET km = km + 1 WHERE vin = ?", (f"WVW{i % 50000:014d}",)); db.commit(); i += 1
+PY
+WRITER=$!
+$B/exclave-agent backup "${AGENT[@]}" --source vehicles --sqlite "$W/vehicles.db"
+wait $WRITER
+
 step "every embassy converges to a full copy"
 for _ in $(seq 150); do
   J=$($B/exclave-replicator cluster status "${ADMIN[@]}" --json)
@@ -83,6 +106,8 @@ step "restore drill from embassy3 alone: restore the latest snapshot and verify 
 $B/exclave-restore restore "${RESTORE[@]}" --source rnpp --snapshot latest --to "$W/restored"
 diff -r "$W/register" "$W/restored/register" && echo "byte-for-byte comparison with the source: identical"
 $B/exclave-restore verify "${RESTORE[@]}" --source rnpp --snapshot latest
+$B/exclave-restore restore "${RESTORE[@]}" --source vehicles --snapshot latest --to "$W/restored-db"
+$B/exclave-agent facts --sqlite "$W/restored-db/vehicles.db" --compare "$W/restored-db/vehicles.db.facts.json"
 
 step "embassy3 metrics (excerpt)"
 exec 3<>/dev/tcp/127.0.0.1/$(( ${ADDR[embassy3]##*:} + 100 )); printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3

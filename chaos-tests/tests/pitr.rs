@@ -108,6 +108,24 @@ fn point_in_time_restore_recovers_exactly_what_was_committed_before_t() {
         .arg(&at_t)));
     assert!(stdout(&cmp).contains("OK: 4 tables match"), "{}", stdout(&cmp));
     assert!(rec.log().contains("recovery stopping before commit"), "{}", rec.log());
+
+    // `latest`: everything archived, i.e. every transaction of both pgbench runs.
+    let history_at_end = pg.psql("bench", "SELECT count(*) FROM pgbench_history");
+    assert!(history_at_end.parse::<u64>().unwrap() > history_at_t.parse::<u64>().unwrap());
+    let mut last = PgServer::empty();
+    let (restore, _, pki, key) = last.share_client(&w, "exclave-restore", &[node.addr]);
+    let o = ok(run(Command::new(&restore)
+        .args(["pitr", "--json", "--node", &node.addr.to_string(), "--pki"])
+        .arg(&pki)
+        .args(["--identity", "dr", "--key-file"])
+        .arg(&key)
+        .args(["--source", "pg", "--to"])
+        .arg(last.data())));
+    assert_eq!(json(&o)["target_time"], "the end of the archive");
+    last.adopt_data("archive_mode = off\n");
+    last.start_existing();
+    last.wait_for("postgres", "SELECT pg_is_in_recovery()", "f", Duration::from_secs(120));
+    assert_eq!(last.psql("bench", "SELECT count(*) FROM pgbench_history"), history_at_end);
 }
 
 #[test]

@@ -65,15 +65,17 @@ enum Cmd {
         out: Out,
     },
     /// Point-in-time restore of PostgreSQL: lay out the newest base backup taken before
-    /// TIME as a data directory that replays the archived WAL up to TIME, then promotes.
+    /// TIME as a data directory that replays the archived WAL up to TIME, then promotes
+    /// (`--target-time latest`, the default: the newest base, and every archived WAL file).
     Pitr {
         #[command(flatten)]
         conn: Conn,
         /// The `postgres` source (method = "base") whose WAL is archived with wal-push.
         #[arg(long)]
         source: String,
-        /// Recover the transactions committed before this time (UTC, `YYYY-MM-DD HH:MM:SS`).
-        #[arg(long)]
+        /// Recover the transactions committed before this time (UTC, `YYYY-MM-DD HH:MM:SS`), or
+        /// `latest`: everything archived.
+        #[arg(long, default_value = "latest")]
         target_time: String,
         /// Use this base backup (id or unique prefix) instead of the newest before TIME.
         #[arg(long)]
@@ -310,7 +312,7 @@ async fn run_pitr(
     out: Out,
 ) -> Result<i32> {
     let started = Instant::now();
-    let target = pitr::parse_target_time(target_time)?;
+    let target = pitr::parse_target(target_time)?;
     writer::check_target(to, false)?;
     let to = std::path::absolute(to)?;
     let (client, tls) = connect(&conn).await?;
@@ -340,9 +342,9 @@ async fn run_pitr(
     argv.extend(["--source".into(), source.to_string()]);
     pitr::prepare_data_dir(&to, &pitr::recovery_settings(&argv, target))?;
     let secs = started.elapsed().as_secs_f64();
-    let target_text = pitr::pg_time(target);
-    let t = target.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-    let archive_short = newest_wal.is_none_or(|n| n < t);
+    let target_text = target.map(pitr::pg_time).unwrap_or_else(|| "the end of the archive".into());
+    let t = target.map(|t| t.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0));
+    let archive_short = t.is_some_and(|t| newest_wal.is_none_or(|n| n < t));
     if out.json {
         println!(
             "{}",
@@ -364,7 +366,7 @@ async fn run_pitr(
         );
         println!("  duration     {secs:.2} s");
         println!(
-            "next: start PostgreSQL on it (pg_ctl -D {} start); it replays WAL to the target and promotes",
+            "next: start PostgreSQL on it (pg_ctl -D {} start); it replays archived WAL to the target, then promotes",
             to.display()
         );
     }

@@ -12,6 +12,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 use exclave::protocol::SnapshotInfo;
 
+/// Parses `latest` (None: replay everything archived) or `2026-11-23 10:15:00` /
+/// `2026-11-23T10:15:00.5Z` (UTC).
+pub fn parse_target(text: &str) -> Result<Option<SystemTime>> {
+    if text.trim() == "latest" { Ok(None) } else { parse_target_time(text).map(Some) }
+}
+
 /// Parses `2026-11-23 10:15:00` / `2026-11-23T10:15:00.5Z` (UTC) into Unix time.
 pub fn parse_target_time(text: &str) -> Result<SystemTime> {
     humantime::parse_rfc3339_weak(text.trim().trim_end_matches('Z').trim_end_matches("+00:00"))
@@ -24,8 +30,13 @@ pub fn pg_time(t: SystemTime) -> String {
     format!("{}+00", iso.replacen('T', " ", 1).trim_end_matches('Z'))
 }
 
-/// The newest base backup started before `target` (or the one named by `base`).
-pub fn select_base<'a>(list: &'a [SnapshotInfo], target: SystemTime, base: Option<&str>) -> Result<&'a SnapshotInfo> {
+/// The newest base backup started before `target` (the newest of all without a target),
+/// or the one named by `base`.
+pub fn select_base<'a>(
+    list: &'a [SnapshotInfo],
+    target: Option<SystemTime>,
+    base: Option<&str>,
+) -> Result<&'a SnapshotInfo> {
     if let Some(prefix) = base {
         let m: Vec<&SnapshotInfo> = list.iter().filter(|s| s.id.starts_with(prefix)).collect();
         return match m.as_slice() {
@@ -34,8 +45,8 @@ pub fn select_base<'a>(list: &'a [SnapshotInfo], target: SystemTime, base: Optio
             _ => bail!("base backup id prefix {prefix:?} is ambiguous"),
         };
     }
-    let t = target.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs() as i64;
-    list.iter().filter(|s| s.time < t).max_by_key(|s| (s.time, s.commit_seq)).with_context(|| {
+    let t = target.map(|t| t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs() as i64);
+    list.iter().filter(|s| t.is_none_or(|t| s.time < t)).max_by_key(|s| (s.time, s.commit_seq)).with_context(|| {
         match list.iter().map(|s| s.time).min() {
             Some(first) => format!(
                 "no base backup was started before the target time; the first started at {}",
@@ -56,19 +67,25 @@ fn sh_quote(s: &str) -> String {
 }
 
 /// Lines appended to postgresql.auto.conf: fetch WAL with `fetch_argv` (+ `%f "%p"`), stop
-/// at `target`, then promote.
-pub fn recovery_settings(fetch_argv: &[String], target: SystemTime) -> String {
+/// at `target` and promote (without a target PostgreSQL replays all it can fetch, then
+/// promotes).
+pub fn recovery_settings(fetch_argv: &[String], target: Option<SystemTime>) -> String {
     let mut cmd: Vec<String> = fetch_argv.iter().map(|a| sh_quote(a)).collect();
     cmd.push("%f".into());
     cmd.push("\"%p\"".into());
     // Configuration strings are single-quoted, with '' for a quote.
     let conf_quote = |s: &str| format!("'{}'", s.replace('\'', "''"));
-    format!(
-        "\n# Point-in-time restore by exclave-restore pitr\nrestore_command = {}\nrecovery_target_time = {}\n\
-         recovery_target_inclusive = off\nrecovery_target_action = 'promote'\n",
-        conf_quote(&cmd.join(" ")),
-        conf_quote(&pg_time(target)),
-    )
+    let mut out = format!(
+        "\n# Point-in-time restore by exclave-restore pitr\nrestore_command = {}\n",
+        conf_quote(&cmd.join(" "))
+    );
+    if let Some(t) = target {
+        out.push_str(&format!(
+            "recovery_target_time = {}\nrecovery_target_inclusive = off\nrecovery_target_action = 'promote'\n",
+            conf_quote(&pg_time(t))
+        ));
+    }
+    out
 }
 
 /// Makes a restored base backup start as a recovering server.
@@ -113,9 +130,11 @@ mod tests {
     fn the_newest_base_before_the_target_is_chosen() {
         let list = [snap("a", 100, 1), snap("b", 200, 2), snap("c", 300, 3)];
         let at = |t: u64| UNIX_EPOCH + Duration::from_secs(t);
+        let at = |t| Some(at(t));
         assert_eq!(select_base(&list, at(250), None).unwrap().id, "b");
         assert_eq!(select_base(&list, at(200), None).unwrap().id, "a", "a base started at T cannot reach T");
         assert_eq!(select_base(&list, at(250), Some("c")).unwrap().id, "c");
+        assert_eq!(select_base(&list, None, None).unwrap().id, "c", "latest: the newest base");
         let e = select_base(&list, at(50), None).unwrap_err().to_string();
         assert!(e.contains("no base backup was started before"), "{e}");
         assert!(select_base(&[], at(50), None).unwrap_err().to_string().contains("has no base backup"));
@@ -127,13 +146,15 @@ mod tests {
         assert_eq!(t, parse_target_time("2026-11-23T10:15:00Z").unwrap());
         assert_eq!(pg_time(t), "2026-11-23 10:15:00.000000+00");
         assert!(parse_target_time("yesterday").is_err());
+        assert_eq!(parse_target("latest").unwrap(), None);
+        assert_eq!(parse_target("2026-11-23 10:15:00").unwrap(), Some(t));
     }
 
     #[test]
     fn recovery_settings_quote_paths() {
         let s = recovery_settings(
             &["/opt/ex/exclave-restore".into(), "wal-fetch".into(), "--pki".into(), "/etc/my pki/it's".into()],
-            parse_target_time("2026-11-23 10:15:00").unwrap(),
+            parse_target("2026-11-23 10:15:00").unwrap(),
         );
         assert!(
             s.contains(
@@ -143,5 +164,7 @@ mod tests {
         );
         assert!(s.contains("recovery_target_time = '2026-11-23 10:15:00.000000+00'"));
         assert!(s.contains("recovery_target_action = 'promote'"));
+        let latest = recovery_settings(&["/x".into()], None);
+        assert!(latest.contains("restore_command = '/x %f \"%p\"'") && !latest.contains("recovery_target"), "{latest}");
     }
 }

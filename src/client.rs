@@ -39,7 +39,7 @@ impl NodeClient {
         let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
             .parse()
             .map_err(|_| TransportError::Tls("bind address".into()))?;
-        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| TransportError::Bind { addr: bind, source: e })?;
+        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| TransportError::Bind { addr: bind, err: e })?;
         endpoint.set_default_client_config(transport::client_config(id)?);
         let connecting = endpoint
             .connect(addr, NODE_SERVER_NAME)

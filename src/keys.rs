@@ -37,10 +37,10 @@ pub const KEY_FILE_FORMAT: &str = "exclave-key-v1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("cannot read key file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
-    #[error("cannot write key file {path}: {source}")]
-    Write { path: String, source: std::io::Error },
+    #[error("cannot read key file {path}: {err}")]
+    Read { path: String, err: std::io::Error },
+    #[error("cannot write key file {path}: {err}")]
+    Write { path: String, err: std::io::Error },
     #[error("key file {path} is not a valid Exclave key file: {reason}")]
     Invalid { path: String, reason: String },
     #[error("key file {path} is readable by other users (mode {mode:o}); run `chmod 600 {path}` first")]
@@ -165,22 +165,22 @@ pub fn write_key_file(path: &Path, keys: &TenantKeys) -> Result<(), KeyError> {
         if e.kind() == std::io::ErrorKind::AlreadyExists {
             KeyError::Exists(p.clone())
         } else {
-            KeyError::Write { path: p.clone(), source: e }
+            KeyError::Write { path: p.clone(), err: e }
         }
     })?;
-    f.write_all(text.as_bytes()).and_then(|_| f.sync_all()).map_err(|e| KeyError::Write { path: p, source: e })
+    f.write_all(text.as_bytes()).and_then(|_| f.sync_all()).map_err(|e| KeyError::Write { path: p, err: e })
 }
 
 /// Reads and checks a key file: format, tenant, key length, fingerprint, permissions.
 pub fn read_key_file(path: &Path) -> Result<TenantKeys, KeyError> {
     use std::os::unix::fs::PermissionsExt;
     let p = path.display().to_string();
-    let meta = std::fs::metadata(path).map_err(|e| KeyError::Read { path: p.clone(), source: e })?;
+    let meta = std::fs::metadata(path).map_err(|e| KeyError::Read { path: p.clone(), err: e })?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(KeyError::Permissions { path: p, mode });
     }
-    let text = std::fs::read_to_string(path).map_err(|e| KeyError::Read { path: p.clone(), source: e })?;
+    let text = std::fs::read_to_string(path).map_err(|e| KeyError::Read { path: p.clone(), err: e })?;
     parse_key_file(&text).map_err(|reason| KeyError::Invalid { path: p, reason })
 }
 

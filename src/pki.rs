@@ -29,10 +29,10 @@ pub const NODE_SERVER_NAME: &str = "exclave-node";
 pub enum PkiError {
     #[error("{0} already exists; refusing to overwrite")]
     Exists(PathBuf),
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("cannot write {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    #[error("cannot read {path}: {err}")]
+    Read { path: PathBuf, err: std::io::Error },
+    #[error("cannot write {path}: {err}")]
+    Write { path: PathBuf, err: std::io::Error },
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
     #[error("{path} holds no usable {what}")]
@@ -51,21 +51,21 @@ fn write_new(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
         if e.kind() == std::io::ErrorKind::AlreadyExists {
             PkiError::Exists(path.to_path_buf())
         } else {
-            PkiError::Write { path: path.to_path_buf(), source: e }
+            PkiError::Write { path: path.to_path_buf(), err: e }
         }
     })?;
     f.write_all(contents.as_bytes())
         .and_then(|_| f.sync_all())
-        .map_err(|e| PkiError::Write { path: path.to_path_buf(), source: e })
+        .map_err(|e| PkiError::Write { path: path.to_path_buf(), err: e })
 }
 
 fn read(path: &Path) -> Result<String, PkiError> {
-    std::fs::read_to_string(path).map_err(|e| PkiError::Read { path: path.to_path_buf(), source: e })
+    std::fs::read_to_string(path).map_err(|e| PkiError::Read { path: path.to_path_buf(), err: e })
 }
 
 /// Creates `dir/ca.crt` and `dir/ca.key`.
 pub fn init_ca(dir: &Path, cluster_name: &str) -> Result<(), PkiError> {
-    std::fs::create_dir_all(dir).map_err(|e| PkiError::Write { path: dir.to_path_buf(), source: e })?;
+    std::fs::create_dir_all(dir).map_err(|e| PkiError::Write { path: dir.to_path_buf(), err: e })?;
     let (crt, key) = (dir.join("ca.crt"), dir.join("ca.key"));
     for p in [&crt, &key] {
         if p.exists() {

@@ -21,14 +21,14 @@ pub const ALPN: &[u8] = b"exclave/1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot read {path}: {err}")]
+    Read { path: PathBuf, err: std::io::Error },
     #[error("{path} holds no {what}")]
     Invalid { path: PathBuf, what: &'static str },
     #[error("TLS configuration: {0}")]
     Tls(String),
-    #[error("cannot bind {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot bind {addr}: {err}")]
+    Bind { addr: SocketAddr, err: std::io::Error },
     #[error("cannot connect to {addr}: {reason}")]
     Connect { addr: SocketAddr, reason: String },
     #[error("peer identity: {0}")]
@@ -55,7 +55,7 @@ impl TlsIdentity {
         let ca = certs(&pki.join("ca.crt"))?;
         let chain = certs(&pki.join(format!("{name}.crt")))?;
         let key_path = pki.join(format!("{name}.key"));
-        let pem = std::fs::read(&key_path).map_err(|e| TransportError::Read { path: key_path.clone(), source: e })?;
+        let pem = std::fs::read(&key_path).map_err(|e| TransportError::Read { path: key_path.clone(), err: e })?;
         let key = PrivateKeyDer::from_pem_slice(&pem)
             .map_err(|_| TransportError::Invalid { path: key_path, what: "private key" })?;
         let identity = Identity::from_cert_der(&chain[0]).map_err(|e| TransportError::Identity(e.to_string()))?;
@@ -64,7 +64,7 @@ impl TlsIdentity {
 }
 
 fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TransportError> {
-    let pem = std::fs::read(path).map_err(|e| TransportError::Read { path: path.to_path_buf(), source: e })?;
+    let pem = std::fs::read(path).map_err(|e| TransportError::Read { path: path.to_path_buf(), err: e })?;
     let v: Vec<_> = CertificateDer::pem_slice_iter(&pem).filter_map(Result::ok).collect();
     if v.is_empty() {
         return Err(TransportError::Invalid { path: path.to_path_buf(), what: "certificate" });
@@ -116,7 +116,7 @@ const SOCKET_BUFFER: usize = 8 * 1024 * 1024;
 /// A QUIC endpoint on `addr` with large socket buffers; a server if `server` is given.
 pub fn endpoint(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> Result<quinn::Endpoint, TransportError> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let bind = |e: std::io::Error| TransportError::Bind { addr, source: e };
+    let bind = |e: std::io::Error| TransportError::Bind { addr, err: e };
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(bind)?;
     // Best effort: the kernel caps these at net.core.{r,w}mem_max.
     let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);

@@ -115,7 +115,8 @@ async fn run_one(config: &Path, source: &str) -> RunOutcome {
     let error = if committed {
         None
     } else {
-        let tail: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        let tail: Vec<&str> =
+            stderr.lines().map(|l| l.trim_start_matches("error: ")).filter(|l| !l.trim().is_empty()).collect();
         Some(tail[tail.len().saturating_sub(3)..].join(" / "))
             .filter(|s| !s.is_empty())
             .or(Some(format!("backup exited with {}", out.status)))
@@ -181,7 +182,7 @@ pub async fn run(config_path: PathBuf) -> Result<i32> {
             next_run: sched.due_of(name),
             ..before
         };
-        tracing::info!(source = %name, schedule = %expr, next_run = ?s.next_run, "scheduled");
+        tracing::info!(source = %name, schedule = %expr, next_run = %fmt_time(s.next_run), "scheduled");
         status.sources.insert(name.clone(), s);
     }
     if status.sources.is_empty() {
@@ -243,12 +244,14 @@ pub async fn run(config_path: PathBuf) -> Result<i32> {
                         s.consecutive_failures = 0;
                         s.last_uploaded_bytes = o.uploaded_bytes;
                         metrics.last_success.with_label_values(&[&name]).set(t);
-                        tracing::info!(source = %name, snapshot = ?o.snapshot, secs = o.duration_secs, next_run = ?s.next_run, "snapshot committed");
+                        tracing::info!(source = %name, snapshot = ?o.snapshot, secs = o.duration_secs,
+                            next_run = %fmt_time(s.next_run), "snapshot committed");
                     } else {
                         s.failures += 1;
                         s.consecutive_failures += 1;
                         s.last_error = o.error.clone();
-                        tracing::warn!(source = %name, error = ?o.error, retry_at = ?s.next_run, "snapshot failed; will retry");
+                        tracing::warn!(source = %name, error = %o.error.as_deref().unwrap_or("?"),
+                            retry_at = %fmt_time(s.next_run), "snapshot failed; will retry");
                     }
                 }
             }

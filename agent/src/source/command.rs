@@ -23,12 +23,12 @@ pub struct ChildSpec {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChildError {
-    #[error("cannot run {program}: {source}{hint}")]
-    Spawn { program: String, source: std::io::Error, hint: &'static str },
+    #[error("cannot run {program}: {err}{hint}")]
+    Spawn { program: String, err: std::io::Error, hint: &'static str },
     #[error("{program} {status}{stderr}")]
     Failed { program: String, status: String, stderr: String },
-    #[error("reading the output of {program}: {source}")]
-    Read { program: String, source: std::io::Error },
+    #[error("reading the output of {program}: {err}")]
+    Read { program: String, err: std::io::Error },
 }
 
 impl ChildSpec {
@@ -46,19 +46,15 @@ impl ChildSpec {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().map_err(|source| ChildError::Spawn {
+        let mut child = cmd.spawn().map_err(|err| ChildError::Spawn {
             program: self.name(),
-            hint: if source.kind() == std::io::ErrorKind::NotFound { " (not installed, or not on PATH?)" } else { "" },
-            source,
+            hint: if err.kind() == std::io::ErrorKind::NotFound { " (not installed, or not on PATH?)" } else { "" },
+            err,
         })?;
         let (Some(stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take()) else {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(ChildError::Spawn {
-                program: self.name(),
-                source: std::io::Error::other("no pipes"),
-                hint: "",
-            });
+            return Err(ChildError::Spawn { program: self.name(), err: std::io::Error::other("no pipes"), hint: "" });
         };
         // Drained on its own thread so a chatty child never blocks on a full stderr pipe.
         let stderr_tail = std::thread::spawn(move || {
@@ -82,9 +78,7 @@ impl ChildSpec {
     pub fn output(&self) -> Result<Vec<u8>, ChildError> {
         let mut running = self.spawn()?;
         let mut out = Vec::new();
-        running
-            .read_to_end(&mut out)
-            .map_err(|source| ChildError::Read { program: running.program.clone(), source })?;
+        running.read_to_end(&mut out).map_err(|err| ChildError::Read { program: running.program.clone(), err })?;
         running.finish()?;
         Ok(out)
     }
@@ -112,7 +106,7 @@ impl RunningChild {
     /// succeeded.
     pub fn finish(mut self) -> Result<(), ChildError> {
         let Some(mut child) = self.child.take() else { return Ok(()) };
-        let status = child.wait().map_err(|source| ChildError::Read { program: self.program.clone(), source })?;
+        let status = child.wait().map_err(|err| ChildError::Read { program: self.program.clone(), err })?;
         let tail = self.stderr_tail.take().and_then(|t| t.join().ok()).unwrap_or_default();
         if status.success() {
             return Ok(());

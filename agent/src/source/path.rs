@@ -18,8 +18,8 @@ use exclave::manifest::{Entry, EntryKind};
 pub enum SourceError {
     #[error("source path {0} does not exist")]
     Missing(PathBuf),
-    #[error("cannot read source path {path}: {source}")]
-    Unreadable { path: PathBuf, source: std::io::Error },
+    #[error("cannot read source path {path}: {err}")]
+    Unreadable { path: PathBuf, err: std::io::Error },
     #[error("two source paths share the name {0:?}; back them up as separate sources")]
     DuplicateRoot(String),
 }
@@ -46,10 +46,10 @@ pub fn roots(paths: &[PathBuf]) -> Result<Vec<Root>, SourceError> {
             if e.kind() == std::io::ErrorKind::NotFound {
                 SourceError::Missing(p.clone())
             } else {
-                SourceError::Unreadable { path: p.clone(), source: e }
+                SourceError::Unreadable { path: p.clone(), err: e }
             }
         })?;
-        let abs = std::path::absolute(p).map_err(|e| SourceError::Unreadable { path: p.clone(), source: e })?;
+        let abs = std::path::absolute(p).map_err(|e| SourceError::Unreadable { path: p.clone(), err: e })?;
         let name = abs
             .components()
             .rfind(|c| matches!(c, std::path::Component::Normal(_)))

@@ -138,7 +138,8 @@ pg_dump_mbs = d1["bytes_read"] / 1e6 / dump_secs
 print(f"pgbench scale {sys.argv[10]}, load {sys.argv[11]} s, 4 clients")
 print(f"snapshot day 1   {mib(d1['bytes_read']):8.1f} MiB dump in {d1['duration_secs']:.1f} s = {d1['mb_per_s']:.1f} MB/s "
       f"(pg_dump alone to /dev/null {pg_dump_mbs:.1f} MB/s; ratio {d1['mb_per_s'] / pg_dump_mbs:.2f}); "
-      f"uploaded {mib(d1['uploaded_bytes']):.1f} MiB; agent peak RSS {rss / 1024:.0f} MiB")
+      f"uploaded {mib(d1['uploaded_bytes']):.1f} MiB; agent peak RSS {rss / 1024:.0f} MiB; "
+      f"facts of {d1['tables']} tables taken in {d1['facts_secs']:.1f} s beside the dump")
 print(f"WAL archive lag  p50 {lag50} s, p99 {lag99} s, max {lagmax} s over {n} samples (limit 60 s); {sys.argv[9]}")
 print(f"snapshot day 2   read {mib(d2['bytes_read']):.1f} MiB, new {mib(d2['new_bytes']):.1f} MiB "
       f"({100 * d2['new_bytes'] / max(1, d2['bytes_read']):.1f}%), uploaded {mib(d2['uploaded_bytes']):.1f} MiB "

@@ -65,8 +65,10 @@ pub struct Stats {
     /// Of the above, file content only (not manifest pieces or the root).
     pub data_chunks_uploaded: AtomicU64,
     pub data_bytes_uploaded: AtomicU64,
-    /// Tables whose verification facts were recorded (database sources).
+    /// Tables whose verification facts were recorded (database sources), and the time
+    /// taking them took (beside the dump, not added to it).
     pub tables: AtomicU64,
+    pub facts_nanos: AtomicU64,
     /// Where the stages waited (nanoseconds), to find the bottleneck (logged at debug level).
     pub wait_reader_budget: AtomicU64,
     pub wait_reader_send: AtomicU64,
@@ -333,8 +335,10 @@ fn read_all(
                 reader.stream(entry, &mut data.as_slice())?;
             }
             Item::Facts { name, mtime, rx } => {
-                let facts = rx.recv().map_err(|_| anyhow!("the verification facts were never taken"))??;
+                let (facts, took) = rx.recv().map_err(|_| anyhow!("the verification facts were never taken"))?;
+                let facts = facts?;
                 Stats::add(&reader.d.stats.tables, facts.tables.len() as u64);
+                Stats::add(&reader.d.stats.facts_nanos, took.as_nanos() as u64);
                 reader.stream(own_entry(name.into_bytes(), 0o600, mtime), &mut facts.to_json().as_slice())?;
             }
             Item::Output { name, child } => {

@@ -146,6 +146,7 @@ fn postgres_dump_restores_into_a_fresh_database_with_the_same_facts() {
     let s = json(&ok(w.backup_as(&node, "rnpp", "lux.key", "rnpp-db", &[], &["--postgres", &pg.conn("rnpp")])));
     assert_eq!(s["kind"], "postgres");
     assert_eq!(s["tables"], 2);
+    assert!(s["facts_secs"].as_f64().unwrap() > 0.0, "{s}");
     let first_read = s["bytes_read"].as_u64().unwrap();
 
     let to = w.path("restored");

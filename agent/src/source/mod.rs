@@ -41,7 +41,7 @@ pub enum Item {
     Bytes { name: String, data: Vec<u8>, mtime: i64 },
     /// The verification facts, as JSON, once they arrive: they are taken while the dump
     /// streams, so the snapshot costs the longer of the two rather than their sum.
-    Facts { name: String, mtime: i64, rx: std::sync::mpsc::Receiver<Result<DbFacts>> },
+    Facts { name: String, mtime: i64, rx: std::sync::mpsc::Receiver<TakenFacts> },
 }
 
 impl Item {
@@ -54,6 +54,15 @@ impl Item {
             | Item::Facts { name, .. } => name,
         }
     }
+}
+
+/// Facts as taken, and how long taking them took.
+pub type TakenFacts = (Result<DbFacts>, std::time::Duration);
+
+fn timed_facts(f: impl FnOnce() -> Result<DbFacts>) -> TakenFacts {
+    let t = std::time::Instant::now();
+    let r = f();
+    (r, t.elapsed())
 }
 
 /// A source ready to be read.
@@ -93,7 +102,7 @@ pub fn prepare(source: &str, cfg: &SourceConfig, time: i64) -> Result<Prepared> 
             let copy = dir.path().join(&file);
             sqlite::copy(db, &copy)?;
             let (tx, rx) = std::sync::mpsc::channel();
-            let _ = tx.send(sqlite::facts(&copy, time));
+            let _ = tx.send(timed_facts(|| sqlite::facts(&copy, time)));
             p.items.push(Item::Tree(Root { path: copy, name: file.clone() }));
             p.items.push(Item::Facts { name: format!("{file}.facts.json"), mtime: time, rx });
             p.hold.push(Box::new(dir));
@@ -110,7 +119,7 @@ pub fn prepare(source: &str, cfg: &SourceConfig, time: i64) -> Result<Prepared> 
                     let (tx, rx) = std::sync::mpsc::channel();
                     let (release, released) = std::sync::mpsc::channel::<()>();
                     std::thread::Builder::new().name("pg-facts".into()).spawn(move || {
-                        let _ = tx.send(session.facts(time));
+                        let _ = tx.send(timed_facts(|| session.facts(time)));
                         // Returns when the hold is dropped; the session (transaction) ends then.
                         let _ = released.recv();
                     })?;

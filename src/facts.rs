@@ -8,7 +8,7 @@
 //! Layout (JSON, `format` 1):
 //! ```text
 //! { "format": 1, "engine": "postgresql"|"sqlite", "database": "...", "server_version": "...",
-//!   "taken_at": <unix seconds>,
+//!   "taken_at": <unix seconds>, "row_hash": "hashtextextended"|"md5"|"blake3",
 //!   "tables": [ { "name": "schema.table", "rows": N, "checksum": "..." }, ... ] }   // sorted by name
 //! ```
 //! A table's checksum is order-independent (a sum of per-row hashes), so a restore that
@@ -33,6 +33,10 @@ pub struct DbFacts {
     pub database: String,
     pub server_version: String,
     pub taken_at: i64,
+    /// How each row was hashed for the checksums (the engine's modules define the names);
+    /// a restored database is checked with the same one.
+    #[serde(default)]
+    pub row_hash: String,
     pub tables: Vec<TableFacts>,
 }
 
@@ -69,6 +73,13 @@ impl DbFacts {
             out.push(format!("engine {} recorded, {} restored", self.engine, restored.engine));
             return out;
         }
+        if self.row_hash != restored.row_hash {
+            out.push(format!(
+                "row hash {:?} recorded, {:?} computed: checksums cannot be compared",
+                self.row_hash, restored.row_hash
+            ));
+            return out;
+        }
         let find = |list: &[TableFacts], name: &str| list.iter().find(|t| t.name == name).cloned();
         for t in &self.tables {
             match find(&restored.tables, &t.name) {
@@ -102,6 +113,7 @@ mod tests {
             database: "db".into(),
             server_version: "3".into(),
             taken_at: 1,
+            row_hash: "blake3".into(),
             tables: tables
                 .iter()
                 .map(|(n, r, c)| TableFacts { name: n.to_string(), rows: *r, checksum: c.to_string() })
@@ -131,5 +143,7 @@ mod tests {
         assert!(d[2].contains("table d was not in the snapshot"));
         let fewer = facts(&[("a", 0, "x"), ("b", 2, "y"), ("c", 3, "z")]);
         assert_eq!(rec.differences(&fewer), vec!["table a: 1 rows recorded, 0 restored".to_string()]);
+        let other_hash = DbFacts { row_hash: "md5".into(), ..rec.clone() };
+        assert!(rec.differences(&other_hash)[0].contains("cannot be compared"));
     }
 }

@@ -194,17 +194,29 @@ fn run(cli: Cli) -> Result<i32> {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs() as i64)
                 .unwrap_or(0);
+            // Compared facts are recomputed with the row hash they were recorded with.
+            let recorded = match &compare {
+                Some(path) => {
+                    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+                    Some(exclave::facts::DbFacts::from_json(&bytes)?)
+                }
+                None => None,
+            };
             let facts = match (postgres, sqlite) {
-                (Some(conn), _) => source::postgres::current_facts(&conn, now)?,
+                (Some(conn), _) => {
+                    let hash = match &recorded {
+                        Some(r) => source::postgres::RowHash::from_name(&r.row_hash)?,
+                        None => source::postgres::RowHash::HashTextExtended,
+                    };
+                    source::postgres::current_facts(&conn, now, hash)?
+                }
                 (None, Some(db)) => source::sqlite::facts(&db, now)?,
                 (None, None) => anyhow::bail!("give --postgres or --sqlite"),
             };
-            let Some(path) = compare else {
+            let Some(recorded) = recorded else {
                 print!("{}", String::from_utf8_lossy(&facts.to_json()));
                 return Ok(0);
             };
-            let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-            let recorded = exclave::facts::DbFacts::from_json(&bytes)?;
             let diffs = recorded.differences(&facts);
             for d in &diffs {
                 println!("DIFFERS {d}");

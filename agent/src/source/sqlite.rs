@@ -99,6 +99,7 @@ pub fn facts(path: &Path, taken_at: i64) -> Result<DbFacts> {
         database: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         server_version: rusqlite::version().to_string(),
         taken_at,
+        row_hash: "blake3".into(),
         tables,
     })
 }

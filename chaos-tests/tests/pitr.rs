@@ -49,6 +49,24 @@ fn wal_ids(w: &World, node: &Node) -> Vec<String> {
     json(&o).as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_string()).collect()
 }
 
+/// `exclave-restore pitr --source pg ARGS` into a new server's data directory, run as that
+/// server's user would run the restore command it writes; returns the server (not started)
+/// and the JSON report.
+fn recover(w: &World, node: &Node, args: &[&str]) -> (PgServer, serde_json::Value) {
+    let server = PgServer::empty();
+    let (restore, _, pki, key) = server.share_client(w, "exclave-restore", &[node.addr]);
+    let o = ok(run(Command::new(&restore)
+        .args(["pitr", "--json", "--node", &node.addr.to_string(), "--pki"])
+        .arg(&pki)
+        .args(["--identity", "dr", "--key-file"])
+        .arg(&key)
+        .args(["--source", "pg"])
+        .args(args)
+        .arg("--to")
+        .arg(server.data())));
+    (server, json(&o))
+}
+
 fn pgbench(pg: &PgServer, args: &[&str]) {
     ok(run(Command::new(pg.bin.join("pgbench")).arg("-n").args(args).arg(pg.conn("bench"))));
 }
@@ -85,17 +103,7 @@ fn point_in_time_restore_recovers_exactly_what_was_committed_before_t() {
     assert_eq!(pg.psql("postgres", "SELECT failed_count FROM pg_stat_archiver"), "0", "{}", pg.log());
     assert!(wal_ids(&w, &node).len() >= 3);
 
-    // The recovered server's user must be able to run the restore command pitr writes.
-    let mut rec = PgServer::empty();
-    let (restore, _, pki, key) = rec.share_client(&w, "exclave-restore", &[node.addr]);
-    let o = ok(run(Command::new(&restore)
-        .args(["pitr", "--json", "--node", &node.addr.to_string(), "--pki"])
-        .arg(&pki)
-        .args(["--identity", "dr", "--key-file"])
-        .arg(&key)
-        .args(["--source", "pg", "--target-time", &t, "--to"])
-        .arg(rec.data())));
-    let report = json(&o);
+    let (mut rec, report) = recover(&w, &node, &["--target-time", &t]);
     assert_eq!(report["base"]["id"], base["snapshot"]);
     assert_eq!(report["archive_reaches_target"], true);
     rec.adopt_data("archive_mode = off\n");
@@ -112,16 +120,8 @@ fn point_in_time_restore_recovers_exactly_what_was_committed_before_t() {
     // `latest`: everything archived, i.e. every transaction of both pgbench runs.
     let history_at_end = pg.psql("bench", "SELECT count(*) FROM pgbench_history");
     assert!(history_at_end.parse::<u64>().unwrap() > history_at_t.parse::<u64>().unwrap());
-    let mut last = PgServer::empty();
-    let (restore, _, pki, key) = last.share_client(&w, "exclave-restore", &[node.addr]);
-    let o = ok(run(Command::new(&restore)
-        .args(["pitr", "--json", "--node", &node.addr.to_string(), "--pki"])
-        .arg(&pki)
-        .args(["--identity", "dr", "--key-file"])
-        .arg(&key)
-        .args(["--source", "pg", "--to"])
-        .arg(last.data())));
-    assert_eq!(json(&o)["target_time"], "the end of the archive");
+    let (mut last, report) = recover(&w, &node, &[]);
+    assert_eq!(report["target_time"], "the end of the archive");
     last.adopt_data("archive_mode = off\n");
     last.start_existing();
     last.wait_for("postgres", "SELECT pg_is_in_recovery()", "f", Duration::from_secs(120));

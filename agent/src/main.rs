@@ -32,15 +32,18 @@ enum Cmd {
     Keys(KeysCmd),
     /// Take one snapshot of a source and upload it.
     Backup(Box<BackupArgs>),
-    /// Run as a daemon: take each source's snapshots on its `schedule`, retrying failures
-    /// with backoff, never two of one source at once. Stops on SIGTERM.
+    /// Run as a daemon, snapshotting each source on its schedule.
+    ///
+    /// Takes each source's snapshots on its `schedule`, retrying failures with backoff,
+    /// never two of one source at once. Stops on SIGTERM.
     Run {
         /// Settings file with the sources and their schedules.
         #[arg(long)]
         config: PathBuf,
     },
-    /// What the daemon did: per source, last success, next run, failures. Exit 0 when no
-    /// scheduled source is failing, 1 otherwise.
+    /// What the daemon did: per source, last success, next run, failures.
+    ///
+    /// Exit 0 when no scheduled source is failing, 1 otherwise.
     Status {
         /// The daemon's settings file (for `state-dir`).
         #[arg(long)]
@@ -49,10 +52,12 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Archive one PostgreSQL WAL file: `archive_command = 'exclave-agent wal-push --config
-    /// agent.toml --source NAME %p'`. Exits 0 only once the file is stored on a write quorum
-    /// and committed, so PostgreSQL never recycles a segment that is not safe; archiving the
-    /// same file twice succeeds, a different file under the same name is refused.
+    /// Archive one PostgreSQL WAL file (PostgreSQL's archive_command).
+    ///
+    /// `archive_command = 'exclave-agent wal-push --config agent.toml --source NAME %p'`.
+    /// Exits 0 only once the file is stored on a write quorum and committed, so PostgreSQL
+    /// never recycles a segment that is not safe; archiving the same file twice succeeds, a
+    /// different file under the same name is refused.
     WalPush {
         #[command(flatten)]
         conn: ConnArgs,
@@ -62,8 +67,10 @@ enum Cmd {
         /// The WAL file (`%p`).
         file: PathBuf,
     },
-    /// Print a database's verification facts (tables, row counts, checksums) as recorded in
-    /// its snapshots, to compare a restored database with what was backed up.
+    /// Print or compare a database's verification facts (tables, row counts, checksums).
+    ///
+    /// The same facts are recorded in its snapshots: `--compare` checks a restored database
+    /// against them.
     Facts {
         /// A PostgreSQL database (libpq connection string).
         #[arg(long, value_name = "CONNECTION", conflicts_with = "sqlite", required_unless_present = "sqlite")]

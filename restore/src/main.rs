@@ -64,9 +64,11 @@ enum Cmd {
         #[command(flatten)]
         out: Out,
     },
-    /// Point-in-time restore of PostgreSQL: lay out the newest base backup taken before
-    /// TIME as a data directory that replays the archived WAL up to TIME, then promotes
-    /// (`--target-time latest`, the default: the newest base, and every archived WAL file).
+    /// Point-in-time restore of PostgreSQL into a new data directory.
+    ///
+    /// Lays out the newest base backup taken before TIME as a data directory that replays
+    /// the archived WAL up to TIME, then promotes (`--target-time latest`, the default: the
+    /// newest base, and every archived WAL file).
     Pitr {
         #[command(flatten)]
         conn: Conn,
@@ -89,8 +91,9 @@ enum Cmd {
         #[command(flatten)]
         out: Out,
     },
-    /// Fetch one archived WAL file (PostgreSQL's restore_command; `pitr` writes it):
-    /// exits 1 when the archive does not hold FILE.
+    /// Fetch one archived WAL file (PostgreSQL's restore_command; `pitr` writes it).
+    ///
+    /// Exits 1 when the archive does not hold FILE.
     WalFetch {
         #[command(flatten)]
         conn: Conn,

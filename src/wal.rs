@@ -22,15 +22,18 @@ pub fn catalog_source(source: &str) -> Result<String, WalNameError> {
     Ok(s)
 }
 
-/// The snapshot id of WAL file `name` of `source`.
-pub fn snapshot_id(source: &str, name: &str) -> Result<String, WalNameError> {
+/// Checks that `name` looks like a WAL file's name (segment, `.history`, `.backup`...).
+pub fn check_file_name(name: &str) -> Result<(), WalNameError> {
     let looks_like_wal = name.len() >= 8
         && name.len() <= 48
         && name.chars().take(8).all(|c| c.is_ascii_hexdigit())
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '.');
-    if !looks_like_wal {
-        return Err(WalNameError::NotWal(name.to_string()));
-    }
+    if looks_like_wal { Ok(()) } else { Err(WalNameError::NotWal(name.to_string())) }
+}
+
+/// The snapshot id of WAL file `name` of `source`.
+pub fn snapshot_id(source: &str, name: &str) -> Result<String, WalNameError> {
+    check_file_name(name)?;
     let tag = blake3::hash(source.as_bytes()).to_hex();
     Ok(format!("{}-{}", &tag[..12], name.to_ascii_lowercase()))
 }

@@ -63,7 +63,8 @@ pub struct Summary {
     pub retention: Option<String>,
 }
 
-fn now_secs() -> i64 {
+/// Unix seconds now.
+pub(crate) fn now_secs() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 

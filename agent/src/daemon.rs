@@ -12,12 +12,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 
 use anyhow::{Context, Result, bail};
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 use serde::{Deserialize, Serialize};
 
+use crate::backup::now_secs;
 use crate::config::AgentConfig;
 use crate::schedule::{self, Scheduler};
 
@@ -47,10 +48,6 @@ pub struct Status {
     pub sources: BTreeMap<String, SourceStatus>,
 }
 
-fn now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
-}
-
 impl Status {
     pub fn path(state_dir: &Path) -> PathBuf {
         state_dir.join("status.json")
@@ -66,7 +63,7 @@ impl Status {
     }
 
     fn save(&mut self, state_dir: &Path) -> Result<()> {
-        self.updated = now();
+        self.updated = now_secs();
         let p = Status::path(state_dir);
         let tmp = state_dir.join(".status.json.tmp");
         std::fs::write(&tmp, serde_json::to_vec_pretty(self)?).with_context(|| format!("writing {}", tmp.display()))?;
@@ -165,12 +162,12 @@ pub async fn run(config_path: PathBuf) -> Result<i32> {
     let previous = Status::load(&state_dir).ok().flatten().unwrap_or_default();
     let mut sched = Scheduler::new(chrono::Local, Box::new(|n| rand::random_range(0..n)))
         .with_first_retry(cfg.retry_secs.unwrap_or(schedule::FIRST_RETRY_SECS));
-    let mut status = Status { pid: std::process::id(), started: now(), ..Status::default() };
+    let mut status = Status { pid: std::process::id(), started: now_secs(), ..Status::default() };
     let metrics = Metrics::new()?;
     for (name, src) in &cfg.sources {
         let Some(expr) = &src.schedule else { continue };
         let before = previous.sources.get(name).cloned().unwrap_or_default();
-        sched.add(name, schedule::parse(expr)?, src.jitter_secs, now(), before.last_success);
+        sched.add(name, schedule::parse(expr)?, src.jitter_secs, now_secs(), before.last_success);
         if let Some(t) = before.last_success {
             metrics.last_success.with_label_values(&[name]).set(t);
         }
@@ -207,7 +204,7 @@ pub async fn run(config_path: PathBuf) -> Result<i32> {
     let mut tasks = tokio::task::JoinSet::new();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
-        let t = now();
+        let t = now_secs();
         for name in sched.take_due(t) {
             tracing::info!(source = %name, "snapshot started");
             metrics.running.with_label_values(&[&name]).set(1);
@@ -224,10 +221,10 @@ pub async fn run(config_path: PathBuf) -> Result<i32> {
             });
         }
         status.save(&state_dir)?;
-        let wait = sched.next_due().map(|d| (d - now()).clamp(0, 60)).unwrap_or(60) as u64;
+        let wait = sched.next_due().map(|d| (d - now_secs()).clamp(0, 60)).unwrap_or(60) as u64;
         tokio::select! {
             Some((name, o)) = rx.recv() => {
-                let t = now();
+                let t = now_secs();
                 sched.finished(&name, t, o.ok);
                 metrics.running.with_label_values(&[&name]).set(0);
                 metrics.runs.with_label_values(&[name.as_str(), if o.ok { "ok" } else { "failed" }]).inc();

@@ -197,10 +197,7 @@ fn run(cli: Cli) -> Result<i32> {
             rt.block_on(backup::run(args))
         }
         Cmd::Facts { postgres, sqlite, compare } => {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs() as i64)
-                .unwrap_or(0);
+            let now = backup::now_secs();
             // Compared facts are recomputed with the row hash they were recorded with.
             let recorded = match &compare {
                 Some(path) => {

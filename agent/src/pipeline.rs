@@ -341,29 +341,34 @@ fn read_all(
                 Stats::add(&reader.d.stats.facts_nanos, took.as_nanos() as u64);
                 reader.stream(own_entry(name.into_bytes(), 0o600, mtime), &mut facts.to_json().as_slice())?;
             }
-            Item::Output { name, child } => {
-                let mut running = child.spawn()?;
-                let what = format!("the output of {}", running.program());
-                match reader.stream(own_entry(name.into_bytes(), 0o600, time), &mut running) {
-                    Ok(()) => running.finish()?,
-                    Err(e) => return Err(running.abort().map(anyhow::Error::from).unwrap_or(e.context(what))),
-                }
-            }
-            Item::Tar { name, child } => {
-                let mut running = child.spawn()?;
-                let what = format!("the tar stream of {}", running.program());
+            Item::Output { name, child } => read_child(&child, "the output", |running| {
+                reader.stream(own_entry(name.into_bytes(), 0o600, time), running)
+            })?,
+            Item::Tar { name, child } => read_child(&child, "the tar stream", |running| {
+                reader.tar(&name, running, time)?;
                 // The archive ends before the stream does (padding): read it out.
-                let read = reader
-                    .tar(&name, &mut running, time)
-                    .and_then(|()| Ok(std::io::copy(&mut running, &mut std::io::sink()).map(|_| ())?));
-                match read {
-                    Ok(()) => running.finish()?,
-                    Err(e) => return Err(running.abort().map(anyhow::Error::from).unwrap_or(e.context(what))),
-                }
-            }
+                std::io::copy(running, &mut std::io::sink())?;
+                Ok(())
+            })?,
         }
     }
     reader.finish(header)
+}
+
+/// Runs `child` and reads its output with `read`. The output counts only if the child then
+/// exits with 0; if reading fails, the child's own failure is reported when it has one (it
+/// explains a broken stream better than the reader can).
+fn read_child(
+    child: &source::ChildSpec,
+    what: &str,
+    read: impl FnOnce(&mut source::command::RunningChild) -> Result<()>,
+) -> Result<()> {
+    let mut running = child.spawn()?;
+    let what = format!("{what} of {}", running.program());
+    match read(&mut running) {
+        Ok(()) => Ok(running.finish()?),
+        Err(e) => Err(running.abort().map(anyhow::Error::from).unwrap_or(e.context(what))),
+    }
 }
 
 /// A file entry owned by the agent's user, for content that has no file of its own.

@@ -14,7 +14,7 @@ pub fn read(path: &Path) -> Result<(String, Vec<u8>)> {
         .and_then(|n| n.to_str())
         .with_context(|| format!("{} has no file name", path.display()))?
         .to_string();
-    exclave::wal::snapshot_id("", &name)?;
+    exclave::wal::check_file_name(&name)?;
     let data = std::fs::read(path).with_context(|| format!("reading WAL file {}", path.display()))?;
     Ok((name, data))
 }

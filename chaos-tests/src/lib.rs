@@ -51,6 +51,11 @@ pub fn free_port() -> u16 {
     UdpSocket::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
+/// A TCP port nothing listens on now (`free_port` checks UDP, where the nodes listen).
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
 /// A PKI and keys for tenant `lux` (agent `rnpp`, restore `dr`), tenant `est` (agent `pop`,
 /// restore `drest`), an admin, and nodes `n1`..`n3`.
 pub struct World {
@@ -140,6 +145,17 @@ impl World {
             .args(["cluster", "status", "--json", "--node", &node.addr.to_string(), "--pki"])
             .arg(self.pki()));
         o.status.success().then(|| json(&o))
+    }
+
+    /// `node`'s own entry of `cluster status --json` (its role, term, indexes, backfill...).
+    pub fn member_status(&self, node: &Node) -> serde_json::Value {
+        self.cluster_status(node).expect("cluster status")["members"][0]["status"].clone()
+    }
+
+    /// Ids of the snapshots of `source` that `node` lists, oldest first.
+    pub fn snapshot_ids(&self, node: &Node, source: &str) -> Vec<String> {
+        let o = ok(run(self.restore_cmd(node, "snapshots").args(["--source", source, "--json"])));
+        json(&o).as_array().expect("list").iter().map(|s| s["id"].as_str().expect("id").to_string()).collect()
     }
 
     /// Waits until the running nodes among `nodes` agree on a leader; returns its index.

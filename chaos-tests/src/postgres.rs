@@ -13,7 +13,7 @@ use crate::World;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::{ok, run, stdout};
+use crate::{free_tcp_port, ok, run, stdout};
 
 /// The bin directory of the newest installed PostgreSQL (`EXCLAVE_PG_BIN` wins).
 pub fn bin_dir() -> PathBuf {
@@ -31,11 +31,6 @@ pub fn bin_dir() -> PathBuf {
         .collect();
     found.sort();
     found.pop().expect("no PostgreSQL server under /usr/lib/postgresql").1
-}
-
-/// A TCP port nothing listens on now (`free_port` checks UDP, where the nodes listen).
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
 fn is_root() -> bool {

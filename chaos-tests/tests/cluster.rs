@@ -15,15 +15,6 @@ fn restore_alone(w: &World, node: &Node, source: &str, src: &Path, to: &str) {
     assert_same_tree(src, &out.join(src.file_name().expect("name")));
 }
 
-fn snapshot_ids(w: &World, node: &Node, source: &str) -> Vec<String> {
-    let o = ok(run(w.restore_cmd(node, "snapshots").args(["--source", source, "--json"])));
-    json(&o).as_array().expect("list").iter().map(|s| s["id"].as_str().expect("id").to_string()).collect()
-}
-
-fn status_of(w: &World, node: &Node) -> serde_json::Value {
-    w.cluster_status(node).expect("cluster status")["members"][0]["status"].clone()
-}
-
 #[test]
 fn every_node_alone_restores_everything() {
     let w = World::new();
@@ -110,7 +101,7 @@ fn leader_killed_mid_upload_loses_nothing_acknowledged() {
     assert_eq!(summary["attempts"], 2, "the agent went on with another node: {}", stderr(&out));
     assert_ne!(summary["node"], nodes[leader].addr.to_string());
     let survivor = &nodes[order[1]];
-    let ids = snapshot_ids(&w, survivor, "rnpp");
+    let ids = w.snapshot_ids(survivor, "rnpp");
     assert!(ids.contains(&first), "snapshot acknowledged before the kill is still listed: {ids:?}");
     assert_eq!(ids.len(), 2);
     restore_alone(&w, survivor, "rnpp", &big, "out");
@@ -139,7 +130,7 @@ fn a_stopped_follower_backfills_and_then_restores_alone() {
             n.stop().expect("stopped");
         }
     }
-    assert_eq!(snapshot_ids(&w, &nodes[follower], "rnpp").len(), 2);
+    assert_eq!(w.snapshot_ids(&nodes[follower], "rnpp").len(), 2);
     restore_alone(&w, &nodes[follower], "cadastre", &b, "out-b");
     let out = w.path("out-a");
     let list = json(&ok(run(w.restore_cmd(&nodes[follower], "snapshots").args(["--source", "rnpp", "--json"]))));
@@ -162,7 +153,7 @@ fn a_node_cut_off_from_the_majority_refuses_commits_and_the_majority_goes_on() {
     nodes[1].stop().expect("stopped");
     // Until it has missed the leader for a few elections it cannot know it is cut off.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while status_of(&w, &nodes[2])["stale"].is_null() {
+    while w.member_status(&nodes[2])["stale"].is_null() {
         assert!(Instant::now() < deadline, "n3 never noticed it is cut off");
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -174,7 +165,7 @@ fn a_node_cut_off_from_the_majority_refuses_commits_and_the_majority_goes_on() {
         assert_eq!(o.status.code(), Some(1));
         assert!(stderr(&o).contains("cannot reach a majority"), "{}", stderr(&o));
     }
-    assert_eq!(snapshot_ids(&w, &nodes[2], "rnpp").len(), 1);
+    assert_eq!(w.snapshot_ids(&nodes[2], "rnpp").len(), 1);
     // It still serves restores, saying its catalog may be stale.
     let out = w.path("out");
     let r = ok(w.restore(&nodes[2], "rnpp", "latest", &out));
@@ -217,7 +208,7 @@ fn an_added_node_backfills_restores_alone_and_an_original_is_removed() {
     };
     let o = ok(admin(&["add-node", "--name", "n4", "--addr", &n4.addr.to_string()]));
     assert!(stdout(&o).contains("now a voter"), "{}", stdout(&o));
-    let st = status_of(&w, &n4);
+    let st = w.member_status(&n4);
     assert_eq!(st["role"], "follower");
     assert_eq!(st["voters"].as_array().unwrap().len(), 4);
     assert_eq!(st["chunks_missing"], 0);
@@ -235,7 +226,7 @@ fn an_added_node_backfills_restores_alone_and_an_original_is_removed() {
     w.wait_leader(&all);
     let o = ok(admin(&["remove-node", "--name", "n1"]));
     assert!(stdout(&o).contains("n1 removed"), "{}", stdout(&o));
-    let st = status_of(&w, &all[3]);
+    let st = w.member_status(&all[3]);
     let mut voters: Vec<&str> = st["voters"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     voters.sort();
     assert_eq!(voters, ["n2", "n3", "n4"]);
@@ -251,7 +242,7 @@ fn a_full_restart_keeps_the_catalog_terms_and_indexes() {
     sample_tree(&src, 8, 1 << 20);
     let id = json(&ok(w.backup_to(&[&nodes[2]], "rnpp", &[&src])))["snapshot"].as_str().unwrap().to_string();
     let leader = w.wait_leader(&nodes);
-    let before = status_of(&w, &nodes[leader]);
+    let before = w.member_status(&nodes[leader]);
     for n in nodes.iter_mut() {
         n.stop().expect("stopped");
     }
@@ -259,14 +250,14 @@ fn a_full_restart_keeps_the_catalog_terms_and_indexes() {
         n.restart();
     }
     let leader = w.wait_leader(&nodes);
-    let after = status_of(&w, &nodes[leader]);
+    let after = w.member_status(&nodes[leader]);
     assert!(after["term"].as_u64() > before["term"].as_u64(), "terms continue: {before} → {after}");
     assert!(after["commit_index"].as_u64() >= before["commit_index"].as_u64(), "{before} → {after}");
     for n in &nodes {
-        assert_eq!(snapshot_ids(&w, n, "rnpp"), vec![id.clone()]);
+        assert_eq!(w.snapshot_ids(n, "rnpp"), vec![id.clone()]);
     }
     restore_alone(&w, &nodes[0], "rnpp", &src, "out");
     ok(w.backup_to(&[&nodes[1]], "rnpp", &[&src]));
-    let later = status_of(&w, &nodes[w.wait_leader(&nodes)]);
+    let later = w.member_status(&nodes[w.wait_leader(&nodes)]);
     assert!(later["commit_index"].as_u64() > after["commit_index"].as_u64());
 }

@@ -47,7 +47,7 @@ fn daemon_runs_schedules_retries_and_reports() {
     let docs = w.path("docs");
     sample_tree(&docs, 7, 256 << 10);
     let lock = w.path("slow.lock");
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let metrics_port = free_tcp_port();
     let cfg = w.path("agent.toml");
     std::fs::write(
         &cfg,

@@ -9,15 +9,6 @@ use std::time::{Duration, Instant};
 use exclave_chaos_tests::netns::Net;
 use exclave_chaos_tests::*;
 
-fn status_of(w: &World, node: &Node) -> serde_json::Value {
-    w.cluster_status(node).expect("cluster status")["members"][0]["status"].clone()
-}
-
-fn snapshot_ids(w: &World, node: &Node) -> Vec<String> {
-    let o = ok(run(w.restore_cmd(node, "snapshots").args(["--source", "rnpp", "--json"])));
-    json(&o).as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_string()).collect()
-}
-
 #[test]
 fn a_partitioned_leader_steps_down_the_majority_commits_and_it_catches_up_after_healing() {
     let w = World::new();
@@ -47,7 +38,7 @@ fn a_partitioned_leader_steps_down_the_majority_commits_and_it_catches_up_after_
     for n in &nodes {
         w.wait_backfilled(n, &nodes[old]);
     }
-    let term_before = status_of(&w, &nodes[old])["term"].as_u64().unwrap();
+    let term_before = w.member_status(&nodes[old])["term"].as_u64().unwrap();
 
     // Cut the leader off its peers; it keeps running and clients still reach it.
     net.cut(old + 1);
@@ -55,7 +46,7 @@ fn a_partitioned_leader_steps_down_the_majority_commits_and_it_catches_up_after_
     let deadline = Instant::now() + Duration::from_secs(30);
     let new = loop {
         let leaders: Vec<Option<String>> =
-            others.iter().map(|i| status_of(&w, &nodes[*i])["leader"].as_str().map(str::to_string)).collect();
+            others.iter().map(|i| w.member_status(&nodes[*i])["leader"].as_str().map(str::to_string)).collect();
         if let Some(Some(l)) = leaders.first()
             && leaders.iter().all(|x| x.as_deref() == Some(l.as_str()))
             && l != names[old]
@@ -65,15 +56,15 @@ fn a_partitioned_leader_steps_down_the_majority_commits_and_it_catches_up_after_
         assert!(Instant::now() < deadline, "the majority elected no new leader: {leaders:?}");
         std::thread::sleep(Duration::from_millis(200));
     };
-    assert!(status_of(&w, &nodes[new])["term"].as_u64().unwrap() > term_before);
+    assert!(w.member_status(&nodes[new])["term"].as_u64().unwrap() > term_before);
 
     // The old leader notices it is cut off, refuses commits and still serves restores.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while status_of(&w, &nodes[old])["stale"].is_null() {
+    while w.member_status(&nodes[old])["stale"].is_null() {
         assert!(Instant::now() < deadline, "the partitioned leader never noticed");
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert_ne!(status_of(&w, &nodes[old])["role"], "leader", "a leader without a quorum must step down");
+    assert_ne!(w.member_status(&nodes[old])["role"], "leader", "a leader without a quorum must step down");
     let more = w.path("more");
     sample_tree(&more, 12, 512 << 10);
     let o = w.backup_to(&[&nodes[old]], "rnpp", &[&more]);
@@ -84,7 +75,11 @@ fn a_partitioned_leader_steps_down_the_majority_commits_and_it_catches_up_after_
     let o = ok(w.backup_to(&[&nodes[old], &nodes[new]], "rnpp", &[&more]));
     let second = json(&o)["snapshot"].as_str().unwrap().to_string();
     assert_eq!(json(&o)["node"], nodes[new].addr.to_string());
-    assert_eq!(snapshot_ids(&w, &nodes[old]), std::slice::from_ref(&first), "the cut-off node cannot know of it yet");
+    assert_eq!(
+        w.snapshot_ids(&nodes[old], "rnpp"),
+        std::slice::from_ref(&first),
+        "the cut-off node cannot know of it yet"
+    );
     let out = w.path("out-cut");
     let r = ok(w.restore(&nodes[old], "rnpp", &first, &out));
     assert!(stderr(&r).contains("may be stale"), "{}", stderr(&r));
@@ -94,11 +89,11 @@ fn a_partitioned_leader_steps_down_the_majority_commits_and_it_catches_up_after_
     // the snapshot committed while it was cut off.
     net.heal(old + 1);
     w.wait_backfilled(&nodes[old], &nodes[new]);
-    let st = status_of(&w, &nodes[old]);
+    let st = w.member_status(&nodes[old]);
     assert_eq!(st["role"], "follower");
     assert_eq!(st["leader"], names[new]);
     assert!(st["stale"].is_null(), "{st}");
-    assert_eq!(snapshot_ids(&w, &nodes[old]), [first, second.clone()]);
+    assert_eq!(w.snapshot_ids(&nodes[old], "rnpp"), [first, second.clone()]);
     let out = w.path("out-healed");
     ok(w.restore(&nodes[old], "rnpp", &second, &out));
     assert_same_tree(&more, &out.join("more"));

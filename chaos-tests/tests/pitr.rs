@@ -44,11 +44,6 @@ fn switch_and_wait_archived(pg: &PgServer, timeout: Duration) -> String {
     }
 }
 
-fn wal_ids(w: &World, node: &Node) -> Vec<String> {
-    let o = ok(run(w.restore_cmd(node, "snapshots").args(["--source", "pg.wal", "--json"])));
-    json(&o).as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_string()).collect()
-}
-
 /// `exclave-restore pitr --source pg ARGS` into a new server's data directory, run as that
 /// server's user would run the restore command it writes; returns the server (not started)
 /// and the JSON report.
@@ -101,7 +96,7 @@ fn point_in_time_restore_recovers_exactly_what_was_committed_before_t() {
     pgbench(&pg, &["-T", "3", "-c", "2"]);
     switch_and_wait_archived(&pg, Duration::from_secs(90));
     assert_eq!(pg.psql("postgres", "SELECT failed_count FROM pg_stat_archiver"), "0", "{}", pg.log());
-    assert!(wal_ids(&w, &node).len() >= 3);
+    assert!(w.snapshot_ids(&node, "pg.wal").len() >= 3);
 
     let (mut rec, report) = recover(&w, &node, &["--target-time", &t]);
     assert_eq!(report["base"]["id"], base["snapshot"]);
@@ -153,7 +148,7 @@ fn archiving_fails_while_the_cluster_is_unreachable_and_loses_no_segment() {
     let last = switch_and_wait_archived(&pg, Duration::from_secs(120));
 
     // Every segment from the first to the last is in the archive, the held one included.
-    let ids = wal_ids(&w, &node);
+    let ids = w.snapshot_ids(&node, "pg.wal");
     let seg_no = |name: &str| {
         u64::from_str_radix(&name[8..16], 16).unwrap() * 0x100 + u64::from_str_radix(&name[16..24], 16).unwrap()
     };

@@ -33,11 +33,6 @@ fn backup(cfg: &std::path::Path) -> serde_json::Value {
         .arg(cfg))))
 }
 
-fn snapshot_ids(w: &World, node: &Node) -> Vec<String> {
-    let o = ok(run(w.restore_cmd(node, "snapshots").args(["--source", "docs", "--json"])));
-    json(&o).as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_string()).collect()
-}
-
 #[test]
 fn the_cluster_applies_retention_and_only_an_admin_shortens_it() {
     let w = World::new();
@@ -56,7 +51,7 @@ fn the_cluster_applies_retention_and_only_an_admin_shortens_it() {
     let keep2 = config(&w, &node, &docs, 2);
     let s = backup(&config(&w, &node, &docs, 1));
     assert!(s["retention"].as_str().unwrap().contains("would forget 1 snapshot(s) already stored"), "{s}");
-    assert_eq!(snapshot_ids(&w, &node).len(), 3);
+    assert_eq!(w.snapshot_ids(&node, "docs").len(), 3);
     // An administrator clears the way; from then on the agent's policy governs new snapshots.
     let o = run(Command::new(bin("exclave-replicator"))
         .args(["retention", "set", "--node", &node.addr.to_string(), "--pki"])
@@ -70,13 +65,13 @@ fn the_cluster_applies_retention_and_only_an_admin_shortens_it() {
         assert_eq!(s["retention"], "keep last 2");
         made.push(s["snapshot"].as_str().unwrap().to_string());
     }
-    assert_eq!(snapshot_ids(&w, &node), made[2..], "the two newest are kept (keep-last 2 lengthened 1)");
+    assert_eq!(w.snapshot_ids(&node, "docs"), made[2..], "the two newest are kept (keep-last 2 lengthened 1)");
 
     // A shorter policy from the agent is refused; the snapshot still commits under the old one.
     let s = backup(&config(&w, &node, &docs, 1));
     assert!(s["retention"].as_str().unwrap().starts_with("refused:"), "{s}");
     assert!(s["retention"].as_str().unwrap().contains("may lengthen it but not shorten it"), "{s}");
-    assert_eq!(snapshot_ids(&w, &node), [made[3].clone(), s["snapshot"].as_str().unwrap().to_string()]);
+    assert_eq!(w.snapshot_ids(&node, "docs"), [made[3].clone(), s["snapshot"].as_str().unwrap().to_string()]);
 
     // Only an administrator may shorten it; an agent identity is refused.
     let set = |identity: &str| {
@@ -89,7 +84,7 @@ fn the_cluster_applies_retention_and_only_an_admin_shortens_it() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("may not change the cluster"), "{}", stderr(&o));
     assert!(stdout(&ok(set("admin"))).contains("keep last 1"));
-    let left = snapshot_ids(&w, &node);
+    let left = w.snapshot_ids(&node, "docs");
     assert_eq!(left, [s["snapshot"].as_str().unwrap().to_string()]);
     let to = w.path("restored");
     ok(w.restore(&node, "docs", "latest", &to));

@@ -11,11 +11,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use exclave_chaos_tests::postgres::PgServer;
 use exclave_chaos_tests::*;
 
-fn snapshot_count(w: &World, node: &Node, source: &str) -> usize {
-    let o = ok(run(w.restore_cmd(node, "snapshots").args(["--source", source, "--json"])));
-    json(&o).as_array().unwrap().len()
-}
-
 fn agent_facts(args: &[&str], compare: &std::path::Path) -> std::process::Output {
     run(Command::new(bin("exclave-agent")).arg("facts").args(args).arg("--compare").arg(compare))
 }
@@ -98,7 +93,7 @@ fn bad_sqlite_and_command_sources_fail_without_a_snapshot() {
     let o = w.backup_as(&node, "rnpp", "lux.key", "notes", &[], &["--sqlite", not_db.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("is not a readable SQLite database"), "{}", stderr(&o));
-    assert_eq!(snapshot_count(&w, &node, "notes"), 0);
+    assert_eq!(w.snapshot_ids(&node, "notes").len(), 0);
 
     // Output, then a failure: the partial output must not become a snapshot.
     let o = w.backup_as(
@@ -114,7 +109,7 @@ fn bad_sqlite_and_command_sources_fail_without_a_snapshot() {
     let o = w.backup_as(&node, "rnpp", "lux.key", "ldap", &[], &["--command", "seq 1 1000; kill -9 $$"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("killed by signal 9"), "{}", stderr(&o));
-    assert_eq!(snapshot_count(&w, &node, "ldap"), 0);
+    assert_eq!(w.snapshot_ids(&node, "ldap").len(), 0);
 
     // And a command that works is restored exactly.
     let s = json(&ok(w.backup_as(&node, "rnpp", "lux.key", "ldap", &[], &["--command", "seq 1 100000"])));
@@ -226,7 +221,7 @@ fn bad_postgres_sources_fail_clearly_without_a_snapshot() {
     let o = backup(&["--postgres", &pg.conn("postgres"), "--pg-base", "--pg-bin", old.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("server closed the connection"), "{}", stderr(&o));
-    assert_eq!(snapshot_count(&w, &node, "pg"), 0);
+    assert_eq!(w.snapshot_ids(&node, "pg").len(), 0);
 }
 
 #[test]

@@ -3,6 +3,9 @@
 #
 #   bench/run.sh [SIZE_MIB]        (default 1024; everything lives in a temporary directory)
 #
+# BENCH_DATA=DIR keeps the generated register in DIR (generated there on the first run, reused
+# by later runs of the same size), since generating 1 GiB takes minutes.
+#
 # 1. builds the release binaries and the stage benchmark (benches/stages.rs) and runs private
 #    copies of them;
 # 2. generates day 1 and day 2 of the register with ../shared/bench/gen_register.py;
@@ -89,11 +92,17 @@ timed() {
 bytes() { du -sb "$1" | cut -f1; }
 
 step "data: ${SIZE} MiB register, day 1 and day 2 ($GEN)"
-python3 "$GEN" --out "$W/data" --size-mib "$SIZE" >"$W/gen.log" 2>&1 || { cat "$W/gen.log" >&2; die "data generation failed"; }
-[ -d "$W/data/day1" ] && [ -d "$W/data/day2" ] || die "generator did not write day1/ and day2/"
+DATA=${BENCH_DATA:-$W/data}
+if [ -f "$DATA/dataset.json" ] && python3 -c 'import json, sys; sys.exit(json.load(open(sys.argv[1]))["size_mib"] != float(sys.argv[2]))' "$DATA/dataset.json" "$SIZE"; then
+  echo "   reusing $DATA"
+else
+  [ ! -e "$DATA" ] || [ -z "$(ls -A "$DATA")" ] || die "$DATA holds something other than a ${SIZE} MiB register; give an empty or new directory"
+  python3 "$GEN" --out "$DATA" --size-mib "$SIZE" >"$W/gen.log" 2>&1 || { cat "$W/gen.log" >&2; die "data generation failed"; }
+fi
+[ -d "$DATA/day1" ] && [ -d "$DATA/day2" ] || die "generator did not write day1/ and day2/ in $DATA"
 
 step "stage throughputs on day 1 (single thread, MB/s)"
-"$STAGES" "$W/data/day1" | tee "$W/stages.txt"       # = cargo bench --bench stages -- DIR
+"$STAGES" "$DATA/day1" | tee "$W/stages.txt"       # = cargo bench --bench stages -- DIR
 LIMIT=$(awk '$1 == "limit_mbps" { print $2 }' "$W/stages.txt")
 CORES=$(awk '$1 == "limit_mbps" { print $4 }' "$W/stages.txt")
 [ -n "$LIMIT" ] || die "stage benchmark printed no limit"
@@ -101,7 +110,7 @@ CORES=$(awk '$1 == "limit_mbps" { print $4 }' "$W/stages.txt")
 # One stable path for every tool and both days: day 2 must deduplicate against day 1.
 SRC=$W/src/register
 mkdir -p "$W/src"
-cp -a "$W/data/day1" "$SRC"
+cp -a "$DATA/day1" "$SRC"
 D1=$(bytes "$SRC")
 
 step "Exclave: PKI, tenant key, one storage node"
@@ -132,7 +141,7 @@ timed restic_day1 restic backup --quiet --compression auto "$SRC"
 timed borg_day1 borg create --compression zstd,3 ::day1 "$SRC"
 
 step "day 2: bring $SRC to day 2"
-python3 - "$W/data/day2" "$SRC" <<'PY'
+python3 - "$DATA/day2" "$SRC" <<'PY'
 import filecmp, os, shutil, sys
 new, dst = sys.argv[1], sys.argv[2]
 for d, dirs, files in os.walk(dst, topdown=False):          # what day 2 no longer has
@@ -157,7 +166,7 @@ for d, dirs, files in os.walk(new):                          # what is new or ch
         changed += 1
 print(f"   {changed} files written")
 PY
-diff -r "$W/data/day2" "$SRC" >/dev/null || die "$SRC differs from day 2 after the update"
+diff -r "$DATA/day2" "$SRC" >/dev/null || die "$SRC differs from day 2 after the update"
 D2=$(bytes "$SRC")
 
 step "day 2 backups ($D2 bytes)"

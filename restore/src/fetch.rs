@@ -108,6 +108,9 @@ enum Step {
 
 /// Every entry's data, fetched in groups of chunks with `parallel` requests in flight,
 /// delivered in manifest order.
+///
+/// Each group's fetch and decryption runs as a task of its own, so requests keep flowing
+/// while the consumer writes; a task whose result is no longer wanted is aborted.
 pub fn items(
     client: Arc<NodeClient>,
     keys: TenantKeys,
@@ -128,9 +131,30 @@ pub fn items(
         v
     });
     futures::stream::iter(Groups { steps, next: None })
-        .map(move |group| fetch_group(client.clone(), keys.clone(), group))
+        .map(move |group| {
+            let ids: Vec<ChunkId> =
+                group.iter().filter_map(|(_, s)| if let Step::Chunk(_, c) = s { Some(c.id) } else { None }).collect();
+            let n = ids.len();
+            let mut task = AbortOnDrop(tokio::spawn(fetch_open(client.clone(), keys.clone(), ids)));
+            async move {
+                let opened = match (&mut task.0).await {
+                    Ok(v) => v,
+                    Err(e) => (0..n).map(|_| Err(anyhow!("fetching chunks failed: {e}"))).collect(),
+                };
+                assemble(group, opened)
+            }
+        })
         .buffered(parallel.max(1))
         .flat_map(futures::stream::iter)
+}
+
+/// A task that is aborted when its handle is dropped unfinished.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Cuts the step sequence into groups of at most GROUP_CHUNKS chunks and GROUP_BYTES bytes.
@@ -159,21 +183,19 @@ impl<I: Iterator<Item = (Arc<Entry>, Step)>> Iterator for Groups<I> {
     }
 }
 
-async fn fetch_group(client: Arc<NodeClient>, keys: TenantKeys, group: Vec<(Arc<Entry>, Step)>) -> Vec<Item> {
-    let ids: Vec<ChunkId> =
-        group.iter().filter_map(|(_, s)| if let Step::Chunk(_, c) = s { Some(c.id) } else { None }).collect();
-    let envelopes: Vec<Result<Vec<u8>>> = if ids.is_empty() {
-        Vec::new()
-    } else {
-        match client.get_chunks(&ids).await {
-            Ok(v) => v.into_iter().map(|r| r.map_err(anyhow::Error::from)).collect(),
-            Err(e) => {
-                let msg = format!("{e:#}");
-                ids.iter().map(|_| Err(anyhow!("{msg}"))).collect()
-            }
+/// Fetches the envelopes of `ids` in one request and opens them on the blocking pool.
+async fn fetch_open(client: Arc<NodeClient>, keys: TenantKeys, ids: Vec<ChunkId>) -> Vec<Result<Vec<u8>>> {
+    if ids.is_empty() {
+        return Vec::new();
+    }
+    let envelopes: Vec<Result<Vec<u8>>> = match client.get_chunks(&ids).await {
+        Ok(v) => v.into_iter().map(|r| r.map_err(anyhow::Error::from)).collect(),
+        Err(e) => {
+            let msg = format!("{e:#}");
+            ids.iter().map(|_| Err(anyhow!("{msg}"))).collect()
         }
     };
-    let opened = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         let mut opener = Opener::new(&keys).map_err(|e| anyhow!("{e}"));
         ids.iter()
             .zip(envelopes)
@@ -184,7 +206,11 @@ async fn fetch_group(client: Arc<NodeClient>, keys: TenantKeys, group: Vec<(Arc<
             .collect::<Vec<Result<Vec<u8>>>>()
     })
     .await
-    .unwrap_or_else(|e| vec![Err(anyhow!("opening chunks failed: {e}"))]);
+    .unwrap_or_else(|e| vec![Err(anyhow!("opening chunks failed: {e}"))])
+}
+
+/// Puts a group's opened chunks back among its steps, checking each chunk's length.
+fn assemble(group: Vec<(Arc<Entry>, Step)>, opened: Vec<Result<Vec<u8>>>) -> Vec<Item> {
     let mut opened = opened.into_iter();
     group
         .into_iter()

@@ -420,16 +420,42 @@ pub(crate) async fn restore_into(
     }
     let root = fetch::manifest_root(client, keys, snap.root).await?;
     let header = root.header.clone();
-    let mut pages = std::pin::pin!(fetch::pages(client.clone(), keys.clone(), root));
-    while let Some(page) = pages.next().await {
-        let mut stream = std::pin::pin!(fetch::items(client.clone(), keys.clone(), page?, parallel));
-        while let Some(item) = stream.next().await {
+    // Files are written and hashed on a thread of their own, so that disk writes never hold
+    // up the runtime that drives the fetches; the channel bounds what waits in between.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<fetch::Item>(WRITE_QUEUE);
+    let writer = std::thread::Builder::new().name("writer".into()).spawn(move || -> Result<writer::Report> {
+        while let Some(item) = rx.blocking_recv() {
             w.item(item)?;
         }
+        Ok(w.finish()?.clone())
+    })?;
+    let fetched: Result<()> = async {
+        let mut pages = std::pin::pin!(fetch::pages(client.clone(), keys.clone(), root));
+        while let Some(page) = pages.next().await {
+            let mut stream = std::pin::pin!(fetch::items(client.clone(), keys.clone(), page?, parallel));
+            while let Some(item) = stream.next().await {
+                if tx.send(item).await.is_err() {
+                    // The writer stopped: its error is the one to report.
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
     }
-    let report = w.finish()?.clone();
-    Ok((header, report))
+    .await;
+    drop(tx);
+    let written = tokio::task::spawn_blocking(move || writer.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the writer thread panicked"))?;
+    if let Err(e) = fetched {
+        // A fetch that failed ended the stream early; the writer then saw a cut-off file.
+        return Err(e);
+    }
+    Ok((header, written?))
 }
+
+/// Chunks (up to 256 KiB each) waiting for the writer.
+const WRITE_QUEUE: usize = 64;
 
 async fn read_back(conn: Conn, pick: Pick, target: Option<PathBuf>, overwrite: bool, out: Out) -> Result<i32> {
     let started = Instant::now();

@@ -55,6 +55,8 @@ struct Current {
     path: Option<PathBuf>,
     hasher: blake3::Hasher,
     written: u64,
+    /// Bytes already handed to the disk (see `start_writeback`).
+    flushed: u64,
     failed: Option<String>,
 }
 
@@ -144,10 +146,13 @@ impl Writer {
                         debug_assert_eq!(offset, cur.written);
                         cur.hasher.update(&d);
                         cur.written += d.len() as u64;
-                        if let Some(f) = cur.file.as_mut()
-                            && let Err(e) = f.write_all(&d)
-                        {
-                            cur.failed = Some(format!("write failed: {e}"));
+                        if let Some(f) = cur.file.as_mut() {
+                            if let Err(e) = f.write_all(&d) {
+                                cur.failed = Some(format!("write failed: {e}"));
+                            } else if cur.written - cur.flushed >= WRITEBACK_STEP {
+                                start_writeback(f, cur.flushed, cur.written);
+                                cur.flushed = cur.written;
+                            }
                         }
                     }
                     Err(e) => cur.failed = Some(format!("{e:#}")),
@@ -192,7 +197,8 @@ impl Writer {
         if let EntryKind::Symlink { .. } = e.kind {
             self.symlinks.insert(e.path.clone());
         }
-        self.current = Some(Current { entry: e, file, path, hasher: blake3::Hasher::new(), written: 0, failed });
+        self.current =
+            Some(Current { entry: e, file, path, hasher: blake3::Hasher::new(), written: 0, flushed: 0, failed });
         Ok(())
     }
 
@@ -200,6 +206,11 @@ impl Writer {
         let Some(mut cur) = self.current.take() else { return Ok(()) };
         if !Arc::ptr_eq(&cur.entry, &e) {
             bail!("restore stream out of order at {}", e.path_lossy());
+        }
+        if let Some(f) = &cur.file
+            && cur.failed.is_none()
+        {
+            start_writeback(f, cur.flushed, cur.written);
         }
         if cur.failed.is_none()
             && let EntryKind::File { size, blake3, .. } = &e.kind
@@ -273,6 +284,23 @@ impl Writer {
             nix::unistd::syncfs(&dir).with_context(|| format!("flushing {} to disk", t.display()))?;
         }
         Ok(&self.report)
+    }
+}
+
+/// Dirty data of a file is handed to the disk every this many bytes.
+const WRITEBACK_STEP: u64 = 32 << 20;
+
+/// Starts writing `from..to` of `f` to disk without waiting for it, so that the disk works
+/// while later files are fetched and the final `syncfs` finds little left to do (and dirty
+/// pages never pile up in memory). Advisory: an error only means `syncfs` does the work.
+fn start_writeback(f: &File, from: u64, to: u64) {
+    use std::os::fd::AsRawFd;
+    if to > from {
+        // sync_file_range only reads its arguments; the descriptor is open for the call.
+        #[allow(unsafe_code)]
+        let _ = unsafe {
+            libc::sync_file_range(f.as_raw_fd(), from as i64, (to - from) as i64, libc::SYNC_FILE_RANGE_WRITE)
+        };
     }
 }
 

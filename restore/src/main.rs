@@ -447,10 +447,9 @@ pub(crate) async fn restore_into(
     let written = tokio::task::spawn_blocking(move || writer.join())
         .await?
         .map_err(|_| anyhow::anyhow!("the writer thread panicked"))?;
-    if let Err(e) = fetched {
-        // A fetch that failed ended the stream early; the writer then saw a cut-off file.
-        return Err(e);
-    }
+    // A fetch that failed ended the stream early (the writer then saw a cut-off file): its
+    // error is the cause.
+    fetched?;
     Ok((header, written?))
 }
 

@@ -73,10 +73,16 @@ STAGES=$B/$(basename "$STAGES")
 # timed LABEL CMD...: runs CMD under GNU time; records wall seconds and peak RSS (KiB) and
 # reports them on fd 3 (the script's stdout), so CMD's own stdout can be redirected.
 exec 3>&1
-declare -A WALL RSS
+declare -A WALL RSS CPU NODECPU
+# CPU seconds (user + system) the storage node has used so far, from /proc.
+node_cpu() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$NODE_PID/stat"; }
 timed() {
-  local label=$1 t0 t1 rc=0
+  local label=$1 t0 t1 rc=0 n0=
   shift
+  # Each run starts with nothing dirty in the page cache: what an earlier step wrote (the
+  # copy of the data, another tool's repository) is not flushed on this run's time.
+  sync
+  [[ $label == exclave* ]] && n0=$(node_cpu)
   t0=$(date +%s%N)
   /usr/bin/time -v -o "$W/time.$label" "$@" || rc=$?
   t1=$(date +%s%N)
@@ -87,7 +93,15 @@ timed() {
   fi
   WALL[$label]=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", (b - a) / 1e9 }')
   RSS[$label]=$(awk -F': ' '/Maximum resident set size/ { print $2 }' "$W/time.$label")
-  printf '   %-16s %8.2f s  peak RSS %6.1f MiB\n' "$label" "${WALL[$label]}" "$(awk -v k="${RSS[$label]}" 'BEGIN { print k / 1024 }')" >&3
+  CPU[$label]=$(awk -F': ' '/(User|System) time \(seconds\)/ { s += $2 } END { printf "%.2f", s }' "$W/time.$label")
+  local extra=
+  if [ -n "$n0" ]; then
+    NODECPU[$label]=$(awk -v a="$n0" -v b="$(node_cpu)" 'BEGIN { printf "%.2f", b - a }')
+    extra="  CPU ${CPU[$label]} s + node ${NODECPU[$label]} s"
+  else
+    extra="  CPU ${CPU[$label]} s"
+  fi
+  printf '   %-16s %8.2f s  peak RSS %6.1f MiB%s\n' "$label" "${WALL[$label]}" "$(awk -v k="${RSS[$label]}" 'BEGIN { print k / 1024 }')" "$extra" >&3
 }
 bytes() { du -sb "$1" | cut -f1; }
 
@@ -193,7 +207,8 @@ echo "   all three restores identical to the source"
 step "results (${SIZE} MiB register; MB = 10^6 bytes; day-1 MB/s on $D1 bytes, day-2 and restore on $D2)"
 {
   echo "d1 $D1"; echo "d2 $D2"; echo "limit $LIMIT"; echo "cores $CORES"
-  for k in "${!WALL[@]}"; do echo "wall_$k ${WALL[$k]}"; echo "rss_$k ${RSS[$k]}"; done
+  for k in "${!WALL[@]}"; do echo "wall_$k ${WALL[$k]}"; echo "rss_$k ${RSS[$k]}"; echo "cpu_$k ${CPU[$k]}"; done
+  for k in "${!NODECPU[@]}"; do echo "nodecpu_$k ${NODECPU[$k]}"; done
   echo "up_exclave $EX_UP"; echo "up_restic $((RESTIC1 - RESTIC0))"; echo "up_borg $((BORG1 - BORG0))"
   echo "node_growth $((NODE1 - NODE0))"
 } >"$W/results"
@@ -214,6 +229,17 @@ for t in ("exclave", "restic", "borg"):
           f"{r[f'up_{t}'] / MiB:>16.2f} {rss_b:>15.1f} {r[f'rss_{t}_restore'] / 1024:>16.1f}")
 print(f"stage limit {r['limit']:.1f} MB/s on {int(r['cores'])} cores; "
       f"node data grew {r['node_growth'] / MiB:.2f} MiB on day 2 (restic, borg: repository growth)")
+print()
+# Every process shares this machine's cores: the CPU each one used shows where the time went,
+# and what the client alone could do if the storage node ran on a machine of its own (as it
+# does in a deployment).
+cores = r["cores"]
+print(f"{'CPU seconds':<16} {'client':>8} {'node':>8} {'node share':>11} {'client-only bound MB/s':>23}   "
+      f"(restic, borg: CPU s)")
+for phase, size in (("day1", r["d1"]), ("day2", r["d2"]), ("restore", r["d2"])):
+    c, n = r[f"cpu_exclave_{phase}"], r[f"nodecpu_exclave_{phase}"]
+    print(f"{phase:<16} {c:>8.2f} {n:>8.2f} {n / max(c + n, 1e-9):>10.0%} {size / 1e6 / max(c / cores, 1e-9):>23.1f}   "
+          f"({r[f'cpu_restic_{phase}']:.2f}, {r[f'cpu_borg_{phase}']:.2f})")
 print()
 ex_rss = max(r["rss_exclave_day1"], r["rss_exclave_day2"]) / 1024
 checks = [

@@ -196,12 +196,15 @@ pub async fn read_frame<T: DeserializeOwned>(
     if h.kind != kind {
         return Err(FrameError::BadKind(h.kind as u8).into());
     }
-    let mut body = vec![0u8; h.len as usize];
-    recv.read_exact(&mut body).await.map_err(|e| match e {
-        quinn::ReadExactError::FinishedEarly(n) => {
-            TransportError::Frame(FrameError::Truncated { needed: h.len as usize, got: n })
+    // Appended chunk by chunk as QUIC delivers them: a zero-filled buffer would be written
+    // twice (the frames of chunk batches are megabytes).
+    let len = h.len as usize;
+    let mut body = Vec::with_capacity(len);
+    while body.len() < len {
+        match recv.read_chunk(len - body.len(), true).await.map_err(|e| TransportError::Stream(e.to_string()))? {
+            Some(c) => body.extend_from_slice(&c.bytes),
+            None => return Err(FrameError::Truncated { needed: len, got: body.len() }.into()),
         }
-        quinn::ReadExactError::ReadError(e) => TransportError::Stream(e.to_string()),
-    })?;
+    }
     Ok(Some(frame::decode_payload(&body)?))
 }

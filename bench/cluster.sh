@@ -3,6 +3,8 @@
 #
 #   bench/cluster.sh [SIZE_MIB] [COMMITS]     (defaults 512 and 40; all in a temporary directory)
 #
+# BENCH_DATA=DIR keeps the generated register in DIR between runs (see bench/data.sh).
+#
 # 1. builds the release binaries and generates day 1 of ../shared/bench/gen_register.py;
 # 2. day-1 backup into one node, then into a cluster of three nodes on loopback (Raft
 #    catalog, write quorum of two): MB/s of each and the ratio (target: cluster >= 0.70);
@@ -23,7 +25,10 @@ GEN=$HERE/../../shared/bench/gen_register.py
 [ -f "$GEN" ] || die "data generator not found: $GEN"
 cd "$ROOT"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/exclave-target}
+[ -x /usr/bin/time ] || die "GNU time is needed (apt-get install time)"
 step() { printf '\n== %s\n' "$*"; }
+# shellcheck source=bench/data.sh
+. "$HERE/data.sh"
 
 W=$(mktemp -d "${TMPDIR:-/tmp}/exclave-cluster-bench.XXXXXX")
 declare -A PID
@@ -42,8 +47,9 @@ mkdir "$B"
 cp "$CARGO_TARGET_DIR"/release/exclave-{agent,replicator,restore} "$B/"
 
 step "data: ${SIZE} MiB register, day 1"
-python3 "$GEN" --out "$W/data" --size-mib "$SIZE" >"$W/gen.log" 2>&1 || { cat "$W/gen.log" >&2; die "generation failed"; }
-SRC=$W/data/day1
+DATA=${BENCH_DATA:-$W/data}
+register "$DATA" "$SIZE" "$GEN" "$W/gen.log"
+SRC=$DATA/day1
 
 $B/exclave-replicator pki init --dir "$W/pki" --cluster bench >/dev/null
 for n in solo n1 n2 n3 n4; do $B/exclave-replicator pki issue --dir "$W/pki" --role node --name $n --host 127.0.0.1 >/dev/null; done
@@ -65,9 +71,25 @@ start() { # start NAME [ARGS...]
 }
 peers_of() { local m; for m in n1 n2 n3; do [ "$m" != "$1" ] && printf -- '--peer %s=%s ' "$m" "${ADDR[$m]}"; done; }
 json_field() { python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"; }
-backup() { # backup OUT_JSON NODE_NAME PATH
-  $B/exclave-agent backup --node "${ADDR[$2]}" --pki "$W/pki" --identity reg --key-file "$W/bench.key" \
+backup() { # backup OUT_JSON NODE_NAME PATH; the agent's CPU seconds go to $W/agent.cpu
+  /usr/bin/time -o "$W/agent.cpu" -f '%U %S' \
+    $B/exclave-agent backup --node "${ADDR[$2]}" --pki "$W/pki" --identity reg --key-file "$W/bench.key" \
     --source "$(basename "$3")" --json "$3" >"$1"
+}
+# CPU seconds (user + system) used so far by the node NAME, from /proc.
+node_cpu() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/${PID[$1]}/stat"; }
+# day1 LABEL NODE_NAME NODES...: the timed day-1 backup through NODE_NAME; prints the CPU
+# seconds of the agent and of each of NODES during it.
+day1() {
+  local label=$1 via=$2 n
+  shift 2
+  declare -A before
+  sync
+  for n in "$@"; do before[$n]=$(node_cpu "$n"); done
+  backup "$W/$label.json" "$via" "$SRC"
+  printf '   CPU seconds: agent %s' "$(awk '{ printf "%.2f", $1 + $2 }' "$W/agent.cpu")"
+  for n in "$@"; do printf ', %s %s' "$n" "$(awk -v a="${before[$n]}" -v b="$(node_cpu "$n")" 'BEGIN { printf "%.2f", b - a }')"; done
+  echo
 }
 latency() { # latency NODE_NAME: COMMITS small backups; prints p50 and p99 of commit_secs in ms
   local i
@@ -88,7 +110,7 @@ PY
 
 step "single node: day 1, then ${COMMITS} commits"
 start solo
-backup "$W/solo.json" solo "$SRC"
+day1 solo solo solo
 SOLO_MBPS=$(json_field "$W/solo.json" mb_per_s)
 read -r SOLO_P50 SOLO_P99 < <(latency solo)
 kill "${PID[solo]}"; wait "${PID[solo]}" 2>/dev/null || true; unset 'PID[solo]'
@@ -102,7 +124,7 @@ ADMIN=(--node "${ADDR[n1]}" --pki "$W/pki")
 for _ in $(seq 100); do
   $B/exclave-replicator cluster status "${ADMIN[@]}" --json 2>/dev/null | grep -q '"leader": "n' && break; sleep 0.2
 done
-backup "$W/cluster.json" n1 "$SRC"
+day1 cluster n1 n1 n2 n3
 CLUSTER_MBPS=$(json_field "$W/cluster.json" mb_per_s)
 read -r CL_P50 CL_P99 < <(latency n1)
 

@@ -45,6 +45,8 @@ fi
 command -v python3 >/dev/null || die "python3 is needed"
 
 step() { printf '\n== %s\n' "$*"; }
+# shellcheck source=bench/data.sh
+. "$HERE/data.sh"
 
 W=$(mktemp -d "${TMPDIR:-/tmp}/exclave-bench.XXXXXX")
 NODE_PID=
@@ -107,13 +109,7 @@ bytes() { du -sb "$1" | cut -f1; }
 
 step "data: ${SIZE} MiB register, day 1 and day 2 ($GEN)"
 DATA=${BENCH_DATA:-$W/data}
-if [ -f "$DATA/dataset.json" ] && python3 -c 'import json, sys; sys.exit(json.load(open(sys.argv[1]))["size_mib"] != float(sys.argv[2]))' "$DATA/dataset.json" "$SIZE"; then
-  echo "   reusing $DATA"
-else
-  [ ! -e "$DATA" ] || [ -z "$(ls -A "$DATA")" ] || die "$DATA holds something other than a ${SIZE} MiB register; give an empty or new directory"
-  python3 "$GEN" --out "$DATA" --size-mib "$SIZE" >"$W/gen.log" 2>&1 || { cat "$W/gen.log" >&2; die "data generation failed"; }
-fi
-[ -d "$DATA/day1" ] && [ -d "$DATA/day2" ] || die "generator did not write day1/ and day2/ in $DATA"
+register "$DATA" "$SIZE" "$GEN" "$W/gen.log"
 
 step "stage throughputs on day 1 (single thread, MB/s)"
 "$STAGES" "$DATA/day1" | tee "$W/stages.txt"       # = cargo bench --bench stages -- DIR

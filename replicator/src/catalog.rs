@@ -194,7 +194,17 @@ pub enum CatalogError {
 pub trait CatalogRead {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, CatalogError>;
     /// Calls `f` for each key starting with `prefix`, in key order, until it returns false.
-    fn scan(&self, prefix: &[u8], f: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), CatalogError>;
+    fn scan(&self, prefix: &[u8], f: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), CatalogError> {
+        self.scan_from(prefix, prefix, f)
+    }
+    /// As `scan`, beginning at the first key at or after `start` (for paging: a cursor is
+    /// not a prefix of the keys after it).
+    fn scan_from(
+        &self,
+        prefix: &[u8],
+        start: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), CatalogError>;
     /// Values of several keys (implementations may batch the lookups).
     fn get_many(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, CatalogError> {
         keys.iter().map(|k| self.get(k)).collect()
@@ -225,6 +235,42 @@ pub fn parse_chunk_key(key: &[u8]) -> Option<(String, ChunkId)> {
     let tenant = std::str::from_utf8(&rest[..nul]).ok()?.to_string();
     let id: [u8; 32] = rest[nul + 1..].try_into().ok()?;
     Some((tenant, ChunkId(id)))
+}
+
+/// One page of the chunk index, every tenant's: up to `limit` entries after `cursor` (from
+/// the start when `None`), in key order, and the cursor of the next page (`None` at the end).
+#[allow(clippy::type_complexity)]
+pub fn index_page(
+    view: &dyn CatalogRead,
+    cursor: Option<&[u8]>,
+    limit: usize,
+) -> Result<(Vec<(String, ChunkId, IndexEntry)>, Option<Vec<u8>>), CatalogError> {
+    let start = cursor.unwrap_or(CHUNK_PREFIX);
+    let mut page = Vec::with_capacity(limit.min(4096));
+    let mut last: Option<Vec<u8>> = None;
+    let mut bad = None;
+    view.scan_from(CHUNK_PREFIX, start, &mut |k, v| {
+        match (parse_chunk_key(k), decode::<IndexEntry>(v)) {
+            (Some((tenant, id)), Ok(e)) => page.push((tenant, id, e)),
+            (None, _) => bad = Some(CatalogError::Decode(format!("malformed index key {}", hex(k)))),
+            (_, Err(e)) => bad = Some(e),
+        }
+        last = Some(k.to_vec());
+        bad.is_none() && page.len() < limit.max(1)
+    })?;
+    if let Some(e) = bad {
+        return Err(e);
+    }
+    // The smallest key after the last one seen.
+    let next = (page.len() >= limit.max(1)).then_some(last).flatten().map(|mut k| {
+        k.push(0);
+        k
+    });
+    Ok((page, next))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn id_key(tenant: &str, snapshot_id: &str) -> Vec<u8> {
@@ -555,8 +601,13 @@ impl CatalogRead for MemCatalog {
         Ok(self.0.get(key).cloned())
     }
 
-    fn scan(&self, prefix: &[u8], f: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), CatalogError> {
-        for (k, v) in self.0.range(prefix.to_vec()..) {
+    fn scan_from(
+        &self,
+        prefix: &[u8],
+        start: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), CatalogError> {
+        for (k, v) in self.0.range(start.max(prefix).to_vec()..) {
             if !k.starts_with(prefix) || !f(k, v) {
                 break;
             }
@@ -677,6 +728,43 @@ mod tests {
         assert!(snapshots(&c, "lux", Some("rnp")).unwrap().is_empty(), "source prefix must not match");
         assert_eq!(missing(&c, "est", &[id(1)]).unwrap(), vec![id(1)], "the index is scoped by tenant");
         assert_eq!(count(&c, SNAPSHOT_ID_PREFIX).unwrap(), 2);
+    }
+
+    #[test]
+    fn the_index_pages_through_every_entry_of_every_tenant() {
+        let mut c = MemCatalog::default();
+        let ids = |t: u8| {
+            (0..2500u32).map(move |n| {
+                let mut b = [t; 32];
+                b[..4].copy_from_slice(&n.to_be_bytes());
+                ChunkId(b)
+            })
+        };
+        for (tenant, t) in [("est", 1u8), ("lux", 2)] {
+            let chunks: Vec<(ChunkId, IndexEntry)> = ids(t).map(|i| (i, entry(t))).collect();
+            c.apply(&Command::IndexChunks { tenant: tenant.into(), chunks }).unwrap();
+        }
+        // Keys of other kinds on either side of the index are not part of it.
+        let _ = stage_and_commit(&mut c, "lux", &snap("s1", 2, 1), &[7]);
+        let mut seen = Vec::new();
+        let mut cursor: Option<Vec<u8>> = None;
+        let mut pages = 0;
+        loop {
+            let (page, next) = index_page(&c, cursor.as_deref(), 2048).unwrap();
+            assert!(page.len() <= 2048);
+            pages += 1;
+            seen.extend(page.into_iter().map(|(t, id, _)| (t, id)));
+            match next {
+                Some(n) => cursor = Some(n),
+                None => break,
+            }
+        }
+        assert_eq!(pages, 3);
+        let mut want: Vec<(String, ChunkId)> =
+            ids(1).map(|i| ("est".to_string(), i)).chain(ids(2).map(|i| ("lux".to_string(), i))).collect();
+        want.sort();
+        assert_eq!(seen.len(), 5000);
+        assert_eq!(seen, want, "every entry once, in key order");
     }
 
     #[test]

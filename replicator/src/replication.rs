@@ -19,7 +19,7 @@ use exclave::ChunkId;
 use exclave::protocol::PutChunk;
 use tracing::{debug, info, warn};
 
-use crate::catalog::{self, CatalogRead, IndexEntry};
+use crate::catalog::{self, IndexEntry};
 use crate::server::Node;
 
 /// Chunks asked of a peer in one fetch (bounded by the reply's byte limit too).
@@ -92,7 +92,7 @@ pub async fn anti_entropy(node: Arc<Node>) {
 /// One walk over the index: returns (still missing, fetched, why fetching stopped). Once
 /// the disk is at its reserve the walk goes on counting what is missing, fetching nothing.
 async fn pass(node: &Arc<Node>) -> Result<(u64, u64, Option<String>), String> {
-    let mut cursor = catalog::CHUNK_PREFIX.to_vec();
+    let mut cursor: Option<Vec<u8>> = None;
     let (mut missing, mut fetched) = (0u64, 0u64);
     let mut paused: Option<String> = None;
     loop {
@@ -101,24 +101,9 @@ async fn pass(node: &Arc<Node>) -> Result<(u64, u64, Option<String>), String> {
         // Page of the index, reduced to what this node lacks, grouped by tenant.
         let (lacking, next) = tokio::task::spawn_blocking(move || -> Result<_, String> {
             let view = store.catalog().map_err(|e| e.to_string())?;
-            let mut page: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(PAGE);
-            view.scan(&from, &mut |k, v| {
-                if !k.starts_with(catalog::CHUNK_PREFIX) {
-                    return false;
-                }
-                page.push((k.to_vec(), v.to_vec()));
-                page.len() < PAGE
-            })
-            .map_err(|e| e.to_string())?;
-            let next = page.last().map(|(k, _)| {
-                let mut n = k.clone();
-                n.push(0);
-                n
-            });
+            let (page, next) = catalog::index_page(&view, from.as_deref(), PAGE).map_err(|e| e.to_string())?;
             let mut by_tenant: BTreeMap<String, Vec<(ChunkId, IndexEntry)>> = BTreeMap::new();
-            for (k, v) in &page {
-                let (tenant, id) = catalog::parse_chunk_key(k).ok_or("malformed index key")?;
-                let entry: IndexEntry = catalog::decode(v).map_err(|e| e.to_string())?;
+            for (tenant, id, entry) in page {
                 by_tenant.entry(tenant).or_default().push((id, entry));
             }
             let mut lacking = Vec::new();
@@ -155,7 +140,7 @@ async fn pass(node: &Arc<Node>) -> Result<(u64, u64, Option<String>), String> {
             }
         }
         match next {
-            Some(n) => cursor = n,
+            Some(n) => cursor = Some(n),
             None => break,
         }
     }

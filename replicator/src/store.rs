@@ -241,8 +241,13 @@ impl CatalogRead for CatalogView<'_> {
         self.db.get_cf(self.cf, key).map_err(cat_err)
     }
 
-    fn scan(&self, prefix: &[u8], f: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), CatalogError> {
-        for item in self.db.iterator_cf(self.cf, IteratorMode::From(prefix, Direction::Forward)) {
+    fn scan_from(
+        &self,
+        prefix: &[u8],
+        start: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), CatalogError> {
+        for item in self.db.iterator_cf(self.cf, IteratorMode::From(start.max(prefix), Direction::Forward)) {
             let (k, v) = item.map_err(cat_err)?;
             if !k.starts_with(prefix) || !f(&k, &v) {
                 break;

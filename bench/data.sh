@@ -1,0 +1,20 @@
+# Sourced by the benchmark scripts: the shared synthetic register, generated or reused.
+#
+#   register DIR SIZE_MIB GENERATOR LOG
+#
+# Generates day 1 and day 2 of a SIZE_MIB register into DIR with GENERATOR
+# (../shared/bench/gen_register.py), or reuses DIR when it already holds a register of that
+# size (BENCH_DATA=DIR in the scripts: generating 1 GiB takes minutes). DIR must otherwise be
+# absent or empty: nothing is ever deleted.
+register() {
+  local dir=$1 size=$2 gen=$3 log=$4
+  if [ -f "$dir/dataset.json" ] && python3 -c 'import json, sys; sys.exit(json.load(open(sys.argv[1]))["size_mib"] != float(sys.argv[2]))' "$dir/dataset.json" "$size"; then
+    echo "   reusing $dir"
+  else
+    [ ! -e "$dir" ] || [ -z "$(ls -A "$dir")" ] || die "$dir holds something other than a ${size} MiB register; give an empty or new directory"
+    python3 "$gen" --out "$dir" --size-mib "$size" >"$log" 2>&1 || { cat "$log" >&2; die "data generation failed"; }
+  fi
+  [ -d "$dir/day1" ] && [ -d "$dir/day2" ] || die "the generator did not write day1/ and day2/ in $dir"
+  # What the generator wrote is still being flushed: no timed run should pay for it.
+  sync
+}

@@ -13,10 +13,12 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use exclave::ChunkId;
 use exclave::protocol::PutChunk;
+use futures::StreamExt;
 use tracing::{debug, info, warn};
 
 use crate::catalog::{self, IndexEntry};
@@ -24,6 +26,8 @@ use crate::server::Node;
 
 /// Chunks asked of a peer in one fetch (bounded by the reply's byte limit too).
 const FETCH_BATCH: usize = 32;
+/// Fetches of a backfill in flight at once.
+const FETCH_PARALLEL: usize = 4;
 /// Index entries examined per page of an anti-entropy pass.
 const PAGE: usize = 2048;
 
@@ -121,20 +125,34 @@ async fn pass(node: &Arc<Node>) -> Result<(u64, u64, Option<String>), String> {
         })
         .await
         .map_err(|e| e.to_string())??;
+        // Several fetches in flight: one at a time, a backfill waits on a round trip and a
+        // synced write per batch (over a WAN, far below what the link carries).
+        let stop = AtomicBool::new(paused.is_some());
         for (tenant, want) in lacking {
-            for group in want.chunks(FETCH_BATCH) {
-                if paused.is_some() {
-                    missing += group.len() as u64;
-                    continue;
-                }
-                match fetch_from_peers(node, &tenant, group).await {
+            let groups: Vec<Vec<(ChunkId, IndexEntry)>> = want.chunks(FETCH_BATCH).map(<[_]>::to_vec).collect();
+            let mut results = futures::stream::iter(groups)
+                .map(|group| {
+                    let (stop, tenant) = (&stop, &tenant);
+                    async move {
+                        if stop.load(Ordering::Relaxed) {
+                            return (group.len(), Err(None));
+                        }
+                        (group.len(), fetch_from_peers(node, tenant, &group).await.map_err(Some))
+                    }
+                })
+                .buffer_unordered(FETCH_PARALLEL);
+            while let Some((n, r)) = results.next().await {
+                match r {
                     Ok(got) => {
                         fetched += got as u64;
-                        missing += (group.len() - got) as u64;
+                        missing += (n - got) as u64;
                     }
                     Err(why) => {
-                        missing += group.len() as u64;
-                        paused = Some(why);
+                        missing += n as u64;
+                        if let Some(why) = why {
+                            stop.store(true, Ordering::Relaxed);
+                            paused.get_or_insert(why);
+                        }
                     }
                 }
             }

@@ -54,10 +54,35 @@ pub fn write_quorum(node: &Node) -> usize {
     node.write_quorum.unwrap_or(voters / 2 + 1).clamp(1, voters.max(1))
 }
 
+/// Whether another pass can find anything: not when the last one found nothing missing and
+/// nothing has been applied since it began (the index, and so what this node lacks, is the
+/// same). Chunks damaged on this node's own disk are for scrubbing, not for this walk.
+fn pass_needed(last: &Backfill, applied: u64) -> bool {
+    !(last.missing == 0 && last.last_error.is_none() && last.scanned_at == Some(applied))
+}
+
+/// The wait before the next pass. A walk over a large index costs in proportion to it, so a
+/// node that lacks nothing spends at most about a tenth of its time walking.
+fn pause_after(missing: u64, fetched: u64, disk_full: bool, took: Duration) -> Duration {
+    if disk_full {
+        // Room is made by an operator, not by waiting: look again now and then.
+        Duration::from_secs(10)
+    } else if fetched > 0 && missing > 0 {
+        Duration::from_millis(100)
+    } else {
+        (took * 10).clamp(Duration::from_secs(2), Duration::from_secs(300))
+    }
+}
+
 /// Runs anti-entropy passes until the node stops.
 pub async fn anti_entropy(node: Arc<Node>) {
     loop {
         let started_at = node.raft.view().applied;
+        let last = node.backfill.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if !pass_needed(&last, started_at) {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            continue;
+        }
         let t = Instant::now();
         let pause = match pass(&node).await {
             Ok((missing, fetched, paused)) => {
@@ -74,14 +99,7 @@ pub async fn anti_entropy(node: Arc<Node>) {
                 if fetched > 0 {
                     info!(fetched, missing, secs = t.elapsed().as_secs_f64(), "anti-entropy pass fetched chunks");
                 }
-                if full {
-                    // Room is made by an operator, not by waiting: look again now and then.
-                    Duration::from_secs(10)
-                } else if fetched > 0 && missing > 0 {
-                    Duration::from_millis(100)
-                } else {
-                    Duration::from_secs(2)
-                }
+                pause_after(missing, fetched, full, t.elapsed())
             }
             Err(e) => {
                 warn!(error = %e, "anti-entropy pass failed");
@@ -218,4 +236,29 @@ pub async fn fetch_from_peers(node: &Arc<Node>, tenant: &str, want: &[(ChunkId, 
         }
     }
     Ok(stored)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pass_is_skipped_only_when_the_last_was_clean_and_nothing_was_applied_since() {
+        let clean = Backfill { missing: 0, scanned_at: Some(40), fetched_total: 9, last_error: None };
+        assert!(!pass_needed(&clean, 40));
+        assert!(pass_needed(&clean, 41), "new entries may name chunks this node lacks");
+        assert!(pass_needed(&Backfill { missing: 3, ..clean.clone() }, 40));
+        assert!(pass_needed(&Backfill { last_error: Some("peer down".into()), ..clean.clone() }, 40));
+        assert!(pass_needed(&Backfill::default(), 0), "no pass has completed yet");
+    }
+
+    #[test]
+    fn the_pause_grows_with_the_cost_of_a_walk() {
+        let s = Duration::from_secs;
+        assert_eq!(pause_after(0, 0, false, Duration::from_millis(30)), s(2));
+        assert_eq!(pause_after(0, 0, false, s(5)), s(50));
+        assert_eq!(pause_after(0, 0, false, s(100)), s(300));
+        assert_eq!(pause_after(5, 10, false, s(5)), Duration::from_millis(100), "still fetching: go on");
+        assert_eq!(pause_after(5, 0, true, s(5)), s(10));
+    }
 }

@@ -232,9 +232,18 @@ fn an_added_node_backfills_restores_alone_and_an_original_is_removed() {
     w.wait_leader(&all);
     let o = ok(admin(&["remove-node", "--name", "n1"]));
     assert!(stdout(&o).contains("n1 removed"), "{}", stdout(&o));
-    let st = w.member_status(&all[3]);
-    let mut voters: Vec<&str> = st["voters"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
-    voters.sort();
+    // remove-node returns once the change is committed; n4 applies it a moment later.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let voters = loop {
+        let st = w.member_status(&all[3]);
+        let mut v: Vec<String> =
+            st["voters"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+        v.sort();
+        if v.len() < 4 || Instant::now() > deadline {
+            break v;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert_eq!(voters, ["n2", "n3", "n4"]);
     all[0].stop();
     ok(w.backup_to(&[&all[3]], "rnpp", &[&src]));

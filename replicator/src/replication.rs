@@ -62,13 +62,16 @@ fn pass_needed(last: &Backfill, applied: u64) -> bool {
 }
 
 /// The wait before the next pass. A walk over a large index costs in proportion to it, so a
-/// node that lacks nothing spends at most about a tenth of its time walking.
+/// node that found nothing to fetch spends at most about a tenth of its time walking.
 fn pause_after(missing: u64, fetched: u64, disk_full: bool, took: Duration) -> Duration {
     if disk_full {
         // Room is made by an operator, not by waiting: look again now and then.
         Duration::from_secs(10)
     } else if fetched > 0 && missing > 0 {
         Duration::from_millis(100)
+    } else if fetched > 0 {
+        // Catching up (a new or returning node): confirm soon, the index may have grown.
+        Duration::from_secs(2)
     } else {
         (took * 10).clamp(Duration::from_secs(2), Duration::from_secs(300))
     }
@@ -259,6 +262,7 @@ mod tests {
         assert_eq!(pause_after(0, 0, false, s(5)), s(50));
         assert_eq!(pause_after(0, 0, false, s(100)), s(300));
         assert_eq!(pause_after(5, 10, false, s(5)), Duration::from_millis(100), "still fetching: go on");
+        assert_eq!(pause_after(0, 10, false, s(5)), s(2), "caught up by fetching: confirm soon");
         assert_eq!(pause_after(5, 0, true, s(5)), s(10));
     }
 }

@@ -154,3 +154,26 @@ fn many_small_files_restore_exactly_across_manifest_pages() {
     assert_eq!(r["dirs"], 51);
     assert_same_tree(&src, &to.join("many"));
 }
+
+#[test]
+fn a_snapshot_whose_references_span_several_commit_messages_restores_exactly() {
+    // More distinct chunks than one commit-reference message carries (32768): the commit
+    // streams them in batches, each staged through Raft before the commit itself.
+    let w = World::new();
+    let node = w.start_node("n1");
+    let src = w.path("dense");
+    std::fs::create_dir_all(&src).unwrap();
+    let mut rows = String::new();
+    let mut i = 0u64;
+    while rows.len() < 12 << 20 {
+        rows.push_str(&format!("{i}\t{}\t{}\n", i.wrapping_mul(0x9e37_79b9_7f4a_7c15), i % 977));
+        i += 1;
+    }
+    std::fs::write(src.join("register.tsv"), &rows).unwrap();
+    let s = json(&ok(w.backup_as(&node, "rnpp", "lux.key", "dense", &[&src], &["--chunk-avg", "256"])));
+    assert!(s["chunks"].as_u64().unwrap() > 32 * 1024, "{s}");
+    let to = w.path("restored");
+    let r = json(&ok(w.restore(&node, "dense", "latest", &to)));
+    assert_eq!(r["chunks"], s["chunks"]);
+    assert_same_tree(&src, &to.join("dense"));
+}

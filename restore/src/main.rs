@@ -453,7 +453,8 @@ pub(crate) async fn restore_into(
     Ok((header, written?))
 }
 
-/// Chunks (up to 256 KiB each) waiting for the writer.
+/// Items waiting for the writer: each chunk at most its source's largest chunk size (256 KiB
+/// by default).
 const WRITE_QUEUE: usize = 64;
 
 async fn read_back(conn: Conn, pick: Pick, target: Option<PathBuf>, overwrite: bool, out: Out) -> Result<i32> {

@@ -117,6 +117,8 @@ struct Sealed {
     id: ChunkId,
     plain_len: usize,
     envelope: Vec<u8>,
+    /// Storage checksum, computed by the seal worker rather than on the async runtime.
+    checksum: Checksum,
     is_data: bool,
 }
 
@@ -634,7 +636,8 @@ fn seal_stage(
     let mut sealer = Sealer::new(keys, level)?;
     while let Ok(job) = timed(&stats.wait_seal_input, || rx.recv_blocking()) {
         let envelope = sealer.seal(&job.id, &job.data).with_context(|| format!("sealing chunk {}", job.id.short()))?;
-        let sealed = Sealed { id: job.id, plain_len: job.data.len(), envelope, is_data: job.is_data };
+        let checksum = Checksum::of(&envelope);
+        let sealed = Sealed { id: job.id, plain_len: job.data.len(), envelope, checksum, is_data: job.is_data };
         timed(&stats.wait_seal_output, || tx.send_blocking(sealed)).map_err(|_| anyhow!("backup stopped"))?;
     }
     Ok(())
@@ -682,10 +685,8 @@ async fn upload_stage(
             let plain: usize = batch.iter().map(|s| s.plain_len).sum();
             let data: Vec<(u64, u64)> =
                 batch.iter().filter(|s| s.is_data).map(|s| (1, s.envelope.len() as u64)).collect();
-            let chunks: Vec<PutChunk> = batch
-                .into_iter()
-                .map(|s| PutChunk { id: s.id, checksum: Checksum::of(&s.envelope), envelope: s.envelope })
-                .collect();
+            let chunks: Vec<PutChunk> =
+                batch.into_iter().map(|s| PutChunk { id: s.id, checksum: s.checksum, envelope: s.envelope }).collect();
             let n = chunks.len() as u64;
             let req = [Request::PutChunks { chunks }];
             retry(|| client.call(&req)).await.context("uploading chunks")?;

@@ -245,32 +245,27 @@ pub fn index_page(
     cursor: Option<&[u8]>,
     limit: usize,
 ) -> Result<(Vec<(String, ChunkId, IndexEntry)>, Option<Vec<u8>>), CatalogError> {
-    let start = cursor.unwrap_or(CHUNK_PREFIX);
+    let limit = limit.max(1);
     let mut page = Vec::with_capacity(limit.min(4096));
-    let mut last: Option<Vec<u8>> = None;
     let mut bad = None;
-    view.scan_from(CHUNK_PREFIX, start, &mut |k, v| {
+    view.scan_from(CHUNK_PREFIX, cursor.unwrap_or(CHUNK_PREFIX), &mut |k, v| {
         match (parse_chunk_key(k), decode::<IndexEntry>(v)) {
             (Some((tenant, id)), Ok(e)) => page.push((tenant, id, e)),
-            (None, _) => bad = Some(CatalogError::Decode(format!("malformed index key {}", hex(k)))),
+            (None, _) => bad = Some(CatalogError::Decode(format!("malformed index key {}", hex::encode(k)))),
             (_, Err(e)) => bad = Some(e),
         }
-        last = Some(k.to_vec());
-        bad.is_none() && page.len() < limit.max(1)
+        bad.is_none() && page.len() < limit
     })?;
     if let Some(e) = bad {
         return Err(e);
     }
     // The smallest key after the last one seen.
-    let next = (page.len() >= limit.max(1)).then_some(last).flatten().map(|mut k| {
+    let next = (page.len() >= limit).then(|| page.last()).flatten().map(|(tenant, id, _)| {
+        let mut k = chunk_key(tenant, id);
         k.push(0);
         k
     });
     Ok((page, next))
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn id_key(tenant: &str, snapshot_id: &str) -> Vec<u8> {

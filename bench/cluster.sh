@@ -3,7 +3,7 @@
 #
 #   bench/cluster.sh [SIZE_MIB] [COMMITS]     (defaults 512 and 40; all in a temporary directory)
 #
-# BENCH_DATA=DIR keeps the generated register in DIR between runs (see bench/data.sh).
+# BENCH_DATA=DIR keeps the generated register in DIR between runs (see bench/harness.sh).
 #
 # 1. builds the release binaries and generates day 1 of ../shared/bench/gen_register.py;
 # 2. day-1 backup into one node, then into a cluster of three nodes on loopback (Raft
@@ -27,8 +27,8 @@ cd "$ROOT"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/exclave-target}
 [ -x /usr/bin/time ] || die "GNU time is needed (apt-get install time)"
 step() { printf '\n== %s\n' "$*"; }
-# shellcheck source=bench/data.sh
-. "$HERE/data.sh"
+# shellcheck source=bench/harness.sh
+. "$HERE/harness.sh"
 
 W=$(mktemp -d "${TMPDIR:-/tmp}/exclave-cluster-bench.XXXXXX")
 declare -A PID
@@ -41,10 +41,8 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 step "build"
-cargo build --release --workspace --bins --quiet
 B=$W/bin
-mkdir "$B"
-cp "$CARGO_TARGET_DIR"/release/exclave-{agent,replicator,restore} "$B/"
+private_binaries "$B"
 
 step "data: ${SIZE} MiB register, day 1"
 DATA=${BENCH_DATA:-$W/data}
@@ -76,8 +74,7 @@ backup() { # backup OUT_JSON NODE_NAME PATH; the agent's CPU seconds go to $W/ag
     $B/exclave-agent backup --node "${ADDR[$2]}" --pki "$W/pki" --identity reg --key-file "$W/bench.key" \
     --source "$(basename "$3")" --json "$3" >"$1"
 }
-# CPU seconds (user + system) used so far by the node NAME, from /proc.
-node_cpu() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/${PID[$1]}/stat"; }
+node_cpu() { cpu_seconds "${PID[$1]}"; }
 # day1 LABEL NODE_NAME NODES...: the timed day-1 backup through NODE_NAME; prints the CPU
 # seconds of the agent and of each of NODES during it.
 day1() {

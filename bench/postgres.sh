@@ -25,6 +25,8 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/exclave-target}
 PGBIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
 [ -x "$PGBIN/initdb" ] || die "PostgreSQL server not installed (apt-get install postgresql)"
 step() { printf '\n== %s\n' "$*"; }
+# shellcheck source=bench/harness.sh
+. "$HERE/harness.sh"
 
 W=$(mktemp -d /tmp/exclave-pg-bench.XXXXXX)
 chmod 755 "$W"
@@ -41,10 +43,8 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 step "build"
-cargo build --release --workspace --bins --quiet
-mkdir -p "$W/bin"
-cp "$CARGO_TARGET_DIR"/release/exclave-{agent,replicator,restore} "$W/bin/"
 B=$W/bin
+private_binaries "$B"
 
 step "node, PKI, key"
 "$B/exclave-replicator" pki init --dir "$W/pki" >/dev/null

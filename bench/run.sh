@@ -45,8 +45,8 @@ fi
 command -v python3 >/dev/null || die "python3 is needed"
 
 step() { printf '\n== %s\n' "$*"; }
-# shellcheck source=bench/data.sh
-. "$HERE/data.sh"
+# shellcheck source=bench/harness.sh
+. "$HERE/harness.sh"
 
 W=$(mktemp -d "${TMPDIR:-/tmp}/exclave-bench.XXXXXX")
 NODE_PID=
@@ -58,7 +58,8 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 step "build (release binaries and the stage benchmark)"
-cargo build --release --workspace --bins --quiet
+B=$W/bin
+private_binaries "$B"
 STAGES=$(cargo bench --bench stages --no-run --quiet --message-format=json |
   python3 -c 'import json, sys
 for line in sys.stdin:
@@ -66,18 +67,14 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "stages" and m.get("executable"):
         print(m["executable"])')
 [ -x "$STAGES" ] || die "stage benchmark executable not found"
-# Private copies: a later build into the shared target directory cannot swap them mid-run.
-B=$W/bin
-mkdir "$B"
-cp "$CARGO_TARGET_DIR"/release/exclave-{agent,replicator,restore} "$STAGES" "$B/"
+cp "$STAGES" "$B/"
 STAGES=$B/$(basename "$STAGES")
 
 # timed LABEL CMD...: runs CMD under GNU time; records wall seconds and peak RSS (KiB) and
 # reports them on fd 3 (the script's stdout), so CMD's own stdout can be redirected.
 exec 3>&1
 declare -A WALL RSS CPU NODECPU
-# CPU seconds (user + system) the storage node has used so far, from /proc.
-node_cpu() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$NODE_PID/stat"; }
+node_cpu() { cpu_seconds "$NODE_PID"; }
 timed() {
   local label=$1 t0 t1 rc=0 n0=
   shift

@@ -1,6 +1,10 @@
-# Sourced by the benchmark scripts: the shared synthetic register, generated or reused.
+# Sourced by the benchmark scripts: what they share.
 #
-#   register DIR SIZE_MIB GENERATOR LOG
+#   register DIR SIZE_MIB GENERATOR LOG     the shared synthetic register, generated or reused
+#   private_binaries DIR                    release build, copied to DIR
+#   cpu_seconds PID                         CPU seconds (user + system) PID has used so far
+#
+# register:
 #
 # Generates day 1 and day 2 of a SIZE_MIB register into DIR with GENERATOR
 # (../shared/bench/gen_register.py), or reuses DIR when it already holds a register of that
@@ -18,3 +22,13 @@ register() {
   # What the generator wrote is still being flushed: no timed run should pay for it.
   sync
 }
+
+# Builds the release binaries and copies them to DIR: a later build into the shared target
+# directory cannot swap them in the middle of a run.
+private_binaries() {
+  cargo build --release --workspace --bins --quiet
+  mkdir -p "$1"
+  cp "$CARGO_TARGET_DIR"/release/exclave-{agent,replicator,restore} "$1/"
+}
+
+cpu_seconds() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$1/stat"; }

@@ -100,7 +100,7 @@ fn run(paths: &[PathBuf]) -> Res<()> {
         bytes as f64 / chunk_count.max(1) as f64 / 1024.0
     );
 
-    let keys = TenantKeys::new("bench", 1, MasterKey::from_bytes([7u8; 32]));
+    let keys = TenantKeys::from_master("bench", MasterKey::from_bytes([7u8; 32]));
     let mut stages: Vec<(&str, f64)> = Vec::new();
 
     stages.push((

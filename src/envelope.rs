@@ -88,6 +88,10 @@ pub enum EnvelopeError {
     IdMismatch,
     #[error("compression failed: {0}")]
     Compress(String),
+    #[error(
+        "sealed with key epoch {0}, which this key file does not hold (it was rotated later: use the newest key file)"
+    )]
+    UnknownEpoch(u32),
 }
 
 /// The parsed clear header of an envelope (readable without a key).
@@ -148,7 +152,7 @@ pub struct Sealer {
 
 impl Sealer {
     pub fn new(keys: &TenantKeys, level: i32) -> Result<Self, EnvelopeError> {
-        let cipher = cipher_for(&keys.data_key(keys.epoch));
+        let cipher = cipher_for(&keys.data_key(keys.epoch).ok_or(EnvelopeError::UnknownEpoch(keys.epoch))?);
         let compressor = zstd::bulk::Compressor::new(level).map_err(|e| EnvelopeError::Compress(e.to_string()))?;
         Ok(Sealer { keys: keys.clone(), cipher, compressor, scratch: Vec::new() })
     }
@@ -225,7 +229,7 @@ impl Opener {
             env[hdr.len..hdr.len + NONCE_LEN].try_into().map_err(|_| EnvelopeError::Truncated(env.len()))?;
         let aad = aad(&env[..hdr.len], id);
         let mut body = env[hdr.len + NONCE_LEN..].to_vec();
-        let cipher = self.cipher(hdr.epoch);
+        let cipher = self.cipher(hdr.epoch)?;
         let payload_len = cipher
             .open_in_place(Nonce::assume_unique_for_key(nonce_bytes), Aad::from(&aad[..]), &mut body)
             .map_err(|_| EnvelopeError::Authentication)?
@@ -248,15 +252,16 @@ impl Opener {
         Ok(plaintext)
     }
 
-    fn cipher(&mut self, epoch: u32) -> &LessSafeKey {
+    fn cipher(&mut self, epoch: u32) -> Result<&LessSafeKey, EnvelopeError> {
         let pos = match self.ciphers.iter().position(|(e, _)| *e == epoch) {
             Some(p) => p,
             None => {
-                self.ciphers.push((epoch, cipher_for(&self.keys.data_key(epoch))));
+                let key = self.keys.data_key(epoch).ok_or(EnvelopeError::UnknownEpoch(epoch))?;
+                self.ciphers.push((epoch, cipher_for(&key)));
                 self.ciphers.len() - 1
             }
         };
-        &self.ciphers[pos].1
+        Ok(&self.ciphers[pos].1)
     }
 }
 
@@ -279,7 +284,7 @@ mod tests {
     use crate::keys::MasterKey;
 
     fn keys(b: u8) -> TenantKeys {
-        TenantKeys::new("lux", 0, MasterKey::from_bytes([b; 32]))
+        TenantKeys::from_master("lux", MasterKey::from_bytes([b; 32]))
     }
 
     fn text() -> Vec<u8> {
@@ -354,15 +359,22 @@ mod tests {
 
     #[test]
     fn other_epochs_stay_readable() {
-        let m = MasterKey::from_bytes([6; 32]);
-        let old = TenantKeys::new("lux", 0, m.clone());
-        let new = TenantKeys::new("lux", 1, m);
+        let mut m = crate::keys::KeyMaterial::from_master(MasterKey::from_bytes([6; 32]));
+        let old = TenantKeys::new("lux", m.clone());
+        m.rotate().unwrap();
+        let new = TenantKeys::new("lux", m);
         let t = text();
         let id = old.chunk_id(&t);
         assert_eq!(id, new.chunk_id(&t), "rotation must not break dedup");
         let env = Sealer::new(&old, 1).unwrap().seal(&id, &t).unwrap();
         assert_eq!(parse_header(&env).unwrap().epoch, 0);
         assert_eq!(Opener::new(&new).unwrap().open(&id, &env).unwrap(), t);
+        // Sealed after the rotation: the old key file cannot open it, and says why.
+        let env1 = Sealer::new(&new, 1).unwrap().seal(&id, &t).unwrap();
+        assert_eq!(parse_header(&env1).unwrap().epoch, 1);
+        assert_ne!(env1[22..], env[22..]);
+        assert_eq!(Opener::new(&new).unwrap().open(&id, &env1).unwrap(), t);
+        assert_eq!(Opener::new(&old).unwrap().open(&id, &env1), Err(EnvelopeError::UnknownEpoch(1)));
     }
 
     #[test]
@@ -374,7 +386,7 @@ mod tests {
         let id = k.chunk_id(&t);
         let env = Sealer::new(&k, 1).unwrap().seal(&id, &t).unwrap();
         let h = parse_header(&env).unwrap();
-        let cipher = aes_gcm::Aes256Gcm::new_from_slice(&k.data_key(0)).unwrap();
+        let cipher = aes_gcm::Aes256Gcm::new_from_slice(&k.data_key(0).unwrap()).unwrap();
         let nonce = aes_gcm::Nonce::try_from(&env[h.len..h.len + NONCE_LEN]).unwrap();
         let mut aad = env[..h.len].to_vec();
         aad.extend_from_slice(&id.0);

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use exclave::chunker::ChunkerParams;
 use exclave::client::ClientError;
 use exclave::identity::Identity;
-use exclave::keys::read_key_file;
+use exclave::keys::{Passphrase, load_key_file};
 use exclave::protocol::ErrorCode;
 use exclave::protocol::SnapshotInfo;
 use exclave::transport::TlsIdentity;
@@ -109,7 +109,8 @@ fn resolve(a: &BackupArgs) -> Result<Resolved> {
         .or(cfg.key_file.clone())
         .context("--key-file (or `key-file` in the config) is required")?;
     let tls = TlsIdentity::load(&pki, &ident).with_context(|| format!("loading identity {ident:?}"))?;
-    let keys = read_key_file(&key_file)?;
+    let passphrase = Passphrase::from_flag(a.conn.passphrase_file.clone().or(cfg.passphrase_file.clone()));
+    let keys = load_key_file(&key_file, &passphrase)?;
     match &tls.identity {
         Identity::Agent { tenant, .. } if *tenant == keys.tenant => {}
         Identity::Agent { tenant, .. } => bail!(

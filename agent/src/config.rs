@@ -21,6 +21,8 @@ pub struct AgentConfig {
     pub identity: Option<String>,
     /// Tenant key file.
     pub key_file: Option<PathBuf>,
+    /// Passphrase of a sealed key file (else `EXCLAVE_PASSPHRASE_FILE`).
+    pub passphrase_file: Option<PathBuf>,
     /// Most plaintext bytes in flight (memory bound), MiB.
     pub memory_budget_mib: Option<usize>,
     /// zstd level for chunks.

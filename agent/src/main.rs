@@ -4,6 +4,7 @@ mod backup;
 mod budget;
 mod config;
 mod daemon;
+mod keys;
 mod pipeline;
 mod progress;
 mod refs;
@@ -16,7 +17,6 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use exclave::keys::{MasterKey, TenantKeys, write_key_file};
 
 #[derive(Parser)]
 #[command(name = "exclave-agent", version, about = "Exclave backup agent: chunk, deduplicate, encrypt, upload")]
@@ -27,9 +27,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Tenant master keys.
+    /// Tenant keys: create, seal, rotate, split into shares, show.
     #[command(subcommand)]
-    Keys(KeysCmd),
+    Keys(keys::KeysCmd),
     /// Take one snapshot of a source and upload it.
     Backup(Box<BackupArgs>),
     /// Run as a daemon, snapshotting each source on its schedule.
@@ -81,19 +81,6 @@ enum Cmd {
         /// Compare with the facts file restored from a snapshot; exit 1 if they differ.
         #[arg(long, value_name = "FACTS.JSON")]
         compare: Option<PathBuf>,
-    },
-}
-
-#[derive(Subcommand)]
-enum KeysCmd {
-    /// Create a new tenant master key file (mode 0600). Refuses to overwrite.
-    Init {
-        /// Tenant (the administration) the key belongs to.
-        #[arg(long)]
-        tenant: String,
-        /// Key file to create.
-        #[arg(long)]
-        out: PathBuf,
     },
 }
 
@@ -156,9 +143,12 @@ pub struct ConnArgs {
     /// Certificate name in the PKI directory (agent:<tenant>:<name>).
     #[arg(long)]
     pub identity: Option<String>,
-    /// Tenant master key file.
+    /// Tenant key file (raw, or sealed under a passphrase).
     #[arg(long)]
     pub key_file: Option<PathBuf>,
+    /// File holding the passphrase of a sealed key file [env: EXCLAVE_PASSPHRASE_FILE; on a terminal: asked].
+    #[arg(long)]
+    pub passphrase_file: Option<PathBuf>,
 }
 
 fn main() {
@@ -177,14 +167,7 @@ fn main() {
 
 fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
-        Cmd::Keys(KeysCmd::Init { tenant, out }) => {
-            exclave::identity::check_name("tenant", &tenant)?;
-            let keys = TenantKeys::new(&tenant, 0, MasterKey::generate());
-            write_key_file(&out, &keys).with_context(|| format!("writing {}", out.display()))?;
-            println!("created key file {} for tenant {tenant} (fingerprint {})", out.display(), keys.fingerprint);
-            println!("keep a copy offline: without it no backup of {tenant} can ever be read");
-            Ok(0)
-        }
+        Cmd::Keys(cmd) => keys::run(cmd),
         Cmd::Run { config } => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(daemon::run(config))

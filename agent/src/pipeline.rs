@@ -757,7 +757,7 @@ mod tests {
         assert_eq!(listed.len(), 3);
         std::fs::remove_file(base.join("vanishing.txt")).unwrap();
 
-        let keys = TenantKeys::new("lux", 0, MasterKey::from_bytes([1; 32]));
+        let keys = TenantKeys::from_master("lux", MasterKey::from_bytes([1; 32]));
         let (tx, rx) = async_channel::bounded(64);
         let budget = Arc::new(ByteBudget::new(1 << 20));
         let stats = Arc::new(Stats::default());

@@ -3,6 +3,7 @@
 //! Exit codes: 0 everything verified; 1 failure (every damaged file is named); 2 usage.
 
 mod fetch;
+mod keys;
 mod pitr;
 mod writer;
 
@@ -15,7 +16,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use exclave::client::NodeClient;
 use exclave::identity::Identity;
-use exclave::keys::{TenantKeys, read_key_file};
+use exclave::keys::{Passphrase, TenantKeys, inspect_key_file, load_key_file};
 use exclave::protocol::SnapshotInfo;
 use exclave::transport::TlsIdentity;
 use futures::StreamExt;
@@ -104,6 +105,9 @@ enum Cmd {
         /// Where to write it (`%p`).
         dest: PathBuf,
     },
+    /// Tenant keys: rebuild one from its holders' shares, show one.
+    #[command(subcommand)]
+    Keys(keys::KeysCmd),
 }
 
 #[derive(Args)]
@@ -117,9 +121,13 @@ struct Conn {
     /// Certificate name in the PKI directory (restore:<tenant>).
     #[arg(long)]
     identity: String,
-    /// Tenant master key file (needed to decrypt; `snapshots` works without it).
+    /// Tenant key file (needed to decrypt; `snapshots` works without it): raw, sealed, or
+    /// rebuilt from shares with `keys combine`.
     #[arg(long)]
     key_file: Option<PathBuf>,
+    /// File holding the passphrase of a sealed key file [env: EXCLAVE_PASSPHRASE_FILE; on a terminal: asked].
+    #[arg(long)]
+    passphrase_file: Option<PathBuf>,
     /// Read the snapshot list only once the node has caught up with everything the cluster's
     /// leader has committed (Raft ReadIndex); fails if no majority is reachable. Without it,
     /// the node answers from its own catalog and warns if that may be stale.
@@ -192,7 +200,7 @@ async fn list(client: &NodeClient, conn: &Conn, source: Option<&str>) -> Result<
 
 fn keys(conn: &Conn, tls: &TlsIdentity) -> Result<TenantKeys> {
     let path = conn.key_file.as_ref().context("--key-file is required to decrypt the snapshot")?;
-    let keys = read_key_file(path)?;
+    let keys = load_key_file(path, &Passphrase::from_flag(conn.passphrase_file.clone()))?;
     if tls.identity.tenant() != Some(keys.tenant.as_str()) {
         bail!("key file {} is for tenant {:?}, the certificate for {}", path.display(), keys.tenant, tls.identity);
     }
@@ -258,6 +266,7 @@ async fn run(cli: Cli) -> Result<i32> {
             run_pitr(conn, &source, &target_time, base.as_deref(), &to, parallel, out).await
         }
         Cmd::WalFetch { conn, source, file, dest } => wal_fetch(conn, &source, &file, &dest).await,
+        Cmd::Keys(cmd) => keys::run(cmd),
     }
 }
 
@@ -317,6 +326,19 @@ async fn run_pitr(
     let started = Instant::now();
     let target = pitr::parse_target(target_time)?;
     writer::check_target(to, false)?;
+    // PostgreSQL runs the restore command with no terminal: a sealed key needs its passphrase
+    // in a file the command can name.
+    let passphrase_file = Passphrase::from_flag(conn.passphrase_file.clone()).file();
+    if let Some(k) = &conn.key_file
+        && inspect_key_file(k)?.sealed.is_some()
+        && passphrase_file.is_none()
+    {
+        bail!(
+            "{} is sealed, and PostgreSQL's restore_command cannot be asked for a passphrase: give --passphrase-file FILE \
+             (it is named in the restore command), or unseal a copy of the key on a private tmpfs",
+            k.display()
+        );
+    }
     let to = std::path::absolute(to)?;
     let (client, tls) = connect(&conn).await?;
     let keys = keys(&conn, &tls)?;
@@ -341,6 +363,9 @@ async fn run_pitr(
     argv.extend(["--identity".into(), conn.identity.clone()]);
     if let Some(k) = &conn.key_file {
         argv.extend(["--key-file".into(), std::path::absolute(k)?.display().to_string()]);
+    }
+    if let Some(p) = &passphrase_file {
+        argv.extend(["--passphrase-file".into(), std::path::absolute(p)?.display().to_string()]);
     }
     argv.extend(["--source".into(), source.to_string()]);
     pitr::prepare_data_dir(&to, &pitr::recovery_settings(&argv, target))?;

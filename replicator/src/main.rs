@@ -5,6 +5,7 @@ mod cluster;
 mod config;
 mod consensus;
 mod metrics;
+mod node;
 mod peers;
 mod raft_log;
 mod replication;
@@ -201,7 +202,7 @@ async fn run_node(cfg: config::NodeConfig) -> Result<()> {
     metrics.update_disk(&cfg.data);
     let endpoint = transport::endpoint(cfg.listen, Some(transport::server_config(&tls)?))
         .with_context(|| format!("binding {}", cfg.listen))?;
-    let node = Arc::new(server::Node {
+    let node = Arc::new(node::Node {
         name: cfg.name.clone(),
         store: store.clone(),
         metrics: metrics.clone(),

@@ -22,7 +22,7 @@ use futures::StreamExt;
 use tracing::{debug, info, warn};
 
 use crate::catalog::{self, IndexEntry};
-use crate::server::Node;
+use crate::node::Node;
 
 /// Chunks asked of a peer in one fetch (bounded by the reply's byte limit too).
 const FETCH_BATCH: usize = 32;

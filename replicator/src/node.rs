@@ -1,0 +1,102 @@
+//! The node's context: what every request handler and background worker of a storage node
+//! shares (its store, its Raft member, its peers, its limits and counters).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use exclave::protocol::{ErrorCode, MemberStatus, PeerContact};
+
+use crate::catalog;
+use crate::consensus::RaftHandle;
+use crate::metrics::NodeMetrics;
+use crate::peers::Peers;
+use crate::replication::Backfill;
+use crate::server::Failure;
+use crate::store::{Store, StoreError};
+
+pub struct Node {
+    pub name: String,
+    pub store: Arc<Store>,
+    pub metrics: NodeMetrics,
+    pub started: Instant,
+    pub data_dir: std::path::PathBuf,
+    /// Free bytes kept in reserve: RocksDB must never meet a full disk (Debian's build aborts
+    /// on a sync after a failed write), and compaction and deletion need room to work.
+    pub min_free_bytes: u64,
+    pub raft: RaftHandle,
+    pub peers: Arc<Peers>,
+    /// Nodes that must hold a chunk before it is acknowledged (`None`: a majority of voters).
+    pub write_quorum: Option<usize>,
+    pub backfill: std::sync::Mutex<Backfill>,
+}
+
+impl Node {
+    /// Refuses a write of `bytes` that would eat into the free-space reserve.
+    pub fn check_room(&self, bytes: usize) -> Result<(), Failure> {
+        let (_, free) = crate::metrics::disk_usage(&self.data_dir);
+        // A write costs about three times its size on disk: WAL, blob file, compaction.
+        if free < self.min_free_bytes.saturating_add(3 * bytes as u64) {
+            return Err(Failure::new(
+                ErrorCode::StorageFull,
+                format!(
+                    "storage is full on {}: {} MiB free, {} MiB are kept in reserve",
+                    self.name,
+                    free >> 20,
+                    self.min_free_bytes >> 20
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Refuses at once (after a short wait for an election) when no leader can be reached.
+    pub async fn require_leader(&self) -> Result<(), Failure> {
+        self.raft.leader_known().await.map_err(|e| Failure::new(ErrorCode::NoQuorum, format!("{}: {e}", self.name)))
+    }
+
+    pub fn member_status(&self) -> Result<MemberStatus, StoreError> {
+        let v = self.raft.view();
+        let me = self.raft.id;
+        let view = self.store.catalog()?;
+        let b = self.backfill.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let name = |id: u64| self.peers.name_of(id);
+        let role = match v.role {
+            _ if !v.voters.contains(&me) && !v.learners.contains(&me) => "joining".to_string(),
+            _ if v.learners.contains(&me) => "learner".to_string(),
+            Some(raft::StateRole::Leader) => "leader".into(),
+            Some(raft::StateRole::Candidate) => "candidate".into(),
+            Some(raft::StateRole::PreCandidate) => "pre-candidate".into(),
+            _ => "follower".into(),
+        };
+        let peers = v
+            .voters
+            .iter()
+            .chain(v.learners.iter())
+            .filter(|id| **id != me)
+            .map(|id| PeerContact {
+                name: name(*id),
+                last_contact_ms: v.last_heard.get(id).map(|t| t.elapsed().as_millis() as u64),
+                matched: v.matched.get(id).copied(),
+            })
+            .collect();
+        Ok(MemberStatus {
+            name: self.name.clone(),
+            raft_id: me,
+            role,
+            term: v.term,
+            leader: (v.leader != 0).then(|| name(v.leader)),
+            commit_index: v.commit,
+            applied_index: v.applied,
+            last_index: v.last_index,
+            voters: v.voters.iter().map(|id| name(*id)).collect(),
+            learners: v.learners.iter().map(|id| name(*id)).collect(),
+            chunks_indexed: catalog::count(&view, catalog::CHUNK_PREFIX)?,
+            chunks_missing: b.missing,
+            scanned_at: b.scanned_at,
+            snapshots: catalog::count(&view, catalog::SNAPSHOT_ID_PREFIX)?,
+            peers,
+            stale: v.cut_off(me),
+            backfill_error: b.last_error.clone(),
+        })
+    }
+}

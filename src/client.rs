@@ -230,9 +230,38 @@ fn explain_connect(e: &quinn::ConnectionError) -> String {
 }
 
 fn explain_connect_str(s: &str) -> String {
+    // TLS alerts travel as QUIC crypto errors: "the cryptographic handshake failed: error N".
+    let alert = s.split_once("handshake failed: error ").and_then(|(_, n)| {
+        let digits: String = n.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse::<u8>().ok()
+    });
+    match alert {
+        Some(44) => {
+            return format!("certificate revoked: the cluster's administrator has revoked this certificate ({s})");
+        }
+        Some(45) => return format!("certificate expired: renew it with exclave-replicator pki renew ({s})"),
+        Some(42 | 46) => return format!("the node refused this certificate ({s})"),
+        Some(48) => return format!("the node does not know this certificate's CA, another cluster's? ({s})"),
+        _ => {}
+    }
     if s.contains("certificate") || s.contains("UnknownIssuer") || s.contains("BadSignature") {
         format!("TLS refused: {s} (are both certificates issued by this cluster's CA?)")
     } else {
         s.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::explain_connect_str;
+
+    #[test]
+    fn tls_alerts_are_named() {
+        let revoked =
+            "aborted by peer: the cryptographic handshake failed: error 44: invalid peer certificate: Revoked";
+        assert!(explain_connect_str(revoked).starts_with("certificate revoked: "));
+        let expired = "aborted by peer: the cryptographic handshake failed: error 45";
+        assert!(explain_connect_str(expired).starts_with("certificate expired: "));
+        assert_eq!(explain_connect_str("timed out"), "timed out");
     }
 }

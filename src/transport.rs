@@ -61,6 +61,31 @@ impl TlsIdentity {
         let identity = Identity::from_cert_der(&chain[0]).map_err(|e| TransportError::Identity(e.to_string()))?;
         Ok(TlsIdentity { ca, chain, key, identity })
     }
+
+    /// Refuses to go on with a certificate of ours that no node would accept (expired, not
+    /// yet valid), naming it; returns a warning when it expires within 30 days.
+    pub fn check_validity(&self, name: &str) -> Result<Option<String>, TransportError> {
+        use crate::pki::{Validity, format_time, validity};
+        let info = crate::pki::cert_info(&self.chain[0]).map_err(TransportError::Identity)?;
+        match validity(&info, crate::pki::now_secs()) {
+            Validity::Valid => Ok(None),
+            Validity::ExpiresSoon { in_days } => Ok(Some(format!(
+                "certificate {name} ({}) expires in {in_days} day(s), on {}: renew it (exclave-replicator pki renew)",
+                info.subject,
+                format_time(info.not_after)
+            ))),
+            Validity::Expired => Err(TransportError::Identity(format!(
+                "certificate {name} ({}) expired on {}: ask for a new one (exclave-replicator pki renew)",
+                info.subject,
+                format_time(info.not_after)
+            ))),
+            Validity::NotYetValid => Err(TransportError::Identity(format!(
+                "certificate {name} ({}) is not valid before {} (is this host's clock right?)",
+                info.subject,
+                format_time(info.not_before)
+            ))),
+        }
+    }
 }
 
 fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TransportError> {
@@ -128,10 +153,77 @@ pub fn endpoint(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> Result
     quinn::Endpoint::new(cfg, server, socket.into(), runtime).map_err(bind)
 }
 
-pub fn server_config(id: &TlsIdentity) -> Result<quinn::ServerConfig, TransportError> {
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots(&id.ca)?, provider())
+/// Says whether a client certificate (already verified against the CA) has been revoked.
+pub type RevocationCheck = Arc<dyn Fn(&CertificateDer<'_>) -> bool + Send + Sync>;
+
+/// The CA's verdict, then the cluster's: a revoked certificate is refused during the
+/// handshake with TLS's `certificate_revoked` alert, which the client can name.
+struct RevocationAwareVerifier {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    revoked: RevocationCheck,
+}
+
+impl std::fmt::Debug for RevocationAwareVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RevocationAwareVerifier")
+    }
+}
+
+impl rustls::server::danger::ClientCertVerifier for RevocationAwareVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        if (self.revoked)(end_entity) {
+            return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked));
+        }
+        Ok(verified)
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// A node's server configuration; clients whose certificate `revoked` names are refused.
+pub fn server_config(
+    id: &TlsIdentity,
+    revoked: Option<RevocationCheck>,
+) -> Result<quinn::ServerConfig, TransportError> {
+    let webpki = rustls::server::WebPkiClientVerifier::builder_with_provider(roots(&id.ca)?, provider())
         .build()
         .map_err(|e| TransportError::Tls(e.to_string()))?;
+    let verifier: Arc<dyn rustls::server::danger::ClientCertVerifier> = match revoked {
+        Some(revoked) => Arc::new(RevocationAwareVerifier { inner: webpki, revoked }),
+        None => webpki,
+    };
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TransportError::Tls(e.to_string()))?
@@ -161,12 +253,22 @@ pub fn client_config(id: &TlsIdentity) -> Result<quinn::ClientConfig, TransportE
 
 /// The verified identity of the peer of an established connection.
 pub fn peer_identity(conn: &quinn::Connection) -> Result<Identity, TransportError> {
+    let cert = peer_certificate(conn)?;
+    Identity::from_cert_der(&cert).map_err(|e| TransportError::Identity(e.to_string()))
+}
+
+/// The peer's (verified) certificate.
+pub fn peer_certificate(conn: &quinn::Connection) -> Result<CertificateDer<'static>, TransportError> {
     let any = conn.peer_identity().ok_or_else(|| TransportError::Identity("no peer certificate".into()))?;
     let certs = any
         .downcast::<Vec<CertificateDer<'static>>>()
         .map_err(|_| TransportError::Identity("unexpected peer identity type".into()))?;
-    let first = certs.first().ok_or_else(|| TransportError::Identity("empty certificate chain".into()))?;
-    Identity::from_cert_der(first).map_err(|e| TransportError::Identity(e.to_string()))
+    certs.first().cloned().ok_or_else(|| TransportError::Identity("empty certificate chain".into()))
+}
+
+/// The serial number of a DER certificate (what a revocation names).
+pub fn cert_serial(der: &[u8]) -> Option<Vec<u8>> {
+    x509_parser::parse_x509_certificate(der).ok().map(|(_, c)| c.raw_serial().to_vec())
 }
 
 pub async fn write_frame<T: Serialize>(

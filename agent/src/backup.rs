@@ -109,6 +109,9 @@ fn resolve(a: &BackupArgs) -> Result<Resolved> {
         .or(cfg.key_file.clone())
         .context("--key-file (or `key-file` in the config) is required")?;
     let tls = TlsIdentity::load(&pki, &ident).with_context(|| format!("loading identity {ident:?}"))?;
+    if let Some(w) = tls.check_validity(&ident)? {
+        eprintln!("warning: {w}");
+    }
     let passphrase = Passphrase::from_flag(a.conn.passphrase_file.clone().or(cfg.passphrase_file.clone()));
     let keys = load_key_file(&key_file, &passphrase)?;
     match &tls.identity {

@@ -491,6 +491,16 @@ pub fn sample_tree(dir: &Path, seed: u64, size: usize) {
     filetime::set_file_mtime(dir.join("empty/deeper"), t).expect("mtime");
 }
 
+/// The body of `GET /metrics` from a metrics endpoint on loopback.
+pub fn metrics(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("response");
+    out
+}
+
 pub fn json(o: &Output) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{}\n{}", stdout(o), stderr(o)))
 }

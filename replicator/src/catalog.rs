@@ -21,10 +21,14 @@
 //! k ‖ tenant ‖ 0 ‖ source                             → postcard(RetentionPolicy)
 //! n ‖ raft id (u64 BE)                                → postcard(Member)
 //! q                                                   → commit sequence (u64 BE)
+//! v ‖ certificate serial (bytes)                      → postcard(Revocation)       revoked certificates
 //! ```
+//!
+//! A revocation is never removed: a revoked certificate stays refused for as long as it
+//! could be presented (renewal issues a new certificate with a new serial).
 
 use exclave::chunk_id::{Checksum, ChunkId};
-use exclave::protocol::SnapshotInfo;
+use exclave::protocol::{Revocation, SnapshotInfo};
 use exclave::retention::{Candidate, RetentionPolicy};
 use serde::{Deserialize, Serialize};
 
@@ -96,6 +100,11 @@ pub enum Command {
         source: String,
         policy: RetentionPolicy,
         by_admin: bool,
+    },
+    /// Shuts a certificate out of every node. The first revocation of a serial is the one
+    /// kept; repeating it changes nothing.
+    Revoke {
+        revocation: Revocation,
     },
 }
 
@@ -400,6 +409,16 @@ pub fn apply(view: &dyn CatalogRead, cmd: &Command) -> Result<(Outcome, Vec<Writ
             w.push(Write::Delete(member_key(*raft_id)));
             Outcome::Done
         }
+        Command::Revoke { revocation } => match hex::decode(&revocation.serial) {
+            Ok(serial) if !serial.is_empty() && serial.len() <= 20 => {
+                let key = revocation_key(&serial);
+                if view.get(&key)?.is_none() {
+                    w.push(Write::Put(key, encode(revocation)));
+                }
+                Outcome::Done
+            }
+            _ => Outcome::Refused(format!("{:?} is not a certificate serial number", revocation.serial)),
+        },
     };
     Ok((outcome, w))
 }
@@ -510,6 +529,20 @@ pub fn snapshots(
     let mut out: Vec<SnapshotInfo> = scan_decoded(view, &prefix)?.into_iter().map(|(_, s)| s).collect();
     out.sort_by_key(|s: &SnapshotInfo| (s.time, s.commit_seq));
     Ok(out)
+}
+
+/// Prefix of the revocation keys.
+pub const REVOCATION_PREFIX: &[u8] = b"v";
+
+fn revocation_key(serial: &[u8]) -> Vec<u8> {
+    let mut k = REVOCATION_PREFIX.to_vec();
+    k.extend_from_slice(serial);
+    k
+}
+
+/// Every revocation in force, by serial.
+pub fn revocations(view: &dyn CatalogRead) -> Result<Vec<Revocation>, CatalogError> {
+    Ok(scan_decoded::<Revocation>(view, REVOCATION_PREFIX)?.into_iter().map(|(_, r)| r).collect())
 }
 
 pub fn members(view: &dyn CatalogRead) -> Result<Vec<(u64, Member)>, CatalogError> {
@@ -793,6 +826,27 @@ mod tests {
     }
 
     #[test]
+    fn revocations_are_kept_once_and_never_forgotten() {
+        let mut c = MemCatalog::default();
+        let r = |serial: &str, reason: &str| Revocation {
+            serial: serial.into(),
+            subject: "agent:lux:rnpp".into(),
+            reason: reason.into(),
+            by: "admin".into(),
+            time: 7,
+        };
+        assert_eq!(c.apply(&Command::Revoke { revocation: r("0a1b", "laptop stolen") }).unwrap(), Outcome::Done);
+        assert_eq!(c.apply(&Command::Revoke { revocation: r("0a1b", "again") }).unwrap(), Outcome::Done);
+        assert!(matches!(c.apply(&Command::Revoke { revocation: r("zz", "x") }).unwrap(), Outcome::Refused(_)));
+        assert!(matches!(c.apply(&Command::Revoke { revocation: r("", "x") }).unwrap(), Outcome::Refused(_)));
+        assert_eq!(revocations(&c).unwrap(), vec![r("0a1b", "laptop stolen")], "the first record is the one kept");
+        // Snapshots and chunks of the same tenant are untouched by it.
+        index(&mut c, "lux", &[1]);
+        assert_eq!(count(&c, CHUNK_PREFIX).unwrap(), 1);
+        assert_eq!(revocations(&c).unwrap().len(), 1);
+    }
+
+    #[test]
     fn chunk_keys_round_trip_and_raft_ids_are_stable() {
         assert_eq!(parse_chunk_key(&chunk_key("lux", &id(7))), Some(("lux".to_string(), id(7))));
         assert_eq!(raft_id("n1"), raft_id("n1"));
@@ -825,6 +879,15 @@ mod tests {
                 member: Member { name, addr: "127.0.0.1:1".into() }
             }),
             (1u64..4).prop_map(|raft_id| Command::RemoveMember { raft_id }),
+            prop::sample::select(vec!["01", "02", "zz"]).prop_map(|serial| Command::Revoke {
+                revocation: Revocation {
+                    serial: serial.into(),
+                    subject: "agent:lux:a".into(),
+                    reason: String::new(),
+                    by: "admin".into(),
+                    time: 1
+                }
+            }),
         ]
     }
 

@@ -7,9 +7,11 @@ mod consensus;
 mod metrics;
 mod node;
 mod peers;
+mod pki_cmd;
 mod raft_log;
 mod replication;
 mod retention;
+mod revocation;
 mod server;
 mod store;
 
@@ -19,13 +21,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use exclave::client::NodeClient;
 use exclave::identity::Identity;
-use exclave::pki;
 use exclave::protocol::Reply;
 use exclave::transport::{self, TlsIdentity};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 #[derive(Parser)]
 #[command(name = "exclave-replicator", version, about = "Exclave embassy storage node and cluster PKI tooling")]
@@ -44,50 +45,11 @@ enum Cmd {
     /// Retention policies of the tenants' sources (administrator).
     #[command(subcommand)]
     Retention(retention::RetentionCmd),
-    /// Create the cluster CA and issue certificates.
+    /// The cluster CA and its certificates: init, issue, renew, revoke, list.
     #[command(subcommand)]
-    Pki(PkiCmd),
+    Pki(pki_cmd::PkiCmd),
     /// Ask a node for its status (needs an admin or node identity).
     Status(StatusArgs),
-}
-
-#[derive(Subcommand)]
-enum PkiCmd {
-    /// Create a cluster CA: DIR/ca.crt and DIR/ca.key.
-    Init {
-        /// PKI directory to create.
-        #[arg(long)]
-        dir: PathBuf,
-        /// A name for the cluster, written into the CA's subject.
-        #[arg(long, default_value = "exclave")]
-        cluster: String,
-    },
-    /// Issue a certificate: DIR/NAME.crt and DIR/NAME.key (0600).
-    Issue {
-        /// PKI directory holding the CA.
-        #[arg(long)]
-        dir: PathBuf,
-        /// What the certificate may do.
-        #[arg(long, value_enum)]
-        role: Role,
-        /// Node id, agent name, or file name of the certificate.
-        #[arg(long)]
-        name: String,
-        /// Tenant (required for agent and restore).
-        #[arg(long)]
-        tenant: Option<String>,
-        /// DNS name or IP address the node is reached at (repeatable; nodes only).
-        #[arg(long = "host")]
-        hosts: Vec<String>,
-    },
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Role {
-    Node,
-    Agent,
-    Restore,
-    Admin,
 }
 
 #[derive(Args)]
@@ -121,29 +83,7 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Pki(PkiCmd::Init { dir, cluster }) => {
-            pki::init_ca(&dir, &cluster)?;
-            println!("created cluster CA in {}", dir.display());
-            println!("keep {} offline once every certificate is issued", dir.join("ca.key").display());
-            Ok(())
-        }
-        Cmd::Pki(PkiCmd::Issue { dir, role, name, tenant, hosts }) => {
-            let need_tenant = || tenant.clone().context("--tenant is required for this role");
-            let identity = match role {
-                Role::Node => Identity::Node { id: name.clone() },
-                Role::Agent => Identity::Agent { tenant: need_tenant()?, name: name.clone() },
-                Role::Restore => Identity::Restore { tenant: need_tenant()? },
-                Role::Admin => Identity::Admin,
-            };
-            // Validate through the parser so that what is issued can be read back.
-            let identity = Identity::parse(&identity.subject())?;
-            if !hosts.is_empty() && !matches!(role, Role::Node) {
-                bail!("--host applies to node certificates only");
-            }
-            let (crt, key) = pki::issue(&dir, &pki::IssueRequest { identity: identity.clone(), name, hosts })?;
-            println!("issued {identity}: {} and {}", crt.display(), key.display());
-            Ok(())
-        }
+        Cmd::Pki(c) => tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(pki_cmd::run(c)),
         Cmd::Run(args) => {
             let cfg = config::NodeConfig::resolve(args)?;
             tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run_node(cfg))
@@ -200,7 +140,29 @@ async fn run_node(cfg: config::NodeConfig) -> Result<()> {
     }
     let metrics = metrics::NodeMetrics::new(&cfg.name)?;
     metrics.update_disk(&cfg.data);
-    let endpoint = transport::endpoint(cfg.listen, Some(transport::server_config(&tls)?))
+    // Revocations already in the catalog are refused from the first handshake on.
+    let revoked = Arc::new(revocation::Revoked::default());
+    metrics.revocations(revoked.load(&store).context("reading the revocations from the catalog")?);
+    let certificate = exclave::pki::cert_info(&tls.chain[0]).map_err(anyhow::Error::msg)?;
+    let ca_certificate = exclave::pki::cert_info(&tls.ca[0]).map_err(anyhow::Error::msg)?;
+    metrics.certificate(&certificate.subject, certificate.not_after);
+    metrics.certificate("ca", ca_certificate.not_after);
+    for (what, c) in [("this node's certificate", &certificate), ("the cluster CA", &ca_certificate)] {
+        match exclave::pki::validity(c, exclave::pki::now_secs()) {
+            exclave::pki::Validity::ExpiresSoon { in_days } => {
+                warn!(certificate = %c.subject, in_days, "{what} expires in {in_days} day(s): renew it (exclave-replicator pki renew)")
+            }
+            exclave::pki::Validity::Expired => {
+                bail!(
+                    "{what} ({}) expired on {}: renew it (exclave-replicator pki renew)",
+                    c.subject,
+                    exclave::pki::format_time(c.not_after)
+                )
+            }
+            _ => {}
+        }
+    }
+    let endpoint = transport::endpoint(cfg.listen, Some(transport::server_config(&tls, Some(revoked.check()))?))
         .with_context(|| format!("binding {}", cfg.listen))?;
     let node = Arc::new(node::Node {
         name: cfg.name.clone(),
@@ -213,6 +175,10 @@ async fn run_node(cfg: config::NodeConfig) -> Result<()> {
         peers: peers.clone(),
         write_quorum: cfg.write_quorum,
         backfill: Default::default(),
+        revoked,
+        connections: Default::default(),
+        certificate,
+        ca_certificate,
     });
     if let Some(addr) = cfg.metrics {
         exclave::metrics::serve(addr, metrics.registry.clone())
@@ -237,6 +203,8 @@ async fn run_node(cfg: config::NodeConfig) -> Result<()> {
     info!(name = %cfg.name, listen = %cfg.listen, data = %cfg.data.display(), peers = cfg.peers.len(),
           join = cfg.join, "storage node ready");
     tokio::spawn(replication::anti_entropy(node.clone()));
+    let (stop_workers, stopping) = tokio::sync::watch::channel(false);
+    let revocation_watcher = tokio::spawn(revocation::watch(node.clone(), stopping));
     let server = tokio::spawn(server::serve(endpoint.clone(), node));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -244,6 +212,8 @@ async fn run_node(cfg: config::NodeConfig) -> Result<()> {
         _ = term.recv() => info!("SIGTERM: shutting down"),
         _ = tokio::signal::ctrl_c() => info!("interrupt: shutting down"),
     }
+    let _ = stop_workers.send(true);
+    let _ = revocation_watcher.await;
     endpoint.close(0u32.into(), b"node shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(10), endpoint.wait_idle()).await;
     server.abort();
@@ -256,6 +226,7 @@ async fn run_node(cfg: config::NodeConfig) -> Result<()> {
 
 async fn status(a: StatusArgs) -> Result<()> {
     let tls = TlsIdentity::load(&a.pki, &a.identity)?;
+    let own = exclave::pki::cert_info(&tls.chain[0]).map_err(anyhow::Error::msg)?;
     let client = NodeClient::connect(a.node, &tls).await?;
     let Reply::Status(s) = client.call(&[exclave::protocol::Request::Status]).await? else {
         bail!("unexpected reply to status");
@@ -263,7 +234,23 @@ async fn status(a: StatusArgs) -> Result<()> {
     let Reply::RaftStatus(r) = client.call(&[exclave::protocol::Request::RaftStatus]).await? else {
         bail!("unexpected reply to raft status");
     };
+    let Reply::Certificates { node: cert, ca, revoked } =
+        client.call(&[exclave::protocol::Request::Certificates]).await?
+    else {
+        bail!("unexpected reply to certificates");
+    };
     client.close().await;
+    let now = exclave::pki::now_secs();
+    let mut warnings: Vec<String> = r.stale.iter().cloned().collect();
+    for (what, c) in [("the node's certificate", &cert), ("the cluster CA", &ca), ("this admin certificate", &own)] {
+        match exclave::pki::validity(c, now) {
+            exclave::pki::Validity::ExpiresSoon { in_days } => {
+                warnings.push(format!("{what} ({}) expires in {in_days} day(s): renew it (pki renew)", c.subject))
+            }
+            exclave::pki::Validity::Expired => warnings.push(format!("{what} ({}) has expired", c.subject)),
+            _ => {}
+        }
+    }
     if a.json {
         println!(
             "{}",
@@ -271,6 +258,7 @@ async fn status(a: StatusArgs) -> Result<()> {
                 "name": s.name, "version": s.version, "uptime_secs": s.uptime_secs, "chunks": s.chunks,
                 "snapshots": s.snapshots, "disk_used_bytes": s.disk_used_bytes, "disk_free_bytes": s.disk_free_bytes,
                 "raft": serde_json::to_value(&r)?,
+                "certificate": cert, "ca": ca, "revoked": revoked.len(), "warnings": warnings,
             })
         );
     } else {
@@ -283,8 +271,15 @@ async fn status(a: StatusArgs) -> Result<()> {
             r.commit_index,
             r.applied_index
         );
-        if let Some(why) = &r.stale {
-            println!("warning     {why}");
+        println!(
+            "certificate {} valid until {}; CA until {}; {} revoked",
+            cert.subject,
+            exclave::pki::format_time(cert.not_after),
+            exclave::pki::format_time(ca.not_after),
+            revoked.len()
+        );
+        for w in &warnings {
+            println!("warning     {w}");
         }
         println!(
             "chunks      ~{} held, {} indexed in the cluster, {} missing here",

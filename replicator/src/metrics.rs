@@ -23,6 +23,8 @@ pub struct NodeMetrics {
     chunks_missing: IntGauge,
     chunks_backfilled: IntCounter,
     peer_contact: prometheus::GaugeVec,
+    cert_expiry: IntGaugeVec,
+    revoked: IntGauge,
 }
 
 impl NodeMetrics {
@@ -77,6 +79,16 @@ impl NodeMetrics {
         registry.register(Box::new(chunks_missing.clone()))?;
         registry.register(Box::new(chunks_backfilled.clone()))?;
         registry.register(Box::new(peer_contact.clone()))?;
+        let cert_expiry = IntGaugeVec::new(
+            Opts::new(
+                "certificate_expiry_timestamp_seconds",
+                "When this node's certificate and the cluster CA's expire (Unix time)",
+            ),
+            &["identity"],
+        )?;
+        let revoked = IntGauge::new("certificates_revoked", "Certificates revoked in the cluster's catalog")?;
+        registry.register(Box::new(cert_expiry.clone()))?;
+        registry.register(Box::new(revoked.clone()))?;
         Ok(NodeMetrics {
             registry,
             requests,
@@ -91,7 +103,18 @@ impl NodeMetrics {
             chunks_missing,
             chunks_backfilled,
             peer_contact,
+            cert_expiry,
+            revoked,
         })
+    }
+
+    /// Publishes when a certificate expires (`identity`: its subject, or `ca`).
+    pub fn certificate(&self, identity: &str, not_after: i64) {
+        self.cert_expiry.with_label_values(&[identity]).set(not_after);
+    }
+
+    pub fn revocations(&self, n: usize) {
+        self.revoked.set(n as i64);
     }
 
     pub fn request(&self, kind: &str, ok: bool, took: Duration) {

@@ -28,6 +28,13 @@ pub struct Node {
     /// Nodes that must hold a chunk before it is acknowledged (`None`: a majority of voters).
     pub write_quorum: Option<usize>,
     pub backfill: std::sync::Mutex<Backfill>,
+    /// Certificates revoked in the catalog (the handshake consults it) and the open
+    /// connections to close when one of theirs is revoked.
+    pub revoked: Arc<crate::revocation::Revoked>,
+    pub connections: crate::revocation::Connections,
+    /// This node's certificate and the CA's, as `Certificates` reports them.
+    pub certificate: exclave::pki::CertInfo,
+    pub ca_certificate: exclave::pki::CertInfo,
 }
 
 impl Node {

@@ -38,6 +38,10 @@ pub async fn serve(endpoint: quinn::Endpoint, node: Arc<Node>) {
             let remote = incoming.remote_address();
             match incoming.await {
                 Ok(conn) => handle_connection(conn, node).await,
+                Err(e) if e.to_string().contains("Revoked") => {
+                    node.metrics.error("revoked");
+                    warn!(%remote, error = %e, "refused connection: the certificate is revoked");
+                }
                 Err(e) => {
                     node.metrics.error("handshake");
                     warn!(%remote, error = %e, "refused connection (TLS handshake failed: unknown CA or bad certificate?)");
@@ -58,6 +62,16 @@ async fn handle_connection(conn: quinn::Connection, node: Arc<Node>) {
             return;
         }
     };
+    let serial = transport::peer_certificate(&conn).ok().and_then(|c| transport::cert_serial(&c)).unwrap_or_default();
+    let _registered = node.connections.register(serial.clone(), identity.subject(), conn.clone());
+    // Revoked between its handshake and now: the watcher would close it within a second;
+    // closing it here keeps even that second from it.
+    if node.revoked.contains(&serial) {
+        node.metrics.error("revoked");
+        warn!(%remote, %identity, "closed a connection: its certificate has been revoked");
+        conn.close(crate::revocation::CLOSE_REVOKED.into(), b"certificate revoked");
+        return;
+    }
     debug!(%remote, %identity, "connection accepted");
     let identity = Arc::new(identity);
     loop {
@@ -478,6 +492,43 @@ async fn dispatch(
                     Ok(Reply::Ok)
                 }
             }
+        }
+        Request::Revoke { serial, subject, reason } => {
+            authorise(identity, Permission::Administer, "revoke")?;
+            let serial = serial.trim().to_ascii_lowercase();
+            match hex::decode(&serial) {
+                Ok(b) if !b.is_empty() && b.len() <= 20 => {}
+                _ => {
+                    return Err(Failure::new(
+                        ErrorCode::BadRequest,
+                        format!("{serial:?} is not a certificate serial number"),
+                    ));
+                }
+            }
+            if reason.len() > 1024 || subject.len() > 256 {
+                return Err(Failure::new(ErrorCode::BadRequest, "reason or subject too long"));
+            }
+            node.require_leader().await?;
+            let revocation = exclave::protocol::Revocation {
+                serial: serial.clone(),
+                subject: subject.clone(),
+                reason: reason.clone(),
+                by: identity.subject(),
+                time: exclave::pki::now_secs(),
+            };
+            match node.raft.propose(Command::Revoke { revocation }).await? {
+                Outcome::Done => {
+                    info!(%serial, %subject, %reason, by = %identity, "certificate revoked");
+                    Ok(Reply::Ok)
+                }
+                Outcome::Refused(m) => Err(Failure::new(ErrorCode::BadRequest, m)),
+                other => Err(Failure::new(ErrorCode::Internal, format!("revocation applied with {other:?}"))),
+            }
+        }
+        Request::Certificates => {
+            authorise(identity, Permission::Operate, "certificates")?;
+            let revoked = blocking(move || Ok(catalog::revocations(&store.catalog()?)?)).await?;
+            Ok(Reply::Certificates { node: node.certificate.clone(), ca: node.ca_certificate.clone(), revoked })
         }
         Request::ReadBarrier => {
             if !(identity.may(Permission::ReadTenant) || identity.may(Permission::Operate)) {

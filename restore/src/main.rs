@@ -181,6 +181,9 @@ async fn connect(conn: &Conn) -> Result<(NodeClient, TlsIdentity)> {
     if !matches!(tls.identity, Identity::Restore { .. }) {
         bail!("certificate {} is {}, not a restore identity", conn.identity, tls.identity);
     }
+    if let Some(w) = tls.check_validity(&conn.identity)? {
+        eprintln!("warning: {w}");
+    }
     let client = exclave::client::connect_any(&conn.nodes, &tls).await?;
     Ok((client, tls))
 }

@@ -15,7 +15,8 @@
 //!   `Fetch` → `Chunks` (anti-entropy); `RaftStatus` → `RaftStatus`.
 //! - Cluster operations: `ClusterStatus` → `ClusterStatus`; `AddNode`, `RemoveNode` → `Ok`
 //!   once the configuration change is applied (admin only); `ReadBarrier` → `Ok` once this
-//!   node has applied everything the leader had committed when it was asked.
+//!   node has applied everything the leader had committed when it was asked; `Revoke` → `Ok`
+//!   once the revocation is committed (admin only); `Certificates` → `Certificates`.
 //!
 //! Enum variants are only ever appended, never reordered: postcard encodes the index.
 
@@ -139,6 +140,17 @@ pub enum Request {
     FindSnapshot {
         id: String,
     },
+    /// Shut a certificate out of every node (administrator): committed through Raft, refused
+    /// at every handshake from then on, open connections closed.
+    Revoke {
+        /// Serial number, hex.
+        serial: String,
+        /// The certificate's subject, for the record and the logs.
+        subject: String,
+        reason: String,
+    },
+    /// The node's own certificate, the CA's, and the revocations in force → `Certificates`.
+    Certificates,
 }
 
 impl Request {
@@ -165,6 +177,8 @@ impl Request {
             Request::SetRetention { .. } => "set_retention",
             Request::SetRetentionFor { .. } => "set_retention_for",
             Request::FindSnapshot { .. } => "find_snapshot",
+            Request::Revoke { .. } => "revoke",
+            Request::Certificates => "certificates",
         }
     }
 }
@@ -245,6 +259,24 @@ pub enum Reply {
         /// The node that answered, then every other member as that node sees it.
         members: Vec<MemberReport>,
     },
+    Certificates {
+        node: crate::pki::CertInfo,
+        ca: crate::pki::CertInfo,
+        revoked: Vec<Revocation>,
+    },
+}
+
+/// A certificate an administrator shut out of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// Serial number, hex (lower case).
+    pub serial: String,
+    pub subject: String,
+    pub reason: String,
+    /// The administrator's identity.
+    pub by: String,
+    /// When it was proposed (Unix seconds, the proposing node's clock).
+    pub time: i64,
 }
 
 /// One node's view of itself in the cluster.

@@ -2,9 +2,10 @@
 # The main job on an embedded default: build, start a cluster of three embassy nodes on
 # loopback, generate a sample national register, back it up (encrypted, deduplicated,
 # replicated to a quorum of embassies), back it up again after a day of changes, snapshot the
-# vehicle register (a SQLite database being written to) with its verification facts, then run
-# the restore drill from one embassy alone (the two others stopped): restore, compare byte for
-# byte, verify, check the database against its facts, and print the summaries.
+# vehicle register (a SQLite database being written to) with its verification facts, then
+# lose the home country: its key file is deleted and two embassies are stopped. The key holders
+# abroad rebuild the tenant key from 3 of its 5 shares, and the restore drill runs from the one
+# embassy left: restore, compare byte for byte, verify, check the database against its facts.
 #
 #   deploy/demo.sh [SIZE_MIB]        (default 64; everything lives in a temporary directory)
 set -euo pipefail
@@ -33,6 +34,10 @@ $B/exclave-replicator pki issue --dir "$W/pki" --role agent --name rnpp --tenant
 $B/exclave-replicator pki issue --dir "$W/pki" --role restore --name drteam --tenant lux
 $B/exclave-replicator pki issue --dir "$W/pki" --role admin --name admin
 $B/exclave-agent keys init --tenant lux --out "$W/lux.key"
+# The key leaves the home country only as shares: 3 of 5 holders rebuild it.
+$B/exclave-agent keys split --key-file "$W/lux.key" --shares 5 --threshold 3 --out "$W/shares" \
+  --holder "Minister of Justice" --holder "Ambassador in Luxembourg" --holder "State CIO" \
+  --holder "National Archivist" --holder "Auditor General"
 
 start() { # start NAME: a founding member that knows the two others
   local n=$1 peers=() m
@@ -54,7 +59,6 @@ $B/exclave-sample-register "$W/register" "$SIZE"
 
 ALL=(--node "${ADDR[embassy1]}" --node "${ADDR[embassy2]}" --node "${ADDR[embassy3]}")
 AGENT=("${ALL[@]}" --pki "$W/pki" --identity rnpp --key-file "$W/lux.key")
-RESTORE=(--node "${ADDR[embassy3]}" --pki "$W/pki" --identity drteam --key-file "$W/lux.key")
 step "day 1 backup"
 $B/exclave-agent backup "${AGENT[@]}" --source rnpp "$W/register"
 
@@ -97,10 +101,17 @@ for _ in $(seq 150); do
 done
 $B/exclave-replicator cluster status "${ADMIN[@]}"
 
-step "the home country and two embassies are lost: only embassy3 remains"
+step "the home country and two embassies are lost: its key file is gone, only embassy3 remains"
 kill "${PID[embassy1]}" "${PID[embassy2]}"; wait "${PID[embassy1]}" "${PID[embassy2]}" 2>/dev/null || true
 unset 'PID[embassy1]' 'PID[embassy2]'
-$B/exclave-restore snapshots "${RESTORE[@]}"
+rm "$W/lux.key"
+$B/exclave-restore snapshots --node "${ADDR[embassy3]}" --pki "$W/pki" --identity drteam
+
+step "three of the five key holders abroad bring their shares: the tenant key is rebuilt"
+mkdir -m 700 "$W/abroad"
+$B/exclave-restore keys combine --out "$W/abroad/lux.key" \
+  --share "$W/shares/lux-share-2-of-5.txt" --share "$W/shares/lux-share-4-of-5.txt" --share "$W/shares/lux-share-5-of-5.txt"
+RESTORE=(--node "${ADDR[embassy3]}" --pki "$W/pki" --identity drteam --key-file "$W/abroad/lux.key")
 
 step "restore drill from embassy3 alone: restore the latest snapshot and verify it"
 $B/exclave-restore restore "${RESTORE[@]}" --source rnpp --snapshot latest --to "$W/restored"

@@ -4,7 +4,8 @@
 #   bench/run.sh [SIZE_MIB]        (default 1024; everything lives in a temporary directory)
 #
 # BENCH_DATA=DIR keeps the generated register in DIR (generated there on the first run, reused
-# by later runs of the same size), since generating 1 GiB takes minutes.
+# by later runs of the same size), since generating 1 GiB takes minutes. BENCH_SEALED_KEY=1
+# runs Exclave with a key file sealed under a passphrase.
 #
 # 1. builds the release binaries and the stage benchmark (benches/stages.rs) and runs private
 #    copies of them;
@@ -125,7 +126,15 @@ $B/exclave-replicator pki init --dir "$W/pki" --cluster bench >/dev/null
 $B/exclave-replicator pki issue --dir "$W/pki" --role node --name n1 --host 127.0.0.1 >/dev/null
 $B/exclave-replicator pki issue --dir "$W/pki" --role agent --name reg --tenant bench >/dev/null
 $B/exclave-replicator pki issue --dir "$W/pki" --role restore --name drteam --tenant bench >/dev/null
-$B/exclave-agent keys init --tenant bench --out "$W/bench.key" >/dev/null
+if [ -n "${BENCH_SEALED_KEY:-}" ]; then
+  # BENCH_SEALED_KEY=1: the agent and the restore open a key sealed under a passphrase
+  # (Argon2id, default parameters) on every run, as a key a person holds would be.
+  printf 'bench passphrase\n' >"$W/pass"; chmod 600 "$W/pass"
+  export EXCLAVE_PASSPHRASE_FILE=$W/pass
+  $B/exclave-agent keys init --tenant bench --out "$W/bench.key" --passphrase-file "$W/pass" >/dev/null
+else
+  $B/exclave-agent keys init --tenant bench --out "$W/bench.key" >/dev/null
+fi
 PORT=$(python3 -c 'import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 NODE=127.0.0.1:$PORT
 $B/exclave-replicator run --name n1 --data "$W/node" --listen "$NODE" --pki "$W/pki" 2>"$W/node.log" &

@@ -3,6 +3,8 @@
 #   register DIR SIZE_MIB GENERATOR LOG     the shared synthetic register, generated or reused
 #   private_binaries DIR                    release build, copied to DIR
 #   cpu_seconds PID                         CPU seconds (user + system) PID has used so far
+#   workdir PREFIX                          W: a temporary directory, removed on exit with the
+#                                           storage node NODE_PID if one was started
 #
 # register:
 #
@@ -32,3 +34,14 @@ private_binaries() {
 }
 
 cpu_seconds() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$1/stat"; }
+
+workdir() {
+  W=$(mktemp -d "${TMPDIR:-/tmp}/$1.XXXXXX")
+  NODE_PID=
+  trap workdir_cleanup EXIT
+  trap 'exit 130' INT TERM
+}
+workdir_cleanup() {
+  if [ -n "$NODE_PID" ]; then kill "$NODE_PID" 2>/dev/null || true; wait "$NODE_PID" 2>/dev/null || true; fi
+  rm -rf "$W"
+}

@@ -25,14 +25,7 @@ step() { printf '\n== %s\n' "$*"; }
 # shellcheck source=bench/harness.sh
 . "$HERE/harness.sh"
 
-W=$(mktemp -d "${TMPDIR:-/tmp}/exclave-keys-bench.XXXXXX")
-NODE_PID=
-cleanup() {
-  if [ -n "$NODE_PID" ]; then kill "$NODE_PID" 2>/dev/null || true; wait "$NODE_PID" 2>/dev/null || true; fi
-  rm -rf "$W"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+workdir exclave-keys-bench
 
 step "build"
 B=$W/bin

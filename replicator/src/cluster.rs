@@ -53,13 +53,13 @@ pub enum ClusterCmd {
 pub struct Conn {
     /// A member's address (repeatable; the first that answers is used).
     #[arg(long = "node", required = true)]
-    nodes: Vec<SocketAddr>,
+    pub nodes: Vec<SocketAddr>,
     /// PKI directory holding ca.crt and the admin certificate.
     #[arg(long)]
-    pki: PathBuf,
+    pub pki: PathBuf,
     /// Certificate name in the PKI directory (an admin identity; a node's may read status).
     #[arg(long, default_value = "admin")]
-    identity: String,
+    pub identity: String,
 }
 
 impl Conn {

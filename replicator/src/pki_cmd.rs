@@ -61,15 +61,9 @@ pub enum PkiCmd {
     /// its open connections within seconds; the revocation survives restarts and reaches
     /// nodes that join later.
     Revoke {
-        /// A member's address (repeatable; the first that answers is used).
-        #[arg(long = "node", required = true)]
-        nodes: Vec<SocketAddr>,
-        /// PKI directory holding ca.crt, the admin certificate and the certificate to revoke.
-        #[arg(long)]
-        pki: PathBuf,
-        /// Certificate name of the administrator in the PKI directory.
-        #[arg(long, default_value = "admin")]
-        identity: String,
+        /// The cluster, and the administrator's identity (PKI also holds the certificate to revoke).
+        #[command(flatten)]
+        conn: crate::cluster::Conn,
         /// The certificate PKI/NAME.crt (its current one; an earlier one by --serial).
         #[arg(long, conflicts_with = "serial", required_unless_present = "serial")]
         name: Option<String>,
@@ -158,8 +152,8 @@ pub async fn run(cmd: PkiCmd) -> Result<()> {
             );
             Ok(())
         }
-        PkiCmd::Revoke { nodes, pki: dir, identity, name, serial, reason } => {
-            revoke(&nodes, &dir, &identity, name.as_deref(), serial.as_deref(), &reason).await
+        PkiCmd::Revoke { conn, name, serial, reason } => {
+            revoke(&conn.nodes, &conn.pki, &conn.identity, name.as_deref(), serial.as_deref(), &reason).await
         }
         PkiCmd::List { dir, nodes, identity, json } => list(&dir, &nodes, &identity, json).await,
     }

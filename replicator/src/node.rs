@@ -41,8 +41,8 @@ impl Node {
     /// Refuses a write of `bytes` that would eat into the free-space reserve.
     pub fn check_room(&self, bytes: usize) -> Result<(), Failure> {
         let (_, free) = crate::metrics::disk_usage(&self.data_dir);
-        // A write costs about three times its size on disk: WAL, blob file, compaction.
-        if free < self.min_free_bytes.saturating_add(3 * bytes as u64) {
+        // A write costs its size once in a pack, plus ~100 bytes of index per chunk.
+        if free < self.min_free_bytes.saturating_add(bytes as u64 + bytes as u64 / 64) {
             return Err(Failure::new(
                 ErrorCode::StorageFull,
                 format!(

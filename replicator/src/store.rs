@@ -1,39 +1,93 @@
-//! The node's durable store: one RocksDB holding this node's chunk envelopes, the applied
-//! cluster catalog (see `catalog`) and the Raft log (see `raft_log`).
+//! The node's durable store: chunk envelopes appended to pack files, and one RocksDB holding
+//! where each chunk is (the local index), the applied cluster catalog (see `catalog`) and the
+//! Raft log (see `raft_log`).
 //!
-//! Column families and keys (`tenant` never contains a NUL byte, see `identity::check_name`):
+//! Why packs: in RocksDB, every envelope was written twice (WAL, then a blob file at flush)
+//! through a software CRC32c, costing the node as much CPU as the agent spent chunking,
+//! compressing and encrypting, and holding ~2x the envelopes on disk while it ran. A pack is
+//! written once, sequentially, and synced; RocksDB only holds 48-byte locations.
+//!
+//! Layout of a data directory (format 2):
 //!
 //! ```text
-//! chunks        tenant ‖ 0 ‖ chunk id (32)   → envelope bytes (BlobDB: large values in blob files)
-//! chunk_index   tenant ‖ 0 ‖ chunk id (32)   → postcard(IndexEntry): the chunks this node holds
-//! catalog       see `catalog`                 the replicated state machine, as applied here
-//! raft          see `raft_log`                log entries, hard state, conf state, applied index
+//! DATA/            RocksDB, column families:
+//!   chunk_index    tenant ‖ 0 ‖ chunk id (32)   → location (below): the chunks this node holds
+//!   store_meta     b"format"                    → u32 LE = 2
+//!                  b"sealed" ‖ pack id (u32 BE) → u64 LE: the pack's whole length, once sealed
+//!   catalog        see `catalog`                 the replicated state machine, as applied here
+//!   raft           see `raft_log`                log entries, hard state, conf state, applied index
+//! DATA/packs/NNNNNNNN.pack                       pack files, ids from 1
 //! ```
 //!
-//! Invariants:
-//! - A chunk and its local index entry are written in one batch: the local index never names
-//!   a chunk that is not stored. Every chunk write is synced (WAL fsync) before it is
-//!   acknowledged.
-//! - The storage checksum (`blake3(envelope)`) is checked before a chunk is stored and before
-//!   it is served; a damaged chunk is reported, never served.
+//! Location (48 bytes): pack id (u32 LE) ‖ offset of the envelope in the pack (u64 LE) ‖
+//! envelope length (u32 LE) ‖ storage checksum (32).
+//!
+//! Pack file: a header `"XVPACK01"` (8 bytes), then records back to back:
+//!
+//! ```text
+//! offset  size  field
+//! 0       4     magic "XVRC"
+//! 4       4     envelope length n (u32 LE)
+//! 8       32    chunk id
+//! 40      32    storage checksum = blake3(envelope)
+//! 72      1     tenant length t
+//! 73      t     tenant
+//! 73+t    n     envelope
+//! ```
+//!
+//! A record says what it holds, so a pack can be read without the index (to check it, to
+//! rebuild the index, to collect garbage).
+//!
+//! Durability (a chunk is durable before it is acknowledged):
+//! 1. a batch's records are appended to the active pack (one vectored write), then the pack is
+//!    synced (fdatasync); a new pack's directory entry is synced when it is created;
+//! 2. only then are their locations written to the index, in one synced RocksDB batch.
+//!
+//! Crash rules: a crash before 2 leaves records no location names: dead space, never served.
+//! A crash during 1 can leave a torn record at the end of the pack being written. Each run of
+//! the node appends to fresh packs and seals a pack (records its length) when it is full or
+//! the node stops cleanly; at open, a pack that was never sealed is walked record by record,
+//! a torn tail is cut off (no location can name it: its batch never reached step 2), and the
+//! pack is sealed. Every read checks the storage checksum, so a damaged record is reported,
+//! never served.
+//!
+//! Garbage collection (not built yet) reclaims space pack by pack: the live bytes of a pack are
+//! those its index locations name; a pack mostly dead is repacked (its live records appended
+//! to the active pack, their locations rewritten in one synced batch) and then deleted.
+//!
+//! Migration: a data directory of format 1 (envelopes in a `chunks` column family, BlobDB) is
+//! converted when opened: every envelope is appended to packs and its location indexed, then
+//! the column family is dropped. A crash part way converts again from the start on the next
+//! open (what was appended before is dead space).
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{IoSlice, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 
 use exclave::chunk_id::{Checksum, ChunkId};
 use exclave::envelope;
-use std::sync::Arc;
-
 use exclave::protocol::{ErrorCode, PutChunk};
 use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
-use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
 
-pub use crate::catalog::IndexEntry;
 use crate::catalog::{CatalogError, CatalogRead};
 
-const CF_CHUNKS: &str = "chunks";
+const CF_CHUNKS_V1: &str = "chunks";
 const CF_INDEX: &str = "chunk_index";
+const CF_META: &str = "store_meta";
 pub const CF_CATALOG: &str = "catalog";
 pub const CF_RAFT: &str = "raft";
+const FORMAT: u32 = 2;
+const PACK_MAGIC: &[u8; 8] = b"XVPACK01";
+const RECORD_MAGIC: &[u8; 4] = b"XVRC";
+const RECORD_FIXED: usize = 73;
+/// A pack is sealed and a new one begun past this size: the unit of garbage collection.
+const PACK_TARGET: u64 = 128 * 1024 * 1024;
+/// Pack files kept open for reading at once (a large store has thousands).
+const OPEN_READERS: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -83,8 +137,137 @@ pub fn db_err(e: rocksdb::Error) -> StoreError {
     }
 }
 
+fn io_err(what: &str, e: std::io::Error) -> StoreError {
+    if e.raw_os_error() == Some(libc::ENOSPC) {
+        StoreError::Full(format!("{what}: {e}"))
+    } else {
+        StoreError::Io(format!("{what}: {e}"))
+    }
+}
+
+/// Where a chunk's envelope is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    pub pack: u32,
+    pub offset: u64,
+    pub len: u32,
+    pub checksum: Checksum,
+}
+
+impl Location {
+    fn encode(&self) -> [u8; 48] {
+        let mut b = [0u8; 48];
+        b[..4].copy_from_slice(&self.pack.to_le_bytes());
+        b[4..12].copy_from_slice(&self.offset.to_le_bytes());
+        b[12..16].copy_from_slice(&self.len.to_le_bytes());
+        b[16..].copy_from_slice(&self.checksum.0);
+        b
+    }
+
+    fn decode(b: &[u8]) -> Result<Location, StoreError> {
+        if b.len() != 48 {
+            return Err(StoreError::Decode(format!("a location is 48 bytes, not {}", b.len())));
+        }
+        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let mut offset = [0u8; 8];
+        offset.copy_from_slice(&b[4..12]);
+        let mut sum = [0u8; 32];
+        sum.copy_from_slice(&b[16..]);
+        Ok(Location { pack: u32_at(0), offset: u64::from_le_bytes(offset), len: u32_at(12), checksum: Checksum(sum) })
+    }
+}
+
+/// Test hook: `EXCLAVE_TEST_CRASH_AT=STEP` aborts the process at that step of a chunk write
+/// (`pack-written`: records written, not synced; `pack-synced`: synced, not indexed;
+/// `mid-record`: part of a batch written, the last record torn), so the crash rules above can
+/// be tested with the real binary.
+fn crash_point(step: &str) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if AT.get_or_init(|| std::env::var("EXCLAVE_TEST_CRASH_AT").ok()).as_deref() == Some(step) {
+        eprintln!("EXCLAVE_TEST_CRASH_AT={step}: aborting");
+        std::process::abort();
+    }
+}
+
+struct Active {
+    id: u32,
+    file: Arc<File>,
+    len: u64,
+}
+
+struct Packs {
+    dir: PathBuf,
+    /// The pack appended to; `None` until the first write of this run (or after an error).
+    active: Mutex<Option<Active>>,
+    next_id: Mutex<u32>,
+    readers: RwLock<HashMap<u32, Arc<File>>>,
+}
+
+fn pack_path(dir: &Path, id: u32) -> PathBuf {
+    dir.join(format!("{id:08}.pack"))
+}
+
+fn sealed_key(id: u32) -> Vec<u8> {
+    let mut k = b"sealed".to_vec();
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// One record's header.
+fn record_header(tenant: &str, id: &ChunkId, checksum: &Checksum, len: usize) -> Vec<u8> {
+    let mut h = Vec::with_capacity(RECORD_FIXED + tenant.len());
+    h.extend_from_slice(RECORD_MAGIC);
+    h.extend_from_slice(&(len as u32).to_le_bytes());
+    h.extend_from_slice(&id.0);
+    h.extend_from_slice(&checksum.0);
+    h.push(tenant.len() as u8);
+    h.extend_from_slice(tenant.as_bytes());
+    h
+}
+
+/// Writes every byte of `slices` (the kernel may take fewer than offered in one call).
+fn write_all_vectored(file: &File, mut slices: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+    let mut f = file;
+    while !slices.is_empty() {
+        match f.write_vectored(slices) {
+            Ok(0) => return Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "pack write returned 0")),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The length of the whole records of a pack, walking their headers; `None` if the pack's
+/// header itself is not whole.
+fn whole_length(file: &File, file_len: u64) -> std::io::Result<Option<u64>> {
+    let mut magic = [0u8; 8];
+    if file_len < 8 || file.read_exact_at(&mut magic, 0).is_err() || &magic != PACK_MAGIC {
+        return Ok(None);
+    }
+    let mut pos = 8u64;
+    let mut h = [0u8; RECORD_FIXED];
+    loop {
+        if pos + RECORD_FIXED as u64 > file_len {
+            return Ok(Some(pos));
+        }
+        file.read_exact_at(&mut h, pos)?;
+        if &h[..4] != RECORD_MAGIC {
+            return Ok(Some(pos));
+        }
+        let n = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as u64;
+        let end = pos + RECORD_FIXED as u64 + u64::from(h[72]) + n;
+        if end > file_len {
+            return Ok(Some(pos));
+        }
+        pos = end;
+    }
+}
+
 pub struct Store {
     db: Arc<DB>,
+    packs: Packs,
 }
 
 fn chunk_key(tenant: &str, id: &ChunkId) -> Vec<u8> {
@@ -108,22 +291,139 @@ impl Store {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_max_background_jobs(2);
-        let mut chunks = Options::default();
-        chunks.set_enable_blob_files(true);
-        chunks.set_min_blob_size(2048);
-        chunks.set_blob_file_size(256 * 1024 * 1024);
-        chunks.set_enable_blob_gc(true);
-        // Envelopes are compressed and encrypted already; compressing again only costs CPU.
-        chunks.set_compression_type(rocksdb::DBCompressionType::None);
-        chunks.set_blob_compression_type(rocksdb::DBCompressionType::None);
-        let cfs = vec![
-            ColumnFamilyDescriptor::new(CF_CHUNKS, chunks),
+        let existing = DB::list_cf(&opts, path).unwrap_or_default();
+        let mut cfs = vec![
             ColumnFamilyDescriptor::new(CF_INDEX, Options::default()),
+            ColumnFamilyDescriptor::new(CF_META, Options::default()),
             ColumnFamilyDescriptor::new(CF_CATALOG, Options::default()),
             ColumnFamilyDescriptor::new(CF_RAFT, Options::default()),
         ];
+        let v1 = existing.iter().any(|c| c == CF_CHUNKS_V1);
+        if v1 {
+            let mut chunks = Options::default();
+            chunks.set_enable_blob_files(true);
+            cfs.push(ColumnFamilyDescriptor::new(CF_CHUNKS_V1, chunks));
+        }
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| open_err(e.into_string()))?;
-        Ok(Store { db: Arc::new(db) })
+        let dir = path.join("packs");
+        std::fs::create_dir_all(&dir).map_err(|e| open_err(format!("creating {}: {e}", dir.display())))?;
+        let mut store = Store {
+            db: Arc::new(db),
+            packs: Packs {
+                dir,
+                active: Mutex::new(None),
+                next_id: Mutex::new(1),
+                readers: RwLock::new(HashMap::new()),
+            },
+        };
+        store.recover_packs().map_err(|e| open_err(e.to_string()))?;
+        if v1 {
+            store.migrate_v1().map_err(|e| open_err(format!("converting the store to pack files: {e}")))?;
+        }
+        let meta = store.cf(CF_META)?;
+        match store.db.get_cf(meta, b"format").map_err(db_err)? {
+            Some(v) if v.as_slice() == FORMAT.to_le_bytes() => {}
+            Some(v) => return Err(open_err(format!("unknown store format {v:?}; this build reads format {FORMAT}"))),
+            None => store.db.put_cf_opt(meta, b"format", FORMAT.to_le_bytes(), &Self::synced()).map_err(db_err)?,
+        }
+        Ok(store)
+    }
+
+    /// Finds the packs, cuts off the torn tail of any that a crash left unsealed, seals it.
+    fn recover_packs(&self) -> Result<(), StoreError> {
+        let mut ids: Vec<u32> = std::fs::read_dir(&self.packs.dir)
+            .map_err(|e| io_err("listing packs", e))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".pack")?.parse().ok())
+            .collect();
+        ids.sort_unstable();
+        *self.packs.next_id.lock().unwrap_or_else(|p| p.into_inner()) = ids.last().map_or(1, |m| m + 1);
+        let meta = self.cf(CF_META)?;
+        for id in ids {
+            if self.db.get_cf(meta, sealed_key(id)).map_err(db_err)?.is_some() {
+                continue;
+            }
+            let path = pack_path(&self.packs.dir, id);
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(|e| io_err(&path.display().to_string(), e))?;
+            let len = file.metadata().map_err(|e| io_err("pack size", e))?.len();
+            let whole = whole_length(&file, len).map_err(|e| io_err("reading a pack", e))?.unwrap_or(0);
+            if whole < len {
+                warn!(
+                    pack = id,
+                    torn_bytes = len - whole,
+                    "cut off the torn tail a crash left in a pack (never indexed)"
+                );
+                file.set_len(whole.max(8)).map_err(|e| io_err("truncating a torn pack", e))?;
+                if whole < 8 {
+                    // Not even its header is whole: rewrite it.
+                    file.write_all_at(PACK_MAGIC, 0).map_err(|e| io_err("rewriting a pack header", e))?;
+                }
+                file.sync_all().map_err(|e| io_err("syncing a pack", e))?;
+            }
+            let sealed = whole.max(8);
+            self.db.put_cf_opt(meta, sealed_key(id), sealed.to_le_bytes(), &Self::synced()).map_err(db_err)?;
+        }
+        Ok(())
+    }
+
+    /// Format 1 → 2: every envelope of the `chunks` column family into packs.
+    fn migrate_v1(&mut self) -> Result<(), StoreError> {
+        let cf = self.cf(CF_CHUNKS_V1)?;
+        info!("converting the store to pack files (format 2)");
+        let (mut moved, mut bytes) = (0u64, 0u64);
+        let mut batch: Vec<(String, PutChunk)> = Vec::new();
+        let mut batch_bytes = 0usize;
+        let flush = |batch: &mut Vec<(String, PutChunk)>| -> Result<(), StoreError> {
+            let mut by_tenant: HashMap<String, Vec<PutChunk>> = HashMap::new();
+            for (t, c) in batch.drain(..) {
+                by_tenant.entry(t).or_default().push(c);
+            }
+            for (t, chunks) in by_tenant {
+                let refs: Vec<&PutChunk> = chunks.iter().collect();
+                self.store_new(&t, &refs)?;
+            }
+            Ok(())
+        };
+        for item in self.db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, v) = item.map_err(db_err)?;
+            let Some(nul) = k.iter().position(|b| *b == 0) else { continue };
+            let (Ok(tenant), Ok(id)) = (std::str::from_utf8(&k[..nul]), <[u8; 32]>::try_from(&k[nul + 1..])) else {
+                continue;
+            };
+            moved += 1;
+            bytes += v.len() as u64;
+            batch_bytes += v.len();
+            batch.push((
+                tenant.to_string(),
+                PutChunk { id: ChunkId(id), checksum: Checksum::of(&v), envelope: v.to_vec() },
+            ));
+            if batch_bytes >= 16 << 20 {
+                flush(&mut batch)?;
+                batch_bytes = 0;
+            }
+        }
+        flush(&mut batch)?;
+        self.seal_active()?;
+        // An index entry of format 1 whose envelope was not in `chunks` names nothing.
+        let index = self.cf(CF_INDEX)?;
+        let mut stale = WriteBatch::default();
+        for item in self.db.iterator_cf(index, IteratorMode::Start) {
+            let (k, v) = item.map_err(db_err)?;
+            if v.len() != 48 {
+                stale.delete_cf(index, k);
+            }
+        }
+        self.db.write_opt(stale, &Self::synced()).map_err(db_err)?;
+        Arc::get_mut(&mut self.db)
+            .ok_or_else(|| StoreError::Io("the store is in use while it is converted".into()))?
+            .drop_cf(CF_CHUNKS_V1)
+            .map_err(db_err)?;
+        info!(chunks = moved, bytes, "store converted to pack files");
+        Ok(())
     }
 
     pub fn db(&self) -> &Arc<DB> {
@@ -166,40 +466,150 @@ impl Store {
             }
             envelope::parse_header(&c.envelope).map_err(|e| StoreError::Malformed(c.id, e.to_string()))?;
         }
+        if tenant.len() > u8::MAX as usize {
+            return Err(StoreError::Io(format!("tenant name of {} bytes", tenant.len())));
+        }
         let ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
         let missing: std::collections::HashSet<ChunkId> = self.missing(tenant, &ids)?.into_iter().collect();
-        let (cf_chunks, cf_index) = (self.cf(CF_CHUNKS)?, self.cf(CF_INDEX)?);
-        let mut batch = WriteBatch::default();
-        let mut new = 0;
-        for c in chunks.iter().filter(|c| missing.contains(&c.id)) {
-            let key = chunk_key(tenant, &c.id);
-            let entry = IndexEntry { envelope_len: c.envelope.len() as u32, checksum: c.checksum };
-            batch.put_cf(cf_chunks, &key, &c.envelope);
-            batch.put_cf(cf_index, &key, encode(&entry));
-            new += 1;
+        let mut seen = std::collections::HashSet::new();
+        let new: Vec<&PutChunk> = chunks.iter().filter(|c| missing.contains(&c.id) && seen.insert(c.id)).collect();
+        if !new.is_empty() {
+            self.store_new(tenant, &new)?;
         }
-        if new > 0 {
-            self.db.write_opt(batch, &Self::synced()).map_err(db_err)?;
-        }
-        Ok(new)
+        Ok(new.len())
     }
 
-    pub fn index_entry(&self, tenant: &str, id: &ChunkId) -> Result<Option<IndexEntry>, StoreError> {
+    /// Appends `chunks` to the active pack, syncs it, then indexes them (the durability rule).
+    fn store_new(&self, tenant: &str, chunks: &[&PutChunk]) -> Result<(), StoreError> {
+        let (pack, file, locations) = self.append(tenant, chunks)?;
+        crash_point("pack-written");
+        file.sync_data().map_err(|e| io_err(&format!("syncing pack {pack}"), e))?;
+        crash_point("pack-synced");
+        let cf = self.cf(CF_INDEX)?;
+        let mut batch = WriteBatch::default();
+        for (c, loc) in chunks.iter().zip(&locations) {
+            batch.put_cf(cf, chunk_key(tenant, &c.id), loc.encode());
+        }
+        self.db.write_opt(batch, &Self::synced()).map_err(db_err)
+    }
+
+    /// One vectored write of the records to the active pack; returns the pack and where
+    /// each envelope landed. On a failed write the pack is cut back to where it was.
+    fn append(&self, tenant: &str, chunks: &[&PutChunk]) -> Result<(u32, Arc<File>, Vec<Location>), StoreError> {
+        let headers: Vec<Vec<u8>> =
+            chunks.iter().map(|c| record_header(tenant, &c.id, &c.checksum, c.envelope.len())).collect();
+        let size: u64 = headers.iter().zip(chunks).map(|(h, c)| (h.len() + c.envelope.len()) as u64).sum();
+        let mut guard = self.packs.active.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.as_ref().is_some_and(|a| a.len >= PACK_TARGET) {
+            let full = guard.take();
+            if let Some(a) = full {
+                self.seal(&a)?;
+            }
+        }
+        if guard.is_none() {
+            *guard = Some(self.new_pack()?);
+        }
+        let Some(active) = guard.as_mut() else { return Err(StoreError::Io("no active pack".into())) };
+        let start = active.len;
+        let mut locations = Vec::with_capacity(chunks.len());
+        let mut pos = start;
+        for (h, c) in headers.iter().zip(chunks) {
+            pos += h.len() as u64;
+            locations.push(Location {
+                pack: active.id,
+                offset: pos,
+                len: c.envelope.len() as u32,
+                checksum: c.checksum,
+            });
+            pos += c.envelope.len() as u64;
+        }
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(2 * chunks.len());
+        for (h, c) in headers.iter().zip(chunks) {
+            slices.push(IoSlice::new(h));
+            slices.push(IoSlice::new(&c.envelope));
+        }
+        let written = if std::env::var_os("EXCLAVE_TEST_CRASH_AT").is_some_and(|v| v == "mid-record") {
+            // Half the batch and then half a record, as a crash in the middle of the write would.
+            let bytes: Vec<u8> = slices.iter().flat_map(|s| s.iter().copied()).collect();
+            let _ = (&*active.file).write_all(&bytes[..(bytes.len() / 2).max(1)]);
+            crash_point("mid-record");
+            Ok(())
+        } else {
+            write_all_vectored(&active.file, &mut slices)
+        };
+        if let Err(e) = written {
+            let what = format!("writing {}", pack_path(&self.packs.dir, active.id).display());
+            // Cut the partial records off; if even that fails, begin a new pack next time
+            // (this one is then sealed with its torn tail at the next open).
+            if active.file.set_len(start).is_err() {
+                *guard = None;
+            }
+            return Err(io_err(&what, e));
+        }
+        active.len = start + size;
+        Ok((active.id, active.file.clone(), locations))
+    }
+
+    fn new_pack(&self) -> Result<Active, StoreError> {
+        let mut next = self.packs.next_id.lock().unwrap_or_else(|p| p.into_inner());
+        let id = *next;
+        let path = pack_path(&self.packs.dir, id);
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| io_err(&format!("creating {}", path.display()), e))?;
+        f.write_all(PACK_MAGIC).map_err(|e| io_err("writing a pack header", e))?;
+        f.sync_all().map_err(|e| io_err("syncing a new pack", e))?;
+        // The new file's name must survive a crash too.
+        File::open(&self.packs.dir).and_then(|d| d.sync_all()).map_err(|e| io_err("syncing the pack directory", e))?;
+        *next = id + 1;
+        Ok(Active { id, file: Arc::new(f), len: PACK_MAGIC.len() as u64 })
+    }
+
+    fn seal(&self, a: &Active) -> Result<(), StoreError> {
+        a.file.sync_data().map_err(|e| io_err("syncing a pack", e))?;
+        self.db.put_cf_opt(self.cf(CF_META)?, sealed_key(a.id), a.len.to_le_bytes(), &Self::synced()).map_err(db_err)
+    }
+
+    fn seal_active(&self) -> Result<(), StoreError> {
+        let taken = self.packs.active.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match taken {
+            Some(a) => self.seal(&a),
+            None => Ok(()),
+        }
+    }
+
+    pub fn location(&self, tenant: &str, id: &ChunkId) -> Result<Option<Location>, StoreError> {
         match self.db.get_pinned_cf(self.cf(CF_INDEX)?, chunk_key(tenant, id)).map_err(db_err)? {
-            Some(v) => Ok(Some(decode(&v)?)),
+            Some(v) => Ok(Some(Location::decode(&v)?)),
             None => Ok(None),
         }
     }
 
+    fn reader(&self, pack: u32) -> Result<Arc<File>, StoreError> {
+        if let Some(f) = self.packs.readers.read().unwrap_or_else(|p| p.into_inner()).get(&pack) {
+            return Ok(f.clone());
+        }
+        let path = pack_path(&self.packs.dir, pack);
+        let f = Arc::new(File::open(&path).map_err(|e| io_err(&format!("opening {}", path.display()), e))?);
+        let mut readers = self.packs.readers.write().unwrap_or_else(|p| p.into_inner());
+        if readers.len() >= OPEN_READERS {
+            readers.clear();
+        }
+        readers.insert(pack, f.clone());
+        Ok(f)
+    }
+
     /// Reads an envelope and checks it against its storage checksum.
     pub fn get_chunk(&self, tenant: &str, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
-        let entry = self.index_entry(tenant, id)?.ok_or(StoreError::NotFound(*id))?;
-        let env = self
-            .db
-            .get_cf(self.cf(CF_CHUNKS)?, chunk_key(tenant, id))
-            .map_err(db_err)?
-            .ok_or(StoreError::Corrupt { id: *id, context: "indexed but absent on disk" })?;
-        if Checksum::of(&env) != entry.checksum {
+        let loc = self.location(tenant, id)?.ok_or(StoreError::NotFound(*id))?;
+        let file = self.reader(loc.pack)?;
+        let mut env = vec![0u8; loc.len as usize];
+        file.read_exact_at(&mut env, loc.offset)
+            .map_err(|_| StoreError::Corrupt { id: *id, context: "indexed but absent on disk" })?;
+        if Checksum::of(&env) != loc.checksum {
             return Err(StoreError::Corrupt { id: *id, context: "damaged on this node's disk" });
         }
         Ok(env)
@@ -217,9 +627,11 @@ impl Store {
         self.estimate_keys(CF_INDEX)
     }
 
-    /// Flushes memtables so that a clean shutdown leaves nothing to replay.
+    /// Seals the active pack and flushes memtables, so that a clean shutdown leaves nothing
+    /// to replay or to walk.
     pub fn flush(&self) -> Result<(), StoreError> {
-        for cf in [CF_CHUNKS, CF_INDEX, CF_CATALOG, CF_RAFT] {
+        self.seal_active()?;
+        for cf in [CF_INDEX, CF_META, CF_CATALOG, CF_RAFT] {
             self.db.flush_cf(self.cf(cf)?).map_err(db_err)?;
         }
         Ok(())
@@ -265,14 +677,6 @@ impl CatalogRead for CatalogView<'_> {
     }
 }
 
-fn encode<T: Serialize>(v: &T) -> Vec<u8> {
-    postcard::to_allocvec(v).unwrap_or_default()
-}
-
-fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, StoreError> {
-    postcard::from_bytes(b).map_err(|e| StoreError::Decode(e.to_string()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -306,5 +710,88 @@ mod tests {
         garbage.envelope = b"not an envelope at all, really".to_vec();
         garbage.checksum = Checksum::of(&garbage.envelope);
         assert!(matches!(s.put_chunks("lux", &[garbage]), Err(StoreError::Malformed(..))));
+    }
+
+    #[test]
+    fn packs_survive_reopening_and_a_torn_tail_is_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunks: Vec<PutChunk> = (0..10).map(|i| put(i, &vec![i; 1000 + i as usize])).collect();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            assert_eq!(s.put_chunks("lux", &chunks[..5]).unwrap(), 5);
+            // No clean stop: the pack is left unsealed, as after a crash.
+        }
+        // Half a record appended after the last whole one, as a crash mid-write leaves it.
+        let pack = pack_path(&dir.path().join("packs"), 1);
+        let whole = std::fs::metadata(&pack).unwrap().len();
+        let mut f = std::fs::OpenOptions::new().append(true).open(&pack).unwrap();
+        f.write_all(&record_header("lux", &ChunkId([99; 32]), &Checksum([0; 32]), 5000)).unwrap();
+        f.write_all(&[7u8; 100]).unwrap();
+        drop(f);
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(std::fs::metadata(&pack).unwrap().len(), whole, "the torn tail is cut off");
+        for c in &chunks[..5] {
+            assert_eq!(s.get_chunk("lux", &c.id).unwrap(), c.envelope);
+        }
+        // This run appends to a new pack.
+        assert_eq!(s.put_chunks("lux", &chunks[5..]).unwrap(), 5);
+        assert_eq!(s.location("lux", &chunks[7].id).unwrap().unwrap().pack, 2);
+        s.flush().unwrap();
+        drop(s);
+        let s = Store::open(dir.path()).unwrap();
+        for c in &chunks {
+            assert_eq!(s.get_chunk("lux", &c.id).unwrap(), c.envelope);
+        }
+        // A record damaged on disk is reported, never served.
+        let loc = s.location("lux", &chunks[2].id).unwrap().unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&pack).unwrap();
+        f.write_all_at(b"\xff", loc.offset + 3).unwrap();
+        assert!(matches!(s.get_chunk("lux", &chunks[2].id), Err(StoreError::Corrupt { .. })));
+        // The disk holds the envelopes once, plus their record headers.
+        let envelopes: u64 = chunks.iter().map(|c| c.envelope.len() as u64).sum();
+        let packs: u64 =
+            std::fs::read_dir(dir.path().join("packs")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+        assert!(packs < envelopes + 10 * 80 + 2 * 8, "{packs} bytes of packs for {envelopes} of envelopes");
+    }
+
+    #[test]
+    fn a_store_of_format_1_is_converted_to_packs() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunks: Vec<PutChunk> = (0..20).map(|i| put(i, &vec![i; 3000])).collect();
+        {
+            // The layout of format 1: envelopes in a `chunks` column family (BlobDB), postcard
+            // index entries in `chunk_index`.
+            let mut opts = Options::default();
+            opts.create_if_missing(true);
+            opts.create_missing_column_families(true);
+            let mut blob = Options::default();
+            blob.set_enable_blob_files(true);
+            let cfs = vec![
+                ColumnFamilyDescriptor::new(CF_CHUNKS_V1, blob),
+                ColumnFamilyDescriptor::new(CF_INDEX, Options::default()),
+                ColumnFamilyDescriptor::new(CF_CATALOG, Options::default()),
+                ColumnFamilyDescriptor::new(CF_RAFT, Options::default()),
+            ];
+            let db = DB::open_cf_descriptors(&opts, dir.path(), cfs).unwrap();
+            for (i, c) in chunks.iter().enumerate() {
+                let tenant = if i % 2 == 0 { "lux" } else { "est" };
+                let key = chunk_key(tenant, &c.id);
+                db.put_cf(db.cf_handle(CF_CHUNKS_V1).unwrap(), &key, &c.envelope).unwrap();
+                let entry = crate::catalog::IndexEntry { envelope_len: c.envelope.len() as u32, checksum: c.checksum };
+                db.put_cf(db.cf_handle(CF_INDEX).unwrap(), &key, postcard::to_allocvec(&entry).unwrap()).unwrap();
+            }
+            db.put_cf(db.cf_handle(CF_CATALOG).unwrap(), b"q", 7u64.to_be_bytes()).unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        for (i, c) in chunks.iter().enumerate() {
+            let tenant = if i % 2 == 0 { "lux" } else { "est" };
+            assert_eq!(s.get_chunk(tenant, &c.id).unwrap(), c.envelope);
+        }
+        assert_eq!(s.catalog().unwrap().get(b"q").unwrap(), Some(7u64.to_be_bytes().to_vec()), "the catalog is kept");
+        drop(s);
+        let opts = Options::default();
+        assert!(!DB::list_cf(&opts, dir.path()).unwrap().contains(&CF_CHUNKS_V1.to_string()), "the old family is gone");
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.get_chunk("lux", &chunks[4].id).unwrap(), chunks[4].envelope);
     }
 }

@@ -272,6 +272,8 @@ pub struct Node {
     extra: Vec<String>,
     /// Network namespace the node runs in (`netns::Net`), if any.
     netns: Option<String>,
+    /// Extra environment of the node's process (test hooks such as EXCLAVE_TEST_CRASH_AT).
+    pub env: Vec<(String, String)>,
 }
 
 impl Node {
@@ -296,6 +298,7 @@ impl Node {
             pki: w.pki(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             netns: netns.map(str::to_string),
+            env: Vec::new(),
         };
         node.launch();
         node
@@ -319,6 +322,7 @@ impl Node {
             .arg(&self.data)
             .args(&self.extra)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(logf.try_clone().expect("log"))
             .stderr(logf)
@@ -341,6 +345,22 @@ impl Node {
 
     pub fn running(&self) -> bool {
         self.child.is_some()
+    }
+
+    /// Stops the node (SIGKILL), sets its environment, starts it again and waits until it serves.
+    pub fn restart_with_env(&mut self, env: &[(&str, &str)]) {
+        self.kill();
+        self.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        self.restart();
+    }
+
+    /// Waits for the process to die by itself (an abort at a test hook); true if it did.
+    pub fn wait_dead(&mut self, timeout: Duration) -> bool {
+        let died = self.wait_exit(timeout).is_some();
+        if died {
+            self.child = None;
+        }
+        died
     }
 
     pub fn log_text(&self) -> String {

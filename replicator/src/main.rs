@@ -1,6 +1,7 @@
 //! `exclave-replicator`: the embassy storage node, and the cluster's PKI tooling.
 
 mod catalog;
+mod chunk_store;
 mod cluster;
 mod config;
 mod consensus;
@@ -167,6 +168,7 @@ async fn run_node(cfg: config::NodeConfig) -> Result<()> {
     let node = Arc::new(node::Node {
         name: cfg.name.clone(),
         store: store.clone(),
+        chunks: store.clone(),
         metrics: metrics.clone(),
         started: Instant::now(),
         data_dir: cfg.data.clone(),
@@ -202,9 +204,12 @@ async fn run_node(cfg: config::NodeConfig) -> Result<()> {
     }
     info!(name = %cfg.name, listen = %cfg.listen, data = %cfg.data.display(), peers = cfg.peers.len(),
           join = cfg.join, "storage node ready");
-    tokio::spawn(replication::anti_entropy(node.clone()));
+    // Background workers stop at SIGTERM, before the store is flushed.
     let (stop_workers, stopping) = tokio::sync::watch::channel(false);
-    let revocation_watcher = tokio::spawn(revocation::watch(node.clone(), stopping));
+    let workers = [
+        tokio::spawn(replication::anti_entropy(node.clone(), stopping.clone())),
+        tokio::spawn(revocation::watch(node.clone(), stopping)),
+    ];
     let server = tokio::spawn(server::serve(endpoint.clone(), node));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -213,7 +218,9 @@ async fn run_node(cfg: config::NodeConfig) -> Result<()> {
         _ = tokio::signal::ctrl_c() => info!("interrupt: shutting down"),
     }
     let _ = stop_workers.send(true);
-    let _ = revocation_watcher.await;
+    for w in workers {
+        let _ = tokio::time::timeout(Duration::from_secs(10), w).await;
+    }
     endpoint.close(0u32.into(), b"node shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(10), endpoint.wait_idle()).await;
     server.abort();

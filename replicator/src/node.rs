@@ -4,19 +4,21 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use exclave::protocol::{ErrorCode, MemberStatus, PeerContact};
+use exclave::protocol::{MemberStatus, PeerContact};
 
 use crate::catalog;
-use crate::consensus::RaftHandle;
+use crate::consensus::{ConsensusError, RaftHandle};
 use crate::metrics::NodeMetrics;
 use crate::peers::Peers;
 use crate::replication::Backfill;
-use crate::server::Failure;
 use crate::store::{Store, StoreError};
 
 pub struct Node {
     pub name: String,
+    /// RocksDB: the applied catalog and the Raft log (and, behind `chunks`, the pack index).
     pub store: Arc<Store>,
+    /// Where chunk envelopes are stored and read (the same store, seen as a `ChunkStore`).
+    pub chunks: Arc<dyn crate::chunk_store::ChunkStore>,
     pub metrics: NodeMetrics,
     pub started: Instant,
     pub data_dir: std::path::PathBuf,
@@ -39,26 +41,23 @@ pub struct Node {
 
 impl Node {
     /// Refuses a write of `bytes` that would eat into the free-space reserve.
-    pub fn check_room(&self, bytes: usize) -> Result<(), Failure> {
+    pub fn check_room(&self, bytes: usize) -> Result<(), StoreError> {
         let (_, free) = crate::metrics::disk_usage(&self.data_dir);
         // A write costs its size once in a pack, plus ~100 bytes of index per chunk.
         if free < self.min_free_bytes.saturating_add(bytes as u64 + bytes as u64 / 64) {
-            return Err(Failure::new(
-                ErrorCode::StorageFull,
-                format!(
-                    "storage is full on {}: {} MiB free, {} MiB are kept in reserve",
-                    self.name,
-                    free >> 20,
-                    self.min_free_bytes >> 20
-                ),
-            ));
+            return Err(StoreError::Full(format!(
+                "on {}: {} MiB free, {} MiB are kept in reserve",
+                self.name,
+                free >> 20,
+                self.min_free_bytes >> 20
+            )));
         }
         Ok(())
     }
 
     /// Refuses at once (after a short wait for an election) when no leader can be reached.
-    pub async fn require_leader(&self) -> Result<(), Failure> {
-        self.raft.leader_known().await.map_err(|e| Failure::new(ErrorCode::NoQuorum, format!("{}: {e}", self.name)))
+    pub async fn require_leader(&self) -> Result<(), ConsensusError> {
+        self.raft.leader_known().await.map_err(|e| ConsensusError::NoQuorum(format!("{}: {e}", self.name)))
     }
 
     pub fn member_status(&self) -> Result<MemberStatus, StoreError> {

@@ -194,13 +194,15 @@ impl Peers {
         }
     }
 
-    /// Stores `chunks` on peers until `need` of them confirmed (durable), or all answered.
-    /// Returns how many confirmed; the remaining sends carry on in the background.
+    /// Stores `chunks` on the peers `to` until `need` of those in `counted` confirmed
+    /// (durable), or all answered. Returns how many counted ones confirmed; the remaining
+    /// sends carry on in the background.
     pub async fn replicate(
         self: &Arc<Self>,
         tenant: &str,
         chunks: Arc<Vec<PutChunk>>,
         to: &[u64],
+        counted: &[u64],
         need: usize,
     ) -> (usize, Vec<String>) {
         let (tx, mut rx) = mpsc::channel(to.len().max(1));
@@ -233,7 +235,8 @@ impl Peers {
         let (mut ok, mut errors) = (0, Vec::new());
         while ok < need {
             match rx.recv().await {
-                Some((_, Ok(()))) => ok += 1,
+                Some((id, Ok(()))) if counted.contains(&id) => ok += 1,
+                Some((_, Ok(()))) => {}
                 Some((id, Err(e))) => errors.push(format!("{}: {e}", self.name_of(id))),
                 None => break,
             }

@@ -1,8 +1,9 @@
 //! Chunks travel outside the Raft log: this module owns how they reach every embassy.
 //!
 //! - **Write quorum**: the node that receives an agent's chunks stores them, sends them to
-//!   every other member, and acknowledges once `write_quorum` nodes (itself included) hold
-//!   them durably; only then are they proposed for the index. So an indexed chunk is on a
+//!   every other member, and acknowledges once `write_quorum` voters (itself included) hold
+//!   them durably; only then are they proposed for the index. A learner is sent them too,
+//!   but its acknowledgement does not count: it may never become a voter. So an indexed chunk is on a
 //!   quorum of sites, and a commit that references only indexed chunks survives the loss of
 //!   any minority.
 //! - **Anti-entropy**: each node walks the index it has applied, fetches from peers every
@@ -21,8 +22,30 @@ use exclave::protocol::PutChunk;
 use futures::StreamExt;
 use tracing::{debug, info, warn};
 
-use crate::catalog::{self, IndexEntry};
+use crate::catalog::{self, Command, IndexEntry};
+use crate::consensus::ConsensusError;
 use crate::node::Node;
+use crate::store::StoreError;
+
+/// Why chunks could not be stored on a quorum, or fetched.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Consensus(#[from] ConsensusError),
+    /// Too few voters hold the chunks (peers unreachable, full, or refusing).
+    #[error(
+        "only {held} of the {need} nodes needed hold these chunks durably ({why}); they will be indexed once a quorum holds them"
+    )]
+    Quorum { held: usize, need: usize, why: String },
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| StoreError::Io(format!("store task failed: {e}")))?
+}
 
 /// Chunks asked of a peer in one fetch (bounded by the reply's byte limit too).
 const FETCH_BATCH: usize = 32;
@@ -48,10 +71,76 @@ pub fn others(node: &Node) -> Vec<u64> {
     v.voters.iter().chain(v.learners.iter()).copied().filter(|id| *id != node.raft.id).collect()
 }
 
-/// How many nodes must hold a chunk before it is acknowledged.
+/// The voters other than this node: the members whose acknowledgement counts.
+pub fn other_voters(node: &Node) -> Vec<u64> {
+    node.raft.view().voters.iter().copied().filter(|id| *id != node.raft.id).collect()
+}
+
+/// How many voters must hold a chunk before it is acknowledged.
 pub fn write_quorum(node: &Node) -> usize {
     let voters = node.raft.view().voters.len().max(1);
     node.write_quorum.unwrap_or(voters / 2 + 1).clamp(1, voters.max(1))
+}
+
+/// Stores an agent's chunks here and on a write quorum of voters, then in the cluster's index.
+pub async fn store_on_quorum(node: &Arc<Node>, tenant: String, chunks: Vec<PutChunk>) -> Result<(), ReplicationError> {
+    let bytes: usize = chunks.iter().map(|c| c.envelope.len()).sum();
+    node.check_room(bytes)?;
+    // A node cut off from the majority could store but never index: say why at once.
+    node.require_leader().await?;
+    let chunks = Arc::new(chunks);
+    let (store, t, c) = (node.chunks.clone(), tenant.clone(), chunks.clone());
+    let need = write_quorum(node);
+    // Written here and sent to the peers at once: the fsyncs overlap.
+    let local = blocking(move || store.put_chunks(&t, &c));
+    let remote = async {
+        if need > 1 {
+            node.peers.replicate(&tenant, chunks.clone(), &others(node), &other_voters(node), need - 1).await
+        } else {
+            (0, Vec::new())
+        }
+    };
+    let (local, (ok, errors)) = tokio::join!(local, remote);
+    let new = local?;
+    node.metrics.stored(new, bytes);
+    if ok + 1 < need {
+        let why = if errors.is_empty() { "no answer".to_string() } else { errors.join("; ") };
+        return Err(ReplicationError::Quorum { held: ok + 1, need, why });
+    }
+    // Every chunk is proposed: the agent sends only what the index lacked when it asked, and
+    // applying keeps the first entry of a chunk indexed twice.
+    let entries: Vec<(ChunkId, IndexEntry)> = chunks
+        .iter()
+        .map(|p| (p.id, IndexEntry { envelope_len: p.envelope.len() as u32, checksum: p.checksum }))
+        .collect();
+    if !entries.is_empty() {
+        node.raft.propose(Command::IndexChunks { tenant, chunks: entries }).await?;
+    }
+    Ok(())
+}
+
+/// Fetches from peers the indexed chunks among `ids` that this node does not hold yet (a
+/// restore asking a node that has not backfilled them).
+pub async fn read_through(node: &Arc<Node>, tenant: &str, ids: &[ChunkId]) {
+    let (store, chunks, t, ids) = (node.store.clone(), node.chunks.clone(), tenant.to_string(), ids.to_vec());
+    let want = blocking(move || {
+        let lacking = chunks.missing(&t, &ids)?;
+        let view = store.catalog()?;
+        let mut want = Vec::new();
+        for id in lacking {
+            if let Some(e) = catalog::index_entry(&view, &t, &id)? {
+                want.push((id, e));
+            }
+        }
+        Ok(want)
+    })
+    .await
+    .unwrap_or_default();
+    if !want.is_empty()
+        && let Err(e) = fetch_from_peers(node, tenant, &want).await
+    {
+        warn!(%tenant, error = %e, "read-through fetch stopped");
+    }
 }
 
 /// Whether another pass can find anything: not when the last one found nothing missing and
@@ -77,17 +166,30 @@ fn pause_after(missing: u64, fetched: u64, disk_full: bool, took: Duration) -> D
     }
 }
 
-/// Runs anti-entropy passes until the node stops.
-pub async fn anti_entropy(node: Arc<Node>) {
+/// Worker: runs anti-entropy passes until `stop` turns true (a pass under way stops at its
+/// next page; what it stored is durable and indexed locally, nothing is half done).
+pub async fn anti_entropy(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut pause = Duration::ZERO;
     loop {
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.changed() => {}
+        }
+        if *stop.borrow() {
+            return;
+        }
         let started_at = node.raft.view().applied;
         let last = node.backfill.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if !pass_needed(&last, started_at) {
-            tokio::time::sleep(Duration::from_secs(2)).await;
+            pause = Duration::from_secs(2);
             continue;
         }
         let t = Instant::now();
-        let pause = match pass(&node).await {
+        let result = pass(&node, &stop).await;
+        if *stop.borrow() {
+            return;
+        }
+        pause = match result {
             Ok((missing, fetched, paused)) => {
                 if let Some(why) = &paused {
                     warn!(missing, "{why}");
@@ -110,18 +212,23 @@ pub async fn anti_entropy(node: Arc<Node>) {
                 Duration::from_secs(5)
             }
         };
-        tokio::time::sleep(pause).await;
     }
 }
 
 /// One walk over the index: returns (still missing, fetched, why fetching stopped). Once
 /// the disk is at its reserve the walk goes on counting what is missing, fetching nothing.
-async fn pass(node: &Arc<Node>) -> Result<(u64, u64, Option<String>), String> {
+async fn pass(
+    node: &Arc<Node>,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> Result<(u64, u64, Option<String>), String> {
     let mut cursor: Option<Vec<u8>> = None;
     let (mut missing, mut fetched) = (0u64, 0u64);
     let mut paused: Option<String> = None;
     loop {
-        let store = node.store.clone();
+        if *stop.borrow() {
+            return Err("the node is stopping".into());
+        }
+        let (store, chunks) = (node.store.clone(), node.chunks.clone());
         let from = cursor.clone();
         // Page of the index, reduced to what this node lacks, grouped by tenant.
         let (lacking, next) = tokio::task::spawn_blocking(move || -> Result<_, String> {
@@ -135,7 +242,7 @@ async fn pass(node: &Arc<Node>) -> Result<(u64, u64, Option<String>), String> {
             for (tenant, entries) in by_tenant {
                 let ids: Vec<ChunkId> = entries.iter().map(|(id, _)| *id).collect();
                 let gone: std::collections::HashSet<ChunkId> =
-                    store.missing(&tenant, &ids).map_err(|e| e.to_string())?.into_iter().collect();
+                    chunks.missing(&tenant, &ids).map_err(|e| e.to_string())?.into_iter().collect();
                 let want: Vec<(ChunkId, IndexEntry)> =
                     entries.into_iter().filter(|(id, _)| gone.contains(id)).collect();
                 if !want.is_empty() {
@@ -228,8 +335,8 @@ pub async fn fetch_from_peers(node: &Arc<Node>, tenant: &str, want: &[(ChunkId, 
         left = still;
         if !good.is_empty() {
             let bytes: usize = good.iter().map(|c| c.envelope.len()).sum();
-            node.check_room(bytes).map_err(|f| format!("backfill paused: {}", f.message()))?;
-            let (store, tenant) = (node.store.clone(), tenant.to_string());
+            node.check_room(bytes).map_err(|e| format!("backfill paused: {e}"))?;
+            let (store, tenant) = (node.chunks.clone(), tenant.to_string());
             let n = good.len();
             match tokio::task::spawn_blocking(move || store.put_chunks(&tenant, &good)).await {
                 Ok(Ok(_)) => stored += n,

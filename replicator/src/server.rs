@@ -14,19 +14,18 @@ use std::time::{Duration, Instant};
 use exclave::identity::{Identity, Permission, check_name};
 use exclave::protocol::frame::FrameKind;
 use exclave::protocol::{
-    ErrorCode, MAX_CHUNKS_REPLY_BYTES, MAX_IDS_PER_MESSAGE, MemberReport, NodeStatus, PutChunk, Reply, Request,
-    SnapshotInfo,
+    ErrorCode, MAX_CHUNKS_REPLY_BYTES, MAX_IDS_PER_MESSAGE, MemberReport, NodeStatus, Reply, Request, SnapshotInfo,
 };
 use exclave::transport::{self, TransportError};
 use raft::eraftpb::ConfChangeType;
 use tracing::{debug, info, warn};
 
-use crate::catalog::{self, Command, IndexEntry, MAX_COMMIT_BATCHES, Member, Outcome};
+use crate::catalog::{self, Command, MAX_COMMIT_BATCHES, Member, Outcome};
 use crate::consensus::{ConsensusError, Input};
 use crate::node::Node;
 use crate::peers;
 use crate::replication;
-use crate::store::{Store, StoreError};
+use crate::store::StoreError;
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -195,9 +194,6 @@ impl Failure {
         Failure { request: "unknown", code, message: message.into(), missing: Vec::new() }
     }
 
-    pub fn message(&self) -> &str {
-        &self.message
-    }
     fn on(mut self, request: &'static str) -> Failure {
         self.request = request;
         self
@@ -228,6 +224,7 @@ impl From<ConsensusError> for Failure {
     fn from(e: ConsensusError) -> Failure {
         match e {
             ConsensusError::Refused(m) => Failure::new(ErrorCode::BadRequest, m),
+            ConsensusError::NoQuorum(m) => Failure::new(ErrorCode::NoQuorum, m),
             other => Failure::new(ErrorCode::Unavailable, other.to_string()),
         }
     }
@@ -236,6 +233,18 @@ impl From<ConsensusError> for Failure {
 impl From<catalog::CatalogError> for Failure {
     fn from(e: catalog::CatalogError) -> Failure {
         Failure::from(StoreError::from(e))
+    }
+}
+
+impl From<replication::ReplicationError> for Failure {
+    fn from(e: replication::ReplicationError) -> Failure {
+        match e {
+            replication::ReplicationError::Store(e) => Failure::from(e),
+            replication::ReplicationError::Consensus(e) => Failure::from(e),
+            quorum @ replication::ReplicationError::Quorum { .. } => {
+                Failure::new(ErrorCode::NoQuorum, quorum.to_string())
+            }
+        }
     }
 }
 
@@ -333,7 +342,8 @@ async fn dispatch(
         }
         Request::PutChunks { chunks } => {
             let tenant = authorise(identity, Permission::WriteTenant, "put_chunks")?;
-            put_chunks(node, tenant, chunks).await
+            replication::store_on_quorum(node, tenant, chunks).await?;
+            Ok(Reply::Ok)
         }
         Request::Commit { snapshot, ref_batches } => {
             let tenant = authorise(identity, Permission::WriteTenant, "commit")?;
@@ -408,15 +418,16 @@ async fn dispatch(
         }
         Request::GetChunk { id } => {
             let tenant = authorise(identity, Permission::ReadTenant, "get_chunk")?;
-            read_through(node, &tenant, &[id]).await;
-            let envelope = blocking(move || store.get_chunk(&tenant, &id)).await?;
+            replication::read_through(node, &tenant, &[id]).await;
+            let chunks = node.chunks.clone();
+            let envelope = blocking(move || chunks.get_chunk(&tenant, &id)).await?;
             Ok(Reply::Chunk { envelope })
         }
         Request::GetChunks { ids } => {
             let tenant = authorise(identity, Permission::ReadTenant, "get_chunks")?;
             ids_within_limit(&ids)?;
-            read_through(node, &tenant, &ids).await;
-            Ok(Reply::Chunks { chunks: serve_chunks(store, tenant, ids).await? })
+            replication::read_through(node, &tenant, &ids).await;
+            Ok(Reply::Chunks { chunks: serve_chunks(node.chunks.clone(), tenant, ids).await? })
         }
         Request::Hello => Ok(Reply::Hello {
             node: node.name.clone(),
@@ -446,6 +457,7 @@ async fn dispatch(
             valid_name("tenant", &tenant)?;
             let bytes: usize = chunks.iter().map(|c| c.envelope.len()).sum();
             node.check_room(bytes)?;
+            let store = node.chunks.clone();
             let new = blocking(move || store.put_chunks(&tenant, &chunks)).await?;
             node.metrics.stored(new, bytes);
             Ok(Reply::Ok)
@@ -453,7 +465,7 @@ async fn dispatch(
         Request::Fetch { tenant, ids } => {
             authorise(identity, Permission::Peer, "fetch")?;
             ids_within_limit(&ids)?;
-            Ok(Reply::Chunks { chunks: serve_chunks(store, tenant, ids).await? })
+            Ok(Reply::Chunks { chunks: serve_chunks(node.chunks.clone(), tenant, ids).await? })
         }
         Request::RaftStatus => {
             authorise(identity, Permission::Operate, "raft_status")?;
@@ -540,80 +552,8 @@ async fn dispatch(
     }
 }
 
-/// Stores an agent's chunks here, on a write quorum of nodes, then in the cluster's index.
-async fn put_chunks(node: &Arc<Node>, tenant: String, chunks: Vec<PutChunk>) -> Result<Reply, Failure> {
-    let bytes: usize = chunks.iter().map(|c| c.envelope.len()).sum();
-    node.check_room(bytes)?;
-    // A node cut off from the majority could store but never index: say why at once.
-    node.require_leader().await?;
-    let chunks = Arc::new(chunks);
-    let (store, t, c) = (node.store.clone(), tenant.clone(), chunks.clone());
-    let need = replication::write_quorum(node);
-    // Written here and sent to the peers at once: the fsyncs overlap.
-    let local = blocking(move || store.put_chunks(&t, &c));
-    let remote = async {
-        if need > 1 {
-            let others = replication::others(node);
-            node.peers.replicate(&tenant, chunks.clone(), &others, need - 1).await
-        } else {
-            (0, Vec::new())
-        }
-    };
-    let (local, (ok, errors)) = tokio::join!(local, remote);
-    let new = local?;
-    node.metrics.stored(new, bytes);
-    if ok + 1 < need {
-        return Err(Failure::new(
-            ErrorCode::Unavailable,
-            format!(
-                "only {} of the {need} nodes needed hold these chunks durably ({}); they will be indexed once a quorum holds them",
-                ok + 1,
-                if errors.is_empty() { "no answer".to_string() } else { errors.join("; ") }
-            ),
-        ));
-    }
-    let (store, t, c) = (node.store.clone(), tenant.clone(), chunks.clone());
-    let entries: Vec<(exclave::ChunkId, IndexEntry)> = blocking(move || {
-        let ids: Vec<exclave::ChunkId> = c.iter().map(|p| p.id).collect();
-        let unindexed: std::collections::HashSet<_> =
-            catalog::missing(&store.catalog()?, &t, &ids)?.into_iter().collect();
-        Ok(c.iter()
-            .filter(|p| unindexed.contains(&p.id))
-            .map(|p| (p.id, IndexEntry { envelope_len: p.envelope.len() as u32, checksum: p.checksum }))
-            .collect())
-    })
-    .await?;
-    if !entries.is_empty() {
-        node.raft.propose(Command::IndexChunks { tenant, chunks: entries }).await?;
-    }
-    Ok(Reply::Ok)
-}
-
-/// Fetches from peers the indexed chunks among `ids` that this node does not hold yet.
-async fn read_through(node: &Arc<Node>, tenant: &str, ids: &[exclave::ChunkId]) {
-    let (store, t, ids) = (node.store.clone(), tenant.to_string(), ids.to_vec());
-    let want = blocking(move || {
-        let lacking = store.missing(&t, &ids)?;
-        let view = store.catalog()?;
-        let mut want = Vec::new();
-        for id in lacking {
-            if let Some(e) = catalog::index_entry(&view, &t, &id)? {
-                want.push((id, e));
-            }
-        }
-        Ok(want)
-    })
-    .await
-    .unwrap_or_default();
-    if !want.is_empty()
-        && let Err(e) = replication::fetch_from_peers(node, tenant, &want).await
-    {
-        warn!(%tenant, error = %e, "read-through fetch stopped");
-    }
-}
-
 async fn serve_chunks(
-    store: Arc<Store>,
+    store: Arc<dyn crate::chunk_store::ChunkStore>,
     tenant: String,
     ids: Vec<exclave::ChunkId>,
 ) -> Result<Vec<Result<serde_bytes::ByteBuf, (ErrorCode, String)>>, Failure> {

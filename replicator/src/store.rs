@@ -68,7 +68,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 use exclave::chunk_id::{Checksum, ChunkId};
-use exclave::envelope;
 use exclave::protocol::{ErrorCode, PutChunk};
 use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
 use tracing::{info, warn};
@@ -270,6 +269,20 @@ pub struct Store {
     packs: Packs,
 }
 
+/// Options of the column families asked "is this chunk id here?" for every chunk an agent
+/// offers (most answers are no): Bloom filters in the memtable and in every table file, so a
+/// miss costs a few hash probes instead of a skip-list or block search.
+fn lookups() -> Options {
+    let mut o = Options::default();
+    o.set_memtable_prefix_bloom_ratio(0.1);
+    o.set_memtable_whole_key_filtering(true);
+    let mut t = rocksdb::BlockBasedOptions::default();
+    t.set_bloom_filter(10.0, false);
+    t.set_whole_key_filtering(true);
+    o.set_block_based_table_factory(&t);
+    o
+}
+
 fn chunk_key(tenant: &str, id: &ChunkId) -> Vec<u8> {
     let mut k = Vec::with_capacity(tenant.len() + 33);
     k.extend_from_slice(tenant.as_bytes());
@@ -293,9 +306,9 @@ impl Store {
         opts.set_max_background_jobs(2);
         let existing = DB::list_cf(&opts, path).unwrap_or_default();
         let mut cfs = vec![
-            ColumnFamilyDescriptor::new(CF_INDEX, Options::default()),
+            ColumnFamilyDescriptor::new(CF_INDEX, lookups()),
             ColumnFamilyDescriptor::new(CF_META, Options::default()),
-            ColumnFamilyDescriptor::new(CF_CATALOG, Options::default()),
+            ColumnFamilyDescriptor::new(CF_CATALOG, lookups()),
             ColumnFamilyDescriptor::new(CF_RAFT, Options::default()),
         ];
         let v1 = existing.iter().any(|c| c == CF_CHUNKS_V1);
@@ -460,12 +473,7 @@ impl Store {
 
     /// Verifies and stores envelopes; returns how many were new. Durable when it returns.
     pub fn put_chunks(&self, tenant: &str, chunks: &[PutChunk]) -> Result<usize, StoreError> {
-        for c in chunks {
-            if Checksum::of(&c.envelope) != c.checksum {
-                return Err(StoreError::Corrupt { id: c.id, context: "damaged in transit" });
-            }
-            envelope::parse_header(&c.envelope).map_err(|e| StoreError::Malformed(c.id, e.to_string()))?;
-        }
+        crate::chunk_store::check_envelopes(chunks)?;
         if tenant.len() > u8::MAX as usize {
             return Err(StoreError::Io(format!("tenant name of {} bytes", tenant.len())));
         }
@@ -681,36 +689,7 @@ impl CatalogRead for CatalogView<'_> {
 mod tests {
     use super::*;
 
-    fn put(id: u8, body: &[u8]) -> PutChunk {
-        // A syntactically valid raw envelope: the node only checks the clear header.
-        let mut env = b"XVE\x01\x00\x00\x00\x00\x00\x00".to_vec();
-        env.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        env.extend_from_slice(&[0u8; 12]);
-        env.extend_from_slice(body);
-        env.extend_from_slice(&[0u8; 16]);
-        PutChunk { id: ChunkId([id; 32]), checksum: Checksum::of(&env), envelope: env }
-    }
-
-    #[test]
-    fn chunks_are_scoped_by_tenant_and_verified() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
-        let c = put(1, b"hello");
-        assert_eq!(s.put_chunks("lux", std::slice::from_ref(&c)).unwrap(), 1);
-        assert_eq!(s.put_chunks("lux", std::slice::from_ref(&c)).unwrap(), 0, "idempotent");
-        assert_eq!(s.get_chunk("lux", &c.id).unwrap(), c.envelope);
-        assert!(matches!(s.get_chunk("est", &c.id), Err(StoreError::NotFound(_))));
-        assert_eq!(s.missing("est", &[c.id]).unwrap(), vec![c.id]);
-        assert!(s.missing("lux", &[c.id]).unwrap().is_empty());
-
-        let mut bad = put(2, b"world");
-        bad.envelope[20] ^= 1;
-        assert!(matches!(s.put_chunks("lux", &[bad]), Err(StoreError::Corrupt { .. })));
-        let mut garbage = put(3, b"x");
-        garbage.envelope = b"not an envelope at all, really".to_vec();
-        garbage.checksum = Checksum::of(&garbage.envelope);
-        assert!(matches!(s.put_chunks("lux", &[garbage]), Err(StoreError::Malformed(..))));
-    }
+    use crate::chunk_store::suite::put;
 
     #[test]
     fn packs_survive_reopening_and_a_torn_tail_is_cut_off() {

@@ -22,6 +22,7 @@
 //! n ‖ raft id (u64 BE)                                → postcard(Member)
 //! q                                                   → commit sequence (u64 BE)
 //! v ‖ certificate serial (bytes)                      → postcard(Revocation)       revoked certificates
+//! z                                                   → postcard(CatalogStats)     counts kept by `apply`
 //! ```
 //!
 //! A revocation is never removed: a revoked certificate stays refused for as long as it
@@ -56,6 +57,52 @@ pub struct TenantInfo {
     pub snapshots: u64,
     /// Time of the newest snapshot committed (the agent's clock, as recorded in the snapshot).
     pub last_snapshot_time: i64,
+}
+
+/// Counts kept up to date by `apply`, so that status needs no walk over the index.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CatalogStats {
+    /// Entries of the chunk index, every tenant's.
+    pub chunks: u64,
+    /// Snapshots, every tenant's and source's.
+    pub snapshots: u64,
+}
+
+const STATS_KEY: &[u8] = b"z";
+
+pub fn stats(view: &dyn CatalogRead) -> Result<CatalogStats, CatalogError> {
+    Ok(match view.get(STATS_KEY)? {
+        Some(v) => decode(&v)?,
+        None => CatalogStats::default(),
+    })
+}
+
+/// The counts of a catalog, by walking it: for a catalog written before the counts were kept.
+pub fn count_stats(view: &dyn CatalogRead) -> Result<CatalogStats, CatalogError> {
+    Ok(CatalogStats { chunks: count(view, CHUNK_PREFIX)?, snapshots: count(view, SNAPSHOT_ID_PREFIX)? })
+}
+
+/// The write that stores `stats`; whoever has no counts yet (an older catalog) writes them
+/// once from `count_stats`.
+pub fn stats_write(stats: &CatalogStats) -> Write {
+    Write::Put(STATS_KEY.to_vec(), encode(stats))
+}
+
+fn bump(
+    view: &dyn CatalogRead,
+    w: &mut Vec<Write>,
+    chunks: u64,
+    snapshots_added: u64,
+    snapshots_gone: u64,
+) -> Result<(), CatalogError> {
+    if chunks == 0 && snapshots_added == 0 && snapshots_gone == 0 {
+        return Ok(());
+    }
+    let mut st = stats(view)?;
+    st.chunks += chunks;
+    st.snapshots = (st.snapshots + snapshots_added).saturating_sub(snapshots_gone);
+    w.push(stats_write(&st));
+    Ok(())
 }
 
 /// A change to the catalog, as proposed through Raft. Variants are only ever appended.
@@ -342,6 +389,7 @@ pub fn apply(view: &dyn CatalogRead, cmd: &Command) -> Result<(Outcome, Vec<Writ
                     w.push(Write::Put(key, encode(entry)));
                 }
             }
+            bump(view, &mut w, seen.len() as u64, 0, 0)?;
             Outcome::Done
         }
         Command::StageRefs { tenant, snapshot_id, batch, ids } => {
@@ -359,6 +407,7 @@ pub fn apply(view: &dyn CatalogRead, cmd: &Command) -> Result<(Outcome, Vec<Writ
             if forget_writes(view, tenant, snapshot_id, &mut w)? {
                 let mut info = tenant_info(view, tenant)?;
                 info.snapshots = info.snapshots.saturating_sub(1);
+                bump(view, &mut w, 0, 0, 1)?;
                 w.push(Write::Put(tenant_key(b't', tenant), encode(&info)));
                 Outcome::Done
             } else {
@@ -396,6 +445,7 @@ pub fn apply(view: &dyn CatalogRead, cmd: &Command) -> Result<(Outcome, Vec<Writ
                 if forgotten > 0 {
                     let mut info = tenant_info(view, tenant)?;
                     info.snapshots = info.snapshots.saturating_sub(forgotten);
+                    bump(view, &mut w, 0, 0, forgotten)?;
                     w.push(Write::Put(tenant_key(b't', tenant), encode(&info)));
                 }
                 Outcome::Done
@@ -486,6 +536,7 @@ fn commit(
     };
     let mut info = tenant_info(view, tenant)?;
     info.snapshots = (info.snapshots + 1).saturating_sub(forgotten);
+    bump(view, w, 0, 1, forgotten)?;
     info.last_snapshot_time = info.last_snapshot_time.max(snap.time);
     w.push(Write::Put(tenant_key(b't', tenant), encode(&info)));
     Ok(Outcome::Committed(snap))
@@ -916,6 +967,8 @@ mod tests {
                 prop_assert_eq!(&late.apply(&decoded).unwrap(), &outcomes_a[cut + i]);
             }
             prop_assert_eq!(&a, &late);
+            // The kept counts agree with a walk over the catalog.
+            prop_assert_eq!(stats(&a).unwrap(), count_stats(&a).unwrap());
             // A committed snapshot's every reference is in the index.
             for (k, v) in &a.0 {
                 if k[0] == b'r' {

@@ -63,7 +63,7 @@ impl Node {
     pub fn member_status(&self) -> Result<MemberStatus, StoreError> {
         let v = self.raft.view();
         let me = self.raft.id;
-        let view = self.store.catalog()?;
+        let stats = catalog::stats(&self.store.catalog()?)?;
         let b = self.backfill.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let name = |id: u64| self.peers.name_of(id);
         let role = match v.role {
@@ -96,10 +96,10 @@ impl Node {
             last_index: v.last_index,
             voters: v.voters.iter().map(|id| name(*id)).collect(),
             learners: v.learners.iter().map(|id| name(*id)).collect(),
-            chunks_indexed: catalog::count(&view, catalog::CHUNK_PREFIX)?,
+            chunks_indexed: stats.chunks,
             chunks_missing: b.missing,
             scanned_at: b.scanned_at,
-            snapshots: catalog::count(&view, catalog::SNAPSHOT_ID_PREFIX)?,
+            snapshots: stats.snapshots,
             peers,
             stale: v.cut_off(me),
             backfill_error: b.last_error.clone(),

@@ -437,8 +437,7 @@ async fn dispatch(
         Request::Status => {
             authorise(identity, Permission::Operate, "status")?;
             let (used, free) = crate::metrics::disk_usage(&node.data_dir);
-            let snapshots =
-                blocking(move || Ok(catalog::count(&store.catalog()?, catalog::SNAPSHOT_ID_PREFIX)?)).await?;
+            let snapshots = blocking(move || Ok(catalog::stats(&store.catalog()?)?.snapshots)).await?;
             Ok(Reply::Status(NodeStatus {
                 name: node.name.clone(),
                 version: env!("CARGO_PKG_VERSION").to_string(),

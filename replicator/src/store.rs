@@ -339,7 +339,29 @@ impl Store {
             Some(v) => return Err(open_err(format!("unknown store format {v:?}; this build reads format {FORMAT}"))),
             None => store.db.put_cf_opt(meta, b"format", FORMAT.to_le_bytes(), &Self::synced()).map_err(db_err)?,
         }
+        store.count_catalog_once()?;
         Ok(store)
+    }
+
+    /// A catalog applied before `apply` kept its counts gets them once, by a walk (the same
+    /// on every node, since it depends only on the applied state).
+    fn count_catalog_once(&self) -> Result<(), StoreError> {
+        let view = self.catalog()?;
+        let mut empty = true;
+        view.scan(b"", &mut |_, _| {
+            empty = false;
+            false
+        })?;
+        if empty || view.get(b"z")?.is_some() {
+            return Ok(());
+        }
+        let st = crate::catalog::count_stats(&view)?;
+        let cf = self.cf(CF_CATALOG)?;
+        if let crate::catalog::Write::Put(k, v) = crate::catalog::stats_write(&st) {
+            self.db.put_cf_opt(cf, k, v, &Self::synced()).map_err(db_err)?;
+        }
+        info!(chunks = st.chunks, snapshots = st.snapshots, "counted the catalog once");
+        Ok(())
     }
 
     /// Finds the packs, cuts off the torn tail of any that a crash left unsealed, seals it.
@@ -731,6 +753,22 @@ mod tests {
         let packs: u64 =
             std::fs::read_dir(dir.path().join("packs")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
         assert!(packs < envelopes + 10 * 80 + 2 * 8, "{packs} bytes of packs for {envelopes} of envelopes");
+    }
+
+    #[test]
+    fn a_catalog_without_counts_is_counted_once_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            let cf = s.cf(CF_CATALOG).unwrap();
+            for k in [&b"clux\0aaaa"[..], b"clux\0bbbb", b"cest\0cccc", b"ilux\0s1", b"k-not-counted"] {
+                s.db.put_cf(cf, k, b"v").unwrap();
+            }
+            assert_eq!(crate::catalog::stats(&s.catalog().unwrap()).unwrap().chunks, 0);
+        }
+        let s = Store::open(dir.path()).unwrap();
+        let st = crate::catalog::stats(&s.catalog().unwrap()).unwrap();
+        assert_eq!((st.chunks, st.snapshots), (3, 1));
     }
 
     #[test]

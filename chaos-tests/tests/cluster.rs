@@ -276,3 +276,47 @@ fn a_full_restart_keeps_the_catalog_terms_and_indexes() {
     let later = w.member_status(&nodes[w.wait_leader(&nodes)]);
     assert!(later["commit_index"].as_u64() > after["commit_index"].as_u64());
 }
+
+#[test]
+fn a_joining_node_streams_a_catalog_of_many_pages_and_resumes_after_a_kill() {
+    let w = World::new();
+    let nodes = w.start_cluster(&["n1", "n2", "n3"]);
+    // Thousands of small chunks: a catalog of several hundred KiB, in 64 KiB pages.
+    let src = w.path("src");
+    sample_tree(&src, 61, 4 << 20);
+    let o = json(&ok(w.backup_as(&nodes[0], "rnpp", "lux.key", "rnpp", &[&src], &["--chunk-avg", "1024"])));
+    assert!(o["chunks_new"].as_u64().unwrap() > 2000, "{o}");
+    let mut args = vec!["--min-free-mib".to_string(), "64".into(), "--join".into()];
+    for n in &nodes {
+        args.extend(["--peer".to_string(), format!("{}={}", n.name, n.addr)]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut n4 = Node::spawn_with(&w, "n4", &w.path("data-n4"), free_port(), &args);
+    n4.env = vec![
+        ("EXCLAVE_TEST_SNAPSHOT_PAGE_BYTES".into(), "65536".into()),
+        ("EXCLAVE_TEST_CRASH_AT".into(), "snapshot-page".into()),
+    ];
+    n4.kill();
+    n4.restart();
+    ok(run(Command::new(bin("exclave-replicator"))
+        .args(["cluster", "add-node", "--learner", "--name", "n4", "--addr", &n4.addr.to_string()])
+        .args(["--node", &nodes[0].addr.to_string(), "--pki"])
+        .arg(w.pki())));
+    // Killed after the first page of the snapshot is written.
+    assert!(n4.wait_dead(Duration::from_secs(30)), "n4 did not stop mid-snapshot:\n{}", n4.log_text());
+    assert!(n4.log_text().contains("EXCLAVE_TEST_CRASH_AT=snapshot-page"), "{}", n4.log_text());
+    // Started again, it is sent a snapshot again and takes it whole.
+    n4.env.retain(|(k, _)| k != "EXCLAVE_TEST_CRASH_AT");
+    n4.restart();
+    let leader = w.wait_leader(&nodes);
+    let st = w.wait_backfilled(&n4, &nodes[leader]);
+    assert!(st["chunks_indexed"].as_u64().unwrap() > 2000, "{st}");
+    let log = n4.log_text();
+    let line = log.lines().find(|l| l.contains("catalog snapshot streamed")).unwrap_or_else(|| panic!("{log}"));
+    let pages: u64 = line.split("pages=").nth(1).and_then(|r| r.split(' ').next()).unwrap().parse().unwrap();
+    assert!(pages > 2, "a catalog of several pages: {line}");
+    assert!(nodes[leader].log_text().contains("catalog checkpoint taken for a snapshot"));
+    let list = ok(run(w.restore_cmd(&n4, "snapshots").args(["--json"])));
+    assert_eq!(json(&list).as_array().unwrap().len(), 1);
+    restore_alone(&w, &n4, "rnpp", &src, "out-n4");
+}

@@ -202,12 +202,13 @@ fn fatal(e: impl std::fmt::Display) -> Fatal {
 pub fn start(
     name: &str,
     store: &Store,
+    checkpoints: Arc<crate::snapshot::Checkpoints>,
     founders: &[(u64, Member)],
     join: bool,
     tx: Sender<Input>,
 ) -> anyhow::Result<(RaftHandle, RaftLog)> {
     let id = catalog::raft_id(name);
-    let mut log = RaftLog::open(store.db().clone())?;
+    let mut log = RaftLog::open(store.db().clone(), store.catalog_slot(), Some(checkpoints))?;
     if log.is_blank() && !join {
         let cs = ConfState { voters: founders.iter().map(|(id, _)| *id).collect(), ..Default::default() };
         let writes = founders
@@ -354,6 +355,44 @@ impl Driver {
         expire(&mut self.reads);
     }
 
+    /// Streams the catalog of a snapshot ticket from its sender into the staging family and
+    /// switches to it. Nothing else can go on until it is installed (Raft may not advance),
+    /// so this thread waits; a sender that stops answering is asked again for a while, then
+    /// the node stops and restarts from its old state (the leader will send a new ticket).
+    fn receive_snapshot(&mut self, snap: &raft::eraftpb::Snapshot, t: &crate::snapshot::Ticket) -> Result<(), Fatal> {
+        let started = Instant::now();
+        let staging = self.raw.store().prepare_staging().map_err(fatal)?;
+        let peers = self.peers.clone();
+        let fetch = |after: Option<&[u8]>| {
+            let mut tries = 0;
+            loop {
+                match peers.snapshot_page_blocking(t.from, t.id, after) {
+                    Ok(page) => return Ok(page),
+                    Err(e) if tries < 10 => {
+                        tries += 1;
+                        warn!(error = %e, tries, "snapshot page not received; asking again");
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        let log = self.raw.store();
+        let mut pages = 0u64;
+        let write = |page| {
+            pages += 1;
+            log.write_staging(staging, page).map_err(|e| e.to_string())?;
+            crate::test_hooks::crash_point("snapshot-page");
+            Ok(())
+        };
+        let pairs = crate::snapshot::transfer(fetch, write)
+            .map_err(|e| fatal(format!("receiving the catalog snapshot from {}: {e}", self.peers.name_of(t.from))))?;
+        self.raw.mut_store().install_streamed(snap, staging).map_err(fatal)?;
+        info!(pairs, pages, from = %self.peers.name_of(t.from), secs = started.elapsed().as_secs_f64(),
+              "catalog snapshot streamed");
+        Ok(())
+    }
+
     fn on_ready(&mut self) -> Result<(), Fatal> {
         if !self.raw.has_ready() {
             return Ok(());
@@ -362,7 +401,10 @@ impl Driver {
         self.peers.send_raft(rd.take_messages());
         if !rd.snapshot().is_empty() {
             let snap = rd.snapshot().clone();
-            self.raw.mut_store().install(&snap).map_err(fatal)?;
+            match crate::snapshot::Ticket::decode(&snap.data) {
+                None => self.raw.mut_store().install(&snap).map_err(fatal)?,
+                Some(ticket) => self.receive_snapshot(&snap, &ticket.map_err(fatal)?)?,
+            }
             info!(index = snap.get_metadata().index, "catalog snapshot installed from the leader");
             self.refresh_members();
         }

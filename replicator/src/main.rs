@@ -14,7 +14,9 @@ mod replication;
 mod retention;
 mod revocation;
 mod server;
+mod snapshot;
 mod store;
+mod test_hooks;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -120,7 +122,10 @@ async fn run_node(cfg: config::NodeConfig) -> Result<()> {
     let peers = peers::Peers::new(me, tls.clone(), input.clone(), tokio::runtime::Handle::current());
     // Static addresses first; the catalog's membership (applied by the Raft thread) wins.
     peers.set_members(founders.clone());
-    let (raft, log) = consensus::start(&cfg.name, &store, &founders, cfg.join, input)
+    let checkpoints = Arc::new(
+        snapshot::Checkpoints::new(&cfg.data, me).with_context(|| format!("preparing {}", cfg.data.display()))?,
+    );
+    let (raft, log) = consensus::start(&cfg.name, &store, checkpoints.clone(), &founders, cfg.join, input)
         .with_context(|| format!("opening the Raft log in {}", cfg.data.display()))?;
     {
         let (h, st, p) = (raft.clone(), store.clone(), peers.clone());
@@ -179,6 +184,7 @@ async fn run_node(cfg: config::NodeConfig) -> Result<()> {
         backfill: Default::default(),
         revoked,
         connections: Default::default(),
+        checkpoints,
         certificate,
         ca_certificate,
     });

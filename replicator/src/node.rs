@@ -34,6 +34,8 @@ pub struct Node {
     /// connections to close when one of theirs is revoked.
     pub revoked: Arc<crate::revocation::Revoked>,
     pub connections: crate::revocation::Connections,
+    /// Checkpoints of the catalog this node offered as Raft snapshots, served page by page.
+    pub checkpoints: Arc<crate::snapshot::Checkpoints>,
     /// This node's certificate and the CA's, as `Certificates` reports them.
     pub certificate: exclave::pki::CertInfo,
     pub ca_certificate: exclave::pki::CertInfo,

@@ -255,6 +255,29 @@ impl Peers {
         }
     }
 
+    /// One page of peer `id`'s snapshot `snapshot`, for the consensus thread (which is not a
+    /// runtime thread, so it may wait here).
+    #[allow(clippy::type_complexity)]
+    pub fn snapshot_page_blocking(
+        &self,
+        id: u64,
+        snapshot: u64,
+        after: Option<&[u8]>,
+    ) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, bool), String> {
+        let req = Request::SnapshotPages {
+            id: snapshot,
+            after: after.map(|a| serde_bytes::ByteBuf::from(a.to_vec())),
+            max_bytes: crate::test_hooks::snapshot_page_bytes(crate::snapshot::PAGE_BYTES) as u32,
+        };
+        match self.rt.block_on(self.call(id, req))? {
+            Reply::SnapshotPage { pairs, done } => {
+                Ok((pairs.into_iter().map(|(k, v)| (k.into_vec(), v.into_vec())).collect(), done))
+            }
+            Reply::Error { message, .. } => Err(message),
+            _ => Err("unexpected reply to snapshot_pages".into()),
+        }
+    }
+
     pub async fn status(&self, id: u64) -> Result<MemberStatus, String> {
         match tokio::time::timeout(Duration::from_secs(3), self.call(id, Request::RaftStatus)).await {
             Ok(Ok(Reply::RaftStatus(s))) => Ok(s),

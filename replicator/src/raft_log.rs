@@ -13,8 +13,11 @@
 //! ap                 → applied index (u64 BE), written in the same batch as what was applied
 //! ```
 //!
-//! Raft snapshots are not stored: one is built on demand from the applied catalog (metadata
-//! only, never chunks), so it always reflects the applied index.
+//! Raft snapshots are not stored in the log: a leader asked for one takes a checkpoint of the
+//! applied catalog (metadata only, never chunks) and sends a ticket for it; the receiver
+//! fetches the catalog page by page into its inactive catalog family and switches to it in
+//! one batch with the snapshot's Raft state (see `snapshot`). Without checkpoints (tests), or
+//! from an older leader, the catalog travels inline in the message.
 //!
 //! Every method that writes returns only once RocksDB accepted the write; an error here is
 //! fatal to the node (see `consensus`), which then restarts from what is on disk.
@@ -28,7 +31,8 @@ use raft::{GetEntriesContext, RaftState, StorageError};
 use rocksdb::{DB, Direction, IteratorMode, WriteBatch, WriteOptions};
 
 use crate::catalog::Write;
-use crate::store::{CF_CATALOG, CF_RAFT};
+use crate::snapshot::Checkpoints;
+use crate::store::{ACTIVE_CATALOG_KEY, CF_RAFT, CatalogSlot};
 
 const HS: &[u8] = b"hs";
 const CS: &[u8] = b"cs";
@@ -67,6 +71,8 @@ fn u64_of(v: &[u8]) -> Result<u64, LogError> {
 
 pub struct RaftLog {
     db: Arc<DB>,
+    catalog: CatalogSlot,
+    checkpoints: Option<Arc<Checkpoints>>,
     hs: HardState,
     cs: ConfState,
     /// Index and term of the entry just before the first one held.
@@ -78,9 +84,11 @@ pub struct RaftLog {
 }
 
 impl RaftLog {
-    pub fn open(db: Arc<DB>) -> Result<RaftLog, LogError> {
+    pub fn open(db: Arc<DB>, catalog: CatalogSlot, checkpoints: Option<Arc<Checkpoints>>) -> Result<RaftLog, LogError> {
         let mut log = RaftLog {
             db,
+            catalog,
+            checkpoints,
             hs: HardState::default(),
             cs: ConfState::default(),
             snap_index: 0,
@@ -124,8 +132,13 @@ impl RaftLog {
         self.db.cf_handle(CF_RAFT).ok_or_else(|| LogError::Db("column family raft missing".into()))
     }
 
+    fn catalog_name(&self) -> &'static str {
+        *self.catalog.read().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn catalog_cf(&self) -> Result<&rocksdb::ColumnFamily, LogError> {
-        self.db.cf_handle(CF_CATALOG).ok_or_else(|| LogError::Db("column family catalog missing".into()))
+        let name = self.catalog_name();
+        self.db.cf_handle(name).ok_or_else(|| LogError::Db(format!("column family {name} missing")))
     }
 
     fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), LogError> {
@@ -243,17 +256,55 @@ impl RaftLog {
         Ok(())
     }
 
-    /// Replaces the catalog and the log with a snapshot received from the leader.
+    /// Replaces the catalog and the log with a snapshot whose catalog travelled inline.
     pub fn install(&mut self, snap: &Snapshot) -> Result<(), LogError> {
-        let meta = snap.get_metadata();
         let pairs: Vec<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)> =
             postcard::from_bytes(&snap.data).map_err(|e| LogError::Decode(format!("snapshot data: {e}")))?;
-        let (cf, cat) = (self.cf()?, self.catalog_cf()?);
+        let cat = self.catalog_cf()?;
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(cat, [0u8].as_slice(), [0xffu8; 8].as_slice());
         for (k, v) in pairs {
             batch.put_cf(cat, k, v);
         }
+        self.install_state(snap, batch)
+    }
+
+    /// Empties the catalog family not in use and returns it: a streamed snapshot is written
+    /// there, and nothing reads it until `install_streamed` switches to it.
+    pub fn prepare_staging(&self) -> Result<&'static str, LogError> {
+        let name = crate::snapshot::other_catalog(self.catalog_name());
+        let cf = self.db.cf_handle(name).ok_or_else(|| LogError::Db(format!("column family {name} missing")))?;
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(cf, [0u8].as_slice(), [0xffu8; 8].as_slice());
+        self.write(batch, false)?;
+        Ok(name)
+    }
+
+    /// Writes one page of a streamed snapshot into the staging family (unsynced: the switch
+    /// is synced, and a crash before it leaves the old catalog in use).
+    pub fn write_staging(&self, name: &str, pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), LogError> {
+        let cf = self.db.cf_handle(name).ok_or_else(|| LogError::Db(format!("column family {name} missing")))?;
+        let mut batch = WriteBatch::default();
+        for (k, v) in pairs {
+            batch.put_cf(cf, k, v);
+        }
+        self.write(batch, false)
+    }
+
+    /// Makes the staging family, now holding the whole snapshot, the catalog, with the
+    /// snapshot's Raft state, in one synced batch.
+    pub fn install_streamed(&mut self, snap: &Snapshot, staging: &'static str) -> Result<(), LogError> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf()?, ACTIVE_CATALOG_KEY, staging.as_bytes());
+        self.install_state(snap, batch)?;
+        *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = staging;
+        Ok(())
+    }
+
+    /// The snapshot's Raft state, written with `batch` (the catalog's side of the install).
+    fn install_state(&mut self, snap: &Snapshot, mut batch: WriteBatch) -> Result<(), LogError> {
+        let meta = snap.get_metadata();
+        let cf = self.cf()?;
         batch.delete_range_cf(cf, key(b'e', 0), key(b'e', u64::MAX));
         batch.delete_range_cf(cf, key(b't', 0), key(b't', u64::MAX));
         let mut hs = self.hs.clone();
@@ -381,7 +432,14 @@ impl raft::Storage for RaftLog {
             ..Default::default()
         };
         meta.set_conf_state(self.cs.clone());
-        let mut snap = Snapshot { data: self.catalog_dump().map_err(other)?.into(), ..Default::default() };
+        let data = match &self.checkpoints {
+            Some(cps) => cps
+                .ticket(&self.db, request_index, meta.index, meta.term, self.catalog_name())
+                .map_err(|e| other(LogError::Db(e.to_string())))?
+                .encode(),
+            None => self.catalog_dump().map_err(other)?,
+        };
+        let mut snap = Snapshot { data: data.into(), ..Default::default() };
         snap.set_metadata(meta);
         Ok(snap)
     }
@@ -398,7 +456,7 @@ mod tests {
 
     fn open(dir: &std::path::Path) -> RaftLog {
         let store = crate::store::Store::open(dir).unwrap();
-        RaftLog::open(store.db().clone()).unwrap()
+        RaftLog::open(store.db().clone(), store.catalog_slot(), None).unwrap()
     }
 
     #[test]

@@ -541,6 +541,21 @@ async fn dispatch(
             let revoked = blocking(move || Ok(catalog::revocations(&store.catalog()?)?)).await?;
             Ok(Reply::Certificates { node: node.certificate.clone(), ca: node.ca_certificate.clone(), revoked })
         }
+        Request::SnapshotPages { id, after, max_bytes } => {
+            authorise(identity, Permission::Peer, "snapshot_pages")?;
+            let cps = node.checkpoints.clone();
+            let (pairs, done) = tokio::task::spawn_blocking(move || {
+                cps.page(id, after.as_ref().map(|a| a.as_slice()), max_bytes as usize)
+            })
+            .await
+            .map_err(|e| Failure::new(ErrorCode::Internal, format!("snapshot task failed: {e}")))?
+            .map_err(|e| Failure::new(ErrorCode::NotFound, e.to_string()))?;
+            let pairs = pairs
+                .into_iter()
+                .map(|(k, v)| (serde_bytes::ByteBuf::from(k), serde_bytes::ByteBuf::from(v)))
+                .collect();
+            Ok(Reply::SnapshotPage { pairs, done })
+        }
         Request::ReadBarrier => {
             if !(identity.may(Permission::ReadTenant) || identity.may(Permission::Operate)) {
                 authorise(identity, Permission::ReadTenant, "read_barrier")?;

@@ -15,6 +15,8 @@
 //!   store_meta     b"format"                    → u32 LE = 2
 //!                  b"sealed" ‖ pack id (u32 BE) → u64 LE: the pack's whole length, once sealed
 //!   catalog        see `catalog`                 the replicated state machine, as applied here
+//!   catalog_b      the same, when `raft`'s key `cc` names it: a streamed Raft snapshot is
+//!                  written into the family not in use, then made the catalog (see `snapshot`)
 //!   raft           see `raft_log`                log entries, hard state, conf state, applied index
 //! DATA/packs/NNNNNNNN.pack                       pack files, ids from 1
 //! ```
@@ -78,7 +80,13 @@ const CF_CHUNKS_V1: &str = "chunks";
 const CF_INDEX: &str = "chunk_index";
 const CF_META: &str = "store_meta";
 pub const CF_CATALOG: &str = "catalog";
+pub const CF_CATALOG_B: &str = "catalog_b";
 pub const CF_RAFT: &str = "raft";
+/// Key in `raft` naming the catalog family in use (absent: `catalog`).
+pub const ACTIVE_CATALOG_KEY: &[u8] = b"cc";
+
+/// Which catalog family is in use: shared by the store's readers and the Raft log.
+pub type CatalogSlot = Arc<RwLock<&'static str>>;
 const FORMAT: u32 = 2;
 const PACK_MAGIC: &[u8; 8] = b"XVPACK01";
 const RECORD_MAGIC: &[u8; 4] = b"XVRC";
@@ -176,18 +184,6 @@ impl Location {
     }
 }
 
-/// Test hook: `EXCLAVE_TEST_CRASH_AT=STEP` aborts the process at that step of a chunk write
-/// (`pack-written`: records written, not synced; `pack-synced`: synced, not indexed;
-/// `mid-record`: part of a batch written, the last record torn), so the crash rules above can
-/// be tested with the real binary.
-fn crash_point(step: &str) {
-    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    if AT.get_or_init(|| std::env::var("EXCLAVE_TEST_CRASH_AT").ok()).as_deref() == Some(step) {
-        eprintln!("EXCLAVE_TEST_CRASH_AT={step}: aborting");
-        std::process::abort();
-    }
-}
-
 struct Active {
     id: u32,
     file: Arc<File>,
@@ -267,6 +263,7 @@ fn whole_length(file: &File, file_len: u64) -> std::io::Result<Option<u64>> {
 pub struct Store {
     db: Arc<DB>,
     packs: Packs,
+    catalog: CatalogSlot,
 }
 
 /// Options of the column families asked "is this chunk id here?" for every chunk an agent
@@ -309,6 +306,7 @@ impl Store {
             ColumnFamilyDescriptor::new(CF_INDEX, lookups()),
             ColumnFamilyDescriptor::new(CF_META, Options::default()),
             ColumnFamilyDescriptor::new(CF_CATALOG, lookups()),
+            ColumnFamilyDescriptor::new(CF_CATALOG_B, lookups()),
             ColumnFamilyDescriptor::new(CF_RAFT, Options::default()),
         ];
         let v1 = existing.iter().any(|c| c == CF_CHUNKS_V1);
@@ -320,6 +318,11 @@ impl Store {
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| open_err(e.into_string()))?;
         let dir = path.join("packs");
         std::fs::create_dir_all(&dir).map_err(|e| open_err(format!("creating {}: {e}", dir.display())))?;
+        let active = match db.cf_handle(CF_RAFT).map(|cf| db.get_cf(cf, ACTIVE_CATALOG_KEY)) {
+            Some(Ok(Some(v))) if v.as_slice() == CF_CATALOG_B.as_bytes() => CF_CATALOG_B,
+            Some(Err(e)) => return Err(open_err(e.into_string())),
+            _ => CF_CATALOG,
+        };
         let mut store = Store {
             db: Arc::new(db),
             packs: Packs {
@@ -328,6 +331,7 @@ impl Store {
                 next_id: Mutex::new(1),
                 readers: RwLock::new(HashMap::new()),
             },
+            catalog: Arc::new(RwLock::new(active)),
         };
         store.recover_packs().map_err(|e| open_err(e.to_string()))?;
         if v1 {
@@ -356,7 +360,7 @@ impl Store {
             return Ok(());
         }
         let st = crate::catalog::count_stats(&view)?;
-        let cf = self.cf(CF_CATALOG)?;
+        let cf = self.cf(self.catalog_name())?;
         if let crate::catalog::Write::Put(k, v) = crate::catalog::stats_write(&st) {
             self.db.put_cf_opt(cf, k, v, &Self::synced()).map_err(db_err)?;
         }
@@ -471,7 +475,17 @@ impl Store {
 
     /// The applied catalog, for reads.
     pub fn catalog(&self) -> Result<CatalogView<'_>, StoreError> {
-        Ok(CatalogView { db: &self.db, cf: self.cf(CF_CATALOG)? })
+        Ok(CatalogView { db: &self.db, cf: self.cf(self.catalog_name())? })
+    }
+
+    /// The catalog family in use.
+    pub fn catalog_name(&self) -> &'static str {
+        *self.catalog.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The shared name of the catalog family in use, for the Raft log.
+    pub fn catalog_slot(&self) -> CatalogSlot {
+        self.catalog.clone()
     }
 
     pub fn synced() -> WriteOptions {
@@ -512,9 +526,9 @@ impl Store {
     /// Appends `chunks` to the active pack, syncs it, then indexes them (the durability rule).
     fn store_new(&self, tenant: &str, chunks: &[&PutChunk]) -> Result<(), StoreError> {
         let (pack, file, locations) = self.append(tenant, chunks)?;
-        crash_point("pack-written");
+        crate::test_hooks::crash_point("pack-written");
         file.sync_data().map_err(|e| io_err(&format!("syncing pack {pack}"), e))?;
-        crash_point("pack-synced");
+        crate::test_hooks::crash_point("pack-synced");
         let cf = self.cf(CF_INDEX)?;
         let mut batch = WriteBatch::default();
         for (c, loc) in chunks.iter().zip(&locations) {
@@ -558,11 +572,11 @@ impl Store {
             slices.push(IoSlice::new(h));
             slices.push(IoSlice::new(&c.envelope));
         }
-        let written = if std::env::var_os("EXCLAVE_TEST_CRASH_AT").is_some_and(|v| v == "mid-record") {
+        let written = if crate::test_hooks::crashes_at("mid-record") {
             // Half the batch and then half a record, as a crash in the middle of the write would.
             let bytes: Vec<u8> = slices.iter().flat_map(|s| s.iter().copied()).collect();
             let _ = (&*active.file).write_all(&bytes[..(bytes.len() / 2).max(1)]);
-            crash_point("mid-record");
+            crate::test_hooks::crash_point("mid-record");
             Ok(())
         } else {
             write_all_vectored(&active.file, &mut slices)
@@ -661,7 +675,7 @@ impl Store {
     /// to replay or to walk.
     pub fn flush(&self) -> Result<(), StoreError> {
         self.seal_active()?;
-        for cf in [CF_INDEX, CF_META, CF_CATALOG, CF_RAFT] {
+        for cf in [CF_INDEX, CF_META, CF_CATALOG, CF_CATALOG_B, CF_RAFT] {
             self.db.flush_cf(self.cf(cf)?).map_err(db_err)?;
         }
         Ok(())

@@ -151,6 +151,13 @@ pub enum Request {
     },
     /// The node's own certificate, the CA's, and the revocations in force → `Certificates`.
     Certificates,
+    /// One page of a catalog snapshot this node offered in a Raft snapshot ticket (nodes
+    /// only): the pairs after the key `after`, about `max_bytes` of them → `SnapshotPage`.
+    SnapshotPages {
+        id: u64,
+        after: Option<serde_bytes::ByteBuf>,
+        max_bytes: u32,
+    },
 }
 
 impl Request {
@@ -179,6 +186,7 @@ impl Request {
             Request::FindSnapshot { .. } => "find_snapshot",
             Request::Revoke { .. } => "revoke",
             Request::Certificates => "certificates",
+            Request::SnapshotPages { .. } => "snapshot_pages",
         }
     }
 }
@@ -263,6 +271,11 @@ pub enum Reply {
         node: crate::pki::CertInfo,
         ca: crate::pki::CertInfo,
         revoked: Vec<Revocation>,
+    },
+    SnapshotPage {
+        pairs: Vec<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)>,
+        /// This page is the last.
+        done: bool,
     },
 }
 

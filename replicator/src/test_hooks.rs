@@ -1,0 +1,36 @@
+//! Hooks the crash and scale tests use on the real binary, read from the environment once.
+//! Unset, they cost one lookup and change nothing.
+//!
+//! - `EXCLAVE_TEST_CRASH_AT=STEP` aborts the process at that step: `pack-written`,
+//!   `pack-synced`, `mid-record` (see `store`), `snapshot-page` (after the first page of a
+//!   streamed catalog snapshot is written, see `snapshot`).
+//! - `EXCLAVE_TEST_SNAPSHOT_PAGE_BYTES=N` makes snapshot pages N bytes, so that a small
+//!   catalog travels in many pages.
+
+use std::sync::OnceLock;
+
+fn crash_at() -> Option<&'static str> {
+    static AT: OnceLock<Option<String>> = OnceLock::new();
+    AT.get_or_init(|| std::env::var("EXCLAVE_TEST_CRASH_AT").ok()).as_deref()
+}
+
+/// Whether the process is to abort at `step` (for steps that must act before aborting).
+pub fn crashes_at(step: &str) -> bool {
+    crash_at() == Some(step)
+}
+
+/// Aborts the process if it was asked to at `step`.
+pub fn crash_point(step: &str) {
+    if crashes_at(step) {
+        eprintln!("EXCLAVE_TEST_CRASH_AT={step}: aborting");
+        std::process::abort();
+    }
+}
+
+/// Bytes of catalog pairs in one snapshot page.
+pub fn snapshot_page_bytes(default: usize) -> usize {
+    static BYTES: OnceLock<Option<usize>> = OnceLock::new();
+    BYTES
+        .get_or_init(|| std::env::var("EXCLAVE_TEST_SNAPSHOT_PAGE_BYTES").ok().and_then(|v| v.parse().ok()))
+        .unwrap_or(default)
+}

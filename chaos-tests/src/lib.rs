@@ -347,6 +347,11 @@ impl Node {
         self.child.is_some()
     }
 
+    /// The process id of the running node.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).expect("the node is running")
+    }
+
     /// Stops the node (SIGKILL), sets its environment, starts it again and waits until it serves.
     pub fn restart_with_env(&mut self, env: &[(&str, &str)]) {
         self.kill();

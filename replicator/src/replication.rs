@@ -47,8 +47,10 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await.map_err(|e| StoreError::Io(format!("store task failed: {e}")))?
 }
 
-/// Chunks asked of a peer in one fetch (bounded by the reply's byte limit too).
-const FETCH_BATCH: usize = 32;
+/// Envelope bytes asked of a peer in one fetch (the reply carries at most 8 MiB), and at most
+/// this many chunks: tiny chunks must not cost a round trip each thirty-two.
+const FETCH_BYTES: u64 = 4 << 20;
+const FETCH_MAX_CHUNKS: usize = 4096;
 /// Fetches of a backfill in flight at once.
 const FETCH_PARALLEL: usize = 4;
 /// Index entries examined per page of an anti-entropy pass.
@@ -257,7 +259,7 @@ async fn pass(
         // synced write per batch (over a WAN, far below what the link carries).
         let stop = AtomicBool::new(paused.is_some());
         for (tenant, want) in lacking {
-            let groups: Vec<Vec<(ChunkId, IndexEntry)>> = want.chunks(FETCH_BATCH).map(<[_]>::to_vec).collect();
+            let groups = fetch_groups(want);
             let mut results = futures::stream::iter(groups)
                 .map(|group| {
                     let (stop, tenant) = (&stop, &tenant);
@@ -291,6 +293,25 @@ async fn pass(
         }
     }
     Ok((missing, fetched, paused))
+}
+
+/// Splits what a node lacks into fetches of about `FETCH_BYTES`.
+fn fetch_groups(want: Vec<(ChunkId, IndexEntry)>) -> Vec<Vec<(ChunkId, IndexEntry)>> {
+    let mut groups = Vec::new();
+    let mut group = Vec::new();
+    let mut bytes = 0u64;
+    for (id, e) in want {
+        if !group.is_empty() && (bytes + u64::from(e.envelope_len) > FETCH_BYTES || group.len() >= FETCH_MAX_CHUNKS) {
+            groups.push(std::mem::take(&mut group));
+            bytes = 0;
+        }
+        bytes += u64::from(e.envelope_len);
+        group.push((id, e));
+    }
+    if !group.is_empty() {
+        groups.push(group);
+    }
+    groups
 }
 
 /// Fetches `want` from whichever peers have them, verifies each against its index entry and
@@ -360,6 +381,20 @@ mod tests {
         assert!(pass_needed(&Backfill { missing: 3, ..clean.clone() }, 40));
         assert!(pass_needed(&Backfill { last_error: Some("peer down".into()), ..clean.clone() }, 40));
         assert!(pass_needed(&Backfill::default(), 0), "no pass has completed yet");
+    }
+
+    #[test]
+    fn fetches_are_grouped_by_bytes() {
+        let e = |len: u32| IndexEntry { envelope_len: len, checksum: exclave::Checksum([0; 32]) };
+        let big: Vec<_> = (0..100u8).map(|i| (ChunkId([i; 32]), e(1 << 20))).collect();
+        let g = fetch_groups(big);
+        assert_eq!(g.len(), 25);
+        assert!(g.iter().all(|g| g.len() == 4));
+        let tiny: Vec<_> = (0..10_000u32).map(|i| (ChunkId([(i % 251) as u8; 32]), e(50))).collect();
+        let g = fetch_groups(tiny);
+        assert_eq!(g.iter().map(Vec::len).collect::<Vec<_>>(), vec![4096, 4096, 1808]);
+        let odd = vec![(ChunkId([1; 32]), e(16 << 20))];
+        assert_eq!(fetch_groups(odd).len(), 1, "a chunk larger than a fetch still goes");
     }
 
     #[test]

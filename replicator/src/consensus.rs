@@ -368,12 +368,12 @@ impl Driver {
             loop {
                 match peers.snapshot_page_blocking(t.from, t.id, after) {
                     Ok(page) => return Ok(page),
-                    Err(e) if tries < 10 => {
+                    Err(e) if tries < 10 && e.retryable() => {
                         tries += 1;
                         warn!(error = %e, tries, "snapshot page not received; asking again");
                         std::thread::sleep(Duration::from_secs(1));
                     }
-                    Err(e) => return Err(e),
+                    Err(e) => return Err(e.to_string()),
                 }
             }
         };

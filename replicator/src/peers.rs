@@ -40,6 +40,40 @@ const REPLICATIONS_IN_FLIGHT: usize = 8;
 
 type Slot = Arc<tokio::sync::Mutex<Option<Arc<NodeClient>>>>;
 
+/// Why a peer could not be reached or did not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("no address known for node #{0:x}")]
+    UnknownMember(u64),
+    #[error("address {addr:?} of {name}: {reason}")]
+    BadAddress { name: String, addr: String, reason: String },
+    #[error("{name} ({addr}) did not answer a moment ago")]
+    RecentlyDown { name: String, addr: SocketAddr },
+    #[error("{name} did not answer within {secs} s")]
+    Timeout { name: String, secs: u64 },
+    #[error("the node at {addr} is {identity}, not node:{name} as the configuration says")]
+    WrongIdentity { addr: SocketAddr, identity: String, name: String },
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    Transport(#[from] transport::TransportError),
+    #[error("{0}")]
+    Refused(String),
+    #[error("unexpected reply to {0}")]
+    Unexpected(&'static str),
+    #[error("no connection")]
+    NoConnection,
+    #[error("Raft message: {0}")]
+    Encoding(String),
+}
+
+impl PeerError {
+    /// Whether asking again, a moment later, may succeed.
+    pub fn retryable(&self) -> bool {
+        !matches!(self, PeerError::UnknownMember(_) | PeerError::BadAddress { .. } | PeerError::WrongIdentity { .. })
+    }
+}
+
 pub struct Peers {
     me: u64,
     tls: Arc<TlsIdentity>,
@@ -95,7 +129,7 @@ impl Peers {
     }
 
     /// A connection to a peer, made (or remade) on demand.
-    pub async fn client(&self, id: u64) -> Result<Arc<NodeClient>, String> {
+    pub async fn client(&self, id: u64) -> Result<Arc<NodeClient>, PeerError> {
         let slot: Slot = self.clients.lock().unwrap_or_else(|p| p.into_inner()).entry(id).or_default().clone();
         let mut guard = slot.lock().await;
         if let Some(c) = guard.as_ref()
@@ -103,9 +137,12 @@ impl Peers {
         {
             return Ok(c.clone());
         }
-        let member = self.member(id).ok_or_else(|| format!("no address known for node #{id:x}"))?;
-        let addr: SocketAddr =
-            member.addr.parse().map_err(|e| format!("address {:?} of {}: {e}", member.addr, member.name))?;
+        let member = self.member(id).ok_or(PeerError::UnknownMember(id))?;
+        let addr: SocketAddr = member.addr.parse().map_err(|e: std::net::AddrParseError| PeerError::BadAddress {
+            name: member.name.clone(),
+            addr: member.addr.clone(),
+            reason: e.to_string(),
+        })?;
         if self
             .down_until
             .lock()
@@ -113,11 +150,11 @@ impl Peers {
             .get(&id)
             .is_some_and(|t| *t > std::time::Instant::now())
         {
-            return Err(format!("{} ({addr}) did not answer a moment ago", member.name));
+            return Err(PeerError::RecentlyDown { name: member.name.clone(), addr });
         }
         let connected = match tokio::time::timeout(CONNECT_TIMEOUT, NodeClient::connect(addr, &self.tls)).await {
-            Ok(r) => r.map_err(|e| e.to_string()),
-            Err(_) => Err(format!("{} ({addr}) did not answer within {} s", member.name, CONNECT_TIMEOUT.as_secs())),
+            Ok(r) => r.map_err(PeerError::from),
+            Err(_) => Err(PeerError::Timeout { name: member.name.clone(), secs: CONNECT_TIMEOUT.as_secs() }),
         };
         let client = match connected {
             Ok(c) => c,
@@ -132,12 +169,9 @@ impl Peers {
         match transport::peer_identity(client.connection()) {
             Ok(Identity::Node { id: ref n }) if *n == member.name => {}
             Ok(other) => {
-                return Err(format!(
-                    "the node at {addr} is {other}, not node:{} as the configuration says",
-                    member.name
-                ));
+                return Err(PeerError::WrongIdentity { addr, identity: other.to_string(), name: member.name.clone() });
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e.into()),
         }
         let client = Arc::new(client);
         *guard = Some(client.clone());
@@ -149,7 +183,7 @@ impl Peers {
     }
 
     /// Sends a request to a peer and returns its reply.
-    pub async fn call(&self, id: u64, req: Request) -> Result<Reply, String> {
+    pub async fn call(&self, id: u64, req: Request) -> Result<Reply, PeerError> {
         let client = self.client(id).await?;
         match tokio::time::timeout(CALL_TIMEOUT, client.call(std::slice::from_ref(&req))).await {
             Ok(Ok(reply)) => Ok(reply),
@@ -157,9 +191,9 @@ impl Peers {
                 if matches!(e, ClientError::Transport(_)) {
                     self.forget_client(id);
                 }
-                Err(e.to_string())
+                Err(e.into())
             }
-            Err(_) => Err(format!("{} did not answer within {} s", self.name_of(id), CALL_TIMEOUT.as_secs())),
+            Err(_) => Err(PeerError::Timeout { name: self.name_of(id), secs: CALL_TIMEOUT.as_secs() }),
         }
     }
 
@@ -216,7 +250,10 @@ impl Peers {
                 .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(REPLICATIONS_IN_FLIGHT)))
                 .clone();
             let Ok(permit) = sem.try_acquire_owned() else {
-                let _ = tx.try_send((id, Err("too many replications in flight; it will backfill".to_string())));
+                let _ = tx.try_send((
+                    id,
+                    Err(PeerError::Refused("too many replications in flight; it will backfill".into())),
+                ));
                 continue;
             };
             tokio::spawn(async move {
@@ -224,8 +261,8 @@ impl Peers {
                 let req = Request::Replicate { tenant, chunks: chunks.as_ref().clone() };
                 let r = match peers.call(id, req).await {
                     Ok(Reply::Ok) => Ok(()),
-                    Ok(Reply::Error { message, .. }) => Err(message),
-                    Ok(_) => Err("unexpected reply".to_string()),
+                    Ok(Reply::Error { message, .. }) => Err(PeerError::Refused(message)),
+                    Ok(_) => Err(PeerError::Unexpected("replicate")),
                     Err(e) => Err(e),
                 };
                 let _ = tx.send((id, r)).await;
@@ -245,13 +282,13 @@ impl Peers {
     }
 
     /// Envelopes of `ids` from one peer (each an envelope or that chunk's error).
-    pub async fn fetch(&self, id: u64, tenant: &str, ids: &[ChunkId]) -> Result<Vec<Option<Vec<u8>>>, String> {
+    pub async fn fetch(&self, id: u64, tenant: &str, ids: &[ChunkId]) -> Result<Vec<Option<Vec<u8>>>, PeerError> {
         match self.call(id, Request::Fetch { tenant: tenant.to_string(), ids: ids.to_vec() }).await? {
             Reply::Chunks { chunks } if chunks.len() == ids.len() => {
                 Ok(chunks.into_iter().map(|r| r.ok().map(|b| b.into_vec())).collect())
             }
-            Reply::Error { message, .. } => Err(message),
-            _ => Err("unexpected reply to fetch".into()),
+            Reply::Error { message, .. } => Err(PeerError::Refused(message)),
+            _ => Err(PeerError::Unexpected("fetch")),
         }
     }
 
@@ -263,7 +300,7 @@ impl Peers {
         id: u64,
         snapshot: u64,
         after: Option<&[u8]>,
-    ) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, bool), String> {
+    ) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, bool), PeerError> {
         let req = Request::SnapshotPages {
             id: snapshot,
             after: after.map(|a| serde_bytes::ByteBuf::from(a.to_vec())),
@@ -273,18 +310,18 @@ impl Peers {
             Reply::SnapshotPage { pairs, done } => {
                 Ok((pairs.into_iter().map(|(k, v)| (k.into_vec(), v.into_vec())).collect(), done))
             }
-            Reply::Error { message, .. } => Err(message),
-            _ => Err("unexpected reply to snapshot_pages".into()),
+            Reply::Error { message, .. } => Err(PeerError::Refused(message)),
+            _ => Err(PeerError::Unexpected("snapshot_pages")),
         }
     }
 
-    pub async fn status(&self, id: u64) -> Result<MemberStatus, String> {
+    pub async fn status(&self, id: u64) -> Result<MemberStatus, PeerError> {
         match tokio::time::timeout(Duration::from_secs(3), self.call(id, Request::RaftStatus)).await {
             Ok(Ok(Reply::RaftStatus(s))) => Ok(s),
-            Ok(Ok(Reply::Error { message, .. })) => Err(message),
-            Ok(Ok(_)) => Err("unexpected reply".into()),
+            Ok(Ok(Reply::Error { message, .. })) => Err(PeerError::Refused(message)),
+            Ok(Ok(_)) => Err(PeerError::Unexpected("raft_status")),
             Ok(Err(e)) => Err(e),
-            Err(_) => Err("no answer within 3 s".into()),
+            Err(_) => Err(PeerError::Timeout { name: self.name_of(id), secs: 3 }),
         }
     }
 }
@@ -313,7 +350,7 @@ async fn raft_sender(peers: Arc<Peers>, to: u64, mut rx: mpsc::Receiver<Message>
         }
         let sent = match stream.as_mut() {
             Some(s) => write_batch(s, &batch).await,
-            None => Err("no connection".to_string()),
+            None => Err(PeerError::NoConnection),
         };
         match sent {
             Ok(()) => {
@@ -338,17 +375,17 @@ async fn raft_sender(peers: Arc<Peers>, to: u64, mut rx: mpsc::Receiver<Message>
     }
 }
 
-async fn write_batch(s: &mut quinn::SendStream, batch: &[Message]) -> Result<(), String> {
+async fn write_batch(s: &mut quinn::SendStream, batch: &[Message]) -> Result<(), PeerError> {
     let mut frame: Vec<serde_bytes::ByteBuf> = Vec::new();
     let mut size = 0;
     for m in batch {
-        let bytes = m.write_to_bytes().map_err(|e| e.to_string())?;
+        let bytes = m.write_to_bytes().map_err(|e| PeerError::Encoding(e.to_string()))?;
         if bytes.len() > RAFT_FRAME_BYTES {
             flush(s, &mut frame, &mut size).await?;
             let total = bytes.len() as u64;
             for part in bytes.chunks(RAFT_FRAME_BYTES) {
                 let req = Request::RaftLarge { total, part: part.to_vec() };
-                transport::write_frame(s, FrameKind::Request, &req).await.map_err(|e| e.to_string())?;
+                transport::write_frame(s, FrameKind::Request, &req).await?;
             }
             continue;
         }
@@ -365,19 +402,19 @@ async fn flush(
     s: &mut quinn::SendStream,
     frame: &mut Vec<serde_bytes::ByteBuf>,
     size: &mut usize,
-) -> Result<(), String> {
+) -> Result<(), PeerError> {
     if frame.is_empty() {
         return Ok(());
     }
     let req = Request::Raft { messages: std::mem::take(frame) };
     *size = 0;
-    transport::write_frame(s, FrameKind::Request, &req).await.map_err(|e| e.to_string())
+    Ok(transport::write_frame(s, FrameKind::Request, &req).await?)
 }
 
 /// Largest Raft message accepted in parts (a catalog snapshot).
 pub const MAX_RAFT_MESSAGE: u64 = 1 << 30;
 
 /// Decodes a Raft message received from a peer.
-pub fn decode_message(bytes: &[u8]) -> Result<Message, String> {
-    Message::parse_from_bytes(bytes).map_err(|e| e.to_string())
+pub fn decode_message(bytes: &[u8]) -> Result<Message, PeerError> {
+    Message::parse_from_bytes(bytes).map_err(|e| PeerError::Encoding(e.to_string()))
 }

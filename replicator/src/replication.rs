@@ -39,6 +39,17 @@ pub enum ReplicationError {
         "only {held} of the {need} nodes needed hold these chunks durably ({why}); they will be indexed once a quorum holds them"
     )]
     Quorum { held: usize, need: usize, why: String },
+    /// The node's disk reached its reserve: a backfill stops fetching until room is made.
+    #[error("backfill paused: {0}")]
+    Paused(StoreError),
+    #[error("the node is stopping")]
+    Stopping,
+}
+
+impl From<crate::catalog::CatalogError> for ReplicationError {
+    fn from(e: crate::catalog::CatalogError) -> Self {
+        ReplicationError::Store(e.into())
+    }
 }
 
 async fn blocking<T: Send + 'static>(
@@ -210,7 +221,7 @@ pub async fn anti_entropy(node: Arc<Node>, mut stop: tokio::sync::watch::Receive
             }
             Err(e) => {
                 warn!(error = %e, "anti-entropy pass failed");
-                node.backfill.lock().unwrap_or_else(|p| p.into_inner()).last_error = Some(e);
+                node.backfill.lock().unwrap_or_else(|p| p.into_inner()).last_error = Some(e.to_string());
                 Duration::from_secs(5)
             }
         };
@@ -222,20 +233,20 @@ pub async fn anti_entropy(node: Arc<Node>, mut stop: tokio::sync::watch::Receive
 async fn pass(
     node: &Arc<Node>,
     stop: &tokio::sync::watch::Receiver<bool>,
-) -> Result<(u64, u64, Option<String>), String> {
+) -> Result<(u64, u64, Option<String>), ReplicationError> {
     let mut cursor: Option<Vec<u8>> = None;
     let (mut missing, mut fetched) = (0u64, 0u64);
     let mut paused: Option<String> = None;
     loop {
         if *stop.borrow() {
-            return Err("the node is stopping".into());
+            return Err(ReplicationError::Stopping);
         }
         let (store, chunks) = (node.store.clone(), node.chunks.clone());
         let from = cursor.clone();
         // Page of the index, reduced to what this node lacks, grouped by tenant.
-        let (lacking, next) = tokio::task::spawn_blocking(move || -> Result<_, String> {
-            let view = store.catalog().map_err(|e| e.to_string())?;
-            let (page, next) = catalog::index_page(&view, from.as_deref(), PAGE).map_err(|e| e.to_string())?;
+        let (lacking, next) = blocking(move || {
+            let view = store.catalog()?;
+            let (page, next) = catalog::index_page(&view, from.as_deref(), PAGE)?;
             let mut by_tenant: BTreeMap<String, Vec<(ChunkId, IndexEntry)>> = BTreeMap::new();
             for (tenant, id, entry) in page {
                 by_tenant.entry(tenant).or_default().push((id, entry));
@@ -243,8 +254,7 @@ async fn pass(
             let mut lacking = Vec::new();
             for (tenant, entries) in by_tenant {
                 let ids: Vec<ChunkId> = entries.iter().map(|(id, _)| *id).collect();
-                let gone: std::collections::HashSet<ChunkId> =
-                    chunks.missing(&tenant, &ids).map_err(|e| e.to_string())?.into_iter().collect();
+                let gone: std::collections::HashSet<ChunkId> = chunks.missing(&tenant, &ids)?.into_iter().collect();
                 let want: Vec<(ChunkId, IndexEntry)> =
                     entries.into_iter().filter(|(id, _)| gone.contains(id)).collect();
                 if !want.is_empty() {
@@ -253,8 +263,7 @@ async fn pass(
             }
             Ok((lacking, next))
         })
-        .await
-        .map_err(|e| e.to_string())??;
+        .await?;
         // Several fetches in flight: one at a time, a backfill waits on a round trip and a
         // synced write per batch (over a WAN, far below what the link carries).
         let stop = AtomicBool::new(paused.is_some());
@@ -281,7 +290,7 @@ async fn pass(
                         missing += n as u64;
                         if let Some(why) = why {
                             stop.store(true, Ordering::Relaxed);
-                            paused.get_or_insert(why);
+                            paused.get_or_insert(why.to_string());
                         }
                     }
                 }
@@ -318,7 +327,11 @@ fn fetch_groups(want: Vec<(ChunkId, IndexEntry)>) -> Vec<Vec<(ChunkId, IndexEntr
 /// stores it. Returns how many were stored, or why it stopped: the disk reaching the node's
 /// reserve stops a backfill (it resumes once room is made) rather than filling the disk
 /// until RocksDB fails and takes the Raft log with it.
-pub async fn fetch_from_peers(node: &Arc<Node>, tenant: &str, want: &[(ChunkId, IndexEntry)]) -> Result<usize, String> {
+pub async fn fetch_from_peers(
+    node: &Arc<Node>,
+    tenant: &str,
+    want: &[(ChunkId, IndexEntry)],
+) -> Result<usize, ReplicationError> {
     let mut left: Vec<(ChunkId, IndexEntry)> = want.to_vec();
     let mut stored = 0;
     let mut peers = others(node);
@@ -356,7 +369,7 @@ pub async fn fetch_from_peers(node: &Arc<Node>, tenant: &str, want: &[(ChunkId, 
         left = still;
         if !good.is_empty() {
             let bytes: usize = good.iter().map(|c| c.envelope.len()).sum();
-            node.check_room(bytes).map_err(|e| format!("backfill paused: {e}"))?;
+            node.check_room(bytes).map_err(ReplicationError::Paused)?;
             let (store, tenant) = (node.chunks.clone(), tenant.to_string());
             let n = good.len();
             match tokio::task::spawn_blocking(move || store.put_chunks(&tenant, &good)).await {

@@ -241,6 +241,8 @@ impl From<replication::ReplicationError> for Failure {
         match e {
             replication::ReplicationError::Store(e) => Failure::from(e),
             replication::ReplicationError::Consensus(e) => Failure::from(e),
+            replication::ReplicationError::Paused(e) => Failure::from(e),
+            replication::ReplicationError::Stopping => Failure::new(ErrorCode::Unavailable, "the node is stopping"),
             quorum @ replication::ReplicationError::Quorum { .. } => {
                 Failure::new(ErrorCode::NoQuorum, quorum.to_string())
             }
@@ -607,7 +609,7 @@ async fn cluster_status(node: &Arc<Node>) -> Result<Vec<MemberReport>, Failure> 
     let asks = others.iter().map(|id| {
         let node = node.clone();
         let id = *id;
-        async move { (id, node.peers.status(id).await) }
+        async move { (id, node.peers.status(id).await.map_err(|e| e.to_string())) }
     });
     for (id, status) in futures::future::join_all(asks).await {
         reports.push(MemberReport {

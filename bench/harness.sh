@@ -4,7 +4,8 @@
 #   private_binaries DIR                    release build, copied to DIR
 #   cpu_seconds PID                         CPU seconds (user + system) PID has used so far
 #   workdir PREFIX                          W: a temporary directory, removed on exit with the
-#                                           storage node NODE_PID if one was started
+#                                           storage node NODE_PID and another tool's server
+#                                           SERVER_PID if they were started
 #
 # register:
 #
@@ -38,10 +39,12 @@ cpu_seconds() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / h
 workdir() {
   W=$(mktemp -d "${TMPDIR:-/tmp}/$1.XXXXXX")
   NODE_PID=
+  SERVER_PID=
   trap workdir_cleanup EXIT
   trap 'exit 130' INT TERM
 }
 workdir_cleanup() {
-  if [ -n "$NODE_PID" ]; then kill "$NODE_PID" 2>/dev/null || true; wait "$NODE_PID" 2>/dev/null || true; fi
+  local p
+  for p in $NODE_PID $SERVER_PID; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
   rm -rf "$W"
 }

@@ -5,7 +5,9 @@
 #
 # BENCH_DATA=DIR keeps the generated register in DIR (generated there on the first run, reused
 # by later runs of the same size), since generating 1 GiB takes minutes. BENCH_SEALED_KEY=1
-# runs Exclave with a key file sealed under a passphrase.
+# runs Exclave with a key file sealed under a passphrase. VYKAR_BIN_DIR=DIR (holding `vykar`
+# and `vykar-server`, built by you from github.com/borgbase/vykar) adds vykar backing up through
+# its REST server on loopback, the closest peer to Exclave's client and storage node.
 #
 # 1. builds the release binaries and the stage benchmark (benches/stages.rs) and runs private
 #    copies of them;
@@ -68,14 +70,17 @@ STAGES=$B/$(basename "$STAGES")
 # reports them on fd 3 (the script's stdout), so CMD's own stdout can be redirected.
 exec 3>&1
 declare -A WALL RSS CPU NODECPU
-node_cpu() { cpu_seconds "$NODE_PID"; }
+# The server a tool's timed run talks to: its CPU is counted apart.
+server_pid() { case $1 in exclave*) echo "$NODE_PID" ;; vykar*) echo "$SERVER_PID" ;; esac; }
 timed() {
   local label=$1 t0 t1 rc=0 n0=
   shift
   # Each run starts with nothing dirty in the page cache: what an earlier step wrote (the
   # copy of the data, another tool's repository) is not flushed on this run's time.
   sync
-  [[ $label == exclave* ]] && n0=$(node_cpu)
+  local spid
+  spid=$(server_pid "$label")
+  [ -n "$spid" ] && n0=$(cpu_seconds "$spid")
   t0=$(date +%s%N)
   /usr/bin/time -v -o "$W/time.$label" "$@" || rc=$?
   t1=$(date +%s%N)
@@ -89,8 +94,8 @@ timed() {
   CPU[$label]=$(awk -F': ' '/(User|System) time \(seconds\)/ { s += $2 } END { printf "%.2f", s }' "$W/time.$label")
   local extra=
   if [ -n "$n0" ]; then
-    NODECPU[$label]=$(awk -v a="$n0" -v b="$(node_cpu)" 'BEGIN { printf "%.2f", b - a }')
-    extra="  CPU ${CPU[$label]} s + node ${NODECPU[$label]} s"
+    NODECPU[$label]=$(awk -v a="$n0" -v b="$(cpu_seconds "$spid")" 'BEGIN { printf "%.2f", b - a }')
+    extra="  CPU ${CPU[$label]} s + server ${NODECPU[$label]} s"
   else
     extra="  CPU ${CPU[$label]} s"
   fi
@@ -138,6 +143,30 @@ echo "   node on $NODE"
 AGENT=(--node "$NODE" --pki "$W/pki" --identity reg --key-file "$W/bench.key")
 RESTORE=(--node "$NODE" --pki "$W/pki" --identity drteam --key-file "$W/bench.key")
 
+VYKAR=
+if [ -n "${VYKAR_BIN_DIR:-}" ]; then
+  [ -x "$VYKAR_BIN_DIR/vykar" ] && [ -x "$VYKAR_BIN_DIR/vykar-server" ] || die "VYKAR_BIN_DIR must hold vykar and vykar-server"
+  VYKAR=$VYKAR_BIN_DIR
+  VPORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  mkdir -p "$W/vykar-data"
+  VYKAR_TOKEN=bench "$VYKAR/vykar-server" -l "127.0.0.1:$VPORT" -d "$W/vykar-data" >"$W/vykar-server.log" 2>&1 &
+  SERVER_PID=$!
+  for _ in $(seq 100); do python3 -c 'import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1)' "$VPORT" 2>/dev/null && break; sleep 0.1; done
+  cat >"$W/vykar.yaml" <<VYKAR_CONFIG
+repositories:
+  - label: server
+    url: "http://127.0.0.1:$VPORT"
+    access_token: "bench"
+    allow_insecure_http: true
+sources:
+  - "$SRC"
+cache_dir: "$W/vykar-cache"
+VYKAR_CONFIG
+  export VYKAR_PASSPHRASE=bench
+  "$VYKAR/vykar" --config "$W/vykar.yaml" init >"$W/vykar-init.log" 2>&1 || { cat "$W/vykar-init.log" >&2; die "vykar init failed"; }
+  echo "   vykar-server on 127.0.0.1:$VPORT"
+fi
+
 export RESTIC_REPOSITORY=$W/restic RESTIC_PASSWORD=bench RESTIC_CACHE_DIR=$W/restic-cache
 restic init --repository-version 2 >"$W/restic-init.log" 2>&1 || { cat "$W/restic-init.log" >&2; die "restic init failed"; }
 export BORG_REPO=$W/borg BORG_PASSPHRASE=bench BORG_BASE_DIR=$W/borg-home
@@ -148,6 +177,7 @@ step "day 1 backups ($D1 bytes)"
 timed exclave_day1 $B/exclave-agent backup "${AGENT[@]}" --source reg --json "$SRC" >"$W/exclave_day1.json"
 timed restic_day1 restic backup --quiet --compression auto "$SRC"
 timed borg_day1 borg create --compression zstd,3 ::day1 "$SRC"
+[ -z "$VYKAR" ] || timed vykar_day1 "$VYKAR/vykar" --config "$W/vykar.yaml" backup
 
 step "day 2: bring $SRC to day 2"
 python3 - "$DATA/day2" "$SRC" <<'PY'
@@ -179,11 +209,12 @@ diff -r "$DATA/day2" "$SRC" >/dev/null || die "$SRC differs from day 2 after the
 D2=$(bytes "$SRC")
 
 step "day 2 backups ($D2 bytes)"
-NODE0=$(bytes "$W/node"); RESTIC0=$(bytes "$W/restic"); BORG0=$(bytes "$W/borg")
+NODE0=$(bytes "$W/node"); RESTIC0=$(bytes "$W/restic"); BORG0=$(bytes "$W/borg"); VYKAR0=$(bytes "$W/vykar-data" 2>/dev/null || echo 0)
 timed exclave_day2 $B/exclave-agent backup "${AGENT[@]}" --source reg --json "$SRC" >"$W/exclave_day2.json"
 timed restic_day2 restic backup --quiet --compression auto "$SRC"
 timed borg_day2 borg create --compression zstd,3 ::day2 "$SRC"
-NODE1=$(bytes "$W/node"); RESTIC1=$(bytes "$W/restic"); BORG1=$(bytes "$W/borg")
+[ -z "$VYKAR" ] || timed vykar_day2 "$VYKAR/vykar" --config "$W/vykar.yaml" backup
+NODE1=$(bytes "$W/node"); RESTIC1=$(bytes "$W/restic"); BORG1=$(bytes "$W/borg"); VYKAR1=$(bytes "$W/vykar-data" 2>/dev/null || echo 0)
 EX_UP=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["uploaded_bytes"])' "$W/exclave_day2.json")
 
 step "restores of the latest snapshot, each compared with diff -r"
@@ -197,7 +228,13 @@ mkdir "$W/r-borg"
 timed borg_restore bash -c 'cd "$1" && exec borg extract ::day2' _ "$W/r-borg"
 diff -r "$SRC" "$W/r-borg/${SRC#/}" >/dev/null || die "borg restore differs from the source"
 rm -rf "$W/r-borg"
-echo "   all three restores identical to the source"
+if [ -n "$VYKAR" ]; then
+  timed vykar_restore "$VYKAR/vykar" --config "$W/vykar.yaml" restore latest "$W/r-vykar"
+  diff -r "$SRC" "$W/r-vykar$SRC" >/dev/null || diff -r "$SRC" "$W/r-vykar/${SRC##*/}" >/dev/null ||
+    die "vykar restore differs from the source"
+  rm -rf "$W/r-vykar"
+fi
+echo "   every restore identical to the source"
 
 step "results (${SIZE} MiB register; MB = 10^6 bytes; day-1 MB/s on $D1 bytes, day-2 and restore on $D2)"
 {
@@ -205,6 +242,7 @@ step "results (${SIZE} MiB register; MB = 10^6 bytes; day-1 MB/s on $D1 bytes, d
   for k in "${!WALL[@]}"; do echo "wall_$k ${WALL[$k]}"; echo "rss_$k ${RSS[$k]}"; echo "cpu_$k ${CPU[$k]}"; done
   for k in "${!NODECPU[@]}"; do echo "nodecpu_$k ${NODECPU[$k]}"; done
   echo "up_exclave $EX_UP"; echo "up_restic $((RESTIC1 - RESTIC0))"; echo "up_borg $((BORG1 - BORG0))"
+  [ -z "$VYKAR" ] || echo "up_vykar $((VYKAR1 - VYKAR0))"
   echo "node_growth $((NODE1 - NODE0))"
 } >"$W/results"
 python3 - "$W/results" <<'PY'
@@ -218,7 +256,8 @@ def mbps(tool, phase):
     return (r["d1"] if phase == "day1" else r["d2"]) / r[f"wall_{tool}_{phase}"] / 1e6
 print(f"{'tool':<8} {'day1 MB/s':>10} {'day2 MB/s':>10} {'restore MB/s':>13} {'day2 upload MiB':>16} "
       f"{'backup RSS MiB':>15} {'restore RSS MiB':>16}")
-for t in ("exclave", "restic", "borg"):
+tools = ["exclave", "restic", "borg"] + (["vykar"] if "wall_vykar_day1" in r else [])
+for t in tools:
     rss_b = max(r[f"rss_{t}_day1"], r[f"rss_{t}_day2"]) / 1024
     print(f"{t:<8} {mbps(t, 'day1'):>10.1f} {mbps(t, 'day2'):>10.1f} {mbps(t, 'restore'):>13.1f} "
           f"{r[f'up_{t}'] / MiB:>16.2f} {rss_b:>15.1f} {r[f'rss_{t}_restore'] / 1024:>16.1f}")
@@ -237,6 +276,11 @@ for phase, size in (("day1", r["d1"]), ("day2", r["d2"]), ("restore", r["d2"])):
           f"({r[f'cpu_restic_{phase}']:.2f}, {r[f'cpu_borg_{phase}']:.2f})")
 print()
 ex_rss = max(r["rss_exclave_day1"], r["rss_exclave_day2"]) / 1024
+if "vykar" in tools:
+    print(f"{'vykar (REST)':<16} " + "  ".join(
+        f"{phase} client {r[f'cpu_vykar_{phase}']:.2f} + server {r[f'nodecpu_vykar_{phase}']:.2f}"
+        for phase in ("day1", "day2", "restore")))
+    print()
 checks = [
     ("exclave day1 MB/s / restic day1 MB/s", mbps("exclave", "day1") / mbps("restic", "day1"), ">=", 2.0),
     ("exclave day1 MB/s / borg day1 MB/s", mbps("exclave", "day1") / mbps("borg", "day1"), ">=", 2.0),
@@ -244,6 +288,8 @@ checks = [
     ("exclave day1 MB/s / stage limit", mbps("exclave", "day1") / r["limit"], ">=", 0.70),
     ("exclave agent peak RSS MiB", ex_rss, "<=", 256.0),
 ]
+if "vykar" in tools:
+    checks.append(("exclave day1 MB/s / vykar (REST) day1 MB/s", mbps("exclave", "day1") / mbps("vykar", "day1"), ">=", 1.0))
 failed = 0
 for name, value, op, target in checks:
     ok = value >= target if op == ">=" else value <= target

@@ -37,6 +37,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// backfills later): a dead peer whose connection has not timed out yet must not make this
 /// node hold every batch it receives.
 const REPLICATIONS_IN_FLIGHT: usize = 8;
+/// How long a batch waits for a turn to a peer that has `REPLICATIONS_IN_FLIGHT` already.
+const REPLICATION_WAIT: Duration = Duration::from_secs(5);
 
 type Slot = Arc<tokio::sync::Mutex<Option<Arc<NodeClient>>>>;
 
@@ -249,15 +251,14 @@ impl Peers {
                 .entry(id)
                 .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(REPLICATIONS_IN_FLIGHT)))
                 .clone();
-            let Ok(permit) = sem.try_acquire_owned() else {
-                let _ = tx.try_send((
-                    id,
-                    Err(PeerError::Refused("too many replications in flight; it will backfill".into())),
-                ));
-                continue;
-            };
             tokio::spawn(async move {
-                let _permit = permit;
+                // A busy peer is waited for a moment; a dead one (whose sends have not timed
+                // out yet) is given up on, and backfills later.
+                let Ok(Ok(_permit)) = tokio::time::timeout(REPLICATION_WAIT, sem.acquire_owned()).await else {
+                    let busy = PeerError::Refused("too many replications in flight; it will backfill".into());
+                    let _ = tx.send((id, Err(busy))).await;
+                    return;
+                };
                 let req = Request::Replicate { tenant, chunks: chunks.as_ref().clone() };
                 let r = match peers.call(id, req).await {
                     Ok(Reply::Ok) => Ok(()),

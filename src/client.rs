@@ -109,6 +109,20 @@ impl NodeClient {
         }
     }
 
+    /// Sends one request encoded already (`frame::encode_frame`) and reads the single reply.
+    pub async fn call_encoded(&self, frame: bytes::Bytes) -> Result<Reply, ClientError> {
+        let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| TransportError::Stream(e.to_string()))?;
+        transport::write_encoded(&mut send, frame).await?;
+        send.finish().map_err(|e| TransportError::Stream(e.to_string()))?;
+        let reply: Reply = transport::read_frame(&mut recv, FrameKind::Reply).await?.ok_or(TransportError::Eof)?;
+        match reply {
+            Reply::Error { code, message, missing } => {
+                Err(ClientError::Remote { addr: self.addr, code, message, missing })
+            }
+            other => Ok(other),
+        }
+    }
+
     /// Which of `ids` the node lacks.
     pub async fn missing(&self, ids: &[ChunkId]) -> Result<Vec<ChunkId>, ClientError> {
         let mut out = Vec::new();

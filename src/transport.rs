@@ -276,8 +276,13 @@ pub async fn write_frame<T: Serialize>(
     kind: FrameKind,
     msg: &T,
 ) -> Result<(), TransportError> {
-    let bytes = frame::encode_frame(kind, msg)?;
-    send.write_all(&bytes).await.map_err(|e| TransportError::Stream(e.to_string()))
+    write_encoded(send, bytes::Bytes::from(frame::encode_frame(kind, msg)?)).await
+}
+
+/// Writes a frame encoded already; QUIC takes the buffer as it is (no copy), so one frame can
+/// go to several peers.
+pub async fn write_encoded(send: &mut quinn::SendStream, frame: bytes::Bytes) -> Result<(), TransportError> {
+    send.write_chunk(frame).await.map_err(|e| TransportError::Stream(e.to_string()))
 }
 
 /// Reads one frame; `Ok(None)` on a clean end of stream before any byte.

@@ -186,8 +186,15 @@ impl Peers {
 
     /// Sends a request to a peer and returns its reply.
     pub async fn call(&self, id: u64, req: Request) -> Result<Reply, PeerError> {
+        let frame = exclave::protocol::frame::encode_frame(FrameKind::Request, &req)
+            .map_err(transport::TransportError::from)?;
+        self.call_encoded(id, bytes::Bytes::from(frame)).await
+    }
+
+    /// Sends a request encoded already (the same frame may go to several peers).
+    pub async fn call_encoded(&self, id: u64, frame: bytes::Bytes) -> Result<Reply, PeerError> {
         let client = self.client(id).await?;
-        match tokio::time::timeout(CALL_TIMEOUT, client.call(std::slice::from_ref(&req))).await {
+        match tokio::time::timeout(CALL_TIMEOUT, client.call_encoded(frame)).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(e)) => {
                 if matches!(e, ClientError::Transport(_)) {
@@ -242,8 +249,15 @@ impl Peers {
         need: usize,
     ) -> (usize, Vec<String>) {
         let (tx, mut rx) = mpsc::channel(to.len().max(1));
+        // Encoded once, for every peer: the batch is megabytes.
+        let req = Request::Replicate { tenant: tenant.to_string(), chunks: chunks.as_ref().clone() };
+        let frame = match exclave::protocol::frame::encode_frame(FrameKind::Request, &req) {
+            Ok(f) => bytes::Bytes::from(f),
+            Err(e) => return (0, vec![format!("encoding the batch: {e}")]),
+        };
+        drop(req);
         for id in to.iter().copied().filter(|id| *id != self.me) {
-            let (peers, tx, tenant, chunks) = (self.clone(), tx.clone(), tenant.to_string(), chunks.clone());
+            let (peers, tx, frame) = (self.clone(), tx.clone(), frame.clone());
             let sem = self
                 .inflight
                 .lock()
@@ -259,8 +273,7 @@ impl Peers {
                     let _ = tx.send((id, Err(busy))).await;
                     return;
                 };
-                let req = Request::Replicate { tenant, chunks: chunks.as_ref().clone() };
-                let r = match peers.call(id, req).await {
+                let r = match peers.call_encoded(id, frame).await {
                     Ok(Reply::Ok) => Ok(()),
                     Ok(Reply::Error { message, .. }) => Err(PeerError::Refused(message)),
                     Ok(_) => Err(PeerError::Unexpected("replicate")),

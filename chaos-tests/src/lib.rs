@@ -516,6 +516,41 @@ pub fn sample_tree(dir: &Path, seed: u64, size: usize) {
     filetime::set_file_mtime(dir.join("empty/deeper"), t).expect("mtime");
 }
 
+/// Rewrites, in a stopped node's store, the envelope of chunk `id` of tenant lux with
+/// `tamper` (in its pack file, where its location in the index says); with `fix_checksum`, also
+/// rewrites the location's storage checksum to match (a node that lies), leaving only the AEAD
+/// to catch it. The location layout is documented at the top of replicator/src/store.rs.
+pub fn tamper_chunk(data: &Path, id: &exclave::ChunkId, fix_checksum: bool, tamper: impl Fn(&mut Vec<u8>)) {
+    use std::os::unix::fs::FileExt;
+    let mut opts = rocksdb::Options::default();
+    opts.create_if_missing(false);
+    let cfs = rocksdb::DB::list_cf(&opts, data).expect("tamper");
+    let db = rocksdb::DB::open_cf(&opts, data, &cfs).expect("tamper");
+    let mut key = b"lux\0".to_vec();
+    key.extend_from_slice(&id.0);
+    let index = db.cf_handle("chunk_index").expect("tamper");
+    let mut loc = db.get_cf(index, &key).expect("tamper").expect("chunk indexed");
+    assert_eq!(loc.len(), 48);
+    let pack = u32::from_le_bytes(loc[..4].try_into().expect("tamper"));
+    let offset = u64::from_le_bytes(loc[4..12].try_into().expect("tamper"));
+    let len = u32::from_le_bytes(loc[12..16].try_into().expect("tamper")) as usize;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(data.join("packs").join(format!("{pack:08}.pack")))
+        .expect("tamper");
+    let mut env = vec![0u8; len];
+    file.read_exact_at(&mut env, offset).expect("tamper");
+    tamper(&mut env);
+    file.write_all_at(&env, offset).expect("tamper");
+    file.sync_all().expect("tamper");
+    if fix_checksum {
+        loc[16..].copy_from_slice(blake3::hash(&env).as_bytes());
+        db.put_cf(index, &key, &loc).expect("tamper");
+    }
+    db.flush().expect("tamper");
+}
+
 /// The body of `GET /metrics` from a metrics endpoint on loopback.
 pub fn metrics(port: u16) -> String {
     use std::io::{Read, Write};

@@ -69,41 +69,6 @@ fn a_wrong_or_missing_key_file_is_named() {
     assert_eq!(list.as_array().unwrap().len(), 1);
 }
 
-/// Rewrites, in a stopped node's store, the envelope of chunk `id` of tenant lux with
-/// `tamper` (in its pack file, where its location in the index says); with `fix_checksum`, also
-/// rewrites the location's storage checksum to match (a node that lies), leaving only the AEAD
-/// to catch it. The location layout is documented at the top of replicator/src/store.rs.
-fn tamper_chunk(data: &Path, id: &exclave::ChunkId, fix_checksum: bool, tamper: impl Fn(&mut Vec<u8>)) {
-    use std::os::unix::fs::FileExt;
-    let mut opts = rocksdb::Options::default();
-    opts.create_if_missing(false);
-    let cfs = rocksdb::DB::list_cf(&opts, data).unwrap();
-    let db = rocksdb::DB::open_cf(&opts, data, &cfs).unwrap();
-    let mut key = b"lux\0".to_vec();
-    key.extend_from_slice(&id.0);
-    let index = db.cf_handle("chunk_index").unwrap();
-    let mut loc = db.get_cf(index, &key).unwrap().expect("chunk indexed");
-    assert_eq!(loc.len(), 48);
-    let pack = u32::from_le_bytes(loc[..4].try_into().unwrap());
-    let offset = u64::from_le_bytes(loc[4..12].try_into().unwrap());
-    let len = u32::from_le_bytes(loc[12..16].try_into().unwrap()) as usize;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(data.join("packs").join(format!("{pack:08}.pack")))
-        .unwrap();
-    let mut env = vec![0u8; len];
-    file.read_exact_at(&mut env, offset).unwrap();
-    tamper(&mut env);
-    file.write_all_at(&env, offset).unwrap();
-    file.sync_all().unwrap();
-    if fix_checksum {
-        loc[16..].copy_from_slice(blake3::hash(&env).as_bytes());
-        db.put_cf(index, &key, &loc).unwrap();
-    }
-    db.flush().unwrap();
-}
-
 #[test]
 fn a_tampered_chunk_is_detected_and_its_file_named() {
     let w = World::new();

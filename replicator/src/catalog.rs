@@ -582,6 +582,32 @@ pub fn snapshots(
     Ok(out)
 }
 
+/// The snapshots of `tenant` whose references include `id` (a walk over the tenant's
+/// references: for reporting a lost chunk, not for any hot path).
+pub fn snapshots_referencing(view: &dyn CatalogRead, tenant: &str, id: &ChunkId) -> Result<Vec<String>, CatalogError> {
+    let prefix = tenant_key(b'r', tenant);
+    let mut found: Vec<String> = Vec::new();
+    let mut bad = None;
+    view.scan(&prefix, &mut |k, v| {
+        let rest = &k[prefix.len()..];
+        let Some(end) = rest.iter().position(|b| *b == 0) else { return true };
+        let snapshot = String::from_utf8_lossy(&rest[..end]).into_owned();
+        if found.last() == Some(&snapshot) {
+            return true;
+        }
+        match decode::<Vec<ChunkId>>(v) {
+            Ok(ids) if ids.contains(id) => found.push(snapshot),
+            Ok(_) => {}
+            Err(e) => {
+                bad = Some(e);
+                return false;
+            }
+        }
+        true
+    })?;
+    bad.map_or(Ok(found), Err)
+}
+
 /// Prefix of the revocation keys.
 pub const REVOCATION_PREFIX: &[u8] = b"v";
 
@@ -874,6 +900,18 @@ mod tests {
         assert_eq!(count(&c, CHUNK_PREFIX).unwrap(), 2, "chunks stay until garbage collection");
         let again = c.apply(&Command::Forget { tenant: "lux".into(), snapshot_id: "s1".into() }).unwrap();
         assert!(matches!(again, Outcome::Refused(_)));
+    }
+
+    #[test]
+    fn the_snapshots_referencing_a_chunk_are_found() {
+        let mut c = MemCatalog::default();
+        index(&mut c, "lux", &[1, 2, 3]);
+        assert!(matches!(stage_and_commit(&mut c, "lux", &snap("s1", 3, 1), &[1, 2]), Outcome::Committed(_)));
+        assert!(matches!(stage_and_commit(&mut c, "lux", &snap("s2", 3, 2), &[2]), Outcome::Committed(_)));
+        assert_eq!(snapshots_referencing(&c, "lux", &id(1)).unwrap(), vec!["s1"]);
+        assert_eq!(snapshots_referencing(&c, "lux", &id(2)).unwrap(), vec!["s1", "s2"]);
+        assert_eq!(snapshots_referencing(&c, "lux", &id(3)).unwrap(), vec!["s1", "s2"], "roots are references");
+        assert!(snapshots_referencing(&c, "est", &id(2)).unwrap().is_empty());
     }
 
     #[test]

@@ -255,5 +255,13 @@ fn print_status(members: &[MemberReport]) {
         {
             println!("warning: {}: {why}", m.name);
         }
+        if let Ok(s) = &m.status
+            && s.unrepairable > 0
+        {
+            println!(
+                "ERROR: {}: {} chunk(s) damaged that no peer could replace (exclave-replicator scrub --node {} shows them)",
+                m.name, s.unrepairable, m.addr
+            );
+        }
     }
 }

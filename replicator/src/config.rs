@@ -49,6 +49,13 @@ pub struct RunArgs {
     /// [default: a majority of the voters].
     #[arg(long)]
     pub write_quorum: Option<usize>,
+    /// Scrub: MiB per second of stored chunks re-read and checked [default: 64].
+    #[arg(long)]
+    pub scrub_mib_per_s: Option<u64>,
+    /// Scrub: hours between the starts of two full passes; 0 scrubs only on demand
+    /// (`exclave-replicator scrub`) [default: 168].
+    #[arg(long)]
+    pub scrub_interval_hours: Option<u64>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -67,6 +74,8 @@ struct FileConfig {
     join: bool,
     advertise: Option<SocketAddr>,
     write_quorum: Option<usize>,
+    scrub_mib_per_s: Option<u64>,
+    scrub_interval_hours: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -82,6 +91,9 @@ pub struct NodeConfig {
     pub join: bool,
     pub advertise: SocketAddr,
     pub write_quorum: Option<usize>,
+    pub scrub_bytes_per_s: u64,
+    /// `None`: scrub on demand only.
+    pub scrub_interval: Option<std::time::Duration>,
 }
 
 fn load(path: &Path) -> Result<FileConfig> {
@@ -130,6 +142,11 @@ impl NodeConfig {
             identity: a.identity.or(f.identity).unwrap_or_else(|| name.clone()),
             metrics: a.metrics.or(f.metrics),
             min_free_bytes: a.min_free_mib.or(f.min_free_mib).unwrap_or(512) << 20,
+            scrub_bytes_per_s: a.scrub_mib_per_s.or(f.scrub_mib_per_s).unwrap_or(64).max(1) << 20,
+            scrub_interval: match a.scrub_interval_hours.or(f.scrub_interval_hours).unwrap_or(168) {
+                0 => None,
+                h => Some(std::time::Duration::from_secs(h * 3600)),
+            },
             name,
         })
     }
@@ -150,6 +167,8 @@ mod tests {
         assert_eq!(cfg.listen.port(), 7401);
         assert_eq!(cfg.peers.len(), 2);
         assert_eq!(cfg.advertise.to_string(), "10.1.0.1:7401");
+        assert_eq!(cfg.scrub_bytes_per_s, 32 << 20);
+        assert_eq!(cfg.scrub_interval, Some(std::time::Duration::from_secs(7 * 24 * 3600)));
     }
 
     #[test]

@@ -13,6 +13,8 @@ mod raft_log;
 mod replication;
 mod retention;
 mod revocation;
+mod scrub;
+mod scrub_cmd;
 mod server;
 mod snapshot;
 mod store;
@@ -53,6 +55,9 @@ enum Cmd {
     Pki(pki_cmd::PkiCmd),
     /// Ask a node for its status (needs an admin or node identity).
     Status(StatusArgs),
+    /// Start a scrub pass on a node now: every chunk re-read and checked, damaged ones
+    /// replaced from peers (admin). Exit 1 when chunks are unrepairable.
+    Scrub(scrub_cmd::ScrubArgs),
 }
 
 #[derive(Args)]
@@ -75,7 +80,7 @@ fn main() {
     let cli = Cli::parse();
     exclave::logging::init("info,quinn=warn,rustls=warn");
     let code = match run(cli) {
-        Ok(()) => 0,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             1
@@ -84,18 +89,18 @@ fn main() {
     std::process::exit(code);
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli) -> Result<i32> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.cmd {
-        Cmd::Pki(c) => tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(pki_cmd::run(c)),
+        Cmd::Pki(c) => rt.block_on(pki_cmd::run(c)).map(|()| 0),
         Cmd::Run(args) => {
             let cfg = config::NodeConfig::resolve(args)?;
-            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run_node(cfg))
+            rt.block_on(run_node(cfg)).map(|()| 0)
         }
-        Cmd::Status(a) => tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(status(a)),
-        Cmd::Cluster(c) => tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(cluster::run(c)),
-        Cmd::Retention(c) => {
-            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(retention::run(c))
-        }
+        Cmd::Status(a) => rt.block_on(status(a)).map(|()| 0),
+        Cmd::Cluster(c) => rt.block_on(cluster::run(c)).map(|()| 0),
+        Cmd::Retention(c) => rt.block_on(retention::run(c)).map(|()| 0),
+        Cmd::Scrub(a) => rt.block_on(scrub_cmd::run(a)),
     }
 }
 
@@ -184,6 +189,7 @@ async fn run_node(cfg: config::NodeConfig) -> Result<()> {
         backfill: Default::default(),
         revoked,
         connections: Default::default(),
+        scrub: Arc::new(scrub::Scrubber::new(cfg.scrub_bytes_per_s, cfg.scrub_interval)),
         checkpoints,
         certificate,
         ca_certificate,
@@ -214,7 +220,8 @@ async fn run_node(cfg: config::NodeConfig) -> Result<()> {
     let (stop_workers, stopping) = tokio::sync::watch::channel(false);
     let workers = [
         tokio::spawn(replication::anti_entropy(node.clone(), stopping.clone())),
-        tokio::spawn(revocation::watch(node.clone(), stopping)),
+        tokio::spawn(revocation::watch(node.clone(), stopping.clone())),
+        tokio::spawn(scrub::worker(node.clone(), stopping)),
     ];
     let server = tokio::spawn(server::serve(endpoint.clone(), node));
 

@@ -25,6 +25,11 @@ pub struct NodeMetrics {
     peer_contact: prometheus::GaugeVec,
     cert_expiry: IntGaugeVec,
     revoked: IntGauge,
+    scrub_bytes: IntCounter,
+    scrub_last: IntGauge,
+    scrub_corrupt: IntCounter,
+    scrub_repaired: IntCounter,
+    scrub_unrepairable: IntGauge,
 }
 
 impl NodeMetrics {
@@ -89,6 +94,21 @@ impl NodeMetrics {
         let revoked = IntGauge::new("certificates_revoked", "Certificates revoked in the cluster's catalog")?;
         registry.register(Box::new(cert_expiry.clone()))?;
         registry.register(Box::new(revoked.clone()))?;
+        let scrub_bytes = IntCounter::new("scrub_bytes_total", "Stored envelope bytes re-read and checked by scrub")?;
+        let scrub_last =
+            IntGauge::new("scrub_last_full_pass_timestamp_seconds", "When the last full scrub pass ended (Unix time)")?;
+        let scrub_corrupt = IntCounter::new("scrub_corrupt_total", "Chunks scrub found damaged or unreadable")?;
+        let scrub_repaired =
+            IntCounter::new("scrub_repaired_total", "Damaged chunks replaced by a good copy from a peer")?;
+        let scrub_unrepairable = IntGauge::new(
+            "scrub_unrepairable",
+            "Damaged chunks no peer could replace (their snapshots are not whole)",
+        )?;
+        for m in [&scrub_bytes, &scrub_corrupt, &scrub_repaired] {
+            registry.register(Box::new(m.clone()))?;
+        }
+        registry.register(Box::new(scrub_last.clone()))?;
+        registry.register(Box::new(scrub_unrepairable.clone()))?;
         Ok(NodeMetrics {
             registry,
             requests,
@@ -105,7 +125,32 @@ impl NodeMetrics {
             peer_contact,
             cert_expiry,
             revoked,
+            scrub_bytes,
+            scrub_last,
+            scrub_corrupt,
+            scrub_repaired,
+            scrub_unrepairable,
         })
+    }
+
+    pub fn scrub_checked(&self, bytes: u64) {
+        self.scrub_bytes.inc_by(bytes);
+    }
+
+    pub fn scrub_last_pass(&self, t: i64) {
+        self.scrub_last.set(t);
+    }
+
+    pub fn scrub_corrupt(&self) {
+        self.scrub_corrupt.inc();
+    }
+
+    pub fn scrub_repaired(&self) {
+        self.scrub_repaired.inc();
+    }
+
+    pub fn scrub_unrepairable(&self, n: usize) {
+        self.scrub_unrepairable.set(n as i64);
     }
 
     /// Publishes when a certificate expires (`identity`: its subject, or `ca`).

@@ -34,6 +34,8 @@ pub struct Node {
     /// connections to close when one of theirs is revoked.
     pub revoked: Arc<crate::revocation::Revoked>,
     pub connections: crate::revocation::Connections,
+    /// Scrub and repair of this node's chunks.
+    pub scrub: Arc<crate::scrub::Scrubber>,
     /// Checkpoints of the catalog this node offered as Raft snapshots, served page by page.
     pub checkpoints: Arc<crate::snapshot::Checkpoints>,
     /// This node's certificate and the CA's, as `Certificates` reports them.
@@ -105,6 +107,7 @@ impl Node {
             peers,
             stale: v.cut_off(me),
             backfill_error: b.last_error.clone(),
+            unrepairable: crate::scrub::unrepairable(self)?.len() as u64,
         })
     }
 }

@@ -158,10 +158,7 @@ async fn handle_stream(
     remote: SocketAddr,
 ) {
     let started = Instant::now();
-    let reply = match tokio::time::timeout(REQUEST_TIMEOUT, read_and_dispatch(&mut recv, &node, &identity)).await {
-        Ok(r) => r,
-        Err(_) => Err(Failure::new(ErrorCode::BadRequest, "request not received within 120 s")),
-    };
+    let reply = read_and_dispatch(&mut recv, &node, &identity).await;
     let (kind, reply) = match reply {
         Ok((kind, reply)) => (kind, reply),
         Err(f) => {
@@ -319,12 +316,21 @@ async fn read_and_dispatch(
     node: &Arc<Node>,
     identity: &Identity,
 ) -> Result<(&'static str, Reply), Failure> {
-    let req: Request = transport::read_frame(recv, FrameKind::Request)
-        .await?
-        .ok_or_else(|| Failure::new(ErrorCode::BadRequest, "empty request stream"))?;
+    let req: Request =
+        read_request(recv).await?.ok_or_else(|| Failure::new(ErrorCode::BadRequest, "empty request stream"))?;
     let name = req.name();
+    // Work that takes its time is bounded by what it does (a proposal's own timeout, a scrub
+    // pass asked for and waited on); only a client that stops sending is cut off.
     let reply = dispatch(req, recv, node, identity).await.map_err(|f| f.on(name))?;
     Ok((name, reply))
+}
+
+/// Reads one request frame, giving up on a client that does not send it within 120 s.
+async fn read_request(recv: &mut quinn::RecvStream) -> Result<Option<Request>, Failure> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, transport::read_frame(recv, FrameKind::Request)).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(Failure::new(ErrorCode::BadRequest, "request not received within 120 s")),
+    }
 }
 
 async fn dispatch(
@@ -360,7 +366,7 @@ async fn dispatch(
             // Refuse before the client streams its references.
             node.require_leader().await?;
             for batch in 0..ref_batches {
-                let ids = match transport::read_frame::<Request>(recv, FrameKind::Request).await? {
+                let ids = match read_request(recv).await? {
                     Some(Request::CommitRefs { ids }) if ids.len() <= MAX_IDS_PER_MESSAGE => ids,
                     Some(_) => return Err(Failure::new(ErrorCode::BadRequest, "expected a commit reference batch")),
                     None => return Err(Failure::new(ErrorCode::BadRequest, "commit ended before its references")),
@@ -557,6 +563,16 @@ async fn dispatch(
                 .map(|(k, v)| (serde_bytes::ByteBuf::from(k), serde_bytes::ByteBuf::from(v)))
                 .collect();
             Ok(Reply::SnapshotPage { pairs, done })
+        }
+        Request::Scrub { wait } => {
+            authorise(identity, Permission::Administer, "scrub")?;
+            let target = node.scrub.request();
+            info!(by = %identity, wait, "scrub pass asked for");
+            if wait {
+                node.scrub.wait_for(target).await;
+            }
+            let n = node.clone();
+            Ok(Reply::Scrub(blocking(move || Ok(n.scrub.status(&n))).await?))
         }
         Request::ReadBarrier => {
             if !(identity.may(Permission::ReadTenant) || identity.may(Permission::Operate)) {

@@ -14,6 +14,7 @@
 //!   chunk_index    tenant ‖ 0 ‖ chunk id (32)   → location (below): the chunks this node holds
 //!   store_meta     b"format"                    → u32 LE = 2
 //!                  b"sealed" ‖ pack id (u32 BE) → u64 LE: the pack's whole length, once sealed
+//!                  see `scrub`                  the scrub's cursor, passes and unrepairable chunks
 //!   catalog        see `catalog`                 the replicated state machine, as applied here
 //!   catalog_b      the same, when `raft`'s key `cc` names it: a streamed Raft snapshot is
 //!                  written into the family not in use, then made the catalog (see `snapshot`)
@@ -669,6 +670,84 @@ impl Store {
     /// Chunks held by this node (RocksDB's estimate).
     pub fn chunk_count(&self) -> u64 {
         self.estimate_keys(CF_INDEX)
+    }
+
+    /// Stores `chunk` again even though it is indexed here (its copy was found damaged): a new
+    /// record, synced, then its location replaces the old one. The old record is dead space.
+    pub fn replace_chunk(&self, tenant: &str, chunk: &PutChunk) -> Result<(), StoreError> {
+        crate::chunk_store::check_envelopes(std::slice::from_ref(chunk))?;
+        self.store_new(tenant, &[chunk])
+    }
+
+    /// A page of this node's chunk index after the key `after` (from the start when `None`):
+    /// each chunk's tenant, id and location, in key order; the last key is the next cursor.
+    #[allow(clippy::type_complexity)]
+    pub fn locations_page(
+        &self,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, String, ChunkId, Location)>, StoreError> {
+        let cf = self.cf(CF_INDEX)?;
+        let mode = match after {
+            Some(k) => IteratorMode::From(k, Direction::Forward),
+            None => IteratorMode::Start,
+        };
+        let mut out = Vec::with_capacity(limit.min(4096));
+        for item in self.db.iterator_cf(cf, mode) {
+            let (k, v) = item.map_err(db_err)?;
+            if after.is_some_and(|a| *k == *a) {
+                continue;
+            }
+            let Some(nul) = k.iter().position(|b| *b == 0) else { continue };
+            let (Ok(tenant), Ok(id)) = (std::str::from_utf8(&k[..nul]), <[u8; 32]>::try_from(&k[nul + 1..])) else {
+                continue;
+            };
+            out.push((k.to_vec(), tenant.to_string(), ChunkId(id), Location::decode(&v)?));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads a chunk's envelope at `loc` and checks it; the envelope's size when good.
+    pub fn check_at(&self, id: &ChunkId, loc: &Location, buf: &mut Vec<u8>) -> Result<usize, StoreError> {
+        let file = self.reader(loc.pack)?;
+        buf.resize(loc.len as usize, 0);
+        file.read_exact_at(buf, loc.offset)
+            .map_err(|_| StoreError::Corrupt { id: *id, context: "indexed but absent on disk" })?;
+        if Checksum::of(buf) != loc.checksum {
+            return Err(StoreError::Corrupt { id: *id, context: "damaged on this node's disk" });
+        }
+        Ok(buf.len())
+    }
+
+    /// A value of the store's own bookkeeping (`store_meta`), such as the scrub's cursor.
+    pub fn meta_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.db.get_cf(self.cf(CF_META)?, key).map_err(db_err)
+    }
+
+    pub fn meta_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.db.put_cf_opt(self.cf(CF_META)?, key, value, &Self::synced()).map_err(db_err)
+    }
+
+    pub fn meta_delete(&self, key: &[u8]) -> Result<(), StoreError> {
+        self.db.delete_cf_opt(self.cf(CF_META)?, key, &Self::synced()).map_err(db_err)
+    }
+
+    /// Every `store_meta` pair under `prefix`.
+    #[allow(clippy::type_complexity)]
+    pub fn meta_scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let cf = self.cf(CF_META)?;
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(cf, IteratorMode::From(prefix, Direction::Forward)) {
+            let (k, v) = item.map_err(db_err)?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
     }
 
     /// Seals the active pack and flushes memtables, so that a clean shutdown leaves nothing

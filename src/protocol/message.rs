@@ -158,6 +158,11 @@ pub enum Request {
         after: Option<serde_bytes::ByteBuf>,
         max_bytes: u32,
     },
+    /// Start a scrub pass on this node now (admin) → `Scrub` at once, or, with `wait`, once
+    /// that pass has ended.
+    Scrub {
+        wait: bool,
+    },
 }
 
 impl Request {
@@ -187,6 +192,7 @@ impl Request {
             Request::Revoke { .. } => "revoke",
             Request::Certificates => "certificates",
             Request::SnapshotPages { .. } => "snapshot_pages",
+            Request::Scrub { .. } => "scrub",
         }
     }
 }
@@ -277,6 +283,44 @@ pub enum Reply {
         /// This page is the last.
         done: bool,
     },
+    Scrub(ScrubStatus),
+}
+
+/// A node's scrub: the pass under way, the last complete one, what could not be repaired.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrubStatus {
+    pub node: String,
+    pub running: Option<ScrubReport>,
+    pub last: Option<ScrubReport>,
+    /// Complete passes since the node started.
+    pub passes: u64,
+    /// Chunks of this node damaged or lost that no peer could replace (as of now).
+    pub unrepairable: Vec<Damage>,
+}
+
+/// One scrub pass.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrubReport {
+    /// Unix seconds.
+    pub started: i64,
+    pub finished: Option<i64>,
+    pub chunks: u64,
+    pub bytes: u64,
+    /// Chunks found damaged or unreadable.
+    pub corrupt: u64,
+    /// Of those, replaced by a good copy from a peer.
+    pub repaired: u64,
+}
+
+/// A chunk no node could supply a good copy of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Damage {
+    pub tenant: String,
+    /// Chunk id, hex.
+    pub chunk: String,
+    /// The snapshots that reference it (their files are not restorable whole).
+    pub snapshots: Vec<String>,
+    pub why: String,
 }
 
 /// A certificate an administrator shut out of the cluster.
@@ -321,6 +365,8 @@ pub struct MemberStatus {
     pub stale: Option<String>,
     /// Why this node's backfill stopped short (its disk at the reserve...), if it did.
     pub backfill_error: Option<String>,
+    /// Chunks of this node damaged that no peer could replace (see `Scrub`).
+    pub unrepairable: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -133,7 +133,7 @@ $B/exclave-replicator cluster add-node "${ADMIN[@]}" --name n4 --addr "${ADDR[n4
 T1=$(date +%s%N)
 BACKFILL=$(awk -v a="$T0" -v b="$T1" 'BEGIN { printf "%.2f", (b - a) / 1e9 }')
 $B/exclave-replicator cluster status "${ADMIN[@]}"
-STORED=$(du -sb "$W/n4" | cut -f1)
+STORED=$(du -sb "$W/n4/packs" | cut -f1)   # the chunks themselves (not the index nor the ballast)
 
 step "results (${SIZE} MiB day 1, $(nproc) cores shared by every process)"
 python3 - "$SOLO_MBPS" "$CLUSTER_MBPS" "$SOLO_P50" "$SOLO_P99" "$CL_P50" "$CL_P99" "$BACKFILL" "$STORED" <<'PY'

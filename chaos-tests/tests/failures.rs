@@ -158,6 +158,9 @@ fn a_full_disk_refuses_the_upload_and_keeps_what_was_acknowledged() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("storage is full"), "{}\nnode log:\n{}", stderr(&out), node.log_text());
 
+    // The reserve was not crossed: concurrent batches count each other's room.
+    let free = free_bytes(&dir);
+    assert!(free >= 15 << 20, "{} MiB free of a 16 MiB reserve", free >> 20);
     // The node is still up, lists only the acknowledged snapshot, and restores it exactly.
     let list = json(&ok(run(w.restore_cmd(&node, "snapshots").arg("--json"))));
     assert_eq!(list.as_array().unwrap().len(), 1);
@@ -166,6 +169,51 @@ fn a_full_disk_refuses_the_upload_and_keeps_what_was_acknowledged() {
     ok(w.restore(&node, "rnpp", "latest", &to));
     assert_same_tree(&small, &to.join("small-src"));
     assert!(node.log_text().contains("storage is full"), "{}", node.log_text());
+}
+
+fn free_bytes(dir: &Path) -> u64 {
+    let st = nix::sys::statvfs::statvfs(dir).unwrap();
+    st.blocks_available() as u64 * st.fragment_size() as u64
+}
+
+#[test]
+fn a_node_restarted_on_a_completely_full_disk_starts_and_serves_restores() {
+    let w = World::new();
+    let dir = w.path("full");
+    mount_tmpfs(&dir, "size=256m");
+    let _u = Unmount(dir.clone());
+    let mut node = w.start_node_with("n1", &dir.join("data"), free_port(), &["--min-free-mib", "32"]);
+    let src = w.path("src");
+    sample_tree(&src, 81, 1 << 20);
+    ok(w.backup(&node, "rnpp", &[&src]));
+    assert!(dir.join("data/ballast").exists(), "a ballast is laid where there is room");
+    assert_eq!(node.stop().map(|s| s.success()), Some(true));
+    // Something else fills the disk to the last byte while the node is down.
+    let mut filler = std::fs::File::create(dir.join("filler")).unwrap();
+    let block = vec![7u8; 1 << 20];
+    loop {
+        use std::io::Write;
+        if filler.write_all(&block).is_err() {
+            break;
+        }
+    }
+    let mut small = vec![7u8; 4096];
+    while std::io::Write::write_all(&mut filler, &small).is_ok() {}
+    small.truncate(1);
+    while std::io::Write::write_all(&mut filler, &small).is_ok() {}
+    drop(filler);
+    assert!(free_bytes(&dir) < 64 << 10, "{} bytes free", free_bytes(&dir));
+    node.restart();
+    assert!(node.log_text().contains("released the 64 MiB ballast"), "{}", node.log_text());
+    // It serves restores, and refuses uploads with the reason.
+    let to = w.path("restored");
+    ok(w.restore(&node, "rnpp", "latest", &to));
+    assert_same_tree(&src, &to.join("src"));
+    let more = w.path("more");
+    sample_tree(&more, 82, 1 << 20);
+    let out = w.backup(&node, "more", &[&more]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("storage is full"), "{}", stderr(&out));
 }
 
 #[test]
@@ -191,7 +239,7 @@ fn a_node_killed_during_an_upload_loses_nothing_acknowledged() {
         .unwrap();
     // Kill the node once the upload is under way.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while du(&node.data) < 4 << 20 && std::time::Instant::now() < deadline {
+    while du(&node.data.join("packs")) < 4 << 20 && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
     node.kill();

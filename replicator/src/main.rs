@@ -193,6 +193,7 @@ async fn run_node(cfg: config::NodeConfig) -> Result<()> {
         checkpoints,
         certificate,
         ca_certificate,
+        in_flight: Default::default(),
     });
     if let Some(addr) = cfg.metrics {
         exclave::metrics::serve(addr, metrics.registry.clone())
@@ -202,6 +203,7 @@ async fn run_node(cfg: config::NodeConfig) -> Result<()> {
     }
     {
         let (m, d, raft, peers) = (metrics.clone(), cfg.data.clone(), raft.clone(), peers.clone());
+        let (st, reserve) = (store.clone(), cfg.min_free_bytes);
         tokio::spawn(async move {
             let mut n = 0u64;
             loop {
@@ -210,6 +212,9 @@ async fn run_node(cfg: config::NodeConfig) -> Result<()> {
                 n += 1;
                 if n.is_multiple_of(3) {
                     m.update_disk(&d);
+                    // A ballast given back to a full disk is laid again once there is room.
+                    let st = st.clone();
+                    let _ = tokio::task::spawn_blocking(move || st.lay_ballast(reserve)).await;
                 }
             }
         });

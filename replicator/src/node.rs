@@ -41,22 +41,43 @@ pub struct Node {
     /// This node's certificate and the CA's, as `Certificates` reports them.
     pub certificate: exclave::pki::CertInfo,
     pub ca_certificate: exclave::pki::CertInfo,
+    /// Bytes of writes admitted by `check_room` and not finished yet: counted against the
+    /// free space, so concurrent uploads cannot each see the same room and overshoot the reserve.
+    pub in_flight: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Room reserved for one write; released when dropped (the write is on disk, or failed).
+pub struct Room {
+    bytes: u64,
+    in_flight: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Drop for Room {
+    fn drop(&mut self) {
+        self.in_flight.fetch_sub(self.bytes, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl Node {
-    /// Refuses a write of `bytes` that would eat into the free-space reserve.
-    pub fn check_room(&self, bytes: usize) -> Result<(), StoreError> {
-        let (_, free) = crate::metrics::disk_usage(&self.data_dir);
+    /// Reserves room for a write of `bytes`, or refuses it when it would eat into the
+    /// free-space reserve (counting every write admitted and not finished yet).
+    pub fn check_room(&self, bytes: usize) -> Result<Room, StoreError> {
+        use std::sync::atomic::Ordering;
         // A write costs its size once in a pack, plus ~100 bytes of index per chunk.
-        if free < self.min_free_bytes.saturating_add(bytes as u64 + bytes as u64 / 64) {
+        let cost = bytes as u64 + bytes as u64 / 64;
+        let before = self.in_flight.fetch_add(cost, Ordering::AcqRel);
+        let room = Room { bytes: cost, in_flight: self.in_flight.clone() };
+        let (_, free) = crate::metrics::disk_usage(&self.data_dir);
+        let reserve = self.min_free_bytes + self.store.ballast_owed();
+        if free < reserve.saturating_add(before + cost) {
             return Err(StoreError::Full(format!(
                 "on {}: {} MiB free, {} MiB are kept in reserve",
                 self.name,
                 free >> 20,
-                self.min_free_bytes >> 20
+                reserve >> 20
             )));
         }
-        Ok(())
+        Ok(room)
     }
 
     /// Refuses at once (after a short wait for an election) when no leader can be reached.

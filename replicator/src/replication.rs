@@ -98,7 +98,7 @@ pub fn write_quorum(node: &Node) -> usize {
 /// Stores an agent's chunks here and on a write quorum of voters, then in the cluster's index.
 pub async fn store_on_quorum(node: &Arc<Node>, tenant: String, chunks: Vec<PutChunk>) -> Result<(), ReplicationError> {
     let bytes: usize = chunks.iter().map(|c| c.envelope.len()).sum();
-    node.check_room(bytes)?;
+    let _room = node.check_room(bytes)?;
     // A node cut off from the majority could store but never index: say why at once.
     node.require_leader().await?;
     let chunks = Arc::new(chunks);
@@ -369,7 +369,7 @@ pub async fn fetch_from_peers(
         left = still;
         if !good.is_empty() {
             let bytes: usize = good.iter().map(|c| c.envelope.len()).sum();
-            node.check_room(bytes).map_err(ReplicationError::Paused)?;
+            let _room = node.check_room(bytes).map_err(ReplicationError::Paused)?;
             let (store, tenant) = (node.chunks.clone(), tenant.to_string());
             let n = good.len();
             match tokio::task::spawn_blocking(move || store.put_chunks(&tenant, &good)).await {

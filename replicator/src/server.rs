@@ -463,7 +463,7 @@ async fn dispatch(
             authorise(identity, Permission::Peer, "replicate")?;
             valid_name("tenant", &tenant)?;
             let bytes: usize = chunks.iter().map(|c| c.envelope.len()).sum();
-            node.check_room(bytes)?;
+            let _room = node.check_room(bytes)?;
             let store = node.chunks.clone();
             let new = blocking(move || store.put_chunks(&tenant, &chunks)).await?;
             node.metrics.stored(new, bytes);

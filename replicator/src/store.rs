@@ -20,7 +20,13 @@
 //!                  written into the family not in use, then made the catalog (see `snapshot`)
 //!   raft           see `raft_log`                log entries, hard state, conf state, applied index
 //! DATA/packs/NNNNNNNN.pack                       pack files, ids from 1
+//! DATA/ballast                                   64 MiB of zeros, given back to a full disk
 //! ```
+//!
+//! Full disk: a node keeps `--min-free-mib` free by refusing writes, but something else may
+//! fill the disk while it is down, and RocksDB cannot open without writing. The ballast is
+//! deleted at open when the disk has less than `BALLAST` free, so the store opens, serves
+//! restores and refuses uploads; it is laid down again once there is room.
 //!
 //! Location (48 bytes): pack id (u32 LE) ‖ offset of the envelope in the pack (u64 LE) ‖
 //! envelope length (u32 LE) ‖ storage checksum (32).
@@ -94,6 +100,9 @@ const RECORD_MAGIC: &[u8; 4] = b"XVRC";
 const RECORD_FIXED: usize = 73;
 /// A pack is sealed and a new one begun past this size: the unit of garbage collection.
 const PACK_TARGET: u64 = 128 * 1024 * 1024;
+/// Space set aside in the data directory, freed to let the store open on a full disk.
+const BALLAST: u64 = 64 << 20;
+const BALLAST_FILE: &str = "ballast";
 /// Pack files kept open for reading at once (a large store has thousands).
 const OPEN_READERS: usize = 256;
 
@@ -265,6 +274,8 @@ pub struct Store {
     db: Arc<DB>,
     packs: Packs,
     catalog: CatalogSlot,
+    /// The ballast was given back to a full disk at open and is not laid again yet.
+    ballast_released: std::sync::atomic::AtomicBool,
 }
 
 /// Options of the column families asked "is this chunk id here?" for every chunk an agent
@@ -294,6 +305,15 @@ impl Store {
         let open_err = |reason: String| StoreError::Open { path: path.display().to_string(), reason };
         std::fs::create_dir_all(path).map_err(|e| open_err(e.to_string()))?;
         // Probe writability up front: RocksDB's own message for a read-only directory is obscure.
+        let ballast = path.join(BALLAST_FILE);
+        let released = ballast.exists() && crate::metrics::disk_usage(path).1 < BALLAST;
+        if released {
+            std::fs::remove_file(&ballast).map_err(|e| open_err(format!("releasing the ballast: {e}")))?;
+            warn!(
+                "the disk is full: released the {} MiB ballast so the store can open; uploads are refused until room is made",
+                BALLAST >> 20
+            );
+        }
         let probe = path.join(".write-probe");
         std::fs::write(&probe, b"probe").map_err(|e| open_err(format!("not writable: {e}")))?;
         let _ = std::fs::remove_file(&probe);
@@ -333,6 +353,7 @@ impl Store {
                 readers: RwLock::new(HashMap::new()),
             },
             catalog: Arc::new(RwLock::new(active)),
+            ballast_released: std::sync::atomic::AtomicBool::new(released),
         };
         store.recover_packs().map_err(|e| open_err(e.to_string()))?;
         if v1 {
@@ -345,7 +366,40 @@ impl Store {
             None => store.db.put_cf_opt(meta, b"format", FORMAT.to_le_bytes(), &Self::synced()).map_err(db_err)?,
         }
         store.count_catalog_once()?;
+        store.lay_ballast(BALLAST);
         Ok(store)
+    }
+
+    /// Room owed to the ballast: while it is released, writes must leave room to lay it again.
+    pub fn ballast_owed(&self) -> u64 {
+        if self.ballast_released.load(std::sync::atomic::Ordering::Acquire) { BALLAST } else { 0 }
+    }
+
+    /// Lays down the ballast if it is missing and the disk has room for it and `reserve` more.
+    /// Best effort: a store without ballast works, it only cannot reopen on a full disk.
+    pub fn lay_ballast(&self, reserve: u64) {
+        let Some(dir) = self.packs.dir.parent() else { return };
+        let path = dir.join(BALLAST_FILE);
+        if path.exists() || crate::metrics::disk_usage(dir).1 < BALLAST + reserve {
+            return;
+        }
+        let tmp = dir.join(".ballast.new");
+        let written = (|| {
+            let mut f = File::create(&tmp)?;
+            let zeros = vec![0u8; 1 << 20];
+            for _ in 0..(BALLAST >> 20) {
+                f.write_all(&zeros)?;
+            }
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        })();
+        if written.is_ok() {
+            self.ballast_released.store(false, std::sync::atomic::Ordering::Release);
+        }
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            warn!(error = %e, "cannot lay down the ballast");
+        }
     }
 
     /// A catalog applied before `apply` kept its counts gets them once, by a walk (the same

@@ -23,6 +23,8 @@
 //! q                                                   → commit sequence (u64 BE)
 //! v ‖ certificate serial (bytes)                      → postcard(Revocation)       revoked certificates
 //! z                                                   → postcard(CatalogStats)     counts kept by `apply`
+//! b ‖ tenant ‖ 0                                      → u64 BE: envelope bytes the tenant's index names
+//! u ‖ tenant ‖ 0                                      → postcard(Quota)            set by an administrator
 //! ```
 //!
 //! A revocation is never removed: a revoked certificate stays refused for as long as it
@@ -69,6 +71,65 @@ pub struct CatalogStats {
 }
 
 const STATS_KEY: &[u8] = b"z";
+
+/// A tenant's storage quota (envelope bytes in the cluster's index, each chunk once).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Quota {
+    pub max_bytes: u64,
+    /// The administrator who set it, and when (the proposing node's clock).
+    pub by: String,
+    pub time: i64,
+}
+
+fn usage_key(tenant: &str) -> Vec<u8> {
+    tenant_key(b'b', tenant)
+}
+
+fn quota_key(tenant: &str) -> Vec<u8> {
+    tenant_key(b'u', tenant)
+}
+
+/// Envelope bytes of a tenant's chunks in the index.
+pub fn usage(view: &dyn CatalogRead, tenant: &str) -> Result<u64, CatalogError> {
+    Ok(view.get(&usage_key(tenant))?.and_then(|v| v.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0))
+}
+
+pub fn quota(view: &dyn CatalogRead, tenant: &str) -> Result<Option<Quota>, CatalogError> {
+    view.get(&quota_key(tenant))?.map(|v| decode(&v)).transpose()
+}
+
+/// Every tenant with stored chunks or a quota: (tenant, bytes used, quota).
+pub fn usages(view: &dyn CatalogRead) -> Result<Vec<(String, u64, Option<Quota>)>, CatalogError> {
+    let tenant_of = |k: &[u8]| String::from_utf8_lossy(&k[1..k.len().saturating_sub(1)]).into_owned();
+    let mut out: std::collections::BTreeMap<String, (u64, Option<Quota>)> = std::collections::BTreeMap::new();
+    view.scan(b"b", &mut |k, v| {
+        let used = v.try_into().ok().map(u64::from_be_bytes).unwrap_or(0);
+        out.entry(tenant_of(k)).or_default().0 = used;
+        true
+    })?;
+    for (k, q) in scan_decoded::<Quota>(view, b"u")? {
+        out.entry(tenant_of(&k)).or_default().1 = Some(q);
+    }
+    Ok(out.into_iter().map(|(t, (u, q))| (t, u, q)).collect())
+}
+
+/// Every tenant's usage by a walk over the index: for a catalog written before usage was kept.
+pub fn count_usage(view: &dyn CatalogRead) -> Result<Vec<Write>, CatalogError> {
+    let mut sums: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    let mut bad = None;
+    view.scan(CHUNK_PREFIX, &mut |k, v| {
+        match (parse_chunk_key(k), decode::<IndexEntry>(v)) {
+            (Some((tenant, _)), Ok(e)) => *sums.entry(tenant).or_default() += u64::from(e.envelope_len),
+            (_, Err(e)) => bad = Some(e),
+            _ => {}
+        }
+        bad.is_none()
+    })?;
+    if let Some(e) = bad {
+        return Err(e);
+    }
+    Ok(sums.into_iter().map(|(t, n)| Write::Put(usage_key(&t), n.to_be_bytes().to_vec())).collect())
+}
 
 pub fn stats(view: &dyn CatalogRead) -> Result<CatalogStats, CatalogError> {
     Ok(match view.get(STATS_KEY)? {
@@ -152,6 +213,11 @@ pub enum Command {
     /// kept; repeating it changes nothing.
     Revoke {
         revocation: Revocation,
+    },
+    /// Sets (or, with `None`, removes) a tenant's quota.
+    SetQuota {
+        tenant: String,
+        quota: Option<Quota>,
     },
 }
 
@@ -383,13 +449,19 @@ pub fn apply(view: &dyn CatalogRead, cmd: &Command) -> Result<(Outcome, Vec<Writ
             let keys: Vec<Vec<u8>> = chunks.iter().map(|(id, _)| chunk_key(tenant, id)).collect();
             let old = view.get_many(&keys)?;
             let mut seen = std::collections::HashSet::new();
+            let mut added = 0u64;
             for ((key, (_, entry)), old) in keys.into_iter().zip(chunks).zip(old) {
                 // First writer wins: an index entry, once made, never changes.
                 if old.is_none() && seen.insert(key.clone()) {
+                    added += u64::from(entry.envelope_len);
                     w.push(Write::Put(key, encode(entry)));
                 }
             }
             bump(view, &mut w, seen.len() as u64, 0, 0)?;
+            if added > 0 {
+                let used = usage(view, tenant)? + added;
+                w.push(Write::Put(usage_key(tenant), used.to_be_bytes().to_vec()));
+            }
             Outcome::Done
         }
         Command::StageRefs { tenant, snapshot_id, batch, ids } => {
@@ -457,6 +529,13 @@ pub fn apply(view: &dyn CatalogRead, cmd: &Command) -> Result<(Outcome, Vec<Writ
         }
         Command::RemoveMember { raft_id } => {
             w.push(Write::Delete(member_key(*raft_id)));
+            Outcome::Done
+        }
+        Command::SetQuota { tenant, quota } => {
+            match quota {
+                Some(q) => w.push(Write::Put(quota_key(tenant), encode(q))),
+                None => w.push(Write::Delete(quota_key(tenant))),
+            }
             Outcome::Done
         }
         Command::Revoke { revocation } => match hex::decode(&revocation.serial) {
@@ -903,6 +982,22 @@ mod tests {
     }
 
     #[test]
+    fn usage_counts_each_chunk_once_and_quotas_are_kept() {
+        let mut c = MemCatalog::default();
+        index(&mut c, "lux", &[1, 2]);
+        index(&mut c, "lux", &[2, 3]);
+        index(&mut c, "est", &[1]);
+        assert_eq!(usage(&c, "lux").unwrap(), 101 + 102 + 103, "a chunk indexed twice counts once");
+        assert_eq!(usage(&c, "est").unwrap(), 101);
+        let q = Quota { max_bytes: 1 << 30, by: "admin".into(), time: 5 };
+        c.apply(&Command::SetQuota { tenant: "lux".into(), quota: Some(q.clone()) }).unwrap();
+        assert_eq!(quota(&c, "lux").unwrap(), Some(q.clone()));
+        assert_eq!(usages(&c).unwrap(), vec![("est".to_string(), 101, None), ("lux".to_string(), 306, Some(q))]);
+        c.apply(&Command::SetQuota { tenant: "lux".into(), quota: None }).unwrap();
+        assert_eq!(quota(&c, "lux").unwrap(), None);
+    }
+
+    #[test]
     fn the_snapshots_referencing_a_chunk_are_found() {
         let mut c = MemCatalog::default();
         index(&mut c, "lux", &[1, 2, 3]);
@@ -1007,6 +1102,9 @@ mod tests {
             prop_assert_eq!(&a, &late);
             // The kept counts agree with a walk over the catalog.
             prop_assert_eq!(stats(&a).unwrap(), count_stats(&a).unwrap());
+            let kept: Vec<Write> = usages(&a).unwrap().into_iter().filter(|(_, u, _)| *u > 0)
+                .map(|(t, u, _)| Write::Put(usage_key(&t), u.to_be_bytes().to_vec())).collect();
+            prop_assert_eq!(kept, count_usage(&a).unwrap());
             // A committed snapshot's every reference is in the index.
             for (k, v) in &a.0 {
                 if k[0] == b'r' {

@@ -9,6 +9,7 @@ mod metrics;
 mod node;
 mod peers;
 mod pki_cmd;
+mod quota_cmd;
 mod raft_log;
 mod replication;
 mod retention;
@@ -50,6 +51,9 @@ enum Cmd {
     /// Retention policies of the tenants' sources (administrator).
     #[command(subcommand)]
     Retention(retention::RetentionCmd),
+    /// Per-tenant storage quotas (administrator): set, clear, show.
+    #[command(subcommand)]
+    Quota(quota_cmd::QuotaCmd),
     /// The cluster CA and its certificates: init, issue, renew, revoke, list.
     #[command(subcommand)]
     Pki(pki_cmd::PkiCmd),
@@ -101,6 +105,7 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Cluster(c) => rt.block_on(cluster::run(c)).map(|()| 0),
         Cmd::Retention(c) => rt.block_on(retention::run(c)).map(|()| 0),
         Cmd::Scrub(a) => rt.block_on(scrub_cmd::run(a)),
+        Cmd::Quota(c) => rt.block_on(quota_cmd::run(c)).map(|()| 0),
     }
 }
 
@@ -212,6 +217,12 @@ async fn run_node(cfg: config::NodeConfig) -> Result<()> {
                 n += 1;
                 if n.is_multiple_of(3) {
                     m.update_disk(&d);
+                    let st2 = st.clone();
+                    if let Ok(Ok(list)) =
+                        tokio::task::spawn_blocking(move || st2.catalog().and_then(|v| Ok(catalog::usages(&v)?))).await
+                    {
+                        m.tenants(&list);
+                    }
                     // A ballast given back to a full disk is laid again once there is room.
                     let st = st.clone();
                     let _ = tokio::task::spawn_blocking(move || st.lay_ballast(reserve)).await;

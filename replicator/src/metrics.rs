@@ -30,6 +30,8 @@ pub struct NodeMetrics {
     scrub_corrupt: IntCounter,
     scrub_repaired: IntCounter,
     scrub_unrepairable: IntGauge,
+    tenant_bytes: IntGaugeVec,
+    tenant_quota: IntGaugeVec,
 }
 
 impl NodeMetrics {
@@ -108,6 +110,14 @@ impl NodeMetrics {
             registry.register(Box::new(m.clone()))?;
         }
         registry.register(Box::new(scrub_last.clone()))?;
+        let tenant_bytes = IntGaugeVec::new(
+            Opts::new("tenant_stored_bytes", "Envelope bytes of each tenant's chunks in the cluster index"),
+            &["tenant"],
+        )?;
+        let tenant_quota =
+            IntGaugeVec::new(Opts::new("tenant_quota_bytes", "Each tenant's storage quota, where set"), &["tenant"])?;
+        registry.register(Box::new(tenant_bytes.clone()))?;
+        registry.register(Box::new(tenant_quota.clone()))?;
         registry.register(Box::new(scrub_unrepairable.clone()))?;
         Ok(NodeMetrics {
             registry,
@@ -130,7 +140,22 @@ impl NodeMetrics {
             scrub_corrupt,
             scrub_repaired,
             scrub_unrepairable,
+            tenant_bytes,
+            tenant_quota,
         })
+    }
+
+    /// Publishes each tenant's storage and quota.
+    pub fn tenants(&self, list: &[(String, u64, Option<crate::catalog::Quota>)]) {
+        for (tenant, used, quota) in list {
+            self.tenant_bytes.with_label_values(&[tenant]).set(*used as i64);
+            match quota {
+                Some(q) => self.tenant_quota.with_label_values(&[tenant]).set(q.max_bytes as i64),
+                None => {
+                    let _ = self.tenant_quota.remove_label_values(&[tenant]);
+                }
+            }
+        }
     }
 
     pub fn scrub_checked(&self, bytes: u64) {

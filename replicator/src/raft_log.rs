@@ -473,7 +473,7 @@ mod tests {
         let mut hs = HardState::default();
         (hs.term, hs.vote, hs.commit) = (3, 2, 5);
         log.persist(&[], Some(&hs), true).unwrap();
-        log.apply(vec![Write::Put(b"cx".to_vec(), b"v".to_vec())], 4, None).unwrap();
+        log.apply(vec![Write::Put(b"kx".to_vec(), b"v".to_vec())], 4, None).unwrap();
         drop(log);
         let mut log = open(dir.path());
         assert_eq!(log.initial_state().unwrap().hard_state, hs);
@@ -507,6 +507,6 @@ mod tests {
         let view = s2.catalog().unwrap();
         use crate::catalog::CatalogRead;
         assert_eq!(view.get(b"nx").unwrap(), Some(b"m".to_vec()));
-        assert_eq!(view.get(b"cx").unwrap(), Some(b"v".to_vec()));
+        assert_eq!(view.get(b"kx").unwrap(), Some(b"v".to_vec()));
     }
 }

@@ -44,6 +44,12 @@ pub enum ReplicationError {
     Paused(StoreError),
     #[error("the node is stopping")]
     Stopping,
+    #[error(
+        "tenant {tenant} is over its quota: {} MiB stored, this upload needs {} MiB more, the quota is {} MiB \
+         (an administrator can raise it: exclave-replicator quota set)",
+        used >> 20, (needed >> 20).max(1), quota >> 20
+    )]
+    Quota { tenant: String, used: u64, needed: u64, quota: u64 },
 }
 
 impl From<crate::catalog::CatalogError> for ReplicationError {
@@ -99,6 +105,19 @@ pub fn write_quorum(node: &Node) -> usize {
 pub async fn store_on_quorum(node: &Arc<Node>, tenant: String, chunks: Vec<PutChunk>) -> Result<(), ReplicationError> {
     let bytes: usize = chunks.iter().map(|c| c.envelope.len()).sum();
     let _room = node.check_room(bytes)?;
+    // The quota is checked against the applied index: uploads in flight at the same moment
+    // may pass it by a batch each.
+    let (store, t) = (node.store.clone(), tenant.clone());
+    let (used, quota) = blocking(move || {
+        let view = store.catalog()?;
+        Ok((catalog::usage(&view, &t)?, catalog::quota(&view, &t)?))
+    })
+    .await?;
+    if let Some(q) = quota
+        && used + bytes as u64 > q.max_bytes
+    {
+        return Err(ReplicationError::Quota { tenant, used, needed: bytes as u64, quota: q.max_bytes });
+    }
     // A node cut off from the majority could store but never index: say why at once.
     node.require_leader().await?;
     let chunks = Arc::new(chunks);

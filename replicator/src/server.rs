@@ -207,6 +207,7 @@ impl Failure {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
             ErrorCode::NoQuorum => "no_quorum",
+            ErrorCode::QuotaExceeded => "quota",
         }
     }
 }
@@ -239,6 +240,9 @@ impl From<replication::ReplicationError> for Failure {
             replication::ReplicationError::Store(e) => Failure::from(e),
             replication::ReplicationError::Consensus(e) => Failure::from(e),
             replication::ReplicationError::Paused(e) => Failure::from(e),
+            quota @ replication::ReplicationError::Quota { .. } => {
+                Failure::new(ErrorCode::QuotaExceeded, quota.to_string())
+            }
             replication::ReplicationError::Stopping => Failure::new(ErrorCode::Unavailable, "the node is stopping"),
             quorum @ replication::ReplicationError::Quorum { .. } => {
                 Failure::new(ErrorCode::NoQuorum, quorum.to_string())
@@ -563,6 +567,32 @@ async fn dispatch(
                 .map(|(k, v)| (serde_bytes::ByteBuf::from(k), serde_bytes::ByteBuf::from(v)))
                 .collect();
             Ok(Reply::SnapshotPage { pairs, done })
+        }
+        Request::SetQuota { tenant, max_bytes } => {
+            authorise(identity, Permission::Administer, "set_quota")?;
+            valid_name("tenant", &tenant)?;
+            node.require_leader().await?;
+            let quota = max_bytes.map(|max_bytes| catalog::Quota {
+                max_bytes,
+                by: identity.subject(),
+                time: exclave::pki::now_secs(),
+            });
+            node.raft.propose(Command::SetQuota { tenant: tenant.clone(), quota }).await?;
+            info!(%tenant, ?max_bytes, by = %identity, "quota set");
+            Ok(Reply::Ok)
+        }
+        Request::Quotas => {
+            authorise(identity, Permission::Operate, "quotas")?;
+            let list = blocking(move || Ok(catalog::usages(&store.catalog()?)?)).await?;
+            Ok(Reply::Quotas(
+                list.into_iter()
+                    .map(|(tenant, stored_bytes, q)| exclave::protocol::TenantUsage {
+                        tenant,
+                        stored_bytes,
+                        quota_bytes: q.map(|q| q.max_bytes),
+                    })
+                    .collect(),
+            ))
         }
         Request::Scrub { wait } => {
             authorise(identity, Permission::Administer, "scrub")?;

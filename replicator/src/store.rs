@@ -416,9 +416,13 @@ impl Store {
         }
         let st = crate::catalog::count_stats(&view)?;
         let cf = self.cf(self.catalog_name())?;
-        if let crate::catalog::Write::Put(k, v) = crate::catalog::stats_write(&st) {
-            self.db.put_cf_opt(cf, k, v, &Self::synced()).map_err(db_err)?;
+        let mut batch = WriteBatch::default();
+        for w in std::iter::once(crate::catalog::stats_write(&st)).chain(crate::catalog::count_usage(&view)?) {
+            if let crate::catalog::Write::Put(k, v) = w {
+                batch.put_cf(cf, k, v);
+            }
         }
+        self.db.write_opt(batch, &Self::synced()).map_err(db_err)?;
         info!(chunks = st.chunks, snapshots = st.snapshots, "counted the catalog once");
         Ok(())
     }
@@ -908,7 +912,14 @@ mod tests {
         {
             let s = Store::open(dir.path()).unwrap();
             let cf = s.cf(CF_CATALOG).unwrap();
-            for k in [&b"clux\0aaaa"[..], b"clux\0bbbb", b"cest\0cccc", b"ilux\0s1", b"k-not-counted"] {
+            let entry = |n: u32| {
+                postcard::to_allocvec(&crate::catalog::IndexEntry { envelope_len: n, checksum: Checksum([0; 32]) })
+                    .unwrap()
+            };
+            for (i, t) in [(1u8, "lux"), (2, "lux"), (3, "est")] {
+                s.db.put_cf(cf, crate::catalog::chunk_key(t, &ChunkId([i; 32])), entry(100 * u32::from(i))).unwrap();
+            }
+            for k in [&b"ilux\0s1"[..], b"k-not-counted"] {
                 s.db.put_cf(cf, k, b"v").unwrap();
             }
             assert_eq!(crate::catalog::stats(&s.catalog().unwrap()).unwrap().chunks, 0);
@@ -916,6 +927,8 @@ mod tests {
         let s = Store::open(dir.path()).unwrap();
         let st = crate::catalog::stats(&s.catalog().unwrap()).unwrap();
         assert_eq!((st.chunks, st.snapshots), (3, 1));
+        assert_eq!(crate::catalog::usage(&s.catalog().unwrap(), "lux").unwrap(), 300);
+        assert_eq!(crate::catalog::usage(&s.catalog().unwrap(), "est").unwrap(), 300);
     }
 
     #[test]

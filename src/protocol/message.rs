@@ -163,6 +163,13 @@ pub enum Request {
     Scrub {
         wait: bool,
     },
+    /// Set (or, with `None`, remove) a tenant's quota (admin) → `Ok` once committed.
+    SetQuota {
+        tenant: String,
+        max_bytes: Option<u64>,
+    },
+    /// Every tenant's storage and quota → `Quotas`.
+    Quotas,
 }
 
 impl Request {
@@ -193,6 +200,8 @@ impl Request {
             Request::Certificates => "certificates",
             Request::SnapshotPages { .. } => "snapshot_pages",
             Request::Scrub { .. } => "scrub",
+            Request::SetQuota { .. } => "set_quota",
+            Request::Quotas => "quotas",
         }
     }
 }
@@ -213,6 +222,8 @@ pub enum ErrorCode {
     /// The node cannot reach a majority of its cluster, so it cannot commit: another node
     /// may (not worth retrying on this one).
     NoQuorum,
+    /// The tenant's quota would be exceeded (an administrator must raise it).
+    QuotaExceeded,
 }
 
 impl ErrorCode {
@@ -284,6 +295,16 @@ pub enum Reply {
         done: bool,
     },
     Scrub(ScrubStatus),
+    Quotas(Vec<TenantUsage>),
+}
+
+/// A tenant's storage in the cluster and its quota.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantUsage {
+    pub tenant: String,
+    /// Envelope bytes of its chunks in the cluster's index (each chunk once).
+    pub stored_bytes: u64,
+    pub quota_bytes: Option<u64>,
 }
 
 /// A node's scrub: the pass under way, the last complete one, what could not be repaired.

@@ -2,6 +2,7 @@
 //!
 //! Exit codes: 0 everything verified; 1 failure (every damaged file is named); 2 usage.
 
+mod engine;
 mod fetch;
 mod keys;
 mod pitr;
@@ -10,7 +11,7 @@ mod writer;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Instant, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
@@ -18,8 +19,9 @@ use exclave::client::NodeClient;
 use exclave::identity::Identity;
 use exclave::keys::{Passphrase, TenantKeys, inspect_key_file, load_key_file};
 use exclave::protocol::SnapshotInfo;
+
+use engine::{format_time, human, restore_into, select, snapshot_json};
 use exclave::transport::TlsIdentity;
-use futures::StreamExt;
 
 #[derive(Parser)]
 #[command(name = "exclave-restore", version, about = "Exclave restore: list, restore and verify snapshots")]
@@ -210,26 +212,6 @@ fn keys(conn: &Conn, tls: &TlsIdentity) -> Result<TenantKeys> {
     Ok(keys)
 }
 
-fn format_time(t: i64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(t.max(0) as u64)).to_string()
-}
-
-fn select(list: &[SnapshotInfo], source: &str, which: &str) -> Result<SnapshotInfo> {
-    let of_source: Vec<&SnapshotInfo> = list.iter().filter(|s| s.source == source).collect();
-    if of_source.is_empty() {
-        bail!("no snapshot of source {source:?}");
-    }
-    if which == "latest" {
-        return of_source.iter().max_by_key(|s| (s.time, s.commit_seq)).map(|s| (*s).clone()).context("no snapshot");
-    }
-    let matches: Vec<&&SnapshotInfo> = of_source.iter().filter(|s| s.id.starts_with(which)).collect();
-    match matches.as_slice() {
-        [one] => Ok((**one).clone()),
-        [] => bail!("no snapshot {which:?} of source {source:?}"),
-        _ => bail!("snapshot id prefix {which:?} is ambiguous"),
-    }
-}
-
 async fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Cmd::Snapshots { conn, source, json } => {
@@ -412,78 +394,6 @@ async fn run_pitr(
     }
     Ok(0)
 }
-
-fn snapshot_json(s: &SnapshotInfo) -> serde_json::Value {
-    serde_json::json!({
-        "id": s.id, "source": s.source, "time": s.time, "time_utc": format_time(s.time),
-        "root": s.root.to_string(), "key_fingerprint": s.key_fingerprint, "agent": s.agent,
-        "hostname": s.hostname, "files": s.files, "logical_bytes": s.logical_bytes,
-        "chunks": s.chunks, "stored_bytes": s.stored_bytes, "commit_seq": s.commit_seq,
-    })
-}
-
-fn human(b: u64) -> String {
-    if b >= 1 << 30 {
-        format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
-    } else {
-        format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
-    }
-}
-
-/// Fetches a snapshot through `w` (which writes it, or only checks it).
-pub(crate) async fn restore_into(
-    client: &Arc<NodeClient>,
-    keys: &TenantKeys,
-    snap: &SnapshotInfo,
-    mut w: writer::Writer,
-    parallel: usize,
-) -> Result<(exclave::manifest::ManifestHeader, writer::Report)> {
-    if snap.key_fingerprint != keys.fingerprint {
-        bail!(
-            "wrong key: snapshot {} was sealed with key {}, the key file holds key {}",
-            snap.id,
-            snap.key_fingerprint,
-            keys.fingerprint
-        );
-    }
-    let root = fetch::manifest_root(client, keys, snap.root).await?;
-    let header = root.header.clone();
-    // Files are written and hashed on a thread of their own, so that disk writes never hold
-    // up the runtime that drives the fetches; the channel bounds what waits in between.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<fetch::Item>(WRITE_QUEUE);
-    let writer = std::thread::Builder::new().name("writer".into()).spawn(move || -> Result<writer::Report> {
-        while let Some(item) = rx.blocking_recv() {
-            w.item(item)?;
-        }
-        Ok(w.finish()?.clone())
-    })?;
-    let fetched: Result<()> = async {
-        let mut pages = std::pin::pin!(fetch::pages(client.clone(), keys.clone(), root));
-        while let Some(page) = pages.next().await {
-            let mut stream = std::pin::pin!(fetch::items(client.clone(), keys.clone(), page?, parallel));
-            while let Some(item) = stream.next().await {
-                if tx.send(item).await.is_err() {
-                    // The writer stopped: its error is the one to report.
-                    return Ok(());
-                }
-            }
-        }
-        Ok(())
-    }
-    .await;
-    drop(tx);
-    let written = tokio::task::spawn_blocking(move || writer.join())
-        .await?
-        .map_err(|_| anyhow::anyhow!("the writer thread panicked"))?;
-    // A fetch that failed ended the stream early (the writer then saw a cut-off file): its
-    // error is the cause.
-    fetched?;
-    Ok((header, written?))
-}
-
-/// Items waiting for the writer: each chunk at most its source's largest chunk size (256 KiB
-/// by default).
-const WRITE_QUEUE: usize = 64;
 
 async fn read_back(conn: Conn, pick: Pick, target: Option<PathBuf>, overwrite: bool, out: Out) -> Result<i32> {
     let started = Instant::now();

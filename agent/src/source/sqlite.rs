@@ -4,17 +4,15 @@
 //! transaction's view of the database whatever writers do meanwhile (in WAL mode they are
 //! not even blocked). The copy is checked with `PRAGMA integrity_check` and the facts are
 //! taken from it, so they describe exactly what is backed up.
-//!
-//! Row hash: BLAKE3 over each column's type tag and value (integers and reals as 8 bytes LE,
-//! text and blobs length-prefixed); a table's checksum is the wrapping sum of the first 16
-//! bytes of every row hash, as 32 hex digits, so the row order does not matter.
+//! The facts and their row hash are in the core (`exclave::facts::sqlite`), shared with the
+//! restore tool's drills.
 
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use exclave::facts::{DbFacts, FACTS_FORMAT, TableFacts};
-use rusqlite::{Connection, OpenFlags, backup};
+use exclave::facts::DbFacts;
+use rusqlite::{Connection, backup};
 
 /// Copies `src` into a new database at `dst` (one consistent view).
 pub fn copy(src: &Path, dst: &Path) -> Result<()> {
@@ -47,61 +45,12 @@ pub fn copy(src: &Path, dst: &Path) -> Result<()> {
 }
 
 fn open_read_only(path: &Path) -> Result<Connection> {
-    if !path.is_file() {
-        bail!("SQLite database {} does not exist or is not a file", path.display());
-    }
-    let c = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-        .with_context(|| format!("opening {}", path.display()))?;
-    c.busy_timeout(Duration::from_secs(10))?;
-    // Opening is lazy; the first read says whether this is a database at all.
-    c.query_row("PRAGMA schema_version", [], |r| r.get::<_, i64>(0))
-        .with_context(|| format!("{} is not a readable SQLite database", path.display()))?;
-    Ok(c)
+    Ok(exclave::facts::sqlite::open_read_only(path)?)
 }
 
 /// Facts of the database at `path` (the copy, or a restored file).
 pub fn facts(path: &Path, taken_at: i64) -> Result<DbFacts> {
-    let c = open_read_only(path)?;
-    let mut names: Vec<String> = c
-        .prepare("SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'")?
-        .query_map([], |r| r.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
-    names.sort();
-    let mut tables = Vec::new();
-    for name in names {
-        let quoted = format!("\"{}\"", name.replace('"', "\"\""));
-        let mut stmt = c.prepare(&format!("SELECT * FROM {quoted}"))?;
-        let cols = stmt.column_count();
-        let mut rows = stmt.query([])?;
-        let (mut n, mut sum) = (0u64, 0u128);
-        while let Some(row) = rows.next()? {
-            let mut h = blake3::Hasher::new();
-            for i in 0..cols {
-                use rusqlite::types::ValueRef::*;
-                match row.get_ref(i)? {
-                    Null => h.update(&[0]),
-                    Integer(v) => h.update(&[1]).update(&v.to_le_bytes()),
-                    Real(v) => h.update(&[2]).update(&v.to_le_bytes()),
-                    Text(t) => h.update(&[3]).update(&(t.len() as u64).to_le_bytes()).update(t),
-                    Blob(b) => h.update(&[4]).update(&(b.len() as u64).to_le_bytes()).update(b),
-                };
-            }
-            let mut first = [0u8; 16];
-            first.copy_from_slice(&h.finalize().as_bytes()[..16]);
-            sum = sum.wrapping_add(u128::from_le_bytes(first));
-            n += 1;
-        }
-        tables.push(TableFacts { name, rows: n, checksum: format!("{sum:032x}") });
-    }
-    Ok(DbFacts {
-        format: FACTS_FORMAT,
-        engine: "sqlite".into(),
-        database: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-        server_version: rusqlite::version().to_string(),
-        taken_at,
-        row_hash: "blake3".into(),
-        tables,
-    })
+    Ok(exclave::facts::sqlite::facts(path, taken_at)?)
 }
 
 #[cfg(test)]

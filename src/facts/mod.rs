@@ -17,6 +17,9 @@
 
 use serde::{Deserialize, Serialize};
 
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+
 pub const FACTS_FORMAT: u32 = 1;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,6 +49,8 @@ pub enum FactsError {
     Malformed(String),
     #[error("verification facts format {0} is not supported by this build")]
     UnsupportedFormat(u32),
+    #[error("{0}")]
+    Database(String),
 }
 
 impl DbFacts {

@@ -25,13 +25,15 @@
 //! z                                                   → postcard(CatalogStats)     counts kept by `apply`
 //! b ‖ tenant ‖ 0                                      → u64 BE: envelope bytes the tenant's index names
 //! u ‖ tenant ‖ 0                                      → postcard(Quota)            set by an administrator
+//! D ‖ tenant ‖ 0 ‖ source ‖ 0 ‖ recorded (i64 BE) ‖ seq → postcard(DrillRecord) every drill recorded
+//! L ‖ tenant ‖ 0 ‖ source                             → postcard(DrillLatest)      the newest drill, last success
 //! ```
 //!
 //! A revocation is never removed: a revoked certificate stays refused for as long as it
 //! could be presented (renewal issues a new certificate with a new serial).
 
 use exclave::chunk_id::{Checksum, ChunkId};
-use exclave::protocol::{Revocation, SnapshotInfo};
+use exclave::protocol::{DrillRecord, Revocation, SnapshotInfo};
 use exclave::retention::{Candidate, RetentionPolicy};
 use serde::{Deserialize, Serialize};
 
@@ -219,6 +221,57 @@ pub enum Command {
         tenant: String,
         quota: Option<Quota>,
     },
+    /// A restore drill's result.
+    RecordDrill {
+        tenant: String,
+        record: DrillRecord,
+    },
+}
+
+/// A source's newest drill, and when one last passed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DrillLatest {
+    pub last: DrillRecord,
+    pub last_success: Option<i64>,
+}
+
+fn drill_key(tenant: &str, source: &str, recorded: i64, seq: u64) -> Vec<u8> {
+    let mut k = tenant_key(b'D', tenant);
+    k.extend_from_slice(source.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&recorded.to_be_bytes());
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn drill_latest_key(tenant: &str, source: &str) -> Vec<u8> {
+    let mut k = tenant_key(b'L', tenant);
+    k.extend_from_slice(source.as_bytes());
+    k
+}
+
+/// The drills of a tenant (optionally one source), oldest first per source.
+pub fn drills(view: &dyn CatalogRead, tenant: &str, source: Option<&str>) -> Result<Vec<DrillRecord>, CatalogError> {
+    let mut prefix = tenant_key(b'D', tenant);
+    if let Some(s) = source {
+        prefix.extend_from_slice(s.as_bytes());
+        prefix.push(0);
+    }
+    Ok(scan_decoded::<DrillRecord>(view, &prefix)?.into_iter().map(|(_, d)| d).collect())
+}
+
+/// Every source's newest drill: (tenant, source, latest).
+pub fn drills_latest(view: &dyn CatalogRead) -> Result<Vec<(String, String, DrillLatest)>, CatalogError> {
+    Ok(scan_decoded::<DrillLatest>(view, b"L")?
+        .into_iter()
+        .filter_map(|(k, d)| {
+            let rest = &k[1..];
+            let nul = rest.iter().position(|b| *b == 0)?;
+            let tenant = String::from_utf8_lossy(&rest[..nul]).into_owned();
+            let source = String::from_utf8_lossy(&rest[nul + 1..]).into_owned();
+            Some((tenant, source, d))
+        })
+        .collect())
 }
 
 /// Archived WAL of a source lives in `SOURCE.wal` (see the agent's `wal` module); WAL
@@ -529,6 +582,20 @@ pub fn apply(view: &dyn CatalogRead, cmd: &Command) -> Result<(Outcome, Vec<Writ
         }
         Command::RemoveMember { raft_id } => {
             w.push(Write::Delete(member_key(*raft_id)));
+            Outcome::Done
+        }
+        Command::RecordDrill { tenant, record } => {
+            let seq = match view.get(SEQ_KEY)? {
+                Some(v) => u64::from_be_bytes(v.as_slice().try_into().map_err(|_| CatalogError::Decode("seq".into()))?),
+                None => 0,
+            } + 1;
+            w.push(Write::Put(SEQ_KEY.to_vec(), seq.to_be_bytes().to_vec()));
+            w.push(Write::Put(drill_key(tenant, &record.source, record.recorded, seq), encode(record)));
+            let latest_key = drill_latest_key(tenant, &record.source);
+            let before: Option<DrillLatest> = view.get(&latest_key)?.map(|v| decode(&v)).transpose()?;
+            let last_success =
+                if record.verdict == "PASS" { Some(record.started) } else { before.and_then(|b| b.last_success) };
+            w.push(Write::Put(latest_key, encode(&DrillLatest { last: record.clone(), last_success })));
             Outcome::Done
         }
         Command::SetQuota { tenant, quota } => {
@@ -979,6 +1046,36 @@ mod tests {
         assert_eq!(count(&c, CHUNK_PREFIX).unwrap(), 2, "chunks stay until garbage collection");
         let again = c.apply(&Command::Forget { tenant: "lux".into(), snapshot_id: "s1".into() }).unwrap();
         assert!(matches!(again, Outcome::Refused(_)));
+    }
+
+    #[test]
+    fn drills_are_kept_and_the_last_success_remembered() {
+        let mut c = MemCatalog::default();
+        let rec = |verdict: &str, t: i64| DrillRecord {
+            source: "rnpp".into(),
+            snapshot: "s1".into(),
+            snapshot_time: 1,
+            started: t,
+            verdict: verdict.into(),
+            reason: String::new(),
+            rto_ms: 1500,
+            rpo_secs: 60,
+            bytes: 10,
+            files: 1,
+            identity: "restore:lux".into(),
+            node: "n1".into(),
+            recorded: t,
+        };
+        for (v, t) in [("PASS", 10), ("FAIL", 20), ("PASS", 30), ("FAIL", 40)] {
+            c.apply(&Command::RecordDrill { tenant: "lux".into(), record: rec(v, t) }).unwrap();
+        }
+        let all = drills(&c, "lux", Some("rnpp")).unwrap();
+        assert_eq!(all.iter().map(|d| d.started).collect::<Vec<_>>(), [10, 20, 30, 40]);
+        assert!(drills(&c, "est", None).unwrap().is_empty());
+        let latest = drills_latest(&c).unwrap();
+        assert_eq!(latest.len(), 1);
+        assert_eq!((latest[0].0.as_str(), latest[0].1.as_str()), ("lux", "rnpp"));
+        assert_eq!((latest[0].2.last.verdict.as_str(), latest[0].2.last_success), ("FAIL", Some(30)));
     }
 
     #[test]

@@ -199,6 +199,7 @@ async fn run_node(cfg: config::NodeConfig) -> Result<()> {
         certificate,
         ca_certificate,
         in_flight: Default::default(),
+        tenant_in_flight: Default::default(),
     });
     if let Some(addr) = cfg.metrics {
         exclave::metrics::serve(addr, metrics.registry.clone())
@@ -215,13 +216,17 @@ async fn run_node(cfg: config::NodeConfig) -> Result<()> {
                 tokio::time::sleep(Duration::from_secs(5)).await;
                 m.raft_state(&raft.view(), raft.id, |id| peers.name_of(id));
                 n += 1;
-                if n.is_multiple_of(3) {
+                // From the first round on (5 s after start), then every 15 s.
+                if n % 3 == 1 {
                     m.update_disk(&d);
                     let st2 = st.clone();
-                    if let Ok(Ok(list)) =
-                        tokio::task::spawn_blocking(move || st2.catalog().and_then(|v| Ok(catalog::usages(&v)?))).await
-                    {
-                        m.tenants(&list);
+                    let read = move || -> Result<_, store::StoreError> {
+                        let v = st2.catalog()?;
+                        Ok((catalog::usages(&v)?, catalog::drills_latest(&v)?))
+                    };
+                    if let Ok(Ok((usages, drills))) = tokio::task::spawn_blocking(read).await {
+                        m.tenants(&usages);
+                        m.drills(&drills);
                     }
                     // A ballast given back to a full disk is laid again once there is room.
                     let st = st.clone();

@@ -32,6 +32,11 @@ pub struct NodeMetrics {
     scrub_unrepairable: IntGauge,
     tenant_bytes: IntGaugeVec,
     tenant_quota: IntGaugeVec,
+    drill_last_run: IntGaugeVec,
+    drill_last_success: IntGaugeVec,
+    drill_rpo: IntGaugeVec,
+    drill_ok: IntGaugeVec,
+    drill_rto: prometheus::GaugeVec,
 }
 
 impl NodeMetrics {
@@ -118,6 +123,24 @@ impl NodeMetrics {
             IntGaugeVec::new(Opts::new("tenant_quota_bytes", "Each tenant's storage quota, where set"), &["tenant"])?;
         registry.register(Box::new(tenant_bytes.clone()))?;
         registry.register(Box::new(tenant_quota.clone()))?;
+        let per_source = |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["tenant", "source"]);
+        let drill_last_run =
+            per_source("drill_last_run_timestamp_seconds", "When the newest restore drill of each source started")?;
+        let drill_last_success = per_source(
+            "drill_last_success_timestamp_seconds",
+            "When the newest passing restore drill of each source started",
+        )?;
+        let drill_rpo =
+            per_source("drill_rpo_seconds", "Age of the snapshot the newest restore drill of each source restored")?;
+        let drill_ok = per_source("drill_ok", "1 when the newest restore drill of each source passed")?;
+        let drill_rto = prometheus::GaugeVec::new(
+            Opts::new("drill_rto_seconds", "Recovery time measured by the newest restore drill of each source"),
+            &["tenant", "source"],
+        )?;
+        for m in [&drill_last_run, &drill_last_success, &drill_rpo, &drill_ok] {
+            registry.register(Box::new(m.clone()))?;
+        }
+        registry.register(Box::new(drill_rto.clone()))?;
         registry.register(Box::new(scrub_unrepairable.clone()))?;
         Ok(NodeMetrics {
             registry,
@@ -142,7 +165,26 @@ impl NodeMetrics {
             scrub_unrepairable,
             tenant_bytes,
             tenant_quota,
+            drill_last_run,
+            drill_last_success,
+            drill_rpo,
+            drill_ok,
+            drill_rto,
         })
+    }
+
+    /// Publishes every source's newest drill (rebuilt from the catalog, so any node answers).
+    pub fn drills(&self, list: &[(String, String, crate::catalog::DrillLatest)]) {
+        for (tenant, source, d) in list {
+            let l = [tenant.as_str(), source.as_str()];
+            self.drill_last_run.with_label_values(&l).set(d.last.started);
+            if let Some(t) = d.last_success {
+                self.drill_last_success.with_label_values(&l).set(t);
+            }
+            self.drill_rpo.with_label_values(&l).set(d.last.rpo_secs);
+            self.drill_ok.with_label_values(&l).set(i64::from(d.last.verdict == "PASS"));
+            self.drill_rto.with_label_values(&l).set(d.last.rto_ms as f64 / 1000.0);
+        }
     }
 
     /// Publishes each tenant's storage and quota.

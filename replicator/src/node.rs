@@ -44,6 +44,45 @@ pub struct Node {
     /// Bytes of writes admitted by `check_room` and not finished yet: counted against the
     /// free space, so concurrent uploads cannot each see the same room and overshoot the reserve.
     pub in_flight: Arc<std::sync::atomic::AtomicU64>,
+    /// Per tenant, bytes admitted against its quota and not indexed yet.
+    pub tenant_in_flight: Arc<TenantInFlight>,
+}
+
+/// Bytes per tenant admitted against a quota by this node and not yet in the index.
+#[derive(Default)]
+pub struct TenantInFlight(std::sync::Mutex<std::collections::HashMap<String, u64>>);
+
+impl TenantInFlight {
+    /// Admits `bytes` for `tenant` if `used` plus what is pending plus them fits in `quota`;
+    /// else returns what is pending.
+    pub fn admit(self: &Arc<Self>, tenant: &str, used: u64, bytes: u64, quota: u64) -> Result<Admitted, u64> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let pending = m.get(tenant).copied().unwrap_or(0);
+        if used + pending + bytes > quota {
+            return Err(pending);
+        }
+        *m.entry(tenant.to_string()).or_default() += bytes;
+        Ok(Admitted { tenant: tenant.to_string(), bytes, of: self.clone() })
+    }
+}
+
+/// Bytes admitted against a tenant's quota; released when dropped (indexed, or failed).
+pub struct Admitted {
+    tenant: String,
+    bytes: u64,
+    of: Arc<TenantInFlight>,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut m = self.of.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = m.get_mut(&self.tenant) {
+            *v = v.saturating_sub(self.bytes);
+            if *v == 0 {
+                m.remove(&self.tenant);
+            }
+        }
+    }
 }
 
 /// Room reserved for one write; released when dropped (the write is on disk, or failed).

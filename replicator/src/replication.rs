@@ -105,19 +105,25 @@ pub fn write_quorum(node: &Node) -> usize {
 pub async fn store_on_quorum(node: &Arc<Node>, tenant: String, chunks: Vec<PutChunk>) -> Result<(), ReplicationError> {
     let bytes: usize = chunks.iter().map(|c| c.envelope.len()).sum();
     let _room = node.check_room(bytes)?;
-    // The quota is checked against the applied index: uploads in flight at the same moment
-    // may pass it by a batch each.
+    // The quota is checked against the applied index plus what this node has admitted and not
+    // indexed yet; uploads arriving at other nodes at the same moment may pass it by a batch each.
     let (store, t) = (node.store.clone(), tenant.clone());
     let (used, quota) = blocking(move || {
         let view = store.catalog()?;
         Ok((catalog::usage(&view, &t)?, catalog::quota(&view, &t)?))
     })
     .await?;
-    if let Some(q) = quota
-        && used + bytes as u64 > q.max_bytes
-    {
-        return Err(ReplicationError::Quota { tenant, used, needed: bytes as u64, quota: q.max_bytes });
-    }
+    let _admitted = match quota {
+        Some(q) => Some(node.tenant_in_flight.admit(&tenant, used, bytes as u64, q.max_bytes).map_err(|pending| {
+            ReplicationError::Quota {
+                tenant: tenant.clone(),
+                used: used + pending,
+                needed: bytes as u64,
+                quota: q.max_bytes,
+            }
+        })?),
+        None => None,
+    };
     // A node cut off from the majority could store but never index: say why at once.
     node.require_leader().await?;
     let chunks = Arc::new(chunks);

@@ -568,6 +568,31 @@ async fn dispatch(
                 .collect();
             Ok(Reply::SnapshotPage { pairs, done })
         }
+        Request::RecordDrill { record } => {
+            let tenant = authorise(identity, Permission::ReadTenant, "record_drill")?;
+            valid_name("source", &record.source)?;
+            valid_name("snapshot id", &record.snapshot)?;
+            if !["PASS", "FAIL", "INCOMPLETE"].contains(&record.verdict.as_str()) || record.reason.len() > 4096 {
+                return Err(Failure::new(ErrorCode::BadRequest, "a drill's verdict is PASS, FAIL or INCOMPLETE"));
+            }
+            node.require_leader().await?;
+            // The node, not the client, says who recorded it, where and when.
+            let record = exclave::protocol::DrillRecord {
+                identity: identity.subject(),
+                node: node.name.clone(),
+                recorded: exclave::pki::now_secs(),
+                ..record
+            };
+            info!(%tenant, source = %record.source, verdict = %record.verdict, rto_ms = record.rto_ms,
+                  rpo_secs = record.rpo_secs, "drill recorded");
+            node.raft.propose(Command::RecordDrill { tenant, record }).await?;
+            Ok(Reply::Ok)
+        }
+        Request::Drills { source } => {
+            let tenant = authorise(identity, Permission::ReadTenant, "drills")?;
+            let list = blocking(move || Ok(catalog::drills(&store.catalog()?, &tenant, source.as_deref())?)).await?;
+            Ok(Reply::Drills(list))
+        }
         Request::SetQuota { tenant, max_bytes } => {
             authorise(identity, Permission::Administer, "set_quota")?;
             valid_name("tenant", &tenant)?;

@@ -2,6 +2,7 @@
 //!
 //! Exit codes: 0 everything verified; 1 failure (every damaged file is named); 2 usage.
 
+mod drill;
 mod engine;
 mod fetch;
 mod keys;
@@ -110,6 +111,48 @@ enum Cmd {
     /// Tenant keys: rebuild one from its holders' shares, show one.
     #[command(subcommand)]
     Keys(keys::KeysCmd),
+    /// Restore drill: restore into scratch space, verify every chunk and file, check the
+    /// databases against the facts recorded at snapshot time, measure RTO and RPO, write a
+    /// report, and record the result in the cluster.
+    ///
+    /// Exit code 0 PASS, 1 FAIL, 3 INCOMPLETE (something could not be checked).
+    Drill {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(flatten)]
+        pick: Pick,
+        /// Where scratch space is made (removed at the end unless --keep) [default: the temp dir].
+        #[arg(long)]
+        scratch: Option<PathBuf>,
+        /// Keep the restored data, and say where.
+        #[arg(long)]
+        keep: bool,
+        /// Write the report here: drill-SOURCE-TIME.json and .md.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Fail the drill when recovery takes longer than this, seconds.
+        #[arg(long)]
+        rto_target: Option<f64>,
+        /// Fail the drill when the snapshot is older than this at the start, seconds.
+        #[arg(long)]
+        rpo_target: Option<i64>,
+        /// Do not record the result in the cluster.
+        #[arg(long)]
+        no_record: bool,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// The restore drills the cluster has recorded for the tenant.
+    Drills {
+        #[command(flatten)]
+        conn: Conn,
+        /// Only the drills of this source.
+        #[arg(long)]
+        source: Option<String>,
+        /// Print them as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -252,7 +295,115 @@ async fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::WalFetch { conn, source, file, dest } => wal_fetch(conn, &source, &file, &dest).await,
         Cmd::Keys(cmd) => keys::run(cmd),
+        Cmd::Drill { conn, pick, scratch, keep, report, rto_target, rpo_target, no_record, out } => {
+            let opts = drill::Options {
+                scratch,
+                report,
+                keep,
+                parallel: pick.parallel,
+                rto_target_secs: rto_target,
+                rpo_target_secs: rpo_target,
+            };
+            run_drill(conn, pick, opts, !no_record, out).await
+        }
+        Cmd::Drills { conn, source, json } => list_drills(conn, source, json).await,
     }
+}
+
+async fn run_drill(conn: Conn, pick: Pick, opts: drill::Options, record: bool, out: Out) -> Result<i32> {
+    let started = Instant::now();
+    let started_at = std::time::SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    let (client, tls) = connect(&conn).await?;
+    let keys = keys(&conn, &tls)?;
+    let mut phases =
+        vec![drill::Phase { name: "connect and open the key".into(), secs: started.elapsed().as_secs_f64() }];
+    let t = Instant::now();
+    let node = client.addr();
+    let snap = select(&list(&client, &conn, Some(&pick.source)).await?, &pick.source, &pick.snapshot)?;
+    phases.push(drill::Phase { name: "find the snapshot".into(), secs: t.elapsed().as_secs_f64() });
+    let client = Arc::new(client);
+    let mut report =
+        drill::run(client.clone(), node.to_string(), &keys, &snap, started, started_at, phases, &opts).await?;
+    if record {
+        match drill::record(&client, &report, &snap, started_at).await {
+            Ok(()) => report.recorded = true,
+            Err(e) => eprintln!("warning: the drill's result could not be recorded in the cluster: {e:#}"),
+        }
+    }
+    let files = match &opts.report {
+        Some(dir) => Some(drill::write_report(dir, &report, started_at)?),
+        None => None,
+    };
+    if out.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("drill of {} ({}): {}", report.source, report.tenant, report.verdict);
+        println!("  {}", report.reason);
+        println!("  snapshot   {} taken {}, from {}", report.snapshot, report.snapshot_time, report.node);
+        println!(
+            "  RTO        {:.1} s{}",
+            report.rto_secs,
+            report.rto_target_secs.map(|t| format!(" (target {t} s)")).unwrap_or_default()
+        );
+        println!(
+            "  RPO        {} s{}",
+            report.rpo_secs,
+            report.rpo_target_secs.map(|t| format!(" (target {t} s)")).unwrap_or_default()
+        );
+        for c in &report.checks {
+            println!("  {:<8}   {}: {}", c.result.to_uppercase(), c.name, c.detail);
+            for p in &c.problems {
+                println!("             - {p}");
+            }
+        }
+        if let Some(k) = &report.kept_at {
+            println!("  kept at    {k}");
+        }
+        if let Some((j, m)) = &files {
+            println!("  report     {} and {}", m.display(), j.display());
+        }
+        if report.recorded {
+            println!("  recorded in the cluster (exclave-restore drills)");
+        }
+    }
+    if let Ok(c) = Arc::try_unwrap(client) {
+        c.close().await;
+    }
+    Ok(match report.verdict.as_str() {
+        "PASS" => 0,
+        "INCOMPLETE" => 3,
+        _ => 1,
+    })
+}
+
+async fn list_drills(conn: Conn, source: Option<String>, json: bool) -> Result<i32> {
+    let (client, _) = connect(&conn).await?;
+    let reply = client.call(&[exclave::protocol::Request::Drills { source }]).await;
+    client.close().await;
+    let exclave::protocol::Reply::Drills(list) = reply? else { bail!("unexpected reply to drills") };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(0);
+    }
+    println!(
+        "{:<21} {:<16} {:<11} {:>8} {:>10}  {:<17} by",
+        "STARTED (UTC)", "SOURCE", "VERDICT", "RTO", "RPO", "SNAPSHOT"
+    );
+    for d in &list {
+        println!(
+            "{:<21} {:<16} {:<11} {:>6.1} s {:>8} s  {:<17} {} via {}",
+            format_time(d.started),
+            d.source,
+            d.verdict,
+            d.rto_ms as f64 / 1000.0,
+            d.rpo_secs,
+            d.snapshot,
+            d.identity,
+            d.node
+        );
+    }
+    println!("{} drill(s)", list.len());
+    Ok(0)
 }
 
 async fn wal_fetch(conn: Conn, source: &str, file: &str, dest: &std::path::Path) -> Result<i32> {

@@ -170,6 +170,16 @@ pub enum Request {
     },
     /// Every tenant's storage and quota → `Quotas`.
     Quotas,
+    /// Record a restore drill's result for the caller's tenant (restore identities) → `Ok`
+    /// once committed. The node sets `identity`, `node` and `recorded`.
+    RecordDrill {
+        record: DrillRecord,
+    },
+    /// The drills recorded for the caller's tenant (optionally one source), oldest first →
+    /// `Drills`.
+    Drills {
+        source: Option<String>,
+    },
 }
 
 impl Request {
@@ -202,6 +212,8 @@ impl Request {
             Request::Scrub { .. } => "scrub",
             Request::SetQuota { .. } => "set_quota",
             Request::Quotas => "quotas",
+            Request::RecordDrill { .. } => "record_drill",
+            Request::Drills { .. } => "drills",
         }
     }
 }
@@ -296,6 +308,32 @@ pub enum Reply {
     },
     Scrub(ScrubStatus),
     Quotas(Vec<TenantUsage>),
+    Drills(Vec<DrillRecord>),
+}
+
+/// What a restore drill proved, as the cluster keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrillRecord {
+    pub source: String,
+    pub snapshot: String,
+    /// When the snapshot was taken (Unix seconds).
+    pub snapshot_time: i64,
+    /// When the drill started (the drill host's clock).
+    pub started: i64,
+    /// `PASS`, `FAIL` or `INCOMPLETE` (something could not be checked).
+    pub verdict: String,
+    /// Why, in one line.
+    pub reason: String,
+    /// Recovery time: from the start until the data was usable and verified.
+    pub rto_ms: u64,
+    /// Recovery point: the snapshot's age when the drill started, seconds.
+    pub rpo_secs: i64,
+    pub bytes: u64,
+    pub files: u64,
+    /// Set by the node: who recorded it, through which node, and when (the node's clock).
+    pub identity: String,
+    pub node: String,
+    pub recorded: i64,
 }
 
 /// A tenant's storage in the cluster and its quota.

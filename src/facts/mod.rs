@@ -17,6 +17,8 @@
 
 use serde::{Deserialize, Serialize};
 
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 

@@ -23,34 +23,12 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use exclave::facts::{DbFacts, FACTS_FORMAT, TableFacts};
-use postgres::{Client, NoTls};
+use exclave::facts::DbFacts;
+use postgres::Client;
 
 use super::command::ChildSpec;
 
-const SESSION_SETTINGS: &str = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; \
-     SET extra_float_digits = 1; SET bytea_output = 'hex'";
-
-/// A connection string with any password hidden, for messages and logs.
-pub fn redact(conn: &str) -> String {
-    if let Some((scheme, rest)) = conn.split_once("://")
-        && let Some((userinfo, host)) = rest.split_once('@')
-        && let Some((user, _)) = userinfo.split_once(':')
-    {
-        return format!("{scheme}://{user}:***@{host}");
-    }
-    conn.split_whitespace()
-        .map(|kv| if kv.starts_with("password=") { "password=***".to_string() } else { kv.to_string() })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-pub fn connect(conn: &str) -> Result<Client> {
-    let mut c =
-        Client::connect(conn, NoTls).with_context(|| format!("connecting to PostgreSQL with {:?}", redact(conn)))?;
-    c.batch_execute(SESSION_SETTINGS).context("setting up the PostgreSQL session")?;
-    Ok(c)
-}
+pub use exclave::facts::postgres::{RowHash, connect, current_facts, table_facts};
 
 /// The program `name` from `pg_bin`, or from PATH.
 pub fn program(pg_bin: Option<&Path>, name: &str) -> PathBuf {
@@ -96,7 +74,7 @@ impl DumpSession {
     }
 
     pub fn facts(&mut self, taken_at: i64) -> Result<DbFacts> {
-        table_facts(&mut self.client, &self.database, &self.server_version, taken_at, RowHash::HashTextExtended)
+        Ok(table_facts(&mut self.client, &self.database, &self.server_version, taken_at, RowHash::HashTextExtended)?)
     }
 }
 
@@ -104,87 +82,6 @@ impl Drop for DumpSession {
     fn drop(&mut self) {
         let _ = self.client.batch_execute("ROLLBACK");
     }
-}
-
-/// How each row is hashed for a table's checksum.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RowHash {
-    HashTextExtended,
-    Md5,
-}
-
-impl RowHash {
-    pub fn name(self) -> &'static str {
-        match self {
-            RowHash::HashTextExtended => "hashtextextended",
-            RowHash::Md5 => "md5",
-        }
-    }
-
-    pub fn from_name(name: &str) -> Result<RowHash> {
-        match name {
-            "hashtextextended" => Ok(RowHash::HashTextExtended),
-            // Facts written before `row_hash` existed used md5.
-            "md5" | "" => Ok(RowHash::Md5),
-            other => bail!("row hash {other:?} is not known to this version"),
-        }
-    }
-
-    /// The aggregate giving a table's checksum as text (rows of the table aliased `t`).
-    fn checksum_sql(self) -> &'static str {
-        match self {
-            RowHash::HashTextExtended => "coalesce(sum(hashtextextended(t::text, 0)), 0)::text",
-            RowHash::Md5 => "coalesce(sum(('x' || substr(md5(t::text), 1, 16))::bit(64)::bigint::numeric), 0)::text",
-        }
-    }
-}
-
-/// Facts of every ordinary table of the connected database, in the current transaction.
-pub fn table_facts(
-    c: &mut impl postgres::GenericClient,
-    database: &str,
-    server_version: &str,
-    taken_at: i64,
-    hash: RowHash,
-) -> Result<DbFacts> {
-    let names: Vec<String> = c
-        .query(
-            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c \
-             JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE c.relkind = 'r' AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%' \
-             ORDER BY 1",
-            &[],
-        )
-        .context("listing tables")?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let mut tables = Vec::new();
-    for name in names {
-        // `name` comes from format('%I.%I'), so it is a correctly quoted identifier.
-        let row = c
-            .query_one(&format!("SELECT count(*), {} FROM {name} AS t", hash.checksum_sql()), &[])
-            .with_context(|| format!("reading table {name}"))?;
-        tables.push(TableFacts { name, rows: row.get::<_, i64>(0) as u64, checksum: row.get(1) });
-    }
-    Ok(DbFacts {
-        format: FACTS_FORMAT,
-        engine: "postgresql".into(),
-        database: database.to_string(),
-        server_version: server_version.to_string(),
-        taken_at,
-        row_hash: hash.name().into(),
-        tables,
-    })
-}
-
-/// Facts of the database as it is now (used on restored databases), rows hashed with `hash`.
-pub fn current_facts(conn: &str, taken_at: i64, hash: RowHash) -> Result<DbFacts> {
-    let mut c = connect(conn)?;
-    let mut tx = c.build_transaction().isolation_level(postgres::IsolationLevel::RepeatableRead).start()?;
-    let row = tx.query_one("SELECT current_database(), current_setting('server_version')", &[])?;
-    let (db, version): (String, String) = (row.get(0), row.get(1));
-    table_facts(&mut tx, &db, &version, taken_at, hash)
 }
 
 /// Refuses a pg_dump older than the server (it could not read the newer catalog).
@@ -232,6 +129,7 @@ pub fn base_backup_command(pg_basebackup: &Path, conn: &str) -> ChildSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use exclave::facts::postgres::redact;
 
     #[test]
     fn passwords_are_hidden() {

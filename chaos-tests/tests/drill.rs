@@ -132,3 +132,43 @@ fn drills_pass_fail_report_and_are_recorded_on_every_node() {
         std::thread::sleep(Duration::from_millis(500));
     }
 }
+
+const SCHEMA: &str = "
+CREATE TABLE person (id bigint PRIMARY KEY, name text NOT NULL, born date, income numeric(12,2), photo bytea);
+CREATE SCHEMA cadastre;
+CREATE TABLE cadastre.\"Parcel\" (id serial PRIMARY KEY, owner bigint REFERENCES person, area double precision, geo jsonb);
+INSERT INTO person SELECT i, 'Persoon ' || i || ' Ærø', date '1950-01-01' + i, i * 1.25, decode(md5(i::text), 'hex')
+  FROM generate_series(1, 20000) i;
+INSERT INTO cadastre.\"Parcel\" (owner, area, geo) SELECT i, i / 7.0, jsonb_build_object('x', i) FROM generate_series(1, 20000, 3) i;
+";
+
+#[test]
+fn a_postgresql_dump_is_loaded_into_a_scratch_server_and_checked_against_its_facts() {
+    use exclave_chaos_tests::postgres::PgServer;
+    let w = World::new();
+    let node = w.start_node("n1");
+    let pg = PgServer::start("");
+    pg.psql("postgres", "CREATE DATABASE rnpp");
+    pg.psql("rnpp", SCHEMA);
+    ok(w.backup_as(&node, "rnpp", "lux.key", "rnpp-db", &[], &["--postgres", &pg.conn("rnpp")]));
+
+    let bin = pg.bin.to_str().unwrap().to_string();
+    let r = json(&ok(drill(&w, &node, "rnpp-db", &["--pg-bin", &bin])));
+    assert_eq!(r["verdict"], "PASS", "{r}");
+    let check = r["checks"].as_array().unwrap().iter().find(|c| c["name"] == "PostgreSQL database rnpp").unwrap();
+    assert_eq!(check["result"], "pass", "{check}");
+    assert!(check["detail"].as_str().unwrap().contains("2 table(s), 26667 row(s) match"), "{check}");
+    assert!(r["phases"].as_array().unwrap().iter().any(|p| p["name"] == "database load and checks"));
+
+    // A pg_restore older than the dump's server: the drill fails and says which and why.
+    let old = w.path("old-pg");
+    std::fs::create_dir_all(&old).unwrap();
+    let fake = old.join("pg_restore");
+    std::fs::write(&fake, "#!/bin/sh\necho 'pg_restore (PostgreSQL) 11.22'\n").unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = drill(&w, &node, "rnpp-db", &["--pg-bin", old.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let r = json(&out);
+    assert_eq!(r["verdict"], "FAIL");
+    assert!(r["reason"].as_str().unwrap().contains("is PostgreSQL 11, older than the server"), "{r}");
+}

@@ -8,8 +8,11 @@
 //!   (the restore engine does both);
 //! - a SQLite database (`FILE` with `FILE.facts.json`): `PRAGMA integrity_check`, then its
 //!   tables' row counts and checksums against the recorded facts;
-//! - a PostgreSQL dump (`DB.dump` with `DB.facts.json`): not loaded by this build's drill; the
-//!   check is reported as skipped, which makes the verdict INCOMPLETE, never PASS.
+//! - a PostgreSQL dump (`DB.dump` with `DB.facts.json`): a scratch server of the drill's own
+//!   (`pg`: initdb in the scratch space, a Unix socket there, stopped at the end), the dump
+//!   loaded with `pg_restore --jobs`, then every table's row count and checksum against the
+//!   recorded facts (with the row hash they were recorded with). A pg_restore older than the
+//!   dump's server, or no PostgreSQL at all, fails the check with the reason.
 //!
 //! Verdict: FAIL when a check failed or a target was missed, INCOMPLETE when a check could not
 //! be made, PASS otherwise. RTO runs from the drill's start until the data is usable and
@@ -32,6 +35,8 @@ use crate::writer;
 /// What the drill is asked to do.
 pub struct Options {
     pub scratch: Option<PathBuf>,
+    /// PostgreSQL's bin directory for database checks [default: the newest installed].
+    pub pg_bin: Option<PathBuf>,
     pub report: Option<PathBuf>,
     pub keep: bool,
     pub parallel: usize,
@@ -84,8 +89,17 @@ fn now_secs() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
+/// Where database checks may work.
+struct DbEnv {
+    /// For a scratch PostgreSQL server, made on the first dump.
+    scratch: PathBuf,
+    pg_bin: Option<PathBuf>,
+    jobs: usize,
+    server: Option<crate::pg::Scratch>,
+}
+
 /// Checks every database of the restored tree against its recorded facts.
-fn database_checks(root: &Path) -> Vec<Check> {
+fn database_checks(root: &Path, env: &mut DbEnv) -> Vec<Check> {
     let mut checks = Vec::new();
     let mut facts_files: Vec<PathBuf> =
         walk(root).into_iter().filter(|p| p.to_string_lossy().ends_with(".facts.json")).collect();
@@ -108,12 +122,15 @@ fn database_checks(root: &Path) -> Vec<Check> {
         let db_rel = db_path.strip_prefix(root).unwrap_or(&db_path).display().to_string();
         match recorded.engine.as_str() {
             "sqlite" => checks.push(sqlite_check(&db_path, &db_rel, &recorded)),
+            "postgresql" => {
+                let dump = PathBuf::from(format!("{}.dump", db_path.display()));
+                checks.push(postgres_check(&dump, &recorded, env));
+            }
             engine => checks.push(Check {
                 name: format!("{engine} database {}", recorded.database),
                 result: "skipped".into(),
                 detail: format!(
-                    "{db_rel} was restored and verified as a file, but this drill does not load {engine} dumps into a \
-                     scratch server: pg_restore it and run `exclave-agent facts --postgres ... --compare {rel}`"
+                    "{db_rel} was restored and verified as a file; this build cannot load {engine} databases"
                 ),
                 problems: vec![],
             }),
@@ -145,6 +162,74 @@ fn sqlite_check(db: &Path, rel: &str, recorded: &DbFacts) -> Check {
                     result: "pass".into(),
                     detail: format!(
                         "integrity_check ok; {} table(s), {} row(s) match the facts recorded at snapshot time",
+                        restored.tables.len(),
+                        restored.tables.iter().map(|t| t.rows).sum::<u64>()
+                    ),
+                    problems: vec![],
+                }
+            } else {
+                fail(format!("{} difference(s) from the facts recorded at snapshot time", diffs.len()), diffs)
+            }
+        }
+        Err(e) => fail(e.to_string(), vec![]),
+    }
+}
+
+fn postgres_check(dump: &Path, recorded: &DbFacts, env: &mut DbEnv) -> Check {
+    let name = format!("PostgreSQL database {}", recorded.database);
+    let fail =
+        |detail: String, problems: Vec<String>| Check { name: name.clone(), result: "fail".into(), detail, problems };
+    if !dump.is_file() {
+        return fail(
+            format!("the snapshot has the facts of {} but no dump {}", recorded.database, dump.display()),
+            vec![],
+        );
+    }
+    let bin = crate::pg::bin_dir(env.pg_bin.as_deref());
+    let pg_restore = bin.as_deref().map(|b| b.join("pg_restore")).unwrap_or_else(|| PathBuf::from("pg_restore"));
+    let dump_major: u32 = recorded.server_version.split(['.', ' ']).next().and_then(|m| m.parse().ok()).unwrap_or(0);
+    match crate::pg::major_of(&pg_restore) {
+        Ok(m) if m < dump_major => {
+            return fail(
+                format!(
+                    "{} is PostgreSQL {m}, older than the server the dump was taken from ({}): give --pg-bin of PostgreSQL \
+                     {dump_major} or later",
+                    pg_restore.display(),
+                    recorded.server_version
+                ),
+                vec![],
+            );
+        }
+        Ok(_) => {}
+        Err(e) => return fail(format!("{e:#}"), vec![]),
+    }
+    if env.server.is_none() {
+        match crate::pg::Scratch::start(bin.clone(), &env.scratch.join("pg")) {
+            Ok(s) => env.server = Some(s),
+            Err(e) => return fail(format!("the scratch PostgreSQL server did not start: {e:#}"), vec![]),
+        }
+    }
+    let Some(server) = env.server.as_ref() else { return fail("no scratch server".into(), vec![]) };
+    let t = Instant::now();
+    if let Err(e) = server.restore_dump(&recorded.database, dump, env.jobs) {
+        return fail(format!("{e:#}"), vec![]);
+    }
+    let load = t.elapsed().as_secs_f64();
+    let hash = match exclave::facts::postgres::RowHash::from_name(&recorded.row_hash) {
+        Ok(h) => h,
+        Err(e) => return fail(e.to_string(), vec![]),
+    };
+    match exclave::facts::postgres::current_facts(&server.conn(&recorded.database), now_secs(), hash) {
+        Ok(restored) => {
+            let diffs = recorded.differences(&restored);
+            if diffs.is_empty() {
+                Check {
+                    name,
+                    result: "pass".into(),
+                    detail: format!(
+                        "loaded into a scratch server with pg_restore --jobs {} in {load:.1} s; {} table(s), {} row(s) \
+                         match the facts recorded at snapshot time",
+                        env.jobs,
                         restored.tables.len(),
                         restored.tables.iter().map(|t| t.rows).sum::<u64>()
                     ),
@@ -212,9 +297,20 @@ pub async fn run(
     }];
     let t = Instant::now();
     let root = target.clone();
-    let db_checks = tokio::task::spawn_blocking(move || database_checks(&root)).await?;
+    let mut env = DbEnv {
+        scratch: scratch.path().to_path_buf(),
+        pg_bin: opts.pg_bin.clone(),
+        jobs: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+        server: None,
+    };
+    let db_checks = tokio::task::spawn_blocking(move || {
+        let checks = database_checks(&root, &mut env);
+        drop(env); // stops the scratch server before its directory goes
+        checks
+    })
+    .await?;
     if !db_checks.is_empty() {
-        phases.push(Phase { name: "database checks".into(), secs: t.elapsed().as_secs_f64() });
+        phases.push(Phase { name: "database load and checks".into(), secs: t.elapsed().as_secs_f64() });
     }
     checks.extend(db_checks);
     let rto = started.elapsed().as_secs_f64();
@@ -384,11 +480,12 @@ mod tests {
             .unwrap();
         let facts = exclave::facts::sqlite::facts(&db, 1).unwrap();
         std::fs::write(d.path().join("vehicles.db.facts.json"), facts.to_json()).unwrap();
-        let checks = database_checks(d.path());
+        let mut env = DbEnv { scratch: d.path().join("scratch"), pg_bin: None, jobs: 1, server: None };
+        let checks = database_checks(d.path(), &mut env);
         assert_eq!(checks.len(), 1);
         assert_eq!(checks[0].result, "pass", "{checks:?}");
         c.execute("DELETE FROM vehicle WHERE vin = 'b'", []).unwrap();
-        let checks = database_checks(d.path());
+        let checks = database_checks(d.path(), &mut env);
         assert_eq!(checks[0].result, "fail");
         assert!(checks[0].problems.iter().any(|p| p.contains("vehicle")), "{checks:?}");
     }

@@ -6,6 +6,7 @@ mod drill;
 mod engine;
 mod fetch;
 mod keys;
+mod pg;
 mod pitr;
 mod writer;
 
@@ -124,6 +125,10 @@ enum Cmd {
         /// Where scratch space is made (removed at the end unless --keep) [default: the temp dir].
         #[arg(long)]
         scratch: Option<PathBuf>,
+        /// PostgreSQL's bin directory, for loading dumps into a scratch server [default: the
+        /// newest under /usr/lib/postgresql, else PATH].
+        #[arg(long)]
+        pg_bin: Option<PathBuf>,
         /// Keep the restored data, and say where.
         #[arg(long)]
         keep: bool,
@@ -295,9 +300,10 @@ async fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::WalFetch { conn, source, file, dest } => wal_fetch(conn, &source, &file, &dest).await,
         Cmd::Keys(cmd) => keys::run(cmd),
-        Cmd::Drill { conn, pick, scratch, keep, report, rto_target, rpo_target, no_record, out } => {
+        Cmd::Drill { conn, pick, scratch, pg_bin, keep, report, rto_target, rpo_target, no_record, out } => {
             let opts = drill::Options {
                 scratch,
+                pg_bin,
                 report,
                 keep,
                 parallel: pick.parallel,

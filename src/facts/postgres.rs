@@ -121,4 +121,3 @@ pub fn current_facts(conn: &str, taken_at: i64, hash: RowHash) -> Result<DbFacts
     let (db, version): (String, String) = (row.get(0), row.get(1));
     table_facts(&mut tx, &db, &version, taken_at, hash)
 }
-

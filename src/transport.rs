@@ -140,6 +140,23 @@ const SOCKET_BUFFER: usize = 8 * 1024 * 1024;
 
 /// A QUIC endpoint on `addr` with large socket buffers; a server if `server` is given.
 pub fn endpoint(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> Result<quinn::Endpoint, TransportError> {
+    endpoint_with(addr, server, None)
+}
+
+/// The key a node's QUIC endpoint derives its stateless-reset tokens from: the same across
+/// restarts (it comes from the node's private key), so a node that restarted answers its
+/// peers' packets for connections it no longer has with a reset they accept, and they
+/// reconnect at once instead of after the idle timeout.
+pub fn stateless_reset_key(id: &TlsIdentity) -> [u8; 32] {
+    blake3::derive_key("exclave 2026-11 quic stateless reset key", id.key.secret_der())
+}
+
+/// As `endpoint`, with a stable stateless-reset key (see `stateless_reset_key`).
+pub fn endpoint_with(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+    reset_key: Option<[u8; 32]>,
+) -> Result<quinn::Endpoint, TransportError> {
     use socket2::{Domain, Protocol, Socket, Type};
     let bind = |e: std::io::Error| TransportError::Bind { addr, err: e };
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(bind)?;
@@ -147,7 +164,19 @@ pub fn endpoint(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> Result
     let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
     let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
     socket.bind(&addr.into()).map_err(bind)?;
-    let mut cfg = quinn::EndpointConfig::default();
+    let mut cfg = match reset_key {
+        Some(k) => {
+            let mut cfg = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &k)));
+            // Connection ids are checked with a keyed hash before a reset is sent for them: the
+            // key must survive the restart too, or the old connections' ids look invalid.
+            let cid_key = u64::from_le_bytes(
+                blake3::derive_key("exclave 2026-11 quic cid key", &k)[..8].try_into().unwrap_or_default(),
+            );
+            cfg.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+            cfg
+        }
+        None => quinn::EndpointConfig::default(),
+    };
     cfg.max_udp_payload_size(MAX_UDP_PAYLOAD + 48).map_err(|e| TransportError::Tls(e.to_string()))?;
     let runtime = quinn::default_runtime().ok_or_else(|| TransportError::Tls("no async runtime".into()))?;
     quinn::Endpoint::new(cfg, server, socket.into(), runtime).map_err(bind)

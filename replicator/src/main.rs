@@ -178,7 +178,8 @@ async fn run_node(cfg: config::NodeConfig) -> Result<()> {
             _ => {}
         }
     }
-    let endpoint = transport::endpoint(cfg.listen, Some(transport::server_config(&tls, Some(revoked.check()))?))
+    let server_cfg = transport::server_config(&tls, Some(revoked.check()))?;
+    let endpoint = transport::endpoint_with(cfg.listen, Some(server_cfg), Some(transport::stateless_reset_key(&tls)))
         .with_context(|| format!("binding {}", cfg.listen))?;
     let node = Arc::new(node::Node {
         name: cfg.name.clone(),

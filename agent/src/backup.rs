@@ -53,6 +53,9 @@ pub struct Summary {
     pub warnings: Vec<String>,
     /// Runs needed: more than one when a node failed and another took over.
     pub attempts: usize,
+    /// Runs repeated because garbage collection took chunks this backup had been told were
+    /// stored (they belonged only to forgotten snapshots) before it committed.
+    pub resends: usize,
     /// Time from sending the commit to its acknowledgement (through Raft in a cluster).
     pub commit_secs: f64,
     /// Tables whose row count and checksum were recorded (database sources).
@@ -200,6 +203,33 @@ fn fails_over(e: &anyhow::Error) -> bool {
     })
 }
 
+/// Test hook: with `EXCLAVE_TEST_HOLD_COMMIT=FILE`, the first attempt creates `FILE.waiting`
+/// once its chunks are stored and waits (up to two minutes) for `FILE` before committing, so a
+/// test can run garbage collection between a backup's questions and its commit. Unset, it
+/// costs one lookup.
+async fn hold_before_commit() {
+    static HELD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let Ok(file) = std::env::var("EXCLAVE_TEST_HOLD_COMMIT") else { return };
+    if HELD.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
+    let _ = std::fs::write(format!("{file}.waiting"), b"");
+    let deadline = Instant::now() + std::time::Duration::from_secs(120);
+    while !std::path::Path::new(&file).exists() && Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Times a backup is run again because its commit found chunks collected meanwhile.
+const MISSING_RESENDS: usize = 3;
+
+/// Whether the commit was refused for chunks the cluster no longer has.
+fn chunks_went_missing(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(c.downcast_ref::<ClientError>(), Some(ClientError::Remote { code: ErrorCode::MissingChunks, .. }))
+    })
+}
+
 type Attempt = (Arc<exclave::client::NodeClient>, Vec<String>, SnapshotInfo, f64, Option<usize>, Option<String>);
 
 /// Sends the source's retention policy ahead of the commit, which then applies it. A policy
@@ -302,6 +332,7 @@ async fn attempt(
         (Some(policy), None) => Some(send_retention(&client, &r.source, *policy).await.map_err(|e| (used, e))?),
         _ => None,
     };
+    hold_before_commit().await;
     let commit_started = Instant::now();
     let committed = client
         .commit_batches(info, batches.batch_count() as u32, batches)
@@ -367,6 +398,7 @@ pub async fn run(a: BackupArgs) -> Result<i32> {
     // there, and the chunks already on a write quorum are not sent twice.
     let mut order = r.nodes.clone();
     let mut attempts = 0usize;
+    let mut resends = 0usize;
     let (client, node, stats, warnings, committed, commit_secs, tables, retention) = loop {
         attempts += 1;
         let stats = Arc::new(Stats::default());
@@ -375,6 +407,16 @@ pub async fn run(a: BackupArgs) -> Result<i32> {
             Ok((client, warnings, committed, commit_secs, tables, retention)) => {
                 let node = client.addr().to_string();
                 break (client, node, stats, warnings, committed, commit_secs, tables, retention);
+            }
+            // The cluster collected chunks this backup was told it had (they belonged only to
+            // forgotten snapshots): running it again sends what the cluster lacks now.
+            Err((_, e)) if resends < MISSING_RESENDS && chunks_went_missing(&e) => {
+                resends += 1;
+                attempts -= 1;
+                tracing::warn!(error = %format!("{e:#}"), "chunks were collected during the backup; sending them again");
+                if !a.quiet && !a.json {
+                    eprintln!("warning: chunks were collected by the cluster during the backup; sending them again");
+                }
             }
             Err((failed, e)) if attempts < r.nodes.len() && fails_over(&e) => {
                 tracing::warn!(node = %failed.map(|a| a.to_string()).unwrap_or_default(), error = %format!("{e:#}"),
@@ -418,6 +460,7 @@ pub async fn run(a: BackupArgs) -> Result<i32> {
         mb_per_s: read as f64 / 1e6 / secs,
         warnings,
         attempts,
+        resends,
         commit_secs,
         facts_secs: tables.map(|_| g(&stats.facts_nanos) as f64 / 1e9),
         tables,

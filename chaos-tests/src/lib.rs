@@ -118,12 +118,18 @@ impl World {
     /// `exclave-agent backup` as agent `rnpp` of tenant lux, with `--json`.
     /// Starts founding members `names` of one cluster on loopback and waits for a leader.
     pub fn start_cluster(&self, names: &[&str]) -> Vec<Node> {
+        self.start_cluster_with(names, &[])
+    }
+
+    /// As `start_cluster`, with `extra` flags for every node.
+    pub fn start_cluster_with(&self, names: &[&str], extra: &[&str]) -> Vec<Node> {
         let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
         let nodes: Vec<Node> = names
             .iter()
             .zip(&ports)
             .map(|(name, port)| {
                 let mut args: Vec<String> = vec!["--min-free-mib".into(), "64".into()];
+                args.extend(extra.iter().map(|s| s.to_string()));
                 for (other, p) in names.iter().zip(&ports).filter(|(o, _)| *o != name) {
                     args.push("--peer".into());
                     args.push(format!("{other}=127.0.0.1:{p}"));
@@ -176,6 +182,30 @@ impl World {
             std::thread::sleep(Duration::from_millis(100));
         }
         panic!("no leader elected within 30 s");
+    }
+
+    /// Waits until `node` itself hears from a leader (a restarted node may lag the others).
+    #[track_caller]
+    pub fn wait_sees_leader(&self, node: &Node) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last = serde_json::Value::Null;
+        while Instant::now() < deadline {
+            if let Some(st) = self.cluster_status(node) {
+                let me = &st["members"][0]["status"];
+                if me["leader"].is_string() && me["stale"].is_null() {
+                    return;
+                }
+                last = me.clone();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let log = node.log_text();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        panic!(
+            "{} heard from no leader within 30 s; last status: {last}\nlog tail:\n{}",
+            node.name,
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
     }
 
     /// Waits until `node` has applied the cluster's commit index (as `leader` reports it) and

@@ -27,7 +27,14 @@
 //! u ‖ tenant ‖ 0                                      → postcard(Quota)            set by an administrator
 //! D ‖ tenant ‖ 0 ‖ source ‖ 0 ‖ recorded (i64 BE) ‖ seq → postcard(DrillRecord) every drill recorded
 //! L ‖ tenant ‖ 0 ‖ source                             → postcard(DrillLatest)      the newest drill, last success
+//! g ‖ tenant ‖ 0 ‖ chunk id (32)                      → postcard(Condemned)        condemned by GC, copies kept
+//! G                                                   → postcard(GcState)          GC passes and sweeps
+//! x ‖ sweep seq (u64 BE)                              → postcard(SweepRecord)      what a recent sweep deleted
 //! ```
+//!
+//! Garbage collection (`gc`, rules in `crate::gc`) moves unreferenced chunks from `c` to `g`,
+//! puts them back when a commit or an upload needs them, and sweeps them: a sweep is applied
+//! by every node deleting its copies (`Write::DropChunk`) in the same batch as the catalog.
 //!
 //! A revocation is never removed: a revoked certificate stays refused for as long as it
 //! could be presented (renewal issues a new certificate with a new serial).
@@ -36,6 +43,8 @@ use exclave::chunk_id::{Checksum, ChunkId};
 use exclave::protocol::{DrillRecord, Revocation, SnapshotInfo};
 use exclave::retention::{Candidate, RetentionPolicy};
 use serde::{Deserialize, Serialize};
+
+pub mod gc;
 
 /// Most missing ids listed in one refusal (the agent re-sends those and tries again).
 pub const MAX_MISSING_REPORTED: usize = 32 * 1024;
@@ -158,11 +167,26 @@ fn bump(
     snapshots_added: u64,
     snapshots_gone: u64,
 ) -> Result<(), CatalogError> {
-    if chunks == 0 && snapshots_added == 0 && snapshots_gone == 0 {
+    bump_all(view, w, (chunks, 0), (snapshots_added, snapshots_gone))
+}
+
+fn bump_chunks(view: &dyn CatalogRead, w: &mut Vec<Write>, added: u64, gone: u64) -> Result<(), CatalogError> {
+    bump_all(view, w, (added, gone), (0, 0))
+}
+
+/// Updates the kept counts: (added, gone) of chunks and of snapshots. Once per command: the
+/// writes of one command are made together, so a second update would read stale counts.
+fn bump_all(
+    view: &dyn CatalogRead,
+    w: &mut Vec<Write>,
+    (chunks_added, chunks_gone): (u64, u64),
+    (snapshots_added, snapshots_gone): (u64, u64),
+) -> Result<(), CatalogError> {
+    if chunks_added == 0 && chunks_gone == 0 && snapshots_added == 0 && snapshots_gone == 0 {
         return Ok(());
     }
     let mut st = stats(view)?;
-    st.chunks += chunks;
+    st.chunks = (st.chunks + chunks_added).saturating_sub(chunks_gone);
     st.snapshots = (st.snapshots + snapshots_added).saturating_sub(snapshots_gone);
     w.push(stats_write(&st));
     Ok(())
@@ -225,6 +249,36 @@ pub enum Command {
     RecordDrill {
         tenant: String,
         record: DrillRecord,
+    },
+    /// `IndexChunks` from an uploader that had applied `sweep_seq` sweeps when it began: a
+    /// chunk a later sweep deleted is refused (see `crate::gc`).
+    IndexChunksV2 {
+        tenant: String,
+        chunks: Vec<(ChunkId, IndexEntry)>,
+        sweep_seq: u64,
+    },
+    /// GC: takes these chunks out of the index (kept as condemned) unless a snapshot committed
+    /// after the proposer's mark (commit sequence above `as_of_seq`) references them.
+    GcCondemn {
+        tenant: String,
+        ids: Vec<ChunkId>,
+        as_of_seq: u64,
+        pass: u64,
+    },
+    /// GC: every node deletes its copies of those of these chunks that are not in the index.
+    GcSweep {
+        tenant: String,
+        ids: Vec<ChunkId>,
+    },
+    /// GC: drops the staged references of a commit that never finished.
+    GcDropStaged {
+        tenant: String,
+        snapshot_id: String,
+    },
+    /// GC: a pass is done.
+    GcPassDone {
+        report: exclave::protocol::GcReport,
+        staged_seen: Vec<(String, String)>,
     },
 }
 
@@ -349,12 +403,27 @@ pub enum Outcome {
     /// The commit references chunks that are not in the index (at most `MAX_MISSING_REPORTED`).
     Missing(Vec<ChunkId>),
     Refused(String),
+    /// Chunks indexed, except `refused`: a sweep deleted them after the uploader looked.
+    Indexed {
+        refused: Vec<ChunkId>,
+    },
+    /// GC: how many chunks (or staged batches) and envelope bytes a command took.
+    Collected {
+        chunks: u64,
+        bytes: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Write {
     Put(Vec<u8>, Vec<u8>),
     Delete(Vec<u8>),
+    /// Not the catalog: this node deletes its copy of a swept chunk (its location in the
+    /// store's chunk index), in the same batch as the catalog's writes.
+    DropChunk {
+        tenant: String,
+        id: ChunkId,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -486,6 +555,14 @@ fn member_key(raft_id: u64) -> Vec<u8> {
 
 const SEQ_KEY: &[u8] = b"q";
 
+/// The commit sequence: the `commit_seq` of the newest snapshot (drills count in it too).
+pub fn commit_seq(view: &dyn CatalogRead) -> Result<u64, CatalogError> {
+    match view.get(SEQ_KEY)? {
+        Some(v) => Ok(u64::from_be_bytes(v.as_slice().try_into().map_err(|_| CatalogError::Decode("seq".into()))?)),
+        None => Ok(0),
+    }
+}
+
 pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     postcard::to_allocvec(v).unwrap_or_default()
 }
@@ -498,25 +575,16 @@ pub fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, CatalogError>
 pub fn apply(view: &dyn CatalogRead, cmd: &Command) -> Result<(Outcome, Vec<Write>), CatalogError> {
     let mut w = Vec::new();
     let outcome = match cmd {
-        Command::IndexChunks { tenant, chunks } => {
-            let keys: Vec<Vec<u8>> = chunks.iter().map(|(id, _)| chunk_key(tenant, id)).collect();
-            let old = view.get_many(&keys)?;
-            let mut seen = std::collections::HashSet::new();
-            let mut added = 0u64;
-            for ((key, (_, entry)), old) in keys.into_iter().zip(chunks).zip(old) {
-                // First writer wins: an index entry, once made, never changes.
-                if old.is_none() && seen.insert(key.clone()) {
-                    added += u64::from(entry.envelope_len);
-                    w.push(Write::Put(key, encode(entry)));
-                }
-            }
-            bump(view, &mut w, seen.len() as u64, 0, 0)?;
-            if added > 0 {
-                let used = usage(view, tenant)? + added;
-                w.push(Write::Put(usage_key(tenant), used.to_be_bytes().to_vec()));
-            }
-            Outcome::Done
+        Command::IndexChunks { tenant, chunks } => gc::index_chunks(view, tenant, chunks, None, &mut w)?,
+        Command::IndexChunksV2 { tenant, chunks, sweep_seq } => {
+            gc::index_chunks(view, tenant, chunks, Some(*sweep_seq), &mut w)?
         }
+        Command::GcCondemn { tenant, ids, as_of_seq, pass } => {
+            gc::condemn(view, tenant, ids, *as_of_seq, *pass, &mut w)?
+        }
+        Command::GcSweep { tenant, ids } => gc::sweep(view, tenant, ids, &mut w)?,
+        Command::GcDropStaged { tenant, snapshot_id } => gc::drop_staged(view, tenant, snapshot_id, &mut w)?,
+        Command::GcPassDone { report, staged_seen } => gc::pass_done(view, report, staged_seen, &mut w)?,
         Command::StageRefs { tenant, snapshot_id, batch, ids } => {
             if *batch >= MAX_COMMIT_BATCHES {
                 Outcome::Refused(format!("reference batch {batch} is beyond the limit of {MAX_COMMIT_BATCHES}"))
@@ -647,22 +715,31 @@ fn commit(
     refs.push(snapshot.root);
     refs.sort_unstable();
     refs.dedup();
-    let mut missing = Vec::new();
+    let mut absent = Vec::new();
     let mut stored_bytes = 0u64;
     for part in refs.chunks(4096) {
         let keys: Vec<Vec<u8>> = part.iter().map(|id| chunk_key(tenant, id)).collect();
         for (id, v) in part.iter().zip(view.get_many(&keys)?) {
             match v {
                 Some(v) => stored_bytes += u64::from(decode::<IndexEntry>(&v)?.envelope_len),
-                None if missing.len() < MAX_MISSING_REPORTED => missing.push(*id),
-                None => {}
+                None => absent.push(*id),
             }
         }
     }
     // Staged references are dropped either way: a retried commit stages them again.
     drop_staged(w, &staged);
+    // Condemned chunks still have all their copies: the commit puts them back in the index.
+    let mut back = Vec::new();
+    let (mut missing, back_bytes, back_count) = gc::resurrect(view, tenant, &absent, &mut back)?;
     if !missing.is_empty() {
+        missing.truncate(MAX_MISSING_REPORTED);
         return Ok(Outcome::Missing(missing));
+    }
+    w.extend(back);
+    stored_bytes += back_bytes;
+    if back_bytes > 0 {
+        let used = usage(view, tenant)? + back_bytes;
+        w.push(Write::Put(usage_key(tenant), used.to_be_bytes().to_vec()));
     }
     let seq = match view.get(SEQ_KEY)? {
         Some(v) => u64::from_be_bytes(v.as_slice().try_into().map_err(|_| CatalogError::Decode("commit seq".into()))?),
@@ -682,7 +759,7 @@ fn commit(
     };
     let mut info = tenant_info(view, tenant)?;
     info.snapshots = (info.snapshots + 1).saturating_sub(forgotten);
-    bump(view, w, 0, 1, forgotten)?;
+    bump_all(view, w, (back_count, 0), (1, forgotten))?;
     info.last_snapshot_time = info.last_snapshot_time.max(snap.time);
     w.push(Write::Put(tenant_key(b't', tenant), encode(&info)));
     Ok(Outcome::Committed(snap))
@@ -835,6 +912,7 @@ impl MemCatalog {
                 Write::Delete(k) => {
                     self.0.remove(&k);
                 }
+                Write::DropChunk { .. } => {}
             }
         }
     }
@@ -1154,12 +1232,22 @@ mod tests {
             (tenant.clone(), sid.clone(), 0u8..12, 0i64..5, 0u32..3).prop_map(|(tenant, s, root, time, batches)| {
                 Command::Commit { tenant, snapshot: snap(&s, root, time), batches }
             }),
-            (tenant, sid).prop_map(|(tenant, snapshot_id)| Command::Forget { tenant, snapshot_id }),
+            (tenant.clone(), sid).prop_map(|(tenant, snapshot_id)| Command::Forget { tenant, snapshot_id }),
             (1u64..4, "[a-z]{1,3}").prop_map(|(raft_id, name)| Command::SetMember {
                 raft_id,
                 member: Member { name, addr: "127.0.0.1:1".into() }
             }),
             (1u64..4).prop_map(|raft_id| Command::RemoveMember { raft_id }),
+            (tenant.clone(), prop::collection::vec(0u8..12, 0..6), 0u64..4).prop_map(|(tenant, ns, sweep_seq)| {
+                Command::IndexChunksV2 { tenant, chunks: ns.iter().map(|n| (id(*n), entry(*n))).collect(), sweep_seq }
+            }),
+            // Ids not from a mark: as of sequence 0, so every snapshot's references are kept
+            // (the GC module's own property test runs real marks).
+            (tenant.clone(), prop::collection::vec(0u8..12, 0..6)).prop_map(|(tenant, ns)| {
+                Command::GcCondemn { tenant, ids: ns.iter().map(|n| id(*n)).collect(), as_of_seq: 0, pass: 1 }
+            }),
+            (tenant.clone(), prop::collection::vec(0u8..12, 0..6))
+                .prop_map(|(tenant, ns)| Command::GcSweep { tenant, ids: ns.iter().map(|n| id(*n)).collect() }),
             prop::sample::select(vec!["01", "02", "zz"]).prop_map(|serial| Command::Revoke {
                 revocation: Revocation {
                     serial: serial.into(),

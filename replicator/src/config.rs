@@ -56,6 +56,18 @@ pub struct RunArgs {
     /// (`exclave-replicator scrub`) [default: 168].
     #[arg(long)]
     pub scrub_interval_hours: Option<u64>,
+    /// GC: hours between two garbage-collection passes, run by the leader; 0 collects only
+    /// on demand (`exclave-replicator gc`) [default: 24].
+    #[arg(long)]
+    pub gc_interval_hours: Option<u64>,
+    /// GC: passes a chunk stays condemned (out of the index, its copies kept) before it is
+    /// swept; a backup that needs it meanwhile puts it back at no cost [default: 1].
+    #[arg(long)]
+    pub gc_grace_passes: Option<u64>,
+    /// GC: a pack file with less than this percentage of live bytes is rewritten to give the
+    /// rest back; 0 deletes only packs nothing lives in [default: 50].
+    #[arg(long)]
+    pub gc_repack_live_percent: Option<u8>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -76,6 +88,9 @@ struct FileConfig {
     write_quorum: Option<usize>,
     scrub_mib_per_s: Option<u64>,
     scrub_interval_hours: Option<u64>,
+    gc_interval_hours: Option<u64>,
+    gc_grace_passes: Option<u64>,
+    gc_repack_live_percent: Option<u8>,
 }
 
 #[derive(Debug, Clone)]
@@ -94,6 +109,7 @@ pub struct NodeConfig {
     pub scrub_bytes_per_s: u64,
     /// `None`: scrub on demand only.
     pub scrub_interval: Option<std::time::Duration>,
+    pub gc: crate::gc::Settings,
 }
 
 fn load(path: &Path) -> Result<FileConfig> {
@@ -147,6 +163,16 @@ impl NodeConfig {
                 0 => None,
                 h => Some(std::time::Duration::from_secs(h * 3600)),
             },
+            gc: crate::gc::Settings {
+                interval: match a.gc_interval_hours.or(f.gc_interval_hours).unwrap_or(24) {
+                    0 => None,
+                    h => Some(std::time::Duration::from_secs(h * 3600)),
+                },
+                grace_passes: a.gc_grace_passes.or(f.gc_grace_passes).unwrap_or(1),
+                repack_live_below: f64::from(
+                    a.gc_repack_live_percent.or(f.gc_repack_live_percent).unwrap_or(50).min(100),
+                ) / 100.0,
+            },
             name,
         })
     }
@@ -169,6 +195,9 @@ mod tests {
         assert_eq!(cfg.advertise.to_string(), "10.1.0.1:7401");
         assert_eq!(cfg.scrub_bytes_per_s, 32 << 20);
         assert_eq!(cfg.scrub_interval, Some(std::time::Duration::from_secs(7 * 24 * 3600)));
+        assert_eq!(cfg.gc.interval, Some(std::time::Duration::from_secs(24 * 3600)));
+        assert_eq!(cfg.gc.grace_passes, 1);
+        assert_eq!(cfg.gc.repack_live_below, 0.5);
     }
 
     #[test]

@@ -5,6 +5,8 @@ mod chunk_store;
 mod cluster;
 mod config;
 mod consensus;
+mod gc;
+mod gc_cmd;
 mod metrics;
 mod node;
 mod peers;
@@ -62,6 +64,9 @@ enum Cmd {
     /// Start a scrub pass on a node now: every chunk re-read and checked, damaged ones
     /// replaced from peers (admin). Exit 1 when chunks are unrepairable.
     Scrub(scrub_cmd::ScrubArgs),
+    /// Run a garbage-collection pass now (admin): chunks no snapshot references are condemned
+    /// and, past their grace, swept on every node; the node asked also gives its space back.
+    Gc(gc_cmd::GcArgs),
 }
 
 #[derive(Args)]
@@ -105,6 +110,7 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Cluster(c) => rt.block_on(cluster::run(c)).map(|()| 0),
         Cmd::Retention(c) => rt.block_on(retention::run(c)).map(|()| 0),
         Cmd::Scrub(a) => rt.block_on(scrub_cmd::run(a)),
+        Cmd::Gc(a) => rt.block_on(gc_cmd::run(a)),
         Cmd::Quota(c) => rt.block_on(quota_cmd::run(c)).map(|()| 0),
     }
 }
@@ -196,6 +202,7 @@ async fn run_node(cfg: config::NodeConfig) -> Result<()> {
         revoked,
         connections: Default::default(),
         scrub: Arc::new(scrub::Scrubber::new(cfg.scrub_bytes_per_s, cfg.scrub_interval)),
+        gc: Arc::new(gc::Collector::new(cfg.gc.clone())),
         checkpoints,
         certificate,
         ca_certificate,
@@ -243,7 +250,8 @@ async fn run_node(cfg: config::NodeConfig) -> Result<()> {
     let workers = [
         tokio::spawn(replication::anti_entropy(node.clone(), stopping.clone())),
         tokio::spawn(revocation::watch(node.clone(), stopping.clone())),
-        tokio::spawn(scrub::worker(node.clone(), stopping)),
+        tokio::spawn(scrub::worker(node.clone(), stopping.clone())),
+        tokio::spawn(gc::worker(node.clone(), stopping)),
     ];
     let server = tokio::spawn(server::serve(endpoint.clone(), node));
 

@@ -37,6 +37,60 @@ pub struct NodeMetrics {
     drill_rpo: IntGaugeVec,
     drill_ok: IntGaugeVec,
     drill_rto: prometheus::GaugeVec,
+    pub gc: GcMetrics,
+}
+
+/// Garbage collection: the cluster's passes (from the catalog, so every node reports them) and
+/// this node's own share (orphans, disk space returned).
+#[derive(Clone)]
+pub struct GcMetrics {
+    pub passes: IntCounter,
+    pub errors: IntCounter,
+    pub last_pass: IntGauge,
+    pub condemned_pending: IntGauge,
+    pub condemned_bytes: IntCounter,
+    pub swept_bytes: IntCounter,
+    pub reclaimed_bytes: IntCounter,
+    pub orphans: IntGauge,
+    pub pack_bytes: IntGauge,
+}
+
+impl GcMetrics {
+    fn new(registry: &Registry) -> Result<GcMetrics, prometheus::Error> {
+        let m = GcMetrics {
+            passes: IntCounter::new("gc_passes_total", "Garbage-collection passes this node ran (cluster or its own)")?,
+            errors: IntCounter::new("gc_errors_total", "Garbage-collection passes that stopped on an error")?,
+            last_pass: IntGauge::new(
+                "gc_last_pass_timestamp_seconds",
+                "When the cluster's last garbage-collection pass ended (Unix time)",
+            )?,
+            condemned_pending: IntGauge::new(
+                "gc_condemned_chunks",
+                "Chunks out of the index waiting for their grace to end before being swept",
+            )?,
+            condemned_bytes: IntCounter::new(
+                "gc_condemned_bytes_total",
+                "Envelope bytes condemned by passes this node ran",
+            )?,
+            swept_bytes: IntCounter::new("gc_swept_bytes_total", "Envelope bytes swept by passes this node ran")?,
+            reclaimed_bytes: IntCounter::new(
+                "gc_reclaimed_bytes_total",
+                "Pack bytes this node gave back to its file system",
+            )?,
+            orphans: IntGauge::new(
+                "gc_orphan_chunks",
+                "Chunks stored on this node that the index does not name (last pass)",
+            )?,
+            pack_bytes: IntGauge::new("store_pack_bytes", "Bytes of this node's pack files")?,
+        };
+        for c in [&m.passes, &m.errors, &m.condemned_bytes, &m.swept_bytes, &m.reclaimed_bytes] {
+            registry.register(Box::new(c.clone()))?;
+        }
+        for g in [&m.last_pass, &m.condemned_pending, &m.orphans, &m.pack_bytes] {
+            registry.register(Box::new(g.clone()))?;
+        }
+        Ok(m)
+    }
 }
 
 impl NodeMetrics {
@@ -142,6 +196,7 @@ impl NodeMetrics {
         }
         registry.register(Box::new(drill_rto.clone()))?;
         registry.register(Box::new(scrub_unrepairable.clone()))?;
+        let gc = GcMetrics::new(&registry)?;
         Ok(NodeMetrics {
             registry,
             requests,
@@ -170,6 +225,7 @@ impl NodeMetrics {
             drill_rpo,
             drill_ok,
             drill_rto,
+            gc,
         })
     }
 

@@ -36,6 +36,8 @@ pub struct Node {
     pub connections: crate::revocation::Connections,
     /// Scrub and repair of this node's chunks.
     pub scrub: Arc<crate::scrub::Scrubber>,
+    /// Garbage collection: this node's passes and its share of reclaiming space.
+    pub gc: Arc<crate::gc::Collector>,
     /// Checkpoints of the catalog this node offered as Raft snapshots, served page by page.
     pub checkpoints: Arc<crate::snapshot::Checkpoints>,
     /// This node's certificate and the CA's, as `Certificates` reports them.

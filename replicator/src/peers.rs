@@ -237,20 +237,27 @@ impl Peers {
         }
     }
 
-    /// Stores `chunks` on the peers `to` until `need` of those in `counted` confirmed
+    /// Stores `chunks` on the peers `to` (having applied `sweep_seq` sweeps, see `crate::gc`)
+    /// until `need` of those in `counted` confirmed
     /// (durable), or all answered. Returns how many counted ones confirmed; the remaining
     /// sends carry on in the background.
     pub async fn replicate(
         self: &Arc<Self>,
         tenant: &str,
+        sweep_seq: u64,
         chunks: Arc<Vec<PutChunk>>,
         to: &[u64],
         counted: &[u64],
         need: usize,
     ) -> (usize, Vec<String>) {
         let (tx, mut rx) = mpsc::channel(to.len().max(1));
-        // Encoded once, for every peer: the batch is megabytes.
-        let req = Request::Replicate { tenant: tenant.to_string(), chunks: chunks.as_ref().clone() };
+        // Encoded once, for every peer: the batch is megabytes. Before any sweep, the request
+        // older nodes know.
+        let req = if sweep_seq == 0 {
+            Request::Replicate { tenant: tenant.to_string(), chunks: chunks.as_ref().clone() }
+        } else {
+            Request::ReplicateV2 { tenant: tenant.to_string(), sweep_seq, chunks: chunks.as_ref().clone() }
+        };
         let frame = match exclave::protocol::frame::encode_frame(FrameKind::Request, &req) {
             Ok(f) => bytes::Bytes::from(f),
             Err(e) => return (0, vec![format!("encoding the batch: {e}")]),

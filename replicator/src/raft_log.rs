@@ -141,6 +141,26 @@ impl RaftLog {
         self.db.cf_handle(name).ok_or_else(|| LogError::Db(format!("column family {name} missing")))
     }
 
+    /// The catalog's writes, and this node's deletions of swept chunks: in one batch, so that
+    /// a sweep's applied index and the deletion of the node's copies are never apart.
+    fn add_writes(&self, batch: &mut WriteBatch, writes: Vec<Write>) -> Result<(), LogError> {
+        let cat = self.catalog_cf()?;
+        for w in writes {
+            match w {
+                Write::Put(k, v) => batch.put_cf(cat, k, v),
+                Write::Delete(k) => batch.delete_cf(cat, k),
+                Write::DropChunk { tenant, id } => {
+                    let cf = self
+                        .db
+                        .cf_handle(crate::store::CF_INDEX)
+                        .ok_or_else(|| LogError::Db("column family chunk_index missing".into()))?;
+                    batch.delete_cf(cf, crate::store::chunk_key(&tenant, &id));
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), LogError> {
         let mut w = WriteOptions::default();
         w.set_sync(sync);
@@ -179,13 +199,7 @@ impl RaftLog {
         batch.put_cf(cf, CS, cs.write_to_bytes().map_err(pb_err)?);
         batch.put_cf(cf, SM, [1u64.to_be_bytes(), 1u64.to_be_bytes()].concat());
         batch.put_cf(cf, AP, 1u64.to_be_bytes());
-        let cat = self.catalog_cf()?;
-        for w in founding {
-            match w {
-                Write::Put(k, v) => batch.put_cf(cat, k, v),
-                Write::Delete(k) => batch.delete_cf(cat, k),
-            }
-        }
+        self.add_writes(&mut batch, founding)?;
         self.write(batch, true)?;
         (self.hs, self.cs, self.snap_index, self.snap_term, self.applied) = (hs, cs, 1, 1, 1);
         Ok(())
@@ -235,14 +249,9 @@ impl RaftLog {
 
     /// Applies catalog writes and moves the applied index (and configuration) in one write.
     pub fn apply(&mut self, writes: Vec<Write>, applied: u64, cs: Option<&ConfState>) -> Result<(), LogError> {
-        let (cf, cat) = (self.cf()?, self.catalog_cf()?);
+        let cf = self.cf()?;
         let mut batch = WriteBatch::default();
-        for w in writes {
-            match w {
-                Write::Put(k, v) => batch.put_cf(cat, k, v),
-                Write::Delete(k) => batch.delete_cf(cat, k),
-            }
-        }
+        self.add_writes(&mut batch, writes)?;
         batch.put_cf(cf, AP, applied.to_be_bytes());
         if let Some(cs) = cs {
             batch.put_cf(cf, CS, cs.write_to_bytes().map_err(pb_err)?);

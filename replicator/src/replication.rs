@@ -126,14 +126,42 @@ pub async fn store_on_quorum(node: &Arc<Node>, tenant: String, chunks: Vec<PutCh
     };
     // A node cut off from the majority could store but never index: say why at once.
     node.require_leader().await?;
+    let mut chunks = chunks;
+    // A chunk the cluster swept after this node looked is stored again (see `crate::gc`); a
+    // sweep is rare, so a second round almost never needs a third.
+    for round in 1..=SWEPT_RETRIES {
+        let refused = store_round(node, &tenant, chunks).await?;
+        if refused.is_empty() {
+            return Ok(());
+        }
+        info!(%tenant, chunks = refused.len(), round, "chunks swept by garbage collection meanwhile: storing them again");
+        chunks = refused;
+    }
+    Err(ReplicationError::Quorum {
+        held: 0,
+        need: write_quorum(node),
+        why: "garbage collection kept sweeping these chunks while they were stored; try again".into(),
+    })
+}
+
+/// Rounds of storing chunks that a sweep deleted meanwhile.
+const SWEPT_RETRIES: usize = 4;
+
+/// One round: here and on a write quorum, then proposed for the index. Returns the chunks the
+/// index refused because a sweep after `sweep_seq` deleted them.
+async fn store_round(node: &Arc<Node>, tenant: &str, chunks: Vec<PutChunk>) -> Result<Vec<PutChunk>, ReplicationError> {
+    // The sweeps this node has applied before it decides what it already holds.
+    let store = node.store.clone();
+    let sweep_seq = blocking(move || Ok(catalog::gc::state(&store.catalog()?)?.sweep_seq)).await?;
+    let bytes: usize = chunks.iter().map(|c| c.envelope.len()).sum();
     let chunks = Arc::new(chunks);
-    let (store, t, c) = (node.chunks.clone(), tenant.clone(), chunks.clone());
+    let (store, t, c) = (node.chunks.clone(), tenant.to_string(), chunks.clone());
     let need = write_quorum(node);
     // Written here and sent to the peers at once: the fsyncs overlap.
     let local = blocking(move || store.put_chunks(&t, &c));
     let remote = async {
         if need > 1 {
-            node.peers.replicate(&tenant, chunks.clone(), &others(node), &other_voters(node), need - 1).await
+            node.peers.replicate(tenant, sweep_seq, chunks.clone(), &others(node), &other_voters(node), need - 1).await
         } else {
             (0, Vec::new())
         }
@@ -145,16 +173,50 @@ pub async fn store_on_quorum(node: &Arc<Node>, tenant: String, chunks: Vec<PutCh
         let why = if errors.is_empty() { "no answer".to_string() } else { errors.join("; ") };
         return Err(ReplicationError::Quorum { held: ok + 1, need, why });
     }
+    crate::test_hooks::crash_point("chunks-stored");
     // Every chunk is proposed: the agent sends only what the index lacked when it asked, and
     // applying keeps the first entry of a chunk indexed twice.
     let entries: Vec<(ChunkId, IndexEntry)> = chunks
         .iter()
         .map(|p| (p.id, IndexEntry { envelope_len: p.envelope.len() as u32, checksum: p.checksum }))
         .collect();
-    if !entries.is_empty() {
-        node.raft.propose(Command::IndexChunks { tenant, chunks: entries }).await?;
+    if entries.is_empty() {
+        return Ok(Vec::new());
     }
-    Ok(())
+    // Before any sweep, the command older nodes know.
+    let tenant = tenant.to_string();
+    let cmd = if sweep_seq == 0 {
+        Command::IndexChunks { tenant, chunks: entries }
+    } else {
+        Command::IndexChunksV2 { tenant, chunks: entries, sweep_seq }
+    };
+    match node.raft.propose(cmd).await? {
+        catalog::Outcome::Indexed { refused } => {
+            let refused: std::collections::HashSet<ChunkId> = refused.into_iter().collect();
+            Ok(chunks.iter().filter(|c| refused.contains(&c.id)).cloned().collect())
+        }
+        _ => Ok(Vec::new()),
+    }
+}
+
+/// Waits (a few seconds at most) until this node has applied `sweep_seq` sweeps: a node
+/// behind could count a copy that a sweep it has yet to apply deletes.
+pub async fn caught_up_with_sweeps(node: &Arc<Node>, sweep_seq: u64) -> Result<(), ReplicationError> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let store = node.store.clone();
+        let have = blocking(move || Ok(catalog::gc::state(&store.catalog()?)?.sweep_seq)).await?;
+        if have >= sweep_seq {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(ReplicationError::Store(StoreError::Io(format!(
+                "{} has applied {have} of the cluster's {sweep_seq} sweeps; it will backfill",
+                node.name
+            ))));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Fetches from peers the indexed chunks among `ids` that this node does not hold yet (a

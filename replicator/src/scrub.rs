@@ -212,7 +212,7 @@ async fn pass(
             let mut buf = Vec::new();
             let (mut damaged, mut bytes) = (Vec::new(), 0u64);
             for (_, tenant, id, loc) in &page {
-                match store.check_at(id, loc, &mut buf) {
+                match store.check_current(tenant, id, loc, &mut buf) {
                     Ok(n) => bytes += n as u64,
                     Err(e) => damaged.push((tenant.clone(), *id, e)),
                 }

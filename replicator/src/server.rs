@@ -395,13 +395,16 @@ async fn dispatch(
                     request: "commit",
                     code: ErrorCode::MissingChunks,
                     message: format!(
-                        "{} referenced chunks are not stored in the cluster (absent from its index)",
+                        "{} referenced chunks are not stored in the cluster (absent from its index, or \
+                         collected as garbage since the backup asked); send them and commit again",
                         missing.len()
                     ),
                     missing,
                 }),
                 Outcome::Refused(m) => Err(Failure::new(ErrorCode::BadRequest, m)),
-                Outcome::Done => Err(Failure::new(ErrorCode::Internal, "commit applied without a result")),
+                Outcome::Done | Outcome::Indexed { .. } | Outcome::Collected { .. } => {
+                    Err(Failure::new(ErrorCode::Internal, "commit applied without a result"))
+                }
             }
         }
         Request::CommitRefs { .. } => Err(Failure::new(ErrorCode::BadRequest, "reference batch outside a commit")),
@@ -466,6 +469,17 @@ async fn dispatch(
         Request::Replicate { tenant, chunks } => {
             authorise(identity, Permission::Peer, "replicate")?;
             valid_name("tenant", &tenant)?;
+            let bytes: usize = chunks.iter().map(|c| c.envelope.len()).sum();
+            let _room = node.check_room(bytes)?;
+            let store = node.chunks.clone();
+            let new = blocking(move || store.put_chunks(&tenant, &chunks)).await?;
+            node.metrics.stored(new, bytes);
+            Ok(Reply::Ok)
+        }
+        Request::ReplicateV2 { tenant, sweep_seq, chunks } => {
+            authorise(identity, Permission::Peer, "replicate")?;
+            valid_name("tenant", &tenant)?;
+            replication::caught_up_with_sweeps(node, sweep_seq).await?;
             let bytes: usize = chunks.iter().map(|c| c.envelope.len()).sum();
             let _room = node.check_room(bytes)?;
             let store = node.chunks.clone();
@@ -618,6 +632,14 @@ async fn dispatch(
                     })
                     .collect(),
             ))
+        }
+        Request::Gc { dry_run } => {
+            authorise(identity, Permission::Administer, "gc")?;
+            info!(by = %identity, dry_run, "garbage collection asked for");
+            let result = node.gc.run_now(node, dry_run).await.map_err(|e| {
+                Failure::new(ErrorCode::Unavailable, format!("garbage collection stopped: {e}; run it again"))
+            })?;
+            Ok(Reply::Gc(result))
         }
         Request::Scrub { wait } => {
             authorise(identity, Permission::Administer, "scrub")?;

@@ -84,7 +84,7 @@ use tracing::{info, warn};
 use crate::catalog::{CatalogError, CatalogRead};
 
 const CF_CHUNKS_V1: &str = "chunks";
-const CF_INDEX: &str = "chunk_index";
+pub const CF_INDEX: &str = "chunk_index";
 const CF_META: &str = "store_meta";
 pub const CF_CATALOG: &str = "catalog";
 pub const CF_CATALOG_B: &str = "catalog_b";
@@ -292,7 +292,8 @@ fn lookups() -> Options {
     o
 }
 
-fn chunk_key(tenant: &str, id: &ChunkId) -> Vec<u8> {
+/// Key of a chunk's location in this node's chunk index.
+pub fn chunk_key(tenant: &str, id: &ChunkId) -> Vec<u8> {
     let mut k = Vec::with_capacity(tenant.len() + 33);
     k.extend_from_slice(tenant.as_bytes());
     k.push(0);
@@ -707,15 +708,41 @@ impl Store {
 
     /// Reads an envelope and checks it against its storage checksum.
     pub fn get_chunk(&self, tenant: &str, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
-        let loc = self.location(tenant, id)?.ok_or(StoreError::NotFound(*id))?;
-        let file = self.reader(loc.pack)?;
-        let mut env = vec![0u8; loc.len as usize];
-        file.read_exact_at(&mut env, loc.offset)
-            .map_err(|_| StoreError::Corrupt { id: *id, context: "indexed but absent on disk" })?;
-        if Checksum::of(&env) != loc.checksum {
-            return Err(StoreError::Corrupt { id: *id, context: "damaged on this node's disk" });
+        let mut loc = self.location(tenant, id)?.ok_or(StoreError::NotFound(*id))?;
+        let mut env = Vec::new();
+        loop {
+            match self.check_at(id, &loc, &mut env) {
+                Ok(_) => return Ok(env),
+                // GC may have moved it to another pack (and deleted this one) since it was looked up.
+                Err(e) => match self.location(tenant, id)? {
+                    Some(now) if now != loc => loc = now,
+                    Some(_) => return Err(e),
+                    None => return Err(StoreError::NotFound(*id)),
+                },
+            }
         }
-        Ok(env)
+    }
+
+    /// As `check_at`, for a location read earlier: when the check fails, the chunk's current
+    /// location is checked instead if GC moved it meanwhile. `Ok(0)` when it was swept.
+    pub fn check_current(
+        &self,
+        tenant: &str,
+        id: &ChunkId,
+        loc: &Location,
+        buf: &mut Vec<u8>,
+    ) -> Result<usize, StoreError> {
+        let mut loc = *loc;
+        loop {
+            match self.check_at(id, &loc, buf) {
+                Ok(n) => return Ok(n),
+                Err(e) => match self.location(tenant, id)? {
+                    Some(now) if now != loc => loc = now,
+                    Some(_) => return Err(e),
+                    None => return Ok(0),
+                },
+            }
+        }
     }
 
     pub fn estimate_keys(&self, cf: &str) -> u64 {
@@ -778,6 +805,88 @@ impl Store {
             return Err(StoreError::Corrupt { id: *id, context: "damaged on this node's disk" });
         }
         Ok(buf.len())
+    }
+
+    // ---- For garbage collection (rules in `crate::gc`) ----
+
+    /// The pack being appended to and its length, if any.
+    pub fn active_pack(&self) -> Option<(u32, u64)> {
+        self.packs.active.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|a| (a.id, a.len))
+    }
+
+    /// Seals the active pack now (the next write begins a new one), so GC can rewrite it.
+    pub fn seal_active_pack(&self) -> Result<(), StoreError> {
+        self.seal_active()
+    }
+
+    /// Every pack file and its size.
+    pub fn pack_files(&self) -> Result<Vec<(u32, u64)>, StoreError> {
+        let mut out = Vec::new();
+        let rd = std::fs::read_dir(&self.packs.dir).map_err(|e| io_err("listing packs", e))?;
+        for entry in rd {
+            let entry = entry.map_err(|e| io_err("listing packs", e))?;
+            let name = entry.file_name();
+            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".pack")).and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let len = entry.metadata().map_err(|e| io_err("reading a pack's size", e))?.len();
+            out.push((id, len));
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// Bytes a record of `tenant` with an envelope of `len` takes in a pack.
+    pub fn record_size(tenant: &str, len: u32) -> u64 {
+        (RECORD_FIXED + tenant.len()) as u64 + u64::from(len)
+    }
+
+    /// Copies live chunks out of packs GC is emptying: appended to the active pack and synced,
+    /// then each location is pointed at its copy in one synced batch, unless it changed
+    /// meanwhile (swept, or replaced by scrub: the copy is then dead space). Returns how many
+    /// locations now point at a copy.
+    pub fn relocate(&self, moves: &[(String, PutChunk, Location)]) -> Result<usize, StoreError> {
+        let mut by_tenant: std::collections::BTreeMap<&str, Vec<(&PutChunk, &Location)>> = Default::default();
+        for (t, c, old) in moves {
+            by_tenant.entry(t.as_str()).or_default().push((c, old));
+        }
+        let cf = self.cf(CF_INDEX)?;
+        let mut batch = WriteBatch::default();
+        let mut moved = 0;
+        for (tenant, group) in by_tenant {
+            let chunks: Vec<&PutChunk> = group.iter().map(|(c, _)| *c).collect();
+            let (pack, file, locations) = self.append(tenant, &chunks)?;
+            file.sync_data().map_err(|e| io_err(&format!("syncing pack {pack}"), e))?;
+            for ((c, old), new) in group.iter().zip(locations) {
+                let key = chunk_key(tenant, &c.id);
+                if self.location(tenant, &c.id)?.as_ref() == Some(*old) {
+                    batch.put_cf(cf, key, new.encode());
+                    moved += 1;
+                }
+            }
+        }
+        crate::test_hooks::crash_point("gc-copied");
+        self.db.write_opt(batch, &Self::synced()).map_err(db_err)?;
+        Ok(moved)
+    }
+
+    /// Deletes a pack no location names any more (GC has checked it): its file, its record,
+    /// and its open handle. A read that looked it up just before retries at the chunk's new
+    /// location (`get_chunk`).
+    pub fn delete_pack(&self, id: u32) -> Result<(), StoreError> {
+        if self.active_pack().is_some_and(|(a, _)| a == id) {
+            return Err(StoreError::Io(format!("pack {id} is being written")));
+        }
+        let path = pack_path(&self.packs.dir, id);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&format!("deleting {}", path.display()), e)),
+        }
+        File::open(&self.packs.dir).and_then(|d| d.sync_all()).map_err(|e| io_err("syncing the pack directory", e))?;
+        self.packs.readers.write().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        self.db.delete_cf_opt(self.cf(CF_META)?, sealed_key(id), &Self::synced()).map_err(db_err)
     }
 
     /// A value of the store's own bookkeeping (`store_meta`), such as the scrub's cursor.

@@ -3,7 +3,10 @@
 //!
 //! - `EXCLAVE_TEST_CRASH_AT=STEP` aborts the process at that step: `pack-written`,
 //!   `pack-synced`, `mid-record` (see `store`), `snapshot-page` (after the first page of a
-//!   streamed catalog snapshot is written, see `snapshot`).
+//!   streamed catalog snapshot is written, see `snapshot`), `chunks-stored` (an upload held
+//!   by a write quorum, before it is indexed, see `replication`), `gc-swept` (after a GC
+//!   pass's first sweep), `gc-copied` (live records of a pack copied, locations not yet
+//!   repointed), `gc-before-delete` (repointed, the old pack not yet deleted; see `gc`).
 //! - `EXCLAVE_TEST_SNAPSHOT_PAGE_BYTES=N` makes snapshot pages N bytes, so that a small
 //!   catalog travels in many pages.
 

@@ -11,12 +11,14 @@
 //!   `GetChunks` → `Chunks` (each entry an envelope or that chunk's error);
 //!   `Status` → `Status`.
 //! - Between nodes (node certificates only): `Raft` and `RaftLarge` frames on one ordered
-//!   unidirectional stream per peer (no reply); `Replicate` → `Ok` once durable;
+//!   unidirectional stream per peer (no reply); `Replicate` (`ReplicateV2` once chunks have
+//!   been swept) → `Ok` once durable;
 //!   `Fetch` → `Chunks` (anti-entropy); `RaftStatus` → `RaftStatus`.
 //! - Cluster operations: `ClusterStatus` → `ClusterStatus`; `AddNode`, `RemoveNode` → `Ok`
 //!   once the configuration change is applied (admin only); `ReadBarrier` → `Ok` once this
 //!   node has applied everything the leader had committed when it was asked; `Revoke` → `Ok`
-//!   once the revocation is committed (admin only); `Certificates` → `Certificates`.
+//!   once the revocation is committed (admin only); `Certificates` → `Certificates`;
+//!   `Gc` → `Gc` once a garbage-collection pass is done (admin only).
 //!
 //! Enum variants are only ever appended, never reordered: postcard encodes the index.
 
@@ -180,6 +182,18 @@ pub enum Request {
     Drills {
         source: Option<String>,
     },
+    /// Run a garbage-collection pass from this node now (admin) → `Gc` once it is done: the
+    /// cluster's pass (condemn, sweep) and this node's own (orphans, space returned).
+    Gc {
+        dry_run: bool,
+    },
+    /// `Replicate` once the cluster has swept chunks: the receiving node first applies the
+    /// sweeps its sender had (`sweep_seq`), so a copy it counts is not one a sweep deletes.
+    ReplicateV2 {
+        tenant: String,
+        sweep_seq: u64,
+        chunks: Vec<PutChunk>,
+    },
 }
 
 impl Request {
@@ -214,6 +228,8 @@ impl Request {
             Request::Quotas => "quotas",
             Request::RecordDrill { .. } => "record_drill",
             Request::Drills { .. } => "drills",
+            Request::Gc { .. } => "gc",
+            Request::ReplicateV2 { .. } => "replicate",
         }
     }
 }
@@ -309,6 +325,62 @@ pub enum Reply {
     Scrub(ScrubStatus),
     Quotas(Vec<TenantUsage>),
     Drills(Vec<DrillRecord>),
+    Gc(GcResult),
+}
+
+/// One garbage-collection pass over the cluster's catalog, as recorded there.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcReport {
+    pub pass: u64,
+    /// The node that ran it.
+    pub node: String,
+    /// Unix seconds (that node's clock: for people, never for a decision).
+    pub started: i64,
+    pub finished: i64,
+    pub dry_run: bool,
+    /// Index entries examined by the mark.
+    pub examined: u64,
+    /// Chunks no snapshot references, taken out of the index (kept until swept).
+    pub condemned_chunks: u64,
+    pub condemned_bytes: u64,
+    /// Condemned chunks whose copies every node deleted.
+    pub swept_chunks: u64,
+    pub swept_bytes: u64,
+    /// Condemned chunks waiting for a later pass (the grace).
+    pub pending_chunks: u64,
+    pub pending_bytes: u64,
+    /// Passes a condemned chunk waits before it is swept.
+    pub grace_passes: u64,
+    /// Unfinished commits whose staged references were dropped.
+    pub staged_dropped: u64,
+}
+
+/// One node's share of garbage collection: its orphans and the disk space it got back.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReclaimReport {
+    pub node: String,
+    pub started: i64,
+    pub finished: i64,
+    /// Chunks stored here that the index never named (uploads that failed), seen now.
+    pub orphans_found: u64,
+    /// Of those, seen by the previous pass too and swept.
+    pub orphans_swept: u64,
+    pub packs_deleted: u64,
+    pub packs_rewritten: u64,
+    /// Live bytes copied out of mostly dead packs.
+    pub bytes_moved: u64,
+    /// Pack bytes on disk before and after.
+    pub pack_bytes_before: u64,
+    pub pack_bytes_after: u64,
+    /// Why some space could not be returned (a damaged record, too little room), if so.
+    pub skipped: Vec<String>,
+}
+
+/// The answer to `Gc`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcResult {
+    pub cluster: GcReport,
+    pub local: ReclaimReport,
 }
 
 /// What a restore drill proved, as the cluster keeps it.

@@ -181,6 +181,9 @@ async fn propose(node: &Arc<Node>, cmd: Command) -> Result<(u64, u64), GcError> 
 /// The cluster's pass: condemn what no snapshot references, sweep what is past its grace,
 /// drop staged references of commits that never finished, and record the pass.
 pub async fn cluster_pass(node: &Arc<Node>, grace: u64, dry_run: bool) -> Result<GcReport, GcError> {
+    // The mark reads this node's catalog: first apply what the leader has committed, so a pass
+    // run on a follower right after a retention change sees it (a stale view is safe, just late).
+    node.raft.read_barrier().await?;
     let store = node.store.clone();
     let (as_of, st, tenants) = blocking(move || {
         let view = store.catalog()?;
@@ -298,6 +301,8 @@ pub async fn cluster_pass(node: &Arc<Node>, grace: u64, dry_run: bool) -> Result
 
 /// This node's share: sweep its orphans (seen by two passes in a row), then reclaim space.
 async fn local_pass(node: &Arc<Node>, gc: &Collector, dry_run: bool) -> Result<ReclaimReport, GcError> {
+    // A copy whose index entry this node has not applied yet is not an orphan.
+    node.raft.read_barrier().await?;
     let store = node.store.clone();
     let found = blocking(move || find_orphans(&store)).await?;
     let (due, keep) = {

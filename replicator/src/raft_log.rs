@@ -111,6 +111,12 @@ impl RaftLog {
         if let Some(v) = log.db.get_cf(cf, AP).map_err(db_err)? {
             log.applied = u64_of(&v)?;
         }
+        // The commit index is written after the entries a Ready carries are applied: a node
+        // that stopped between holds an applied index ahead of it, which Raft refuses at
+        // start. Whatever was applied had been committed, so the commit index is raised to it.
+        if log.applied > log.hs.commit {
+            log.hs.commit = log.applied;
+        }
         let start = key(b't', log.snap_index + 1);
         for (expect, item) in
             (log.snap_index + 1..).zip(db.iterator_cf(cf, IteratorMode::From(&start, Direction::Forward)))
@@ -502,8 +508,15 @@ mod tests {
         ));
         assert_eq!((log.first(), log.term(3).unwrap()), (4, 1));
         drop(log);
-        let log = open(dir.path());
+        let mut log = open(dir.path());
         assert_eq!((log.first(), log.last()), (4, 5));
+        // Stopped after applying entry 5 and before its commit index was written: the commit
+        // index comes back raised to what was applied (Raft refuses applied > committed).
+        log.persist(&[], Some(&HardState { commit: 4, ..hs.clone() }), true).unwrap();
+        log.apply(vec![], 5, None).unwrap();
+        drop(log);
+        let log = open(dir.path());
+        assert_eq!((log.initial_state().unwrap().hard_state.commit, log.applied()), (5, 5));
 
         // Another node installs the snapshot: same catalog, log restarts after it.
         let dir2 = tempfile::tempdir().unwrap();

@@ -8,6 +8,26 @@
 //! The rules are restic's: `keep_last` keeps the N newest; `keep_hourly` keeps the newest
 //! snapshot of each of the N newest hours that have one, and likewise for days, ISO weeks,
 //! months and years. A snapshot kept by any rule is kept.
+//!
+//! # No erasure by agents
+//!
+//! An agent may commit any number of snapshots, claiming any times; a stolen agent
+//! certificate must still not make the cluster forget what its policy promised. So:
+//!
+//! 1. **Cluster time.** The time retention reads is the snapshot's *commit time*, assigned by
+//!    the catalog when the commit is applied: the proposing node's clock, never allowed to go
+//!    back (the catalog keeps the newest it has applied and takes the larger). The agent's
+//!    `time` is kept as information only (the snapshot's own start, as its host saw it).
+//! 2. **Protection window.** Retention never forgets a snapshot committed less than the
+//!    tenant's window ago in cluster time (set by an administrator, 14 days by default),
+//!    whatever else is committed: a flood of junk commits leaves two weeks of real history in
+//!    place, long enough for the age and count alerts to be seen.
+//! 3. **Calendar slots on cluster time.** Beyond the window, hourly to yearly slots are
+//!    counted on commit times: commits made today land in today's slot and cannot empty
+//!    yesterday's. (`keep_last` keeps its literal promise, the N newest; the window is what
+//!    protects older real snapshots from a flood.)
+//!
+//! The selection itself (`forget`, `forget_at`) is pure; the catalog supplies commit times.
 
 use chrono::{DateTime, Datelike};
 use serde::{Deserialize, Serialize};
@@ -33,10 +53,16 @@ pub struct RetentionPolicy {
 #[error("a retention policy must keep something: set at least one keep-* above 0")]
 pub struct EmptyPolicy;
 
+/// The protection window of a tenant that no administrator has set, in days.
+pub const DEFAULT_PROTECTION_DAYS: u32 = 14;
+/// The longest protection window an administrator may set, in days.
+pub const MAX_PROTECTION_DAYS: u32 = 36_500;
+
 /// A snapshot as retention sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Candidate {
     pub id: String,
+    /// Commit time (cluster time, Unix seconds).
     pub time: i64,
     pub commit_seq: u64,
 }
@@ -61,6 +87,15 @@ impl RetentionPolicy {
         let parts: Vec<String> =
             self.rules().iter().zip(names).filter(|(n, _)| **n > 0).map(|(n, name)| format!("{name} {n}")).collect();
         format!("keep {}", parts.join(", "))
+    }
+
+    /// What the cluster forgets at cluster time `now`: what `forget` selects, except the
+    /// snapshots committed less than `window_secs` before `now` (a window of 0 protects nothing).
+    pub fn forget_at(&self, snapshots: &[Candidate], now: i64, window_secs: i64) -> Vec<String> {
+        let floor = now.saturating_sub(window_secs);
+        let protected: std::collections::HashSet<&str> =
+            snapshots.iter().filter(|c| c.time > floor).map(|c| c.id.as_str()).collect();
+        self.forget(snapshots).into_iter().filter(|id| !protected.contains(id.as_str())).collect()
     }
 
     /// The ids of `snapshots` this policy forgets, in the order given.
@@ -171,6 +206,20 @@ mod tests {
         let long = RetentionPolicy { keep_daily: 30, keep_monthly: 12, ..Default::default() };
         assert!(long.keeps_at_least(&short) && !short.keeps_at_least(&long));
         assert_eq!(long.describe(), "keep daily 30, monthly 12");
+    }
+
+    #[test]
+    fn the_window_protects_whatever_the_rules_select() {
+        let s = snaps(&[T, T + DAY, T + 20 * DAY, T + 20 * DAY + 1]);
+        let p = RetentionPolicy { keep_last: 1, ..Default::default() };
+        assert_eq!(p.forget(&s), ["s0", "s1", "s2"]);
+        let now = T + 20 * DAY + 1;
+        assert_eq!(p.forget_at(&s, now, 14 * DAY), ["s0", "s1"], "s2 is a second old");
+        assert_eq!(p.forget_at(&s, now, 20 * DAY), ["s0"], "s0 is 20 days and a second old");
+        assert_eq!(p.forget_at(&s, now, 20 * DAY + 1), ["s0"], "... s0 is not younger than 20 days and a second");
+        assert_eq!(p.forget_at(&s, now, 20 * DAY + 2), Vec::<String>::new());
+        assert_eq!(p.forget_at(&s, now, 0), ["s0", "s1", "s2"]);
+        assert_eq!(p.forget_at(&s, i64::MIN, i64::MAX), Vec::<String>::new(), "no overflow");
     }
 
     proptest! {

@@ -164,6 +164,15 @@ impl World {
         json(&o).as_array().expect("list").iter().map(|s| s["id"].as_str().expect("id").to_string()).collect()
     }
 
+    /// Sets a tenant's protection window (`retention protect`, as admin): tests of retention
+    /// itself set 0 days so that what a policy releases goes at once.
+    pub fn protect(&self, node: &Node, tenant: &str, days: u32) {
+        ok(run(Command::new(bin("exclave-replicator"))
+            .args(["retention", "protect", "--tenant", tenant, "--days", &days.to_string()])
+            .args(["--node", &node.addr.to_string(), "--pki"])
+            .arg(self.pki())));
+    }
+
     /// Waits until the running nodes among `nodes` agree on a leader; returns its index.
     #[track_caller]
     pub fn wait_leader(&self, nodes: &[Node]) -> usize {

@@ -37,6 +37,8 @@ fn backup(cfg: &std::path::Path) -> serde_json::Value {
 fn the_cluster_applies_retention_and_only_an_admin_shortens_it() {
     let w = World::new();
     let node = w.start_node("n1");
+    // What a policy releases goes at once (the window has its own test below).
+    w.protect(&node, "lux", 0);
     let docs = w.path("docs");
     sample_tree(&docs, 3, 128 << 10);
     // History made without a policy is not the agent's to erase: its first policy may not
@@ -89,4 +91,63 @@ fn the_cluster_applies_retention_and_only_an_admin_shortens_it() {
     let to = w.path("restored");
     ok(w.restore(&node, "docs", "latest", &to));
     assert_same_tree(&docs, &to.join("docs"));
+}
+
+fn retention_show(w: &World, node: &Node) -> serde_json::Value {
+    json(&ok(run(Command::new(bin("exclave-replicator"))
+        .args(["retention", "show", "--json", "--tenant", "lux", "--node", &node.addr.to_string(), "--pki"])
+        .arg(w.pki()))))
+}
+
+#[test]
+fn an_agent_flooding_commits_with_forged_times_cannot_push_history_out() {
+    let w = World::new();
+    let nodes = w.start_cluster(&["n1", "n2", "n3"]);
+    let node = &nodes[0];
+    let docs = w.path("docs");
+    sample_tree(&docs, 5, 256 << 10);
+    let keep2 = config(&w, node, &docs, 2);
+    let mut honest = Vec::new();
+    for i in 0..3 {
+        std::fs::write(docs.join("day.txt"), format!("day {i}")).unwrap();
+        honest.push(backup(&keep2)["snapshot"].as_str().unwrap().to_string());
+    }
+    let shown = retention_show(&w, node);
+    assert_eq!(shown["protection_days"], 14, "{shown}");
+    assert_eq!(shown["protection_set"], false, "{shown}");
+    assert_eq!(shown["policies"][0][0], "docs", "{shown}");
+    assert!(shown["cluster_time"].as_i64().unwrap() > 1_700_000_000, "{shown}");
+    // Inside the window, keep-last 2 has kept all three (they are seconds old).
+    assert_eq!(w.snapshot_ids(node, "docs").len(), 3);
+
+    // A stolen agent certificate commits 200 snapshots claiming times from 1970 to past 2100.
+    let forged = ok(run(Command::new(bin("exclave-forge-commits"))
+        .arg(nodes[1].addr.to_string())
+        .arg(w.pki())
+        .args(["rnpp", "docs", "200"])));
+    assert_eq!(json(&forged)["committed"], 200);
+    let left = w.snapshot_ids(node, "docs");
+    for h in &honest {
+        assert!(left.contains(h), "{h} pushed out by forged commits: {left:?}");
+    }
+    assert_eq!(left.len(), 203, "nothing is forgotten inside the window");
+    // Every node agrees, and the newest real snapshot restores byte for byte.
+    for n in &nodes {
+        let ids = w.snapshot_ids(n, "docs");
+        assert!(honest.iter().all(|h| ids.contains(h)), "{}: {ids:?}", n.name);
+    }
+    let to = w.path("restored");
+    ok(w.restore(&nodes[2], "docs", honest.last().unwrap(), &to));
+    assert_same_tree(&docs, &to.join("docs"));
+
+    // Only an administrator sets the window.
+    let o = run(Command::new(bin("exclave-replicator"))
+        .args(["retention", "protect", "--identity", "rnpp", "--tenant", "lux", "--days", "0"])
+        .args(["--node", &node.addr.to_string(), "--pki"])
+        .arg(w.pki()));
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("may not change the cluster"), "{}", stderr(&o));
+    w.protect(node, "lux", 30);
+    let shown = retention_show(&w, node);
+    assert_eq!((shown["protection_days"].as_u64(), shown["protection_set"].as_bool()), (Some(30), Some(true)));
 }

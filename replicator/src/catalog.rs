@@ -30,7 +30,14 @@
 //! g ‖ tenant ‖ 0 ‖ chunk id (32)                      → postcard(Condemned)        condemned by GC, copies kept
 //! G                                                   → postcard(GcState)          GC passes and sweeps
 //! x ‖ sweep seq (u64 BE)                              → postcard(SweepRecord)      what a recent sweep deleted
+//! C                                                   → i64 BE                     cluster time: newest commit time applied
+//! T ‖ tenant ‖ 0 ‖ id                                 → i64 BE                     a snapshot's commit time (cluster time)
+//! P ‖ tenant ‖ 0                                      → postcard(Protection)       set by an administrator
 //! ```
+//!
+//! Retention reads commit times, never the agent's `time` (rules at the top of
+//! `exclave::retention`). Snapshots committed before commit times were kept (no `T`) count
+//! with their agent time, capped at the cluster time.
 //!
 //! Garbage collection (`gc`, rules in `crate::gc`) moves unreferenced chunks from `c` to `g`,
 //! puts them back when a commit or an upload needs them, and sweeps them: a sweep is applied
@@ -41,7 +48,7 @@
 
 use exclave::chunk_id::{Checksum, ChunkId};
 use exclave::protocol::{DrillRecord, Revocation, SnapshotInfo};
-use exclave::retention::{Candidate, RetentionPolicy};
+use exclave::retention::{Candidate, DEFAULT_PROTECTION_DAYS, MAX_PROTECTION_DAYS, RetentionPolicy};
 use serde::{Deserialize, Serialize};
 
 pub mod gc;
@@ -280,6 +287,87 @@ pub enum Command {
         report: exclave::protocol::GcReport,
         staged_seen: Vec<(String, String)>,
     },
+    /// `Commit` stamped with the proposing node's clock: the snapshot's commit time is the
+    /// larger of `now` and the cluster time (which never goes back).
+    CommitV2 {
+        tenant: String,
+        snapshot: SnapshotInfo,
+        batches: u32,
+        now: i64,
+    },
+    /// `SetRetention` on cluster time, within the tenant's protection window.
+    SetRetentionV2 {
+        tenant: String,
+        source: String,
+        policy: RetentionPolicy,
+        by_admin: bool,
+    },
+    /// A tenant's protection window (set by an administrator).
+    SetProtection {
+        tenant: String,
+        protection: Protection,
+    },
+}
+
+/// How long, in cluster time, retention may not forget a tenant's new snapshots.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Protection {
+    pub days: u32,
+}
+
+impl Protection {
+    pub fn window_secs(&self) -> i64 {
+        i64::from(self.days) * 86_400
+    }
+}
+
+const CLOCK_KEY: &[u8] = b"C";
+
+/// Cluster time: the newest commit time applied (0 before the first).
+pub fn cluster_time(view: &dyn CatalogRead) -> Result<i64, CatalogError> {
+    match view.get(CLOCK_KEY)? {
+        Some(v) => Ok(i64::from_be_bytes(v.as_slice().try_into().map_err(|_| CatalogError::Decode("clock".into()))?)),
+        None => Ok(0),
+    }
+}
+
+fn commit_time_key(tenant: &str, snapshot_id: &str) -> Vec<u8> {
+    let mut k = tenant_key(b'T', tenant);
+    k.extend_from_slice(snapshot_id.as_bytes());
+    k
+}
+
+/// Commit times (cluster time) of `snaps`; a snapshot from before they were kept counts with
+/// its agent time, capped at the cluster time `now`.
+pub fn commit_times(
+    view: &dyn CatalogRead,
+    tenant: &str,
+    snaps: &[SnapshotInfo],
+    now: i64,
+) -> Result<Vec<i64>, CatalogError> {
+    let keys: Vec<Vec<u8>> = snaps.iter().map(|s| commit_time_key(tenant, &s.id)).collect();
+    snaps
+        .iter()
+        .zip(view.get_many(&keys)?)
+        .map(|(s, v)| match v {
+            Some(v) => {
+                Ok(i64::from_be_bytes(v.as_slice().try_into().map_err(|_| CatalogError::Decode("time".into()))?))
+            }
+            None => Ok(s.time.min(now)),
+        })
+        .collect()
+}
+
+fn protection_key(tenant: &str) -> Vec<u8> {
+    tenant_key(b'P', tenant)
+}
+
+/// A tenant's protection window: as set by an administrator, or the default.
+pub fn protection(view: &dyn CatalogRead, tenant: &str) -> Result<Protection, CatalogError> {
+    Ok(match view.get(&protection_key(tenant))? {
+        Some(v) => decode(&v)?,
+        None => Protection { days: DEFAULT_PROTECTION_DAYS },
+    })
 }
 
 /// A source's newest drill, and when one last passed.
@@ -343,6 +431,22 @@ pub fn retention(view: &dyn CatalogRead, tenant: &str, source: &str) -> Result<O
     view.get(&retention_key(tenant, source))?.map(|v| decode(&v)).transpose()
 }
 
+/// What governs a tenant's retention: its window and each source's policy.
+pub fn retention_view(view: &dyn CatalogRead, tenant: &str) -> Result<exclave::protocol::RetentionView, CatalogError> {
+    let prefix = tenant_key(b'k', tenant);
+    let policies = scan_decoded::<RetentionPolicy>(view, &prefix)?
+        .into_iter()
+        .map(|(k, p)| (String::from_utf8_lossy(&k[prefix.len()..]).into_owned(), p))
+        .collect();
+    Ok(exclave::protocol::RetentionView {
+        tenant: tenant.to_string(),
+        cluster_time: cluster_time(view)?,
+        protection_days: protection(view, tenant)?.days,
+        protection_set: view.get(&protection_key(tenant))?.is_some(),
+        policies,
+    })
+}
+
 /// Writes that drop one snapshot (its entry, id lookup and references); returns false if
 /// it does not exist.
 fn forget_writes(
@@ -354,6 +458,7 @@ fn forget_writes(
     let Some(loc) = view.get(&id_key(tenant, snapshot_id))? else { return Ok(false) };
     w.push(Write::Delete(snapshot_key(tenant, &loc, snapshot_id)));
     w.push(Write::Delete(id_key(tenant, snapshot_id)));
+    w.push(Write::Delete(commit_time_key(tenant, snapshot_id)));
     view.scan(&batches_prefix(b'r', tenant, snapshot_id), &mut |k, _| {
         w.push(Write::Delete(k.to_vec()));
         true
@@ -361,33 +466,75 @@ fn forget_writes(
     Ok(true)
 }
 
-/// Applies `policy` to the snapshots of `source` (plus `new`, committed in this same
-/// command), and prunes the source's archived WAL older than its oldest kept snapshot.
-/// Returns how many snapshots were forgotten.
+/// Which clock retention reads. Commands from before commit times were kept (`Commit`,
+/// `SetRetention`) still apply as they did, on agent times without a window, so that a log
+/// replayed by a newer node gives the state older nodes reached.
+#[derive(Debug, Clone, Copy)]
+enum RetentionClock {
+    Agent,
+    /// Cluster time now.
+    Cluster(i64),
+}
+
+/// Applies `policy` to the snapshots of `source` (plus `new` and its commit time, committed
+/// in this same command), and prunes the source's archived WAL older than its oldest kept
+/// snapshot. On cluster time, nothing committed within the tenant's protection window is
+/// forgotten. Returns how many snapshots were forgotten.
 fn apply_retention(
     view: &dyn CatalogRead,
     tenant: &str,
     source: &str,
     policy: &RetentionPolicy,
-    new: Option<&SnapshotInfo>,
+    new: Option<(&SnapshotInfo, i64)>,
+    clock: RetentionClock,
     w: &mut Vec<Write>,
 ) -> Result<u64, CatalogError> {
     let mut snaps = snapshots(view, tenant, Some(source))?;
-    snaps.extend(new.cloned());
-    let candidates: Vec<Candidate> =
-        snaps.iter().map(|s| Candidate { id: s.id.clone(), time: s.time, commit_seq: s.commit_seq }).collect();
-    let forget = policy.forget(&candidates);
+    let (now, window) = match clock {
+        RetentionClock::Agent => (i64::MAX, 0),
+        RetentionClock::Cluster(now) => (now, protection(view, tenant)?.window_secs()),
+    };
+    let mut times = match clock {
+        RetentionClock::Agent => snaps.iter().map(|s| s.time).collect(),
+        RetentionClock::Cluster(now) => commit_times(view, tenant, &snaps, now)?,
+    };
+    if let Some((s, t)) = new {
+        snaps.push(s.clone());
+        times.push(match clock {
+            RetentionClock::Agent => s.time,
+            RetentionClock::Cluster(_) => t,
+        });
+    }
+    let candidates: Vec<Candidate> = snaps
+        .iter()
+        .zip(&times)
+        .map(|(s, t)| Candidate { id: s.id.clone(), time: *t, commit_seq: s.commit_seq })
+        .collect();
+    let forget: std::collections::HashSet<String> = match clock {
+        RetentionClock::Agent => policy.forget(&candidates),
+        RetentionClock::Cluster(now) => policy.forget_at(&candidates, now, window),
+    }
+    .into_iter()
+    .collect();
     let mut n = 0;
     for id in &forget {
         if forget_writes(view, tenant, id, w)? {
             n += 1;
         }
     }
+    // WAL is matched to base backups by the agent's times (both come from the register's
+    // host); WAL committed within the window stays whatever those times say.
     let oldest_kept = snaps.iter().filter(|s| !forget.contains(&s.id)).map(|s| s.time).min();
     if let Some(oldest) = oldest_kept {
         let wal = format!("{source}.wal");
-        for s in snapshots(view, tenant, Some(&wal))? {
-            if s.time < oldest - WAL_MARGIN_SECS && forget_writes(view, tenant, &s.id, w)? {
+        let segments = snapshots(view, tenant, Some(&wal))?;
+        let floor = now.saturating_sub(window);
+        let times = match clock {
+            RetentionClock::Agent => vec![i64::MIN; segments.len()],
+            RetentionClock::Cluster(now) => commit_times(view, tenant, &segments, now)?,
+        };
+        for (s, t) in segments.iter().zip(times) {
+            if t <= floor && s.time < oldest.saturating_sub(WAL_MARGIN_SECS) && forget_writes(view, tenant, &s.id, w)? {
                 n += 1;
             }
         }
@@ -595,7 +742,18 @@ pub fn apply(view: &dyn CatalogRead, cmd: &Command) -> Result<(Outcome, Vec<Writ
                 Outcome::Done
             }
         }
-        Command::Commit { tenant, snapshot, batches } => commit(view, tenant, snapshot, *batches, &mut w)?,
+        Command::Commit { tenant, snapshot, batches } => commit(view, tenant, snapshot, *batches, None, &mut w)?,
+        Command::CommitV2 { tenant, snapshot, batches, now } => {
+            commit(view, tenant, snapshot, *batches, Some(*now), &mut w)?
+        }
+        Command::SetProtection { tenant, protection } => {
+            if protection.days > MAX_PROTECTION_DAYS {
+                Outcome::Refused(format!("a protection window is at most {MAX_PROTECTION_DAYS} days"))
+            } else {
+                w.push(Write::Put(protection_key(tenant), encode(protection)));
+                Outcome::Done
+            }
+        }
         Command::Forget { tenant, snapshot_id } => {
             if forget_writes(view, tenant, snapshot_id, &mut w)? {
                 let mut info = tenant_info(view, tenant)?;
@@ -608,41 +766,10 @@ pub fn apply(view: &dyn CatalogRead, cmd: &Command) -> Result<(Outcome, Vec<Writ
             }
         }
         Command::SetRetention { tenant, source, policy, by_admin } => {
-            let current = retention(view, tenant, source)?;
-            if policy.validate().is_err() {
-                Outcome::Refused("a retention policy must keep something (a keep-* above 0)".into())
-            } else if let Some(cur) = current.filter(|c| !*by_admin && !policy.keeps_at_least(c)) {
-                Outcome::Refused(format!(
-                    "retention of {source} is \"{}\"; an agent may lengthen it but not shorten it to \"{}\" \
-                     (an administrator can: exclave-replicator retention set)",
-                    cur.describe(),
-                    policy.describe()
-                ))
-            } else {
-                let mut changes = vec![Write::Put(retention_key(tenant, source), encode(policy))];
-                let forgotten = apply_retention(view, tenant, source, policy, None, &mut changes)?;
-                // Without a policy in force the cluster keeps everything; an agent's first
-                // policy may not forget what is already stored (a stolen agent certificate
-                // must not erase history), only govern what comes next.
-                if current.is_none() && !*by_admin && forgotten > 0 {
-                    return Ok((
-                        Outcome::Refused(format!(
-                            "a first retention policy \"{}\" for {source} would forget {forgotten} snapshot(s) already \
-                             stored; an administrator must set it (exclave-replicator retention set)",
-                            policy.describe()
-                        )),
-                        Vec::new(),
-                    ));
-                }
-                w.extend(changes);
-                if forgotten > 0 {
-                    let mut info = tenant_info(view, tenant)?;
-                    info.snapshots = info.snapshots.saturating_sub(forgotten);
-                    bump(view, &mut w, 0, 0, forgotten)?;
-                    w.push(Write::Put(tenant_key(b't', tenant), encode(&info)));
-                }
-                Outcome::Done
-            }
+            set_retention(view, tenant, source, policy, *by_admin, 1, &mut w)?
+        }
+        Command::SetRetentionV2 { tenant, source, policy, by_admin } => {
+            set_retention(view, tenant, source, policy, *by_admin, 2, &mut w)?
         }
         Command::SetMember { raft_id, member } => {
             w.push(Write::Put(member_key(*raft_id), encode(member)));
@@ -692,6 +819,7 @@ fn commit(
     tenant: &str,
     snapshot: &SnapshotInfo,
     batches: u32,
+    proposed_now: Option<i64>,
     w: &mut Vec<Write>,
 ) -> Result<Outcome, CatalogError> {
     if let Some(existing) = self::snapshot(view, tenant, &snapshot.id)? {
@@ -753,8 +881,19 @@ fn commit(
     for (i, part) in refs.chunks(REFS_PER_BATCH).enumerate() {
         w.push(Write::Put(batch_key(b'r', tenant, &snap.id, i as u32), encode(&part.to_vec())));
     }
+    // Cluster time never goes back. A `Commit` from before commit times were kept records
+    // none and applies retention as it did.
+    let (clock, now) = match proposed_now {
+        Some(t) => {
+            let now = t.max(cluster_time(view)?);
+            w.push(Write::Put(CLOCK_KEY.to_vec(), now.to_be_bytes().to_vec()));
+            w.push(Write::Put(commit_time_key(tenant, &snap.id), now.to_be_bytes().to_vec()));
+            (RetentionClock::Cluster(now), now)
+        }
+        None => (RetentionClock::Agent, snap.time),
+    };
     let forgotten = match retention(view, tenant, &snap.source)? {
-        Some(policy) => apply_retention(view, tenant, &snap.source, &policy, Some(&snap), w)?,
+        Some(policy) => apply_retention(view, tenant, &snap.source, &policy, Some((&snap, now)), clock, w)?,
         None => 0,
     };
     let mut info = tenant_info(view, tenant)?;
@@ -763,6 +902,54 @@ fn commit(
     info.last_snapshot_time = info.last_snapshot_time.max(snap.time);
     w.push(Write::Put(tenant_key(b't', tenant), encode(&info)));
     Ok(Outcome::Committed(snap))
+}
+
+/// `SetRetention` (version 1: on agent times) and `SetRetentionV2` (on cluster time).
+fn set_retention(
+    view: &dyn CatalogRead,
+    tenant: &str,
+    source: &str,
+    policy: &RetentionPolicy,
+    by_admin: bool,
+    version: u8,
+    w: &mut Vec<Write>,
+) -> Result<Outcome, CatalogError> {
+    let current = retention(view, tenant, source)?;
+    Ok(if policy.validate().is_err() {
+        Outcome::Refused("a retention policy must keep something (a keep-* above 0)".into())
+    } else if let Some(cur) = current.filter(|c| !by_admin && !policy.keeps_at_least(c)) {
+        Outcome::Refused(format!(
+            "retention of {source} is \"{}\"; an agent may lengthen it but not shorten it to \"{}\" \
+             (an administrator can: exclave-replicator retention set)",
+            cur.describe(),
+            policy.describe()
+        ))
+    } else {
+        let mut changes = vec![Write::Put(retention_key(tenant, source), encode(policy))];
+        let clock = match version {
+            1 => RetentionClock::Agent,
+            _ => RetentionClock::Cluster(cluster_time(view)?),
+        };
+        let forgotten = apply_retention(view, tenant, source, policy, None, clock, &mut changes)?;
+        // Without a policy in force the cluster keeps everything; an agent's first
+        // policy may not forget what is already stored (a stolen agent certificate
+        // must not erase history), only govern what comes next.
+        if current.is_none() && !by_admin && forgotten > 0 {
+            return Ok(Outcome::Refused(format!(
+                "a first retention policy \"{}\" for {source} would forget {forgotten} snapshot(s) already \
+                 stored; an administrator must set it (exclave-replicator retention set)",
+                policy.describe()
+            )));
+        }
+        w.extend(changes);
+        if forgotten > 0 {
+            let mut info = tenant_info(view, tenant)?;
+            info.snapshots = info.snapshots.saturating_sub(forgotten);
+            bump(view, w, 0, 0, forgotten)?;
+            w.push(Write::Put(tenant_key(b't', tenant), encode(&info)));
+        }
+        Outcome::Done
+    })
 }
 
 fn tenant_info(view: &dyn CatalogRead, tenant: &str) -> Result<TenantInfo, CatalogError> {
@@ -980,17 +1167,30 @@ mod tests {
         assert_eq!(c.apply(&Command::IndexChunks { tenant: tenant.into(), chunks }).unwrap(), Outcome::Done);
     }
 
+    /// Commits `s` as an honest agent would: the node's clock agrees with the agent's time.
     fn stage_and_commit(c: &mut MemCatalog, tenant: &str, s: &SnapshotInfo, refs: &[u8]) -> Outcome {
+        commit_at(c, tenant, s, refs, s.time)
+    }
+
+    /// Commits `s` on a node whose clock reads `now` (whatever time the agent claims).
+    fn commit_at(c: &mut MemCatalog, tenant: &str, s: &SnapshotInfo, refs: &[u8], now: i64) -> Outcome {
         let ids = refs.iter().map(|n| id(*n)).collect();
         let stage = Command::StageRefs { tenant: tenant.into(), snapshot_id: s.id.clone(), batch: 0, ids };
         assert_eq!(c.apply(&stage).unwrap(), Outcome::Done);
-        c.apply(&Command::Commit { tenant: tenant.into(), snapshot: s.clone(), batches: 1 }).unwrap()
+        c.apply(&Command::CommitV2 { tenant: tenant.into(), snapshot: s.clone(), batches: 1, now }).unwrap()
+    }
+
+    fn protect(c: &mut MemCatalog, tenant: &str, days: u32) {
+        let cmd = Command::SetProtection { tenant: tenant.into(), protection: Protection { days } };
+        assert_eq!(c.apply(&cmd).unwrap(), Outcome::Done);
     }
 
     #[test]
     fn retention_is_applied_by_the_catalog_and_agents_can_only_lengthen_it() {
         let mut c = MemCatalog::default();
         index(&mut c, "lux", &[1, 2]);
+        protect(&mut c, "lux", 0); // the window has its own test
+
         let day = 86400;
         for d in 0..5 {
             let s = snap(&format!("d{d}"), 1, 1_795_000_000 + d * day);
@@ -1007,7 +1207,7 @@ mod tests {
         };
         let set = |c: &mut MemCatalog, keep_last: u32, by_admin: bool| {
             let policy = RetentionPolicy { keep_last, ..Default::default() };
-            c.apply(&Command::SetRetention { tenant: "lux".into(), source: "rnpp".into(), policy, by_admin }).unwrap()
+            c.apply(&Command::SetRetentionV2 { tenant: "lux".into(), source: "rnpp".into(), policy, by_admin }).unwrap()
         };
         let Outcome::Refused(why) = set(&mut c, 3, false) else { panic!("history erased by an agent") };
         assert!(why.contains("would forget 4 snapshot(s) already stored"), "{why}"); // 2 bases, 2 WAL
@@ -1030,6 +1230,156 @@ mod tests {
         assert_eq!(set(&mut c, 1, true), Outcome::Done);
         assert_eq!(ids(&c, "rnpp"), ["d5"]);
         assert!(matches!(set(&mut c, 0, true), Outcome::Refused(_)), "an empty policy would forget everything");
+    }
+
+    const DAY: i64 = 86_400;
+    const T0: i64 = 1_795_000_000;
+
+    /// The ids of a tenant's snapshots of `source`.
+    fn kept(c: &MemCatalog, source: &str) -> std::collections::BTreeSet<String> {
+        snapshots(c, "lux", Some(source)).unwrap().into_iter().map(|s| s.id).collect()
+    }
+
+    fn admin_policy(c: &mut MemCatalog, policy: RetentionPolicy) {
+        let cmd = Command::SetRetentionV2 { tenant: "lux".into(), source: "rnpp".into(), policy, by_admin: true };
+        assert_eq!(c.apply(&cmd).unwrap(), Outcome::Done);
+    }
+
+    #[test]
+    fn an_agent_flooding_commits_with_any_times_forgets_nothing_promised() {
+        let mut c = MemCatalog::default();
+        index(&mut c, "lux", &[1, 2]);
+        admin_policy(&mut c, RetentionPolicy { keep_last: 3, keep_daily: 7, ..Default::default() });
+        // A month of honest daily backups, committed when they were taken.
+        for d in 0..30 {
+            let s = snap(&format!("d{d:02}"), 1, T0 + d * DAY);
+            assert!(matches!(stage_and_commit(&mut c, "lux", &s, &[2]), Outcome::Committed(_)));
+        }
+        let honest: Vec<String> = (16..30).map(|d| format!("d{d:02}")).collect();
+        assert_eq!(kept(&c, "rnpp"), honest.iter().cloned().collect(), "14 days of window, 7 daily inside it");
+        // A stolen agent certificate: 300 commits within a few minutes, claiming times from
+        // the far past to the far future.
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let now = T0 + 29 * DAY + 600;
+        for i in 0..300 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let claimed = match i % 4 {
+                0 => i64::MIN + i,
+                1 => i64::MAX - i,
+                _ => (rng as i64) / 2,
+            };
+            let s = snap(&format!("junk{i:03}"), 1, claimed);
+            assert!(matches!(commit_at(&mut c, "lux", &s, &[2], now + i), Outcome::Committed(_)));
+        }
+        let after = kept(&c, "rnpp");
+        for h in &honest {
+            assert!(after.contains(h), "{h} forgotten by a flood of agent commits");
+        }
+        assert_eq!(after.len(), 14 + 300);
+        // Cluster time goes on with honest daily backups and no more junk: the calendar slots
+        // the flood fell in are today's only. Once its window has passed, the flood is gone
+        // and the policy keeps what it promises on cluster time.
+        for d in 30..60 {
+            let s = snap(&format!("d{d:02}"), 1, T0 + d * DAY);
+            assert!(matches!(stage_and_commit(&mut c, "lux", &s, &[2]), Outcome::Committed(_)));
+            let now = T0 + d * DAY;
+            let left = kept(&c, "rnpp");
+            for k in 0..14 {
+                let want = format!("d{:02}", d - k);
+                assert!(left.contains(&want), "day {d}: {want}, inside the window, forgotten");
+            }
+            assert_eq!(cluster_time(&c).unwrap(), now);
+        }
+        let end = kept(&c, "rnpp");
+        assert!(end.iter().all(|id| id.starts_with('d')), "the flood outlived its window: {end:?}");
+        assert_eq!(end.len(), 14, "{end:?}");
+
+        // The same flood on agent times (as `Commit` applied before commit times were kept)
+        // erases the month: the test above would fail there.
+        let mut old = MemCatalog::default();
+        index(&mut old, "lux", &[1, 2]);
+        admin_policy(&mut old, RetentionPolicy { keep_last: 3, keep_daily: 7, ..Default::default() });
+        for d in 0..30 {
+            let s = snap(&format!("d{d:02}"), 1, T0 + d * DAY);
+            assert!(matches!(stage_and_commit(&mut old, "lux", &s, &[2]), Outcome::Committed(_)));
+        }
+        for i in 0..20 {
+            let s = snap(&format!("junk{i:03}"), 1, T0 + (100 + i) * DAY);
+            let stage =
+                Command::StageRefs { tenant: "lux".into(), snapshot_id: s.id.clone(), batch: 0, ids: vec![id(2)] };
+            old.apply(&stage).unwrap();
+            old.apply(&Command::Commit { tenant: "lux".into(), snapshot: s, batches: 1 }).unwrap();
+        }
+        assert!(kept(&old, "rnpp").iter().all(|id| id.starts_with("junk")), "agent times decide there");
+    }
+
+    #[test]
+    fn extreme_agent_times_neither_overflow_nor_prune_wal() {
+        for legacy in [true, false] {
+            let mut c = MemCatalog::default();
+            index(&mut c, "lux", &[1, 2]);
+            admin_policy(&mut c, RetentionPolicy { keep_last: 1, ..Default::default() });
+            let wal = SnapshotInfo { source: "rnpp.wal".into(), ..snap("w1", 1, T0) };
+            assert!(matches!(stage_and_commit(&mut c, "lux", &wal, &[2]), Outcome::Committed(_)));
+            for (i, t) in [i64::MIN, i64::MIN + 1, i64::MAX].into_iter().enumerate() {
+                let s = snap(&format!("b{i}"), 1, t);
+                let stage =
+                    Command::StageRefs { tenant: "lux".into(), snapshot_id: s.id.clone(), batch: 0, ids: vec![id(2)] };
+                c.apply(&stage).unwrap();
+                let cmd = if legacy {
+                    Command::Commit { tenant: "lux".into(), snapshot: s, batches: 1 }
+                } else {
+                    Command::CommitV2 { tenant: "lux".into(), snapshot: s, batches: 1, now: T0 + 60 }
+                };
+                assert!(matches!(c.apply(&cmd).unwrap(), Outcome::Committed(_)));
+            }
+            if !legacy {
+                assert!(kept(&c, "rnpp.wal").contains("w1"), "WAL inside the window pruned");
+                assert_eq!(kept(&c, "rnpp").len(), 3, "all inside the window");
+            }
+        }
+    }
+
+    proptest! {
+        /// Whatever times an agent claims, the cluster keeps the same snapshots: retention reads
+        /// only commit times. After every commit, nothing inside the window is forgotten, and
+        /// what the policy selects over the whole history (on commit times) is still there.
+        #[test]
+        fn agent_times_never_decide_and_the_window_holds(
+            steps in prop::collection::vec((0i64..3 * DAY, any::<i64>(), any::<i64>()), 1..40),
+            keep_last in 1u32..4, keep_daily in 0u32..3, days in 0u32..3,
+        ) {
+            let policy = RetentionPolicy { keep_last, keep_daily, ..Default::default() };
+            let run = |claimed: &dyn Fn(usize) -> i64| {
+                let mut c = MemCatalog::default();
+                index(&mut c, "lux", &[1, 2]);
+                protect(&mut c, "lux", days);
+                admin_policy(&mut c, policy);
+                let mut now = T0;
+                let mut history = Vec::new();
+                for (i, (step, ..)) in steps.iter().enumerate() {
+                    now += step;
+                    let s = snap(&format!("s{i:03}"), 1, claimed(i));
+                    let Outcome::Committed(done) = commit_at(&mut c, "lux", &s, &[2], now) else { panic!("refused") };
+                    history.push(Candidate { id: done.id.clone(), time: now, commit_seq: done.commit_seq });
+                    let left = kept(&c, "rnpp");
+                    let floor = now - i64::from(days) * DAY;
+                    for h in history.iter().filter(|h| h.time > floor) {
+                        assert!(left.contains(&h.id), "{} inside the window forgotten", h.id);
+                    }
+                    let forgotten = policy.forget(&history);
+                    for h in history.iter().filter(|h| !forgotten.contains(&h.id)) {
+                        assert!(left.contains(&h.id), "{} selected by the policy forgotten", h.id);
+                    }
+                }
+                kept(&c, "rnpp")
+            };
+            let a = run(&|i| steps[i].1);
+            let b = run(&|i| steps[i].2);
+            prop_assert_eq!(a, b);
+        }
     }
 
     #[test]
@@ -1232,6 +1582,24 @@ mod tests {
             (tenant.clone(), sid.clone(), 0u8..12, 0i64..5, 0u32..3).prop_map(|(tenant, s, root, time, batches)| {
                 Command::Commit { tenant, snapshot: snap(&s, root, time), batches }
             }),
+            (tenant.clone(), sid.clone(), 0u8..12, any::<i64>(), 0u32..3, 0i64..400_000).prop_map(
+                |(tenant, s, root, time, batches, now)| Command::CommitV2 {
+                    tenant,
+                    snapshot: snap(&s, root, time),
+                    batches,
+                    now
+                }
+            ),
+            (tenant.clone(), 1u32..3, any::<bool>()).prop_map(|(tenant, keep_last, by_admin)| {
+                Command::SetRetentionV2 {
+                    tenant,
+                    source: "rnpp".into(),
+                    policy: RetentionPolicy { keep_last, keep_daily: 1, ..Default::default() },
+                    by_admin,
+                }
+            }),
+            (tenant.clone(), 0u32..3)
+                .prop_map(|(tenant, days)| Command::SetProtection { tenant, protection: Protection { days } }),
             (tenant.clone(), sid).prop_map(|(tenant, snapshot_id)| Command::Forget { tenant, snapshot_id }),
             (1u64..4, "[a-z]{1,3}").prop_map(|(raft_id, name)| Command::SetMember {
                 raft_id,

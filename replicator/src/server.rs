@@ -303,7 +303,7 @@ async fn set_retention(
     let described = policy.describe();
     match node
         .raft
-        .propose(Command::SetRetention { tenant: tenant.clone(), source: source.clone(), policy, by_admin })
+        .propose(Command::SetRetentionV2 { tenant: tenant.clone(), source: source.clone(), policy, by_admin })
         .await?
     {
         Outcome::Done => {
@@ -383,7 +383,11 @@ async fn dispatch(
             // The node, not the client, says who committed.
             let snap = SnapshotInfo { agent: name.clone(), ..snapshot };
             let started = Instant::now();
-            let cmd = Command::Commit { tenant: tenant.clone(), snapshot: snap, batches: ref_batches };
+            // Commit time comes from this node's clock, never the agent's (see `exclave::retention`).
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+            let cmd = Command::CommitV2 { tenant: tenant.clone(), snapshot: snap, batches: ref_batches, now };
             match node.raft.propose(cmd).await? {
                 Outcome::Committed(committed) => {
                     node.metrics.committed(&tenant, &committed, started.elapsed());
@@ -632,6 +636,26 @@ async fn dispatch(
                     })
                     .collect(),
             ))
+        }
+        Request::SetProtection { tenant, days } => {
+            authorise(identity, Permission::Administer, "set_protection")?;
+            valid_name("tenant", &tenant)?;
+            node.require_leader().await?;
+            let protection = catalog::Protection { days };
+            match node.raft.propose(Command::SetProtection { tenant: tenant.clone(), protection }).await? {
+                Outcome::Done => {
+                    info!(%tenant, days, by = %identity, "protection window set");
+                    Ok(Reply::Ok)
+                }
+                Outcome::Refused(m) => Err(Failure::new(ErrorCode::BadRequest, m)),
+                other => Err(Failure::new(ErrorCode::Internal, format!("protection applied with {other:?}"))),
+            }
+        }
+        Request::RetentionShow { tenant } => {
+            authorise(identity, Permission::Operate, "retention_show")?;
+            valid_name("tenant", &tenant)?;
+            let view = blocking(move || Ok(catalog::retention_view(&store.catalog()?, &tenant)?)).await?;
+            Ok(Reply::Retention(view))
         }
         Request::Gc { dry_run } => {
             authorise(identity, Permission::Administer, "gc")?;

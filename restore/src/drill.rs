@@ -314,7 +314,7 @@ pub async fn run(
     }
     checks.extend(db_checks);
     let rto = started.elapsed().as_secs_f64();
-    let rpo = started_at - snap.time;
+    let rpo = started_at.saturating_sub(snap.time);
     let failed: Vec<&Check> = checks.iter().filter(|c| c.result == "fail").collect();
     let skipped: Vec<&Check> = checks.iter().filter(|c| c.result == "skipped").collect();
     let mut missed = Vec::new();

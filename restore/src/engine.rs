@@ -13,8 +13,14 @@ use futures::StreamExt;
 
 use crate::{fetch, writer};
 
+/// RFC 3339 in UTC; a time an agent claimed outside years 0 to 9999 stays a number.
 pub fn format_time(t: i64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(t.max(0) as u64)).to_string()
+    const YEAR_10000: i64 = 253_402_300_800;
+    if (0..YEAR_10000).contains(&t) {
+        humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(t as u64)).to_string()
+    } else {
+        format!("@{t}")
+    }
 }
 
 pub fn select(list: &[SnapshotInfo], source: &str, which: &str) -> Result<SnapshotInfo> {
@@ -23,7 +29,8 @@ pub fn select(list: &[SnapshotInfo], source: &str, which: &str) -> Result<Snapsh
         bail!("no snapshot of source {source:?}");
     }
     if which == "latest" {
-        return of_source.iter().max_by_key(|s| (s.time, s.commit_seq)).map(|s| (*s).clone()).context("no snapshot");
+        // The last committed: the cluster's order, not the times agents claim.
+        return of_source.iter().max_by_key(|s| s.commit_seq).map(|s| (*s).clone()).context("no snapshot");
     }
     let matches: Vec<&&SnapshotInfo> = of_source.iter().filter(|s| s.id.starts_with(which)).collect();
     match matches.as_slice() {

@@ -194,6 +194,16 @@ pub enum Request {
         sweep_seq: u64,
         chunks: Vec<PutChunk>,
     },
+    /// An administrator sets how long, in cluster time, retention may not forget a tenant's
+    /// new snapshots → `Ok`.
+    SetProtection {
+        tenant: String,
+        days: u32,
+    },
+    /// What governs a tenant's retention (administrators) → `Retention`.
+    RetentionShow {
+        tenant: String,
+    },
 }
 
 impl Request {
@@ -230,6 +240,8 @@ impl Request {
             Request::Drills { .. } => "drills",
             Request::Gc { .. } => "gc",
             Request::ReplicateV2 { .. } => "replicate",
+            Request::SetProtection { .. } => "set_protection",
+            Request::RetentionShow { .. } => "retention_show",
         }
     }
 }
@@ -326,6 +338,21 @@ pub enum Reply {
     Quotas(Vec<TenantUsage>),
     Drills(Vec<DrillRecord>),
     Gc(GcResult),
+    Retention(RetentionView),
+}
+
+/// What governs a tenant's retention.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetentionView {
+    pub tenant: String,
+    /// Cluster time (Unix seconds): the newest commit time the cluster applied.
+    pub cluster_time: i64,
+    /// Snapshots committed less than this many days ago (cluster time) are never forgotten.
+    pub protection_days: u32,
+    /// Whether an administrator set the window (else it is the default).
+    pub protection_set: bool,
+    /// Each source with a policy, by name.
+    pub policies: Vec<(String, crate::retention::RetentionPolicy)>,
 }
 
 /// One garbage-collection pass over the cluster's catalog, as recorded there.

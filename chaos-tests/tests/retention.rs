@@ -151,3 +151,86 @@ fn an_agent_flooding_commits_with_forged_times_cannot_push_history_out() {
     let shown = retention_show(&w, node);
     assert_eq!((shown["protection_days"].as_u64(), shown["protection_set"].as_bool()), (Some(30), Some(true)));
 }
+
+/// `exclave-replicator retention ...` as `identity`.
+fn retention_as(w: &World, node: &Node, identity: &str, args: &[&str]) -> std::process::Output {
+    run(Command::new(bin("exclave-replicator"))
+        .arg("retention")
+        .args(args)
+        .args(["--identity", identity, "--node", &node.addr.to_string(), "--pki"])
+        .arg(w.pki()))
+}
+
+#[test]
+fn locks_need_two_administrators_to_weaken_compliance_none_and_holds_keep_snapshots() {
+    let w = World::new();
+    ok(run(Command::new(bin("exclave-replicator"))
+        .args(["pki", "issue", "--dir"])
+        .arg(w.pki())
+        .args(["--role", "admin", "--name", "admin2"])));
+    let nodes = w.start_cluster(&["n1", "n2", "n3"]);
+    let node = &nodes[0];
+    w.protect(node, "lux", 0);
+    ok(retention_as(&w, node, "admin", &["set", "--tenant", "lux", "--source", "docs", "--keep-last", "1"]));
+    ok(retention_as(
+        &w,
+        node,
+        "admin",
+        &["lock", "--tenant", "lux", "--source", "docs", "--mode", "governance", "--days", "30"],
+    ));
+    let docs = w.path("docs");
+    sample_tree(&docs, 7, 128 << 10);
+    let cfg = config(&w, node, &docs, 0);
+    let mut made = Vec::new();
+    for i in 0..3 {
+        std::fs::write(docs.join("day.txt"), format!("day {i}")).unwrap();
+        made.push(backup(&cfg)["snapshot"].as_str().unwrap().to_string());
+    }
+    assert_eq!(w.snapshot_ids(node, "docs"), made, "the lock keeps what keep-last 1 releases");
+
+    // One administrator cannot remove a governance lock; a second one, with another certificate, can.
+    let asked =
+        stdout(&ok(retention_as(&w, node, "admin", &["lock", "--tenant", "lux", "--source", "docs", "--remove"])));
+    assert!(asked.contains("a different administrator must approve"), "{asked}");
+    let id = asked.split_whitespace().nth(1).unwrap().to_string();
+    let shown = retention_show(&w, node);
+    assert_eq!(shown["pending"][0]["id"].to_string(), id, "{shown}");
+    assert_eq!(shown["locks"][0][1]["days"], 30, "still in force: {shown}");
+    let o = retention_as(&w, &nodes[1], "admin", &["approve", &id]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("a different administrator must approve it"), "{}", stderr(&o));
+    // A legal hold on the oldest snapshot, placed before the lock goes.
+    let o = retention_as(&w, node, "rnpp", &["hold", "--tenant", "lux", "--snapshot", &made[0]]);
+    assert!(stderr(&o).contains("may not change the cluster"), "{}", stderr(&o));
+    ok(retention_as(
+        &w,
+        node,
+        "admin",
+        &["hold", "--tenant", "lux", "--snapshot", &made[0], "--reason", "case 2026-17"],
+    ));
+    ok(retention_as(&w, &nodes[2], "admin2", &["approve", &id]));
+    let shown = retention_show(&w, node);
+    assert!(shown["locks"].as_array().unwrap().is_empty(), "{shown}");
+    assert_eq!(shown["holds"][0]["reason"], "case 2026-17", "{shown}");
+    std::fs::write(docs.join("day.txt"), "day 3").unwrap();
+    let last = backup(&cfg)["snapshot"].as_str().unwrap().to_string();
+    assert_eq!(w.snapshot_ids(node, "docs"), [made[0].clone(), last], "the held one and the newest");
+
+    // A compliance lock on the whole tenant: lengthened by one, shortened or removed by none.
+    ok(retention_as(&w, node, "admin", &["lock", "--tenant", "lux", "--mode", "compliance", "--days", "10"]));
+    ok(retention_as(&w, node, "admin2", &["lock", "--tenant", "lux", "--mode", "compliance", "--days", "20"]));
+    for (who, args) in [
+        ("admin", vec!["lock", "--tenant", "lux", "--mode", "compliance", "--days", "5"]),
+        ("admin2", vec!["lock", "--tenant", "lux", "--mode", "governance", "--days", "20"]),
+        ("admin", vec!["lock", "--tenant", "lux", "--remove"]),
+    ] {
+        let o = retention_as(&w, node, who, &args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        assert!(stderr(&o).contains("nobody can shorten, weaken or remove it"), "{}", stderr(&o));
+    }
+    // The held snapshot restores.
+    let to = w.path("restored");
+    ok(w.restore(&nodes[1], "docs", &made[0], &to));
+    assert!(to.join("docs").join("day.txt").exists());
+    assert_eq!(std::fs::read_to_string(to.join("docs").join("day.txt")).unwrap(), "day 0");
+}

@@ -33,6 +33,10 @@
 //! C                                                   → i64 BE                     cluster time: newest commit time applied
 //! T ‖ tenant ‖ 0 ‖ id                                 → i64 BE                     a snapshot's commit time (cluster time)
 //! P ‖ tenant ‖ 0                                      → postcard(Protection)       set by an administrator
+//! l ‖ tenant ‖ 0 ‖ source                             → postcard(RetentionLock)    minimum-retention locks (`locks`)
+//! h ‖ tenant ‖ 0 ‖ 's'|'n' ‖ source|id                → postcard(LegalHold)        legal holds
+//! a ‖ request id (u64 BE)                             → postcard(PendingLockChange) governance changes to approve
+//! A                                                   → u64 BE                     last request id
 //! ```
 //!
 //! Retention reads commit times, never the agent's `time` (rules at the top of
@@ -52,6 +56,7 @@ use exclave::retention::{Candidate, DEFAULT_PROTECTION_DAYS, MAX_PROTECTION_DAYS
 use serde::{Deserialize, Serialize};
 
 pub mod gc;
+pub mod locks;
 
 /// Most missing ids listed in one refusal (the agent re-sends those and tries again).
 pub const MAX_MISSING_REPORTED: usize = 32 * 1024;
@@ -307,6 +312,30 @@ pub enum Command {
         tenant: String,
         protection: Protection,
     },
+    /// A minimum-retention lock set, changed or (`None`) removed by administrator `by` (rules
+    /// in `locks`); `now` is the proposer's clock, never below cluster time.
+    SetLock {
+        tenant: String,
+        source: Option<String>,
+        lock: Option<(exclave::protocol::LockMode, u32)>,
+        by: String,
+        now: i64,
+    },
+    /// A second administrator approves a pending governance change.
+    ApproveLock {
+        id: u64,
+        by: String,
+        now: i64,
+    },
+    /// A legal hold placed or released.
+    SetHold {
+        tenant: String,
+        target: exclave::protocol::HoldTarget,
+        release: bool,
+        by: String,
+        reason: String,
+        now: i64,
+    },
 }
 
 /// How long, in cluster time, retention may not forget a tenant's new snapshots.
@@ -431,6 +460,12 @@ pub fn retention(view: &dyn CatalogRead, tenant: &str, source: &str) -> Result<O
     view.get(&retention_key(tenant, source))?.map(|v| decode(&v)).transpose()
 }
 
+/// Whether a source is on hold: itself, or (for archived WAL, `SOURCE.wal`) its base source.
+fn held_source(view: &dyn CatalogRead, tenant: &str, source: &str) -> Result<bool, CatalogError> {
+    Ok(locks::source_held(view, tenant, source)?
+        || source.strip_suffix(".wal").map(|b| locks::source_held(view, tenant, b)).transpose()?.unwrap_or(false))
+}
+
 /// What governs a tenant's retention: its window and each source's policy.
 pub fn retention_view(view: &dyn CatalogRead, tenant: &str) -> Result<exclave::protocol::RetentionView, CatalogError> {
     let prefix = tenant_key(b'k', tenant);
@@ -444,6 +479,9 @@ pub fn retention_view(view: &dyn CatalogRead, tenant: &str) -> Result<exclave::p
         protection_days: protection(view, tenant)?.days,
         protection_set: view.get(&protection_key(tenant))?.is_some(),
         policies,
+        locks: locks::locks(view, tenant)?,
+        holds: locks::holds(view, tenant)?,
+        pending: locks::pending(view, tenant)?,
     })
 }
 
@@ -489,10 +527,15 @@ fn apply_retention(
     clock: RetentionClock,
     w: &mut Vec<Write>,
 ) -> Result<u64, CatalogError> {
+    if held_source(view, tenant, source)? {
+        return Ok(0);
+    }
     let mut snaps = snapshots(view, tenant, Some(source))?;
     let (now, window) = match clock {
         RetentionClock::Agent => (i64::MAX, 0),
-        RetentionClock::Cluster(now) => (now, protection(view, tenant)?.window_secs()),
+        RetentionClock::Cluster(now) => {
+            (now, protection(view, tenant)?.window_secs().max(locks::lock_secs(view, tenant, source)?))
+        }
     };
     let mut times = match clock {
         RetentionClock::Agent => snaps.iter().map(|s| s.time).collect(),
@@ -510,12 +553,21 @@ fn apply_retention(
         .zip(&times)
         .map(|(s, t)| Candidate { id: s.id.clone(), time: *t, commit_seq: s.commit_seq })
         .collect();
-    let forget: std::collections::HashSet<String> = match clock {
+    let mut forget: std::collections::HashSet<String> = match clock {
         RetentionClock::Agent => policy.forget(&candidates),
         RetentionClock::Cluster(now) => policy.forget_at(&candidates, now, window),
     }
     .into_iter()
     .collect();
+    let mut held = Vec::new();
+    for id in &forget {
+        if locks::snapshot_held(view, tenant, id)? {
+            held.push(id.clone());
+        }
+    }
+    for id in held {
+        forget.remove(&id);
+    }
     let mut n = 0;
     for id in &forget {
         if forget_writes(view, tenant, id, w)? {
@@ -534,6 +586,9 @@ fn apply_retention(
             RetentionClock::Cluster(now) => commit_times(view, tenant, &segments, now)?,
         };
         for (s, t) in segments.iter().zip(times) {
+            if locks::snapshot_held(view, tenant, &s.id)? {
+                continue;
+            }
             if t <= floor && s.time < oldest.saturating_sub(WAL_MARGIN_SECS) && forget_writes(view, tenant, &s.id, w)? {
                 n += 1;
             }
@@ -559,6 +614,8 @@ pub enum Outcome {
         chunks: u64,
         bytes: u64,
     },
+    /// A governance lock change recorded, waiting for a second administrator.
+    LockPending(exclave::protocol::PendingLockChange),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -746,6 +803,21 @@ pub fn apply(view: &dyn CatalogRead, cmd: &Command) -> Result<(Outcome, Vec<Writ
         Command::CommitV2 { tenant, snapshot, batches, now } => {
             commit(view, tenant, snapshot, *batches, Some(*now), &mut w)?
         }
+        Command::SetLock { tenant, source, lock, by, now } => {
+            let now = (*now).max(cluster_time(view)?);
+            locks::set_lock(view, tenant, source.as_deref(), *lock, by, now, &mut w)?
+        }
+        Command::ApproveLock { id, by, now } => locks::approve(view, *id, by, (*now).max(cluster_time(view)?), &mut w)?,
+        Command::SetHold { tenant, target, release, by, reason, now } => {
+            let now = (*now).max(cluster_time(view)?);
+            let hold = exclave::protocol::LegalHold {
+                target: target.clone(),
+                by: by.clone(),
+                since: now,
+                reason: reason.clone(),
+            };
+            locks::set_hold(view, tenant, hold, *release, &mut w)?
+        }
         Command::SetProtection { tenant, protection } => {
             if protection.days > MAX_PROTECTION_DAYS {
                 Outcome::Refused(format!("a protection window is at most {MAX_PROTECTION_DAYS} days"))
@@ -755,7 +827,13 @@ pub fn apply(view: &dyn CatalogRead, cmd: &Command) -> Result<(Outcome, Vec<Writ
             }
         }
         Command::Forget { tenant, snapshot_id } => {
-            if forget_writes(view, tenant, snapshot_id, &mut w)? {
+            let held = match snapshot(view, tenant, snapshot_id)? {
+                Some(s) => locks::snapshot_held(view, tenant, snapshot_id)? || held_source(view, tenant, &s.source)?,
+                None => false,
+            };
+            if held {
+                Outcome::Refused(format!("snapshot {snapshot_id} is under a legal hold"))
+            } else if forget_writes(view, tenant, snapshot_id, &mut w)? {
                 let mut info = tenant_info(view, tenant)?;
                 info.snapshots = info.snapshots.saturating_sub(1);
                 bump(view, &mut w, 0, 0, 1)?;
@@ -1135,6 +1213,7 @@ impl CatalogRead for MemCatalog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use exclave::protocol::LockMode;
     use proptest::prelude::*;
 
     fn entry(n: u8) -> IndexEntry {
@@ -1382,6 +1461,124 @@ mod tests {
         }
     }
 
+    fn set_lock(
+        c: &mut MemCatalog,
+        source: Option<&str>,
+        lock: Option<(LockMode, u32)>,
+        by: &str,
+        now: i64,
+    ) -> Outcome {
+        let cmd =
+            Command::SetLock { tenant: "lux".into(), source: source.map(str::to_string), lock, by: by.into(), now };
+        c.apply(&cmd).unwrap()
+    }
+
+    #[test]
+    fn compliance_locks_only_lengthen_and_governance_needs_a_second_administrator() {
+        use exclave::protocol::LockMode::{Compliance, Governance};
+        let mut c = MemCatalog::default();
+        let (a, b) = ("admin#01", "admin#02");
+        assert_eq!(set_lock(&mut c, None, Some((Compliance, 30)), a, T0), Outcome::Done);
+        for (wanted, who) in [(Some((Compliance, 29)), a), (Some((Governance, 30)), b), (None, b)] {
+            let Outcome::Refused(why) = set_lock(&mut c, None, wanted, who, T0) else { panic!("{wanted:?} accepted") };
+            assert!(why.contains("nobody can shorten"), "{why}");
+        }
+        assert_eq!(set_lock(&mut c, None, Some((Compliance, 60)), a, T0), Outcome::Done, "lengthened by one");
+        assert_eq!(locks::lock(&c, "lux", None).unwrap().unwrap().days, 60);
+
+        // Governance on one source: lengthening is immediate, shortening waits for another admin.
+        assert_eq!(set_lock(&mut c, Some("rnpp"), Some((Governance, 10)), a, T0), Outcome::Done);
+        assert_eq!(set_lock(&mut c, Some("rnpp"), Some((Governance, 20)), a, T0), Outcome::Done);
+        let Outcome::LockPending(req) = set_lock(&mut c, Some("rnpp"), None, a, T0) else { panic!("removed at once") };
+        assert_eq!(locks::lock(&c, "lux", Some("rnpp")).unwrap().unwrap().days, 20, "still in force");
+        assert_eq!(locks::pending(&c, "lux").unwrap(), vec![req.clone()]);
+        let approve = |c: &mut MemCatalog, id: u64, by: &str, now: i64| {
+            c.apply(&Command::ApproveLock { id, by: by.into(), now }).unwrap()
+        };
+        let Outcome::Refused(why) = approve(&mut c, req.id, a, T0 + 60) else { panic!("self-approved") };
+        assert!(why.contains("different administrator"), "{why}");
+        let Outcome::Refused(why) = approve(&mut c, req.id, b, T0 + locks::APPROVAL_SECS + 1) else {
+            panic!("approved late")
+        };
+        assert!(why.contains("expired"), "{why}");
+        assert!(locks::pending(&c, "lux").unwrap().is_empty(), "an expired request is dropped");
+        let Outcome::LockPending(req) = set_lock(&mut c, Some("rnpp"), Some((Governance, 5)), a, T0 + 100) else {
+            panic!()
+        };
+        assert_eq!(approve(&mut c, req.id, b, T0 + 200), Outcome::Done);
+        let l = locks::lock(&c, "lux", Some("rnpp")).unwrap().unwrap();
+        assert_eq!((l.days, l.by.as_str()), (5, "admin#01 + admin#02"));
+        assert!(matches!(approve(&mut c, req.id, b, T0 + 300), Outcome::Refused(_)), "approved twice");
+        // A request made before the lock turned compliance is not applied after.
+        let Outcome::LockPending(req) = set_lock(&mut c, Some("rnpp"), None, a, T0 + 400) else { panic!() };
+        assert_eq!(set_lock(&mut c, Some("rnpp"), Some((Compliance, 5)), a, T0 + 500), Outcome::Done);
+        assert!(matches!(approve(&mut c, req.id, b, T0 + 600), Outcome::Refused(_)));
+        assert_eq!(locks::lock(&c, "lux", Some("rnpp")).unwrap().unwrap().mode, Compliance);
+        assert!(matches!(set_lock(&mut c, Some("x"), Some((Governance, 0)), a, T0), Outcome::Refused(_)));
+        assert!(matches!(set_lock(&mut c, Some("x"), None, a, T0), Outcome::Refused(_)), "nothing to remove");
+    }
+
+    #[test]
+    fn locks_and_holds_keep_what_retention_and_forget_would_drop() {
+        use exclave::protocol::{HoldTarget, LockMode::Governance};
+        let mut c = MemCatalog::default();
+        index(&mut c, "lux", &[1, 2]);
+        protect(&mut c, "lux", 0);
+        admin_policy(&mut c, RetentionPolicy { keep_last: 1, ..Default::default() });
+        assert_eq!(set_lock(&mut c, Some("rnpp"), Some((Governance, 7)), "admin#01", T0), Outcome::Done);
+        for d in 0..10 {
+            let s = snap(&format!("d{d}"), 1, T0 + d * DAY);
+            assert!(matches!(stage_and_commit(&mut c, "lux", &s, &[2]), Outcome::Committed(_)));
+        }
+        let want: std::collections::BTreeSet<String> = (3..10).map(|d| format!("d{d}")).collect();
+        assert_eq!(kept(&c, "rnpp"), want, "the lock's 7 days, whatever keep-last says");
+
+        let hold = |c: &mut MemCatalog, target: HoldTarget, release: bool| {
+            let cmd = Command::SetHold {
+                tenant: "lux".into(),
+                target,
+                release,
+                by: "admin#01".into(),
+                reason: "case 7".into(),
+                now: T0,
+            };
+            c.apply(&cmd).unwrap()
+        };
+        assert_eq!(hold(&mut c, HoldTarget::Snapshot("d3".into()), false), Outcome::Done);
+        assert!(matches!(hold(&mut c, HoldTarget::Snapshot("nope".into()), false), Outcome::Refused(_)));
+        let Outcome::Refused(why) =
+            c.apply(&Command::Forget { tenant: "lux".into(), snapshot_id: "d3".into() }).unwrap()
+        else {
+            panic!("forgot a held snapshot")
+        };
+        assert!(why.contains("legal hold"), "{why}");
+        for d in [10, 11] {
+            let s = snap(&format!("d{d}"), 1, T0 + d * DAY);
+            assert!(matches!(stage_and_commit(&mut c, "lux", &s, &[2]), Outcome::Committed(_)));
+        }
+        assert!(kept(&c, "rnpp").contains("d3"), "held past its lock");
+        assert!(!kept(&c, "rnpp").contains("d4"));
+        // A hold on the source keeps all of it, its WAL too.
+        assert_eq!(hold(&mut c, HoldTarget::Source("rnpp".into()), false), Outcome::Done);
+        let wal = SnapshotInfo { source: "rnpp.wal".into(), ..snap("w1", 1, T0) };
+        assert!(matches!(stage_and_commit(&mut c, "lux", &wal, &[2]), Outcome::Committed(_)));
+        for d in 12..30 {
+            let s = snap(&format!("d{d}"), 1, T0 + d * DAY);
+            assert!(matches!(stage_and_commit(&mut c, "lux", &s, &[2]), Outcome::Committed(_)));
+        }
+        assert_eq!(kept(&c, "rnpp").len(), 1 + 7 + 18, "d3, d5..d11, and all since the hold");
+        assert!(kept(&c, "rnpp.wal").contains("w1"));
+        let v = retention_view(&c, "lux").unwrap();
+        assert_eq!((v.holds.len(), v.locks.len()), (2, 1));
+        assert_eq!(hold(&mut c, HoldTarget::Source("rnpp".into()), true), Outcome::Done);
+        assert_eq!(hold(&mut c, HoldTarget::Snapshot("d3".into()), true), Outcome::Done);
+        assert!(matches!(hold(&mut c, HoldTarget::Snapshot("d3".into()), true), Outcome::Refused(_)));
+        let s = snap("d30", 1, T0 + 30 * DAY);
+        assert!(matches!(stage_and_commit(&mut c, "lux", &s, &[2]), Outcome::Committed(_)));
+        let want: std::collections::BTreeSet<String> = (24..31).map(|d| format!("d{d}")).collect();
+        assert_eq!(kept(&c, "rnpp"), want, "released: back to the lock's 7 days");
+    }
+
     #[test]
     fn commit_requires_every_chunk_in_the_index_and_is_idempotent() {
         let mut c = MemCatalog::default();
@@ -1600,6 +1797,31 @@ mod tests {
             }),
             (tenant.clone(), 0u32..3)
                 .prop_map(|(tenant, days)| Command::SetProtection { tenant, protection: Protection { days } }),
+            (
+                tenant.clone(),
+                prop::option::of((any::<bool>(), 1u32..3)),
+                prop::sample::select(vec!["admin#1", "admin#2"])
+            )
+                .prop_map(|(tenant, lock, by)| Command::SetLock {
+                    tenant,
+                    source: Some("rnpp".into()),
+                    lock: lock.map(|(c, d)| (if c { LockMode::Compliance } else { LockMode::Governance }, d)),
+                    by: by.into(),
+                    now: 1
+                }),
+            (1u64..3, prop::sample::select(vec!["admin#1", "admin#2"])).prop_map(|(id, by)| Command::ApproveLock {
+                id,
+                by: by.into(),
+                now: 2
+            }),
+            (tenant.clone(), sid.clone(), any::<bool>()).prop_map(|(tenant, s, release)| Command::SetHold {
+                tenant,
+                target: exclave::protocol::HoldTarget::Snapshot(s),
+                release,
+                by: "admin#1".into(),
+                reason: String::new(),
+                now: 3
+            }),
             (tenant.clone(), sid).prop_map(|(tenant, snapshot_id)| Command::Forget { tenant, snapshot_id }),
             (1u64..4, "[a-z]{1,3}").prop_map(|(raft_id, name)| Command::SetMember {
                 raft_id,

@@ -2,11 +2,13 @@
 //! which may shorten it (an agent may only lengthen it). The cluster applies it at once and
 //! after every later commit of the source, on commit times (cluster time), never forgetting
 //! what was committed within the tenant's protection window (`retention protect`; the rules
-//! are at the top of `exclave::retention`). `retention show` lists what governs a tenant.
+//! are at the top of `exclave::retention`). `retention lock`, `approve` and `hold` keep
+//! snapshots against everyone, administrators included (rules in `catalog::locks`).
+//! `retention show` lists what governs a tenant.
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use exclave::protocol::{Reply, Request};
+use exclave::protocol::{HoldTarget, LockMode, Reply, Request};
 use exclave::retention::{MAX_PROTECTION_DAYS, RetentionPolicy};
 
 use crate::cluster::Conn;
@@ -35,7 +37,52 @@ pub enum RetentionCmd {
         #[arg(long, value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_PROTECTION_DAYS)))]
         days: u32,
     },
-    /// Show a tenant's protection window, cluster time and each source's policy.
+    /// Set, lengthen, shorten or remove a minimum-retention lock on a tenant or one source:
+    /// no snapshot committed less than DAYS ago is forgotten. A compliance lock can never be
+    /// shortened or removed; weakening a governance lock needs a second administrator
+    /// (`retention approve`).
+    Lock {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        tenant: String,
+        /// One source only (default: every source of the tenant).
+        #[arg(long)]
+        source: Option<String>,
+        #[arg(long, value_enum, required_unless_present = "remove")]
+        mode: Option<Mode>,
+        #[arg(long, required_unless_present = "remove", value_parser = clap::value_parser!(u32).range(1..=36_500))]
+        days: Option<u32>,
+        /// Remove the lock (a governance lock only, with a second administrator's approval).
+        #[arg(long, conflicts_with_all = ["mode", "days"])]
+        remove: bool,
+    },
+    /// Approve a governance lock change another administrator asked for (its request id, as
+    /// `lock` printed it or `show` lists it).
+    Approve {
+        #[command(flatten)]
+        conn: Conn,
+        request: u64,
+    },
+    /// Place (or release) a legal hold on a source or one snapshot: nothing under hold is
+    /// forgotten or collected.
+    Hold {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        tenant: String,
+        #[arg(long, required_unless_present = "snapshot", conflicts_with = "snapshot")]
+        source: Option<String>,
+        #[arg(long)]
+        snapshot: Option<String>,
+        #[arg(long)]
+        release: bool,
+        /// Why (a case number): recorded with the hold.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Show a tenant's protection window, cluster time, each source's policy, locks, holds and
+    /// governance changes waiting for approval.
     Show {
         #[command(flatten)]
         conn: Conn,
@@ -44,6 +91,12 @@ pub enum RetentionCmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum Mode {
+    Compliance,
+    Governance,
 }
 
 #[derive(Args)]
@@ -69,6 +122,32 @@ pub async fn run(cmd: RetentionCmd) -> Result<()> {
         RetentionCmd::Set { conn, tenant, source, policy } => (conn, tenant, source, policy),
         RetentionCmd::Protect { conn, tenant, days } => return protect(conn, tenant, days).await,
         RetentionCmd::Show { conn, tenant, json } => return show(conn, tenant, json).await,
+        RetentionCmd::Lock { conn, tenant, source, mode, days, remove } => {
+            let lock = match (remove, mode, days) {
+                (false, Some(m), Some(d)) => Some((
+                    match m {
+                        Mode::Compliance => LockMode::Compliance,
+                        Mode::Governance => LockMode::Governance,
+                    },
+                    d,
+                )),
+                _ => None,
+            };
+            let what = format!("{tenant}{}", source.as_ref().map(|s| format!("/{s}")).unwrap_or_default());
+            return change(conn, Request::SetLock { tenant, source, lock }, &what).await;
+        }
+        RetentionCmd::Approve { conn, request } => {
+            return change(conn, Request::ApproveLock { id: request }, &format!("request {request}")).await;
+        }
+        RetentionCmd::Hold { conn, tenant, source, snapshot, release, reason } => {
+            let target = match (source, snapshot) {
+                (_, Some(id)) => HoldTarget::Snapshot(id),
+                (Some(s), None) => HoldTarget::Source(s),
+                (None, None) => anyhow::bail!("--source or --snapshot"),
+            };
+            let what = format!("{tenant}: {target:?}");
+            return change(conn, Request::SetHold { tenant, target, release, reason }, &what).await;
+        }
     };
     let policy = RetentionPolicy {
         keep_last: p.keep_last,
@@ -86,6 +165,29 @@ pub async fn run(cmd: RetentionCmd) -> Result<()> {
     match reply {
         Reply::Ok => {
             println!("retention of {tenant}/{source}: {}", policy.describe());
+            Ok(())
+        }
+        other => anyhow::bail!("unexpected reply {other:?}"),
+    }
+}
+
+async fn change(conn: Conn, req: Request, what: &str) -> Result<()> {
+    let client = conn.connect().await?;
+    let reply = client.call(&[req]).await?;
+    client.close().await;
+    match reply {
+        Reply::Ok => {
+            println!("done: {what}");
+            Ok(())
+        }
+        Reply::LockPending(p) => {
+            println!(
+                "request {} recorded: a different administrator must approve it before {} \
+                 (exclave-replicator retention approve {})",
+                p.id,
+                exclave::pki::format_time(p.expires),
+                p.id
+            );
             Ok(())
         }
         other => anyhow::bail!("unexpected reply {other:?}"),
@@ -124,6 +226,36 @@ async fn show(conn: Conn, tenant: String, json: bool) -> Result<()> {
     }
     for (source, p) in &v.policies {
         println!("  {source:<18} {}", p.describe());
+    }
+    for (source, l) in &v.locks {
+        println!(
+            "  lock {:<13} {:?}, {} days (since {} by {})",
+            source.as_deref().unwrap_or("(all)"),
+            l.mode,
+            l.days,
+            exclave::pki::format_time(l.since),
+            l.by
+        );
+    }
+    for h in &v.holds {
+        println!(
+            "  legal hold on {:?} since {} by {}{}",
+            h.target,
+            exclave::pki::format_time(h.since),
+            h.by,
+            if h.reason.is_empty() { String::new() } else { format!(": {}", h.reason) }
+        );
+    }
+    for p in &v.pending {
+        println!(
+            "  request {}: {} lock of {} -> {:?} asked by {}, approvable until {}",
+            p.id,
+            p.source.as_deref().unwrap_or("(all)"),
+            p.tenant,
+            p.lock,
+            p.by,
+            exclave::pki::format_time(p.expires)
+        );
     }
     Ok(())
 }

@@ -72,6 +72,9 @@ async fn handle_connection(conn: quinn::Connection, node: Arc<Node>) {
         return;
     }
     debug!(%remote, %identity, "connection accepted");
+    // Who asked, as changes are recorded: the subject names the role, the serial the
+    // certificate (administrators approving each other must hold different ones).
+    let caller: Arc<str> = Arc::from(format!("{identity}#{}", hex::encode(&serial)));
     let identity = Arc::new(identity);
     loop {
         let accepted = tokio::select! {
@@ -80,8 +83,8 @@ async fn handle_connection(conn: quinn::Connection, node: Arc<Node>) {
         };
         match accepted {
             Ok((Some(send), recv)) => {
-                let (node, identity) = (node.clone(), identity.clone());
-                tokio::spawn(async move { handle_stream(send, recv, node, identity, remote).await });
+                let (node, identity, caller) = (node.clone(), identity.clone(), caller.clone());
+                tokio::spawn(async move { handle_stream(send, recv, node, identity, caller, remote).await });
             }
             Ok((None, recv)) => {
                 let (node, identity) = (node.clone(), identity.clone());
@@ -155,10 +158,11 @@ async fn handle_stream(
     mut recv: quinn::RecvStream,
     node: Arc<Node>,
     identity: Arc<Identity>,
+    caller: Arc<str>,
     remote: SocketAddr,
 ) {
     let started = Instant::now();
-    let reply = read_and_dispatch(&mut recv, &node, &identity).await;
+    let reply = read_and_dispatch(&mut recv, &node, &identity, &caller).await;
     let (kind, reply) = match reply {
         Ok((kind, reply)) => (kind, reply),
         Err(f) => {
@@ -315,17 +319,35 @@ async fn set_retention(
     }
 }
 
+/// Unix seconds by this node's clock (what it proposes as cluster time).
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// The reply to an administrator's retention change.
+fn change_reply(outcome: Outcome) -> Result<Reply, Failure> {
+    match outcome {
+        Outcome::Done => Ok(Reply::Ok),
+        Outcome::LockPending(p) => Ok(Reply::LockPending(p)),
+        Outcome::Refused(m) => Err(Failure::new(ErrorCode::BadRequest, m)),
+        other => Err(Failure::new(ErrorCode::Internal, format!("applied with {other:?}"))),
+    }
+}
+
 async fn read_and_dispatch(
     recv: &mut quinn::RecvStream,
     node: &Arc<Node>,
     identity: &Identity,
+    caller: &str,
 ) -> Result<(&'static str, Reply), Failure> {
     let req: Request =
         read_request(recv).await?.ok_or_else(|| Failure::new(ErrorCode::BadRequest, "empty request stream"))?;
     let name = req.name();
     // Work that takes its time is bounded by what it does (a proposal's own timeout, a scrub
     // pass asked for and waited on); only a client that stops sending is cut off.
-    let reply = dispatch(req, recv, node, identity).await.map_err(|f| f.on(name))?;
+    let reply = dispatch(req, recv, node, identity, caller).await.map_err(|f| f.on(name))?;
     Ok((name, reply))
 }
 
@@ -342,6 +364,7 @@ async fn dispatch(
     recv: &mut quinn::RecvStream,
     node: &Arc<Node>,
     identity: &Identity,
+    caller: &str,
 ) -> Result<Reply, Failure> {
     let store = node.store.clone();
     match req {
@@ -384,10 +407,8 @@ async fn dispatch(
             let snap = SnapshotInfo { agent: name.clone(), ..snapshot };
             let started = Instant::now();
             // Commit time comes from this node's clock, never the agent's (see `exclave::retention`).
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-            let cmd = Command::CommitV2 { tenant: tenant.clone(), snapshot: snap, batches: ref_batches, now };
+            let cmd =
+                Command::CommitV2 { tenant: tenant.clone(), snapshot: snap, batches: ref_batches, now: now_secs() };
             match node.raft.propose(cmd).await? {
                 Outcome::Committed(committed) => {
                     node.metrics.committed(&tenant, &committed, started.elapsed());
@@ -406,7 +427,7 @@ async fn dispatch(
                     missing,
                 }),
                 Outcome::Refused(m) => Err(Failure::new(ErrorCode::BadRequest, m)),
-                Outcome::Done | Outcome::Indexed { .. } | Outcome::Collected { .. } => {
+                Outcome::Done | Outcome::Indexed { .. } | Outcome::Collected { .. } | Outcome::LockPending(_) => {
                     Err(Failure::new(ErrorCode::Internal, "commit applied without a result"))
                 }
             }
@@ -650,6 +671,50 @@ async fn dispatch(
                 Outcome::Refused(m) => Err(Failure::new(ErrorCode::BadRequest, m)),
                 other => Err(Failure::new(ErrorCode::Internal, format!("protection applied with {other:?}"))),
             }
+        }
+        Request::SetLock { tenant, source, lock } => {
+            authorise(identity, Permission::Administer, "set_lock")?;
+            valid_name("tenant", &tenant)?;
+            if let Some(s) = &source {
+                valid_name("source", s)?;
+            }
+            node.require_leader().await?;
+            let cmd = Command::SetLock {
+                tenant: tenant.clone(),
+                source: source.clone(),
+                lock,
+                by: caller.to_string(),
+                now: now_secs(),
+            };
+            let outcome = node.raft.propose(cmd).await?;
+            info!(%tenant, source = source.as_deref().unwrap_or("*"), ?lock, by = %caller, ?outcome, "retention lock asked for");
+            change_reply(outcome)
+        }
+        Request::ApproveLock { id } => {
+            authorise(identity, Permission::Administer, "approve_lock")?;
+            node.require_leader().await?;
+            let outcome =
+                node.raft.propose(Command::ApproveLock { id, by: caller.to_string(), now: now_secs() }).await?;
+            info!(id, by = %caller, ?outcome, "retention lock change approval");
+            change_reply(outcome)
+        }
+        Request::SetHold { tenant, target, release, reason } => {
+            authorise(identity, Permission::Administer, "set_hold")?;
+            valid_name("tenant", &tenant)?;
+            let (exclave::protocol::HoldTarget::Source(name) | exclave::protocol::HoldTarget::Snapshot(name)) = &target;
+            valid_name("hold target", name)?;
+            node.require_leader().await?;
+            let cmd = Command::SetHold {
+                tenant: tenant.clone(),
+                target: target.clone(),
+                release,
+                by: caller.to_string(),
+                reason: reason.clone(),
+                now: now_secs(),
+            };
+            let outcome = node.raft.propose(cmd).await?;
+            info!(%tenant, target = %catalog::locks::describe(&target), release, %reason, by = %caller, ?outcome, "legal hold");
+            change_reply(outcome)
         }
         Request::RetentionShow { tenant } => {
             authorise(identity, Permission::Operate, "retention_show")?;

@@ -204,6 +204,25 @@ pub enum Request {
     RetentionShow {
         tenant: String,
     },
+    /// An administrator sets, lengthens, shortens or (`lock: None`) removes a minimum-retention
+    /// lock of a tenant or one of its sources → `Ok`, or `LockPending` when a governance lock
+    /// would be weakened and a second administrator must approve.
+    SetLock {
+        tenant: String,
+        source: Option<String>,
+        lock: Option<(LockMode, u32)>,
+    },
+    /// A second administrator approves a pending governance change → `Ok`.
+    ApproveLock {
+        id: u64,
+    },
+    /// An administrator places (or releases) a legal hold → `Ok`.
+    SetHold {
+        tenant: String,
+        target: HoldTarget,
+        release: bool,
+        reason: String,
+    },
 }
 
 impl Request {
@@ -242,6 +261,9 @@ impl Request {
             Request::ReplicateV2 { .. } => "replicate",
             Request::SetProtection { .. } => "set_protection",
             Request::RetentionShow { .. } => "retention_show",
+            Request::SetLock { .. } => "set_lock",
+            Request::ApproveLock { .. } => "approve_lock",
+            Request::SetHold { .. } => "set_hold",
         }
     }
 }
@@ -339,6 +361,8 @@ pub enum Reply {
     Drills(Vec<DrillRecord>),
     Gc(GcResult),
     Retention(RetentionView),
+    /// A governance change recorded, waiting for a second administrator's approval.
+    LockPending(PendingLockChange),
 }
 
 /// What governs a tenant's retention.
@@ -353,6 +377,61 @@ pub struct RetentionView {
     pub protection_set: bool,
     /// Each source with a policy, by name.
     pub policies: Vec<(String, crate::retention::RetentionPolicy)>,
+    /// Minimum-retention locks: the tenant's (source `None`) and its sources'.
+    pub locks: Vec<(Option<String>, RetentionLock)>,
+    pub holds: Vec<LegalHold>,
+    /// Governance changes waiting for a second administrator.
+    pub pending: Vec<PendingLockChange>,
+}
+
+/// How a minimum-retention lock may be weakened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LockMode {
+    /// Never, by anyone: it can only be lengthened.
+    Compliance,
+    /// Shortened or removed only with the approval of a second administrator.
+    Governance,
+}
+
+/// No snapshot committed less than `days` ago (cluster time) is forgotten while it stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetentionLock {
+    pub mode: LockMode,
+    pub days: u32,
+    /// The administrator certificate that set it (subject and serial).
+    pub by: String,
+    /// Cluster time when it was set.
+    pub since: i64,
+}
+
+/// What a legal hold keeps: a whole source (its archived WAL with it) or one snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HoldTarget {
+    Source(String),
+    Snapshot(String),
+}
+
+/// Nothing under a legal hold is forgotten (so nothing it references is collected).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LegalHold {
+    pub target: HoldTarget,
+    pub by: String,
+    pub since: i64,
+    pub reason: String,
+}
+
+/// A governance lock's shortening or removal, waiting for a second administrator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingLockChange {
+    pub id: u64,
+    pub tenant: String,
+    pub source: Option<String>,
+    /// The lock asked for (`None`: removed).
+    pub lock: Option<(LockMode, u32)>,
+    pub by: String,
+    pub requested: i64,
+    /// Cluster time after which it can no longer be approved.
+    pub expires: i64,
 }
 
 /// One garbage-collection pass over the cluster's catalog, as recorded there.

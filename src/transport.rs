@@ -315,6 +315,9 @@ pub async fn write_encoded(send: &mut quinn::SendStream, frame: bytes::Bytes) ->
 }
 
 /// Reads one frame; `Ok(None)` on a clean end of stream before any byte.
+/// What a frame's buffer starts with; it grows as the payload arrives.
+const FIRST_RESERVE: usize = 64 << 10;
+
 pub async fn read_frame<T: DeserializeOwned>(
     recv: &mut quinn::RecvStream,
     kind: FrameKind,
@@ -333,9 +336,11 @@ pub async fn read_frame<T: DeserializeOwned>(
         return Err(FrameError::BadKind(h.kind as u8).into());
     }
     // Appended chunk by chunk as QUIC delivers them: a zero-filled buffer would be written
-    // twice (the frames of chunk batches are megabytes).
+    // twice (the frames of chunk batches are megabytes). Memory follows what arrived, not what
+    // the header declares: a peer opening every stream it may with a maximal header and
+    // sending nothing more holds a few KiB, not 64 × 17 MiB.
     let len = h.len as usize;
-    let mut body = Vec::with_capacity(len);
+    let mut body = Vec::with_capacity(len.min(FIRST_RESERVE));
     while body.len() < len {
         match recv.read_chunk(len - body.len(), true).await.map_err(|e| TransportError::Stream(e.to_string()))? {
             Some(c) => body.extend_from_slice(&c.bytes),

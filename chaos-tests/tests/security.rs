@@ -182,3 +182,43 @@ fn malformed_truncated_and_oversized_frames_get_clear_errors() {
     });
     assert!(node.log_text().contains("malformed request"), "{}", node.log_text());
 }
+
+/// Virtual memory of a process (VmSize), MiB: what it has reserved, touched or not.
+fn vm_size_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmSize:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib / 1024
+}
+
+#[test]
+fn frames_that_declare_much_and_send_little_hold_no_memory() {
+    let w = World::new();
+    let node = w.start_node("n1");
+    rt().block_on(async {
+        let c = client(&w, &node, "rnpp").await;
+        let before = vm_size_mib(node.pid());
+        let mut header = MAGIC.to_vec();
+        header.extend_from_slice(&[VERSION, FrameKind::Request as u8]);
+        header.extend_from_slice(&MAX_FRAME_PAYLOAD.to_be_bytes());
+        header.extend_from_slice(&[0u8; 100]);
+        // Nearly every stream the node allows a connection (64; the client's own requests take
+        // some), each a maximal header and 100 bytes.
+        let mut held = Vec::new();
+        for _ in 0..60 {
+            let (mut send, recv) = c.connection().open_bi().await.unwrap();
+            send.write_all(&header).await.unwrap();
+            held.push((send, recv));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+        let during = vm_size_mib(node.pid());
+        // Reserving the declared 60 × 17 MiB up front grew it by about 1 GiB.
+        assert!(during < before + 256, "node reserved {} MiB for 6 KiB received", during - before);
+        drop(held);
+        assert_eq!(c.missing(&[ChunkId([3; 32])]).await.unwrap(), vec![ChunkId([3; 32])]);
+    });
+}

@@ -37,6 +37,8 @@
 //! h ‖ tenant ‖ 0 ‖ 's'|'n' ‖ source|id                → postcard(LegalHold)        legal holds
 //! a ‖ request id (u64 BE)                             → postcard(PendingLockChange) governance changes to approve
 //! A                                                   → u64 BE                     last request id
+//! Y ‖ tenant ‖ 0 ‖ ended (u64 BE) ‖ seq (u64 BE)       → postcard(AuditRecord)      audit log (`audit`)
+//! y                                                   → u64 BE                     last audit sequence
 //! ```
 //!
 //! Retention reads commit times, never the agent's `time` (rules at the top of
@@ -55,6 +57,7 @@ use exclave::protocol::{DrillRecord, Revocation, SnapshotInfo};
 use exclave::retention::{Candidate, DEFAULT_PROTECTION_DAYS, MAX_PROTECTION_DAYS, RetentionPolicy};
 use serde::{Deserialize, Serialize};
 
+pub mod audit;
 pub mod gc;
 pub mod locks;
 
@@ -335,6 +338,10 @@ pub enum Command {
         by: String,
         reason: String,
         now: i64,
+    },
+    /// A session of a restore or administrator identity, recorded when it ended.
+    Audit {
+        record: exclave::protocol::AuditRecord,
     },
 }
 
@@ -807,6 +814,7 @@ pub fn apply(view: &dyn CatalogRead, cmd: &Command) -> Result<(Outcome, Vec<Writ
             let now = (*now).max(cluster_time(view)?);
             locks::set_lock(view, tenant, source.as_deref(), *lock, by, now, &mut w)?
         }
+        Command::Audit { record } => audit::record(view, record, &mut w)?,
         Command::ApproveLock { id, by, now } => locks::approve(view, *id, by, (*now).max(cluster_time(view)?), &mut w)?,
         Command::SetHold { tenant, target, release, by, reason, now } => {
             let now = (*now).max(cluster_time(view)?);
@@ -1577,6 +1585,40 @@ mod tests {
         assert!(matches!(stage_and_commit(&mut c, "lux", &s, &[2]), Outcome::Committed(_)));
         let want: std::collections::BTreeSet<String> = (24..31).map(|d| format!("d{d}")).collect();
         assert_eq!(kept(&c, "rnpp"), want, "released: back to the lock's 7 days");
+    }
+
+    #[test]
+    fn audit_records_are_kept_by_tenant_found_by_time_and_identity_and_pruned_after_ten_years() {
+        use exclave::protocol::AuditRecord;
+        let mut c = MemCatalog::default();
+        let rec = |identity: &str, tenant: &str, ended: i64| AuditRecord {
+            identity: identity.into(),
+            tenant: tenant.into(),
+            node: "n1".into(),
+            started: ended - 5,
+            ended,
+            bytes: 10,
+            ..Default::default()
+        };
+        for (who, tenant, t) in
+            [("restore:lux#01", "lux", T0), ("admin#02", "lux", T0 + 10), ("restore:est#03", "est", T0 + 5)]
+        {
+            assert_eq!(c.apply(&Command::Audit { record: rec(who, tenant, t) }).unwrap(), Outcome::Done);
+        }
+        let lux = audit::records(&c, "lux", 0, None).unwrap();
+        assert_eq!(lux.iter().map(|r| r.identity.as_str()).collect::<Vec<_>>(), ["restore:lux#01", "admin#02"]);
+        assert_eq!(audit::records(&c, "lux", T0 + 1, None).unwrap().len(), 1);
+        assert_eq!(audit::records(&c, "lux", 0, Some("restore")).unwrap().len(), 1);
+        assert_eq!(audit::records(&c, "est", 0, None).unwrap().len(), 1);
+        // Ten years of cluster time later, a new record of lux takes the old ones with it.
+        let s = snap("later", 1, 0);
+        index(&mut c, "lux", &[1]);
+        let later = T0 + audit::AUDIT_KEEP_SECS + 20;
+        assert!(matches!(commit_at(&mut c, "lux", &s, &[1], later), Outcome::Committed(_)));
+        c.apply(&Command::Audit { record: rec("restore:lux#01", "lux", later) }).unwrap();
+        let lux = audit::records(&c, "lux", 0, None).unwrap();
+        assert_eq!(lux.iter().map(|r| r.ended).collect::<Vec<_>>(), [later]);
+        assert_eq!(audit::records(&c, "est", 0, None).unwrap().len(), 1, "other tenants' on their own records");
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! `exclave-replicator`: the embassy storage node, and the cluster's PKI tooling.
 
+mod audit;
+mod audit_cmd;
 mod catalog;
 mod chunk_store;
 mod cluster;
@@ -67,6 +69,9 @@ enum Cmd {
     /// Run a garbage-collection pass now (admin): chunks no snapshot references are condemned
     /// and, past their grace, swept on every node; the node asked also gives its space back.
     Gc(gc_cmd::GcArgs),
+    /// Read the audit log: every session of a restore or administrator identity, who, when,
+    /// what it named and how much it read (administrators; a restore identity its own tenant).
+    Audit(audit_cmd::AuditArgs),
 }
 
 #[derive(Args)]
@@ -111,6 +116,7 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Retention(c) => rt.block_on(retention::run(c)).map(|()| 0),
         Cmd::Scrub(a) => rt.block_on(scrub_cmd::run(a)),
         Cmd::Gc(a) => rt.block_on(gc_cmd::run(a)),
+        Cmd::Audit(a) => rt.block_on(audit_cmd::run(a)),
         Cmd::Quota(c) => rt.block_on(quota_cmd::run(c)).map(|()| 0),
     }
 }

@@ -11,6 +11,9 @@ use prometheus::{
 #[derive(Clone)]
 pub struct NodeMetrics {
     pub registry: Registry,
+    sessions: IntCounterVec,
+    read_bytes: IntCounterVec,
+    audit_errors: IntCounter,
     requests: IntCounterVec,
     latency: HistogramVec,
     errors: IntCounterVec,
@@ -197,7 +200,25 @@ impl NodeMetrics {
         registry.register(Box::new(drill_rto.clone()))?;
         registry.register(Box::new(scrub_unrepairable.clone()))?;
         let gc = GcMetrics::new(&registry)?;
+        let sessions = IntCounterVec::new(
+            Opts::new(
+                "audit_sessions_total",
+                "Sessions of restore and administrator identities this node served and recorded, by identity",
+            ),
+            &["identity"],
+        )?;
+        let read_bytes = IntCounterVec::new(
+            Opts::new("audit_read_bytes_total", "Envelope bytes served to each restore or administrator identity"),
+            &["identity"],
+        )?;
+        let audit_errors = IntCounter::new("audit_errors_total", "Sessions whose audit record could not be recorded")?;
+        registry.register(Box::new(sessions.clone()))?;
+        registry.register(Box::new(read_bytes.clone()))?;
+        registry.register(Box::new(audit_errors.clone()))?;
         Ok(NodeMetrics {
+            sessions,
+            read_bytes,
+            audit_errors,
             registry,
             requests,
             latency,
@@ -288,6 +309,16 @@ impl NodeMetrics {
     pub fn request(&self, kind: &str, ok: bool, took: Duration) {
         self.requests.with_label_values(&[kind, if ok { "ok" } else { "error" }]).inc();
         self.latency.with_label_values(&[kind]).observe(took.as_secs_f64());
+    }
+
+    /// A session recorded in the audit log (`identity`: its subject, without the serial).
+    pub fn session(&self, identity: &str, bytes: u64) {
+        self.sessions.with_label_values(&[identity]).inc();
+        self.read_bytes.with_label_values(&[identity]).inc_by(bytes);
+    }
+
+    pub fn audit_failed(&self) {
+        self.audit_errors.inc();
     }
 
     pub fn error(&self, kind: &str) {

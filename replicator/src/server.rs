@@ -72,9 +72,9 @@ async fn handle_connection(conn: quinn::Connection, node: Arc<Node>) {
         return;
     }
     debug!(%remote, %identity, "connection accepted");
-    // Who asked, as changes are recorded: the subject names the role, the serial the
-    // certificate (administrators approving each other must hold different ones).
-    let caller: Arc<str> = Arc::from(format!("{identity}#{}", hex::encode(&serial)));
+    // Who asked, as changes and the audit log record it: the subject names the role, the
+    // serial the certificate (administrators approving each other must hold different ones).
+    let session = Arc::new(crate::audit::Session::new(identity.clone(), &serial, now_secs()));
     let identity = Arc::new(identity);
     loop {
         let accepted = tokio::select! {
@@ -83,8 +83,8 @@ async fn handle_connection(conn: quinn::Connection, node: Arc<Node>) {
         };
         match accepted {
             Ok((Some(send), recv)) => {
-                let (node, identity, caller) = (node.clone(), identity.clone(), caller.clone());
-                tokio::spawn(async move { handle_stream(send, recv, node, identity, caller, remote).await });
+                let (node, identity, session) = (node.clone(), identity.clone(), session.clone());
+                tokio::spawn(async move { handle_stream(send, recv, node, identity, session, remote).await });
             }
             Ok((None, recv)) => {
                 let (node, identity) = (node.clone(), identity.clone());
@@ -94,6 +94,26 @@ async fn handle_connection(conn: quinn::Connection, node: Arc<Node>) {
             Err(e) => {
                 debug!(%remote, %identity, error = %e, "connection ended");
                 break;
+            }
+        }
+    }
+    record_session(&node, session).await;
+}
+
+/// Records an ended session in the audit log, once its last streams are answered.
+async fn record_session(node: &Arc<Node>, session: Arc<crate::audit::Session>) {
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    while Arc::strong_count(&session) > 1 && Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    for record in session.records(&node.name, now_secs()) {
+        node.metrics.session(&session.identity().subject(), record.bytes);
+        let (tenant, identity, bytes) = (record.tenant.clone(), record.identity.clone(), record.bytes);
+        match node.raft.propose(Command::Audit { record }).await {
+            Ok(_) => info!(%identity, %tenant, bytes, "session recorded in the audit log"),
+            Err(e) => {
+                node.metrics.audit_failed();
+                warn!(%identity, %tenant, bytes, error = %e, "a session could not be recorded in the audit log");
             }
         }
     }
@@ -158,11 +178,11 @@ async fn handle_stream(
     mut recv: quinn::RecvStream,
     node: Arc<Node>,
     identity: Arc<Identity>,
-    caller: Arc<str>,
+    session: Arc<crate::audit::Session>,
     remote: SocketAddr,
 ) {
     let started = Instant::now();
-    let reply = read_and_dispatch(&mut recv, &node, &identity, &caller).await;
+    let reply = read_and_dispatch(&mut recv, &node, &identity, &session).await;
     let (kind, reply) = match reply {
         Ok((kind, reply)) => (kind, reply),
         Err(f) => {
@@ -172,6 +192,8 @@ async fn handle_stream(
             (kind, Reply::Error { code: f.code, message: f.message, missing: f.missing })
         }
     };
+    session.note_reply(&reply);
+    drop(session);
     let ok = !matches!(reply, Reply::Error { .. });
     node.metrics.request(kind, ok, started.elapsed());
     if let Err(e) = transport::write_frame(&mut send, FrameKind::Reply, &reply).await {
@@ -340,11 +362,13 @@ async fn read_and_dispatch(
     recv: &mut quinn::RecvStream,
     node: &Arc<Node>,
     identity: &Identity,
-    caller: &str,
+    session: &crate::audit::Session,
 ) -> Result<(&'static str, Reply), Failure> {
     let req: Request =
         read_request(recv).await?.ok_or_else(|| Failure::new(ErrorCode::BadRequest, "empty request stream"))?;
     let name = req.name();
+    session.note_request(&req);
+    let caller = session.caller.as_str();
     // Work that takes its time is bounded by what it does (a proposal's own timeout, a scrub
     // pass asked for and waited on); only a client that stops sending is cut off.
     let reply = dispatch(req, recv, node, identity, caller).await.map_err(|f| f.on(name))?;
@@ -715,6 +739,33 @@ async fn dispatch(
             let outcome = node.raft.propose(cmd).await?;
             info!(%tenant, target = %catalog::locks::describe(&target), release, %reason, by = %caller, ?outcome, "legal hold");
             change_reply(outcome)
+        }
+        Request::Audit { tenant, since, who } => {
+            // Administrators read any tenant's log and the cluster's; a restore identity its own.
+            let tenant = match (identity, tenant) {
+                (Identity::Admin, t) => t.unwrap_or_default(),
+                (Identity::Restore { tenant: own }, None) => own.clone(),
+                (Identity::Restore { tenant: own }, Some(t)) if &t == own => t,
+                (Identity::Restore { tenant: own }, Some(t)) => {
+                    return Err(Failure::new(
+                        ErrorCode::Unauthorized,
+                        format!("identity {identity} may read the audit log of tenant {own} only, not {t}"),
+                    ));
+                }
+                _ => {
+                    return Err(Failure::new(
+                        ErrorCode::Unauthorized,
+                        format!("identity {identity} may not read the audit log (audit)"),
+                    ));
+                }
+            };
+            if !tenant.is_empty() {
+                valid_name("tenant", &tenant)?;
+            }
+            let list =
+                blocking(move || Ok(catalog::audit::records(&store.catalog()?, &tenant, since, who.as_deref())?))
+                    .await?;
+            Ok(Reply::Audit(list))
         }
         Request::RetentionShow { tenant } => {
             authorise(identity, Permission::Operate, "retention_show")?;

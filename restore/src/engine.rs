@@ -40,6 +40,15 @@ pub fn select(list: &[SnapshotInfo], source: &str, which: &str) -> Result<Snapsh
     }
 }
 
+/// Asks the node for the chosen snapshot by id: the session's audit record then names what
+/// was read, and a snapshot forgotten since the listing is caught before any chunk is fetched.
+pub async fn name_snapshot(client: &exclave::client::NodeClient, snap: &SnapshotInfo) -> Result<()> {
+    match client.find_snapshot(&snap.id).await? {
+        (Some(_), _) => Ok(()),
+        (None, _) => bail!("snapshot {} of {} was forgotten by the cluster since it was listed", snap.id, snap.source),
+    }
+}
+
 pub fn snapshot_json(s: &SnapshotInfo) -> serde_json::Value {
     serde_json::json!({
         "id": s.id, "source": s.source, "time": s.time, "time_utc": format_time(s.time),

@@ -326,6 +326,7 @@ async fn run_drill(conn: Conn, pick: Pick, opts: drill::Options, record: bool, o
     let t = Instant::now();
     let node = client.addr();
     let snap = select(&list(&client, &conn, Some(&pick.source)).await?, &pick.source, &pick.snapshot)?;
+    engine::name_snapshot(&client, &snap).await?;
     phases.push(drill::Phase { name: "find the snapshot".into(), secs: t.elapsed().as_secs_f64() });
     let client = Arc::new(client);
     let mut report =
@@ -558,6 +559,7 @@ async fn read_back(conn: Conn, pick: Pick, target: Option<PathBuf>, overwrite: b
     let keys = keys(&conn, &tls)?;
     let node = client.addr();
     let snap = select(&list(&client, &conn, Some(&pick.source)).await?, &pick.source, &pick.snapshot)?;
+    engine::name_snapshot(&client, &snap).await?;
     let client = Arc::new(client);
     let (header, report) =
         restore_into(&client, &keys, &snap, writer::Writer::new(target.clone(), overwrite), pick.parallel).await?;

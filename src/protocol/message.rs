@@ -223,6 +223,14 @@ pub enum Request {
         release: bool,
         reason: String,
     },
+    /// The audit log: sessions of a tenant (`None`: administrators' sessions on the cluster)
+    /// that ended at or after `since`, by identities starting with `who` → `Audit`.
+    /// Administrators read any; a restore identity its own tenant's only.
+    Audit {
+        tenant: Option<String>,
+        since: i64,
+        who: Option<String>,
+    },
 }
 
 impl Request {
@@ -264,6 +272,7 @@ impl Request {
             Request::SetLock { .. } => "set_lock",
             Request::ApproveLock { .. } => "approve_lock",
             Request::SetHold { .. } => "set_hold",
+            Request::Audit { .. } => "audit",
         }
     }
 }
@@ -363,6 +372,36 @@ pub enum Reply {
     Retention(RetentionView),
     /// A governance change recorded, waiting for a second administrator's approval.
     LockPending(PendingLockChange),
+    /// Audit records, oldest first (at most `MAX_AUDIT_RECORDS`; ask again from the last).
+    Audit(Vec<AuditRecord>),
+}
+
+/// Most audit records in one reply.
+pub const MAX_AUDIT_RECORDS: usize = 10_000;
+
+/// One session (a connection) of a restore or administrator identity, as the cluster records
+/// it when the session ends: who, which tenant, what was asked and how much was read. One
+/// record per session, never per chunk.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Subject and certificate serial (`restore:lux#0a1b...`).
+    pub identity: String,
+    /// The tenant read (empty: a session on the cluster itself, by an administrator).
+    pub tenant: String,
+    /// The node that served it.
+    pub node: String,
+    /// Unix seconds, by that node's clock.
+    pub started: i64,
+    pub ended: i64,
+    /// Requests by kind, with how many of each.
+    pub requests: Vec<(String, u64)>,
+    /// Sources and snapshots named by the requests (listings, lookups, drills).
+    pub sources: Vec<String>,
+    pub snapshots: Vec<String>,
+    /// Envelope bytes served.
+    pub bytes: u64,
+    /// Requests refused or failed.
+    pub failures: u64,
 }
 
 /// What governs a tenant's retention.

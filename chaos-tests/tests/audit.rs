@@ -1,0 +1,94 @@
+//! The audit log: every session of a restore or administrator identity is recorded through
+//! the cluster, readable from any node by administrators and by the tenant's own restore
+//! identities only, and kept across restarts.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use exclave_chaos_tests::*;
+
+fn audit(w: &World, node: &Node, identity: &str, extra: &[&str]) -> std::process::Output {
+    run(Command::new(bin("exclave-replicator"))
+        .args(["audit", "--json", "--identity", identity, "--node", &node.addr.to_string(), "--pki"])
+        .arg(w.pki())
+        .args(extra))
+}
+
+/// Waits until `node`'s log (read as admin) of `tenant` holds a session matching `pred`.
+fn wait_record(w: &World, node: &Node, tenant: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let list = json(&ok(audit(w, node, "admin", &["--tenant", tenant])));
+        if let Some(r) = list.as_array().unwrap().iter().find(|r| pred(r)) {
+            return r.clone();
+        }
+        assert!(Instant::now() < deadline, "no such session recorded on {}: {list}", node.name);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn every_read_is_on_the_record_of_every_node_and_only_its_tenant_reads_it() {
+    let w = World::new();
+    let mut nodes = w.start_cluster(&["n1", "n2", "n3"]);
+    let src = w.path("registry");
+    sample_tree(&src, 9, 1 << 20);
+    let snap = json(&ok(w.backup(&nodes[0], "rnpp", &[&src])))["snapshot"].as_str().unwrap().to_string();
+
+    // A restore team reads from n2.
+    let to = w.path("restored");
+    ok(w.restore(&nodes[1], "rnpp", &snap, &to));
+    let r = wait_record(&w, &nodes[2], "lux", |r| r["identity"].as_str().unwrap().starts_with("restore:lux#"));
+    assert_eq!(r["node"], "n2", "{r}");
+    assert!(r["bytes"].as_u64().unwrap() > 64 << 10, "what was read: {r}");
+    assert!(r["ended"].as_i64().unwrap() >= r["started"].as_i64().unwrap(), "{r}");
+    assert_eq!((r["sources"][0].as_str(), r["snapshots"][0].as_str()), (Some("rnpp"), Some(snap.as_str())), "{r}");
+
+    // The agent's backup is not a read, and is not in the log.
+    let all = json(&ok(audit(&w, &nodes[0], "admin", &["--tenant", "lux"])));
+    assert!(all.as_array().unwrap().iter().all(|r| !r["identity"].as_str().unwrap().starts_with("agent:")), "{all}");
+
+    // The tenant's own restore identity reads it; another tenant's and an agent cannot.
+    let own = json(&ok(audit(&w, &nodes[0], "dr", &[])));
+    assert!(!own.as_array().unwrap().is_empty(), "{own}");
+    let o = audit(&w, &nodes[0], "drest", &["--tenant", "lux"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("may read the audit log of tenant est only"), "{}", stderr(&o));
+    let o = audit(&w, &nodes[0], "rnpp", &["--tenant", "lux"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("may not read the audit log"), "{}", stderr(&o));
+
+    // An administrator's change to the tenant is on its record too, with the certificate.
+    ok(run(Command::new(bin("exclave-replicator"))
+        .args([
+            "retention",
+            "hold",
+            "--tenant",
+            "lux",
+            "--snapshot",
+            &snap,
+            "--node",
+            &nodes[0].addr.to_string(),
+            "--pki",
+        ])
+        .arg(w.pki())));
+    let r = wait_record(&w, &nodes[1], "lux", |r| r["requests"].as_array().unwrap().iter().any(|q| q[0] == "set_hold"));
+    assert!(r["identity"].as_str().unwrap().starts_with("admin#"), "{r}");
+    assert_eq!(r["snapshots"][0], snap.as_str(), "{r}");
+
+    // Kept across a restart of every node.
+    for n in nodes.iter_mut() {
+        n.stop().expect("stopped");
+    }
+    for n in nodes.iter_mut() {
+        n.restart();
+    }
+    w.wait_leader(&nodes);
+    let after = json(&ok(audit(&w, &nodes[2], "admin", &["--tenant", "lux", "--who", "restore:lux"])));
+    assert!(!after.as_array().unwrap().is_empty(), "lost in a restart: {after}");
+    // `--since` in the future lists nothing.
+    let none = json(&ok(audit(&w, &nodes[2], "admin", &["--tenant", "lux", "--since", "2100-01-01"])));
+    assert!(none.as_array().unwrap().is_empty(), "{none}");
+}

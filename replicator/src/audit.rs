@@ -1,0 +1,177 @@
+//! Who read what, and when: every connection of a restore or administrator identity is a
+//! session, summed up in memory as its requests are served (nothing per chunk goes to disk or
+//! through Raft) and recorded through Raft as one `AuditRecord` when it ends (see
+//! `catalog::audit`). Agents' and nodes' sessions are not recorded: agents cannot read, and
+//! nodes replicate.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+
+use exclave::identity::Identity;
+use exclave::protocol::{AuditRecord, Reply, Request};
+
+/// Requests that neither read a tenant's data nor change anything: not worth a record alone.
+const QUIET: &[&str] = &["hello", "status", "cluster_status", "raft_status", "read_barrier", "certificates", "quotas"];
+
+/// One connection's activity.
+pub struct Session {
+    /// Subject and certificate serial, as records and changes name the caller.
+    pub caller: String,
+    identity: Identity,
+    started: i64,
+    log: Mutex<Log>,
+}
+
+#[derive(Default)]
+struct Log {
+    requests: BTreeMap<&'static str, u64>,
+    sources: BTreeSet<String>,
+    snapshots: BTreeSet<String>,
+    tenants: BTreeSet<String>,
+    bytes: u64,
+    failures: u64,
+}
+
+impl Session {
+    pub fn new(identity: Identity, serial: &[u8], started: i64) -> Session {
+        let caller = format!("{identity}#{}", hex::encode(serial));
+        Session { caller, identity, started, log: Mutex::new(Log::default()) }
+    }
+
+    fn audited(&self) -> bool {
+        matches!(self.identity, Identity::Restore { .. } | Identity::Admin)
+    }
+
+    /// What a request names, noted before it is served (the request is consumed by then).
+    pub fn note_request(&self, req: &Request) {
+        if !self.audited() {
+            return;
+        }
+        let (source, snapshot, tenant) = named(req);
+        let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        *log.requests.entry(req.name()).or_default() += 1;
+        log.sources.extend(source);
+        log.snapshots.extend(snapshot);
+        log.tenants.extend(tenant);
+    }
+
+    /// What the reply carried back, or that it failed.
+    pub fn note_reply(&self, reply: &Reply) {
+        if !self.audited() {
+            return;
+        }
+        let bytes: u64 = match reply {
+            Reply::Chunk { envelope } => envelope.len() as u64,
+            Reply::Chunks { chunks } => chunks.iter().map(|c| c.as_ref().map_or(0, |b| b.len() as u64)).sum(),
+            _ => 0,
+        };
+        let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        log.bytes += bytes;
+        if matches!(reply, Reply::Error { .. }) {
+            log.failures += 1;
+        }
+    }
+
+    /// The records of the session, once it ended: one per tenant it touched (a restore
+    /// identity's own; for an administrator, each tenant named, or the cluster as ""); none
+    /// when it only asked quiet questions.
+    pub fn records(&self, node: &str, ended: i64) -> Vec<AuditRecord> {
+        if !self.audited() {
+            return Vec::new();
+        }
+        let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        if log.requests.keys().all(|r| QUIET.contains(r)) {
+            return Vec::new();
+        }
+        let tenants: Vec<String> = match &self.identity {
+            Identity::Restore { tenant } => vec![tenant.clone()],
+            _ if log.tenants.is_empty() => vec![String::new()],
+            _ => log.tenants.iter().cloned().collect(),
+        };
+        tenants
+            .into_iter()
+            .map(|tenant| AuditRecord {
+                identity: self.caller.clone(),
+                tenant,
+                node: node.to_string(),
+                started: self.started,
+                ended,
+                requests: log.requests.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+                sources: log.sources.iter().cloned().collect(),
+                snapshots: log.snapshots.iter().cloned().collect(),
+                bytes: log.bytes,
+                failures: log.failures,
+            })
+            .collect()
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+}
+
+/// The source, snapshot and (for administrators' requests) tenant a request names.
+fn named(req: &Request) -> (Option<String>, Option<String>, Option<String>) {
+    match req {
+        Request::ListSnapshots { source } | Request::Drills { source } => (source.clone(), None, None),
+        Request::FindSnapshot { id } => (None, Some(id.clone()), None),
+        Request::RecordDrill { record } => (Some(record.source.clone()), Some(record.snapshot.clone()), None),
+        Request::SetRetentionFor { tenant, source, .. } => (Some(source.clone()), None, Some(tenant.clone())),
+        Request::SetLock { tenant, source, .. } => (source.clone(), None, Some(tenant.clone())),
+        Request::SetHold { tenant, target, .. } => match target {
+            exclave::protocol::HoldTarget::Source(s) => (Some(s.clone()), None, Some(tenant.clone())),
+            exclave::protocol::HoldTarget::Snapshot(id) => (None, Some(id.clone()), Some(tenant.clone())),
+        },
+        Request::SetProtection { tenant, .. } | Request::RetentionShow { tenant } => (None, None, Some(tenant.clone())),
+        Request::SetQuota { tenant, .. } => (None, None, Some(tenant.clone())),
+        Request::Audit { tenant, .. } => (None, None, tenant.clone()),
+        _ => (None, None, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use exclave::ChunkId;
+
+    #[test]
+    fn a_restore_session_is_one_record_of_what_it_named_and_read() {
+        let s = Session::new(Identity::Restore { tenant: "lux".into() }, &[0x0a, 0x1b], 100);
+        s.note_request(&Request::Hello);
+        assert!(s.records("n1", 101).is_empty(), "a hello alone is not worth a record");
+        s.note_request(&Request::ListSnapshots { source: Some("rnpp".into()) });
+        s.note_reply(&Reply::Ok);
+        for _ in 0..3 {
+            s.note_request(&Request::GetChunk { id: ChunkId([1; 32]) });
+            s.note_reply(&Reply::Chunk { envelope: vec![0; 1000] });
+        }
+        s.note_request(&Request::FindSnapshot { id: "s1".into() });
+        s.note_reply(&Reply::Error {
+            code: exclave::protocol::ErrorCode::NotFound,
+            message: String::new(),
+            missing: vec![],
+        });
+        let r = s.records("n1", 160);
+        assert_eq!(r.len(), 1);
+        let r = &r[0];
+        assert_eq!((r.identity.as_str(), r.tenant.as_str(), r.node.as_str()), ("restore:lux#0a1b", "lux", "n1"));
+        assert_eq!((r.started, r.ended, r.bytes, r.failures), (100, 160, 3000, 1));
+        assert_eq!(r.sources, ["rnpp"]);
+        assert_eq!(r.snapshots, ["s1"]);
+        assert!(r.requests.contains(&("get_chunk".into(), 3)));
+    }
+
+    #[test]
+    fn agents_and_nodes_are_not_recorded_and_admins_per_tenant_named() {
+        let agent = Session::new(Identity::Agent { tenant: "lux".into(), name: "rnpp".into() }, &[1], 0);
+        agent.note_request(&Request::ListSnapshots { source: None });
+        assert!(agent.records("n1", 1).is_empty());
+        let admin = Session::new(Identity::Admin, &[2], 0);
+        admin.note_request(&Request::Gc { dry_run: true });
+        assert_eq!(admin.records("n1", 1)[0].tenant, "", "a cluster session");
+        admin.note_request(&Request::SetProtection { tenant: "est".into(), days: 1 });
+        admin.note_request(&Request::RetentionShow { tenant: "lux".into() });
+        let tenants: Vec<String> = admin.records("n1", 1).into_iter().map(|r| r.tenant).collect();
+        assert_eq!(tenants, ["est", "lux"]);
+    }
+}

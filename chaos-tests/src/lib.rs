@@ -590,6 +590,31 @@ pub fn tamper_chunk(data: &Path, id: &exclave::ChunkId, fix_checksum: bool, tamp
     db.flush().expect("tamper");
 }
 
+/// Removes, in a stopped node's catalog, the record of snapshot `id` of tenant lux, as someone
+/// with the embassy's disks could (keys documented at the top of replicator/src/catalog.rs).
+pub fn remove_snapshot_record(data: &Path, id: &str) {
+    let mut opts = rocksdb::Options::default();
+    opts.create_if_missing(false);
+    let cfs = rocksdb::DB::list_cf(&opts, data).expect("tamper");
+    let db = rocksdb::DB::open_cf(&opts, data, &cfs).expect("tamper");
+    let raft = db.cf_handle("raft").expect("tamper");
+    let active = match db.get_cf(raft, b"cc").expect("tamper") {
+        Some(v) if v == b"catalog_b" => "catalog_b",
+        _ => "catalog",
+    };
+    let cat = db.cf_handle(active).expect("tamper");
+    let mut ikey = b"ilux\0".to_vec();
+    ikey.extend_from_slice(id.as_bytes());
+    let loc = db.get_cf(cat, &ikey).expect("tamper").expect("snapshot in the catalog");
+    let mut skey = b"slux\0".to_vec();
+    skey.extend_from_slice(&loc);
+    skey.extend_from_slice(id.as_bytes());
+    assert!(db.get_cf(cat, &skey).expect("tamper").is_some(), "snapshot record where the layout says");
+    db.delete_cf(cat, &skey).expect("tamper");
+    db.delete_cf(cat, &ikey).expect("tamper");
+    db.flush_cf(cat).expect("tamper");
+}
+
 /// The body of `GET /metrics` from a metrics endpoint on loopback.
 pub fn metrics(port: u16) -> String {
     use std::io::{Read, Write};

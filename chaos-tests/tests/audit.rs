@@ -92,3 +92,53 @@ fn every_read_is_on_the_record_of_every_node_and_only_its_tenant_reads_it() {
     let none = json(&ok(audit(&w, &nodes[2], "admin", &["--tenant", "lux", "--since", "2100-01-01"])));
     assert!(none.as_array().unwrap().is_empty(), "{none}");
 }
+
+fn history(w: &World, node: &Node, extra: &[&str]) -> std::process::Output {
+    run(Command::new(bin("exclave-restore"))
+        .args(["history", "verify", "--json", "--identity", "dr", "--node", &node.addr.to_string(), "--pki"])
+        .arg(w.pki())
+        .args(extra))
+}
+
+#[test]
+fn a_snapshot_record_removed_by_hand_breaks_the_history_on_that_node_only() {
+    let w = World::new();
+    let mut nodes = w.start_cluster(&["n1", "n2", "n3"]);
+    let src = w.path("registry");
+    sample_tree(&src, 10, 256 << 10);
+    let mut made = Vec::new();
+    for i in 0..3 {
+        std::fs::write(src.join("day.txt"), format!("day {i}")).unwrap();
+        made.push(json(&ok(w.backup(&nodes[0], "rnpp", &[&src])))["snapshot"].as_str().unwrap().to_string());
+    }
+    let leader = w.wait_leader(&nodes);
+    for n in &nodes {
+        w.wait_backfilled(n, &nodes[leader]);
+    }
+    let before = json(&ok(history(&w, &nodes[2], &[])));
+    assert_eq!(before["ok"], true, "{before}");
+    assert_eq!(before["snapshots_checked"], 3, "{before}");
+    let recorded = format!("{}:{}", before["head_seq"], before["head_hash"].as_str().unwrap());
+
+    // Someone with n3's disks removes the middle snapshot's record.
+    nodes[2].stop().expect("stopped");
+    remove_snapshot_record(&nodes[2].data, &made[1]);
+    nodes[2].restart();
+    w.wait_sees_leader(&nodes[2]);
+    let o = history(&w, &nodes[2], &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    let v = json(&o);
+    let why = v["first_break"].as_str().unwrap();
+    assert!(why.contains(&made[1]) && why.contains("is missing and was never forgotten"), "{v}");
+
+    // The other nodes still hold it, and the head the tenant recorded is in their chain.
+    for n in &nodes[..2] {
+        let v = json(&ok(history(&w, n, &["--expect-head", &recorded])));
+        assert_eq!(v["ok"], true, "{}: {v}", n.name);
+    }
+    // A head that was never the chain's is refused.
+    let forged = format!("{}:{}", before["head_seq"], "00".repeat(32));
+    let o = history(&w, &nodes[0], &["--expect-head", &forged]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(json(&o)["first_break"].as_str().unwrap().contains("recorded earlier"), "{}", stdout(&o));
+}

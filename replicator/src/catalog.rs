@@ -39,6 +39,8 @@
 //! A                                                   → u64 BE                     last request id
 //! Y ‖ tenant ‖ 0 ‖ ended (u64 BE) ‖ seq (u64 BE)       → postcard(AuditRecord)      audit log (`audit`)
 //! y                                                   → u64 BE                     last audit sequence
+//! H ‖ tenant ‖ 0 ‖ seq (u64 BE)                        → postcard(HistoryEvent)     hash-chained history (`history`)
+//! J ‖ tenant                                          → postcard(HistoryHead)      its newest event and hash
 //! ```
 //!
 //! Retention reads commit times, never the agent's `time` (rules at the top of
@@ -59,6 +61,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod audit;
 pub mod gc;
+pub mod history;
 pub mod locks;
 
 /// Most missing ids listed in one refusal (the agent re-sends those and tries again).
@@ -533,9 +536,9 @@ fn apply_retention(
     new: Option<(&SnapshotInfo, i64)>,
     clock: RetentionClock,
     w: &mut Vec<Write>,
-) -> Result<u64, CatalogError> {
+) -> Result<Vec<String>, CatalogError> {
     if held_source(view, tenant, source)? {
-        return Ok(0);
+        return Ok(Vec::new());
     }
     let mut snaps = snapshots(view, tenant, Some(source))?;
     let (now, window) = match clock {
@@ -575,10 +578,11 @@ fn apply_retention(
     for id in held {
         forget.remove(&id);
     }
-    let mut n = 0;
-    for id in &forget {
-        if forget_writes(view, tenant, id, w)? {
-            n += 1;
+    let mut gone = Vec::new();
+    // In the order of the listing, so every node chains them alike.
+    for s in &snaps {
+        if forget.contains(&s.id) && forget_writes(view, tenant, &s.id, w)? {
+            gone.push(s.id.clone());
         }
     }
     // WAL is matched to base backups by the agent's times (both come from the register's
@@ -597,11 +601,11 @@ fn apply_retention(
                 continue;
             }
             if t <= floor && s.time < oldest.saturating_sub(WAL_MARGIN_SECS) && forget_writes(view, tenant, &s.id, w)? {
-                n += 1;
+                gone.push(s.id.clone());
             }
         }
     }
-    Ok(n)
+    Ok(gone)
 }
 
 /// What applying a command decided; the proposer reports it to its client.
@@ -812,10 +816,25 @@ pub fn apply(view: &dyn CatalogRead, cmd: &Command) -> Result<(Outcome, Vec<Writ
         }
         Command::SetLock { tenant, source, lock, by, now } => {
             let now = (*now).max(cluster_time(view)?);
-            locks::set_lock(view, tenant, source.as_deref(), *lock, by, now, &mut w)?
+            let out = locks::set_lock(view, tenant, source.as_deref(), *lock, by, now, &mut w)?;
+            chain_change(view, tenant, now, "lock", cmd, &out, &mut w)?;
+            out
         }
-        Command::Audit { record } => audit::record(view, record, &mut w)?,
-        Command::ApproveLock { id, by, now } => locks::approve(view, *id, by, (*now).max(cluster_time(view)?), &mut w)?,
+        Command::Audit { record } => {
+            let out = audit::record(view, record, &mut w)?;
+            let mut chain = history::Chain::open(view, &record.tenant, cluster_time(view)?)?;
+            chain.push("audit", encode(record), &mut w);
+            out
+        }
+        Command::ApproveLock { id, by, now } => {
+            let now = (*now).max(cluster_time(view)?);
+            let tenant = locks::request_tenant(view, *id)?;
+            let out = locks::approve(view, *id, by, now, &mut w)?;
+            if let Some(t) = tenant {
+                chain_change(view, &t, now, "lock", cmd, &out, &mut w)?;
+            }
+            out
+        }
         Command::SetHold { tenant, target, release, by, reason, now } => {
             let now = (*now).max(cluster_time(view)?);
             let hold = exclave::protocol::LegalHold {
@@ -824,13 +843,16 @@ pub fn apply(view: &dyn CatalogRead, cmd: &Command) -> Result<(Outcome, Vec<Writ
                 since: now,
                 reason: reason.clone(),
             };
-            locks::set_hold(view, tenant, hold, *release, &mut w)?
+            let out = locks::set_hold(view, tenant, hold, *release, &mut w)?;
+            chain_change(view, tenant, now, "hold", cmd, &out, &mut w)?;
+            out
         }
         Command::SetProtection { tenant, protection } => {
             if protection.days > MAX_PROTECTION_DAYS {
                 Outcome::Refused(format!("a protection window is at most {MAX_PROTECTION_DAYS} days"))
             } else {
                 w.push(Write::Put(protection_key(tenant), encode(protection)));
+                chain_change(view, tenant, cluster_time(view)?, "protect", cmd, &Outcome::Done, &mut w)?;
                 Outcome::Done
             }
         }
@@ -978,16 +1000,41 @@ fn commit(
         }
         None => (RetentionClock::Agent, snap.time),
     };
-    let forgotten = match retention(view, tenant, &snap.source)? {
+    let gone = match retention(view, tenant, &snap.source)? {
         Some(policy) => apply_retention(view, tenant, &snap.source, &policy, Some((&snap, now)), clock, w)?,
-        None => 0,
+        None => Vec::new(),
     };
+    if proposed_now.is_some() {
+        let mut chain = history::Chain::open(view, tenant, now)?;
+        chain.push("commit", encode(&snap), w);
+        for id in &gone {
+            chain.push("forget", id.as_bytes().to_vec(), w);
+        }
+    }
+    let forgotten = gone.len() as u64;
     let mut info = tenant_info(view, tenant)?;
     info.snapshots = (info.snapshots + 1).saturating_sub(forgotten);
     bump_all(view, w, (back_count, 0), (1, forgotten))?;
     info.last_snapshot_time = info.last_snapshot_time.max(snap.time);
     w.push(Write::Put(tenant_key(b't', tenant), encode(&info)));
     Ok(Outcome::Committed(snap))
+}
+
+/// Chains an administrator's change that took effect (or was recorded as a request): the
+/// command as applied is the event's payload.
+fn chain_change(
+    view: &dyn CatalogRead,
+    tenant: &str,
+    now: i64,
+    kind: &str,
+    cmd: &Command,
+    out: &Outcome,
+    w: &mut Vec<Write>,
+) -> Result<(), CatalogError> {
+    if matches!(out, Outcome::Done | Outcome::LockPending(_)) {
+        history::Chain::open(view, tenant, now)?.push(kind, encode(cmd), w);
+    }
+    Ok(())
 }
 
 /// `SetRetention` (version 1: on agent times) and `SetRetentionV2` (on cluster time).
@@ -1016,7 +1063,15 @@ fn set_retention(
             1 => RetentionClock::Agent,
             _ => RetentionClock::Cluster(cluster_time(view)?),
         };
-        let forgotten = apply_retention(view, tenant, source, policy, None, clock, &mut changes)?;
+        let gone = apply_retention(view, tenant, source, policy, None, clock, &mut changes)?;
+        let forgotten = gone.len() as u64;
+        if let RetentionClock::Cluster(now) = clock {
+            let mut chain = history::Chain::open(view, tenant, now)?;
+            chain.push("retention", encode(&(source, policy, by_admin)), &mut changes);
+            for id in &gone {
+                chain.push("forget", id.as_bytes().to_vec(), &mut changes);
+            }
+        }
         // Without a policy in force the cluster keeps everything; an agent's first
         // policy may not forget what is already stored (a stolen agent certificate
         // must not erase history), only govern what comes next.
@@ -1619,6 +1674,34 @@ mod tests {
         let lux = audit::records(&c, "lux", 0, None).unwrap();
         assert_eq!(lux.iter().map(|r| r.ended).collect::<Vec<_>>(), [later]);
         assert_eq!(audit::records(&c, "est", 0, None).unwrap().len(), 1, "other tenants' on their own records");
+    }
+
+    #[test]
+    fn commits_forgets_and_changes_are_chained_in_order() {
+        use exclave::protocol::LockMode::Governance;
+        let mut c = MemCatalog::default();
+        index(&mut c, "lux", &[1, 2]);
+        protect(&mut c, "lux", 0);
+        admin_policy(&mut c, RetentionPolicy { keep_last: 1, ..Default::default() });
+        for d in 0..3 {
+            let s = snap(&format!("d{d}"), 1, T0 + d * DAY);
+            assert!(matches!(stage_and_commit(&mut c, "lux", &s, &[2]), Outcome::Committed(_)));
+        }
+        assert_eq!(set_lock(&mut c, None, Some((Governance, 3)), "admin#01", T0 + 3 * DAY), Outcome::Done);
+        let events = history::all(&c, "lux").unwrap();
+        let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(kinds, ["protect", "retention", "commit", "commit", "forget", "commit", "forget", "lock"]);
+        let mut prev = [0u8; 32];
+        for (i, e) in events.iter().enumerate() {
+            assert_eq!((e.seq, e.prev), (i as u64 + 1, prev));
+            prev = e.hash();
+        }
+        assert_eq!(history::head(&c, "lux").unwrap(), exclave::protocol::HistoryHead { seq: 8, hash: prev });
+        assert_eq!(events[4].payload, b"d0");
+        let committed: SnapshotInfo = decode(&events[5].payload).unwrap();
+        assert_eq!(Some(committed), snapshot(&c, "lux", "d2").unwrap(), "the commit event is the record as listed");
+        assert_eq!(history::events(&c, "lux", 6).unwrap().len(), 2);
+        assert!(history::all(&c, "est").unwrap().is_empty());
     }
 
     #[test]

@@ -154,6 +154,26 @@ impl RaftHandle {
         rx.await.unwrap_or(Err(ConsensusError::Stopped))
     }
 
+    /// `propose` for commands whose second application changes nothing (index entries, staged
+    /// references, commits): a proposal lost when the leader it was forwarded to went away is
+    /// proposed again to the new one, instead of failing the upload.
+    pub async fn propose_idempotent(&self, cmd: Command) -> Result<Outcome, ConsensusError> {
+        for lost in 0.. {
+            let leader = self.view().leader;
+            match self.propose(cmd.clone()).await {
+                Err(ConsensusError::NoQuorum(why)) if lost < 2 => {
+                    let now = self.view().leader;
+                    if now == leader || now == 0 {
+                        return Err(ConsensusError::NoQuorum(why));
+                    }
+                    warn!(old = leader, new = now, "a proposal was lost in a change of leader; proposing it again");
+                }
+                other => return other,
+            }
+        }
+        unreachable!("the loop returns")
+    }
+
     pub async fn change_member(
         &self,
         change: ConfChangeType,

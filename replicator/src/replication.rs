@@ -190,7 +190,7 @@ async fn store_round(node: &Arc<Node>, tenant: &str, chunks: Vec<PutChunk>) -> R
     } else {
         Command::IndexChunksV2 { tenant, chunks: entries, sweep_seq }
     };
-    match node.raft.propose(cmd).await? {
+    match node.raft.propose_idempotent(cmd).await? {
         catalog::Outcome::Indexed { refused } => {
             let refused: std::collections::HashSet<ChunkId> = refused.into_iter().collect();
             Ok(chunks.iter().filter(|c| refused.contains(&c.id)).cloned().collect())

@@ -348,6 +348,32 @@ fn now_secs() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
+/// Whose audit log or history `identity` asks for: administrators any tenant's (or, with
+/// none, the cluster's); a restore identity its own tenant's only.
+fn record_reader(identity: &Identity, tenant: Option<String>, request: &'static str) -> Result<String, Failure> {
+    let tenant = match (identity, tenant) {
+        (Identity::Admin, t) => t.unwrap_or_default(),
+        (Identity::Restore { tenant: own }, None) => own.clone(),
+        (Identity::Restore { tenant: own }, Some(t)) if &t == own => t,
+        (Identity::Restore { tenant: own }, Some(t)) => {
+            return Err(Failure::new(
+                ErrorCode::Unauthorized,
+                format!("identity {identity} may read the {request} log of tenant {own} only, not {t}"),
+            ));
+        }
+        _ => {
+            return Err(Failure::new(
+                ErrorCode::Unauthorized,
+                format!("identity {identity} may not read the {request} log ({request})"),
+            ));
+        }
+    };
+    if !tenant.is_empty() {
+        valid_name("tenant", &tenant)?;
+    }
+    Ok(tenant)
+}
+
 /// The reply to an administrator's retention change.
 fn change_reply(outcome: Outcome) -> Result<Reply, Failure> {
     match outcome {
@@ -423,7 +449,7 @@ async fn dispatch(
                     None => return Err(Failure::new(ErrorCode::BadRequest, "commit ended before its references")),
                 };
                 let cmd = Command::StageRefs { tenant: tenant.clone(), snapshot_id: snapshot.id.clone(), batch, ids };
-                if let Outcome::Refused(m) = node.raft.propose(cmd).await? {
+                if let Outcome::Refused(m) = node.raft.propose_idempotent(cmd).await? {
                     return Err(Failure::new(ErrorCode::BadRequest, m));
                 }
             }
@@ -433,7 +459,7 @@ async fn dispatch(
             // Commit time comes from this node's clock, never the agent's (see `exclave::retention`).
             let cmd =
                 Command::CommitV2 { tenant: tenant.clone(), snapshot: snap, batches: ref_batches, now: now_secs() };
-            match node.raft.propose(cmd).await? {
+            match node.raft.propose_idempotent(cmd).await? {
                 Outcome::Committed(committed) => {
                     node.metrics.committed(&tenant, &committed, started.elapsed());
                     info!(%tenant, source = %committed.source, snapshot = %committed.id, files = committed.files,
@@ -741,31 +767,20 @@ async fn dispatch(
             change_reply(outcome)
         }
         Request::Audit { tenant, since, who } => {
-            // Administrators read any tenant's log and the cluster's; a restore identity its own.
-            let tenant = match (identity, tenant) {
-                (Identity::Admin, t) => t.unwrap_or_default(),
-                (Identity::Restore { tenant: own }, None) => own.clone(),
-                (Identity::Restore { tenant: own }, Some(t)) if &t == own => t,
-                (Identity::Restore { tenant: own }, Some(t)) => {
-                    return Err(Failure::new(
-                        ErrorCode::Unauthorized,
-                        format!("identity {identity} may read the audit log of tenant {own} only, not {t}"),
-                    ));
-                }
-                _ => {
-                    return Err(Failure::new(
-                        ErrorCode::Unauthorized,
-                        format!("identity {identity} may not read the audit log (audit)"),
-                    ));
-                }
-            };
-            if !tenant.is_empty() {
-                valid_name("tenant", &tenant)?;
-            }
+            let tenant = record_reader(identity, tenant, "audit")?;
             let list =
                 blocking(move || Ok(catalog::audit::records(&store.catalog()?, &tenant, since, who.as_deref())?))
                     .await?;
             Ok(Reply::Audit(list))
+        }
+        Request::History { tenant, after } => {
+            let tenant = record_reader(identity, tenant, "history")?;
+            let (events, head) = blocking(move || {
+                let view = store.catalog()?;
+                Ok((catalog::history::events(&view, &tenant, after)?, catalog::history::head(&view, &tenant)?))
+            })
+            .await?;
+            Ok(Reply::History { events, head })
         }
         Request::RetentionShow { tenant } => {
             authorise(identity, Permission::Operate, "retention_show")?;

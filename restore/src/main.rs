@@ -5,6 +5,7 @@
 mod drill;
 mod engine;
 mod fetch;
+mod history;
 mod keys;
 mod pg;
 mod pitr;
@@ -147,6 +148,9 @@ enum Cmd {
         #[command(flatten)]
         out: Out,
     },
+    /// The tenant's hash-chained history (commits, forgets, locks, holds, audited sessions).
+    #[command(subcommand)]
+    History(HistoryCmd),
     /// The restore drills the cluster has recorded for the tenant.
     Drills {
         #[command(flatten)]
@@ -155,6 +159,25 @@ enum Cmd {
         #[arg(long)]
         source: Option<String>,
         /// Print them as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum HistoryCmd {
+    /// Recompute the chain as this node holds it and check the catalog against it; exit 1
+    /// naming the first break. Record the printed head outside the cluster and pass it back
+    /// later with --expect-head to prove nothing before it was rewritten.
+    Verify {
+        #[command(flatten)]
+        conn: Conn,
+        /// Check only this source's snapshots (and its WAL) against the chain.
+        #[arg(long)]
+        source: Option<String>,
+        /// A head recorded earlier (SEQ:HASH): it must still be in the chain.
+        #[arg(long)]
+        expect_head: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -313,6 +336,9 @@ async fn run(cli: Cli) -> Result<i32> {
             run_drill(conn, pick, opts, !no_record, out).await
         }
         Cmd::Drills { conn, source, json } => list_drills(conn, source, json).await,
+        Cmd::History(HistoryCmd::Verify { conn, source, expect_head, json }) => {
+            verify_history(conn, source, expect_head, json).await
+        }
     }
 }
 
@@ -381,6 +407,44 @@ async fn run_drill(conn: Conn, pick: Pick, opts: drill::Options, record: bool, o
         "INCOMPLETE" => 3,
         _ => 1,
     })
+}
+
+async fn verify_history(conn: Conn, source: Option<String>, expect: Option<String>, json: bool) -> Result<i32> {
+    let expected = expect.as_deref().map(history::parse_head).transpose()?;
+    let (client, _) = connect(&conn).await?;
+    if conn.consistent {
+        client.read_barrier().await.context("--consistent: the node could not confirm its catalog is current")?;
+    }
+    // The chain, the listing, and the chain again: a commit or forget landing in between would
+    // look like a break, so the listing is read again until the chain did not move meanwhile.
+    let mut events = Vec::new();
+    let mut head = history::fetch(&client, &mut events).await?;
+    let mut listed = list(&client, &conn, None).await?;
+    for _ in 0..5 {
+        let seen = events.len();
+        head = history::fetch(&client, &mut events).await?;
+        if events.len() == seen {
+            break;
+        }
+        listed = list(&client, &conn, None).await?;
+    }
+    let node = client.addr();
+    client.close().await;
+    let v = history::verify(&events, &head, expected.as_ref(), &listed, source.as_deref());
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("history of the tenant on {node}: {} events, head {}:{}", v.events, v.head_seq, v.head_hash);
+        println!(
+            "  {} snapshots checked against it ({} from before the history was kept)",
+            v.snapshots_checked, v.before_history
+        );
+        match &v.first_break {
+            None => println!("  OK: the chain holds and the catalog matches it"),
+            Some(why) => println!("  BROKEN: {why}"),
+        }
+    }
+    Ok(if v.ok { 0 } else { 1 })
 }
 
 async fn list_drills(conn: Conn, source: Option<String>, json: bool) -> Result<i32> {

@@ -231,6 +231,12 @@ pub enum Request {
         since: i64,
         who: Option<String>,
     },
+    /// A tenant's hash-chained history, events after `after` → `History` (authorised as
+    /// `Audit`).
+    History {
+        tenant: Option<String>,
+        after: u64,
+    },
 }
 
 impl Request {
@@ -273,6 +279,7 @@ impl Request {
             Request::ApproveLock { .. } => "approve_lock",
             Request::SetHold { .. } => "set_hold",
             Request::Audit { .. } => "audit",
+            Request::History { .. } => "history",
         }
     }
 }
@@ -374,6 +381,58 @@ pub enum Reply {
     LockPending(PendingLockChange),
     /// Audit records, oldest first (at most `MAX_AUDIT_RECORDS`; ask again from the last).
     Audit(Vec<AuditRecord>),
+    /// History events after the one asked for, oldest first (at most `MAX_HISTORY_EVENTS`), and
+    /// the chain's head as the node holds it.
+    History {
+        events: Vec<HistoryEvent>,
+        head: HistoryHead,
+    },
+}
+
+/// Most history events in one reply.
+pub const MAX_HISTORY_EVENTS: usize = 4096;
+
+/// One event of a tenant's history: a snapshot committed or forgotten, a lock, hold,
+/// protection window or policy set, a session audited. Each names the hash of the one before,
+/// so no event can be removed, changed or reordered without breaking every hash after it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEvent {
+    /// 1, 2, ... per tenant.
+    pub seq: u64,
+    /// Hash of the previous event (zeros for the first).
+    pub prev: [u8; 32],
+    /// Cluster time when it was applied.
+    pub time: i64,
+    /// `commit`, `forget`, `lock`, `hold`, `protect`, `retention` or `audit`.
+    pub kind: String,
+    /// What happened: for `commit` the snapshot's record (postcard `SnapshotInfo`, as the
+    /// cluster lists it), for `forget` the snapshot id, for the others the record applied.
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+}
+
+impl HistoryEvent {
+    /// BLAKE3 over a domain, the previous hash, the sequence, the time, the kind and the payload.
+    pub fn hash(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new();
+        h.update(b"exclave history v1\0");
+        h.update(&self.prev);
+        h.update(&self.seq.to_be_bytes());
+        h.update(&self.time.to_be_bytes());
+        h.update(&(self.kind.len() as u32).to_be_bytes());
+        h.update(self.kind.as_bytes());
+        h.update(&(self.payload.len() as u64).to_be_bytes());
+        h.update(&self.payload);
+        *h.finalize().as_bytes()
+    }
+}
+
+/// The newest event of a tenant's history and its hash: what a tenant records outside the
+/// cluster to prove later that nothing before it was rewritten.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryHead {
+    pub seq: u64,
+    pub hash: [u8; 32],
 }
 
 /// Most audit records in one reply.

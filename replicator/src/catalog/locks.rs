@@ -191,6 +191,11 @@ pub(super) fn set_lock(
     Ok(Outcome::LockPending(req))
 }
 
+/// The tenant of a pending request, if it exists.
+pub fn request_tenant(view: &dyn CatalogRead, id: u64) -> Result<Option<String>, CatalogError> {
+    Ok(view.get(&request_key(id))?.map(|v| decode::<PendingLockChange>(&v)).transpose()?.map(|r| r.tenant))
+}
+
 /// `ApproveLock`: a second administrator applies a pending governance change.
 pub(super) fn approve(
     view: &dyn CatalogRead,

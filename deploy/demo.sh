@@ -110,6 +110,11 @@ $B/exclave-restore drill "${DRILL[@]}" --source rnpp --report "$W/reports" --rto
 echo; sed -n '1,8p' "$W"/reports/drill-vehicles-*.md
 echo; $B/exclave-restore drills --node "${ADDR[embassy1]}" --pki "$W/pki" --identity drteam
 
+step "who read what, and a history no one rewrote: the audit log and the hash chain, from any embassy"
+sleep 1 # a session is recorded through the cluster once its connection has ended
+$B/exclave-replicator audit --node "${ADDR[embassy2]}" --pki "$W/pki" --identity drteam
+$B/exclave-restore history verify --node "${ADDR[embassy2]}" --pki "$W/pki" --identity drteam
+
 step "the home country and two embassies are lost: its key file is gone, only embassy3 remains"
 kill "${PID[embassy1]}" "${PID[embassy2]}"; wait "${PID[embassy1]}" "${PID[embassy2]}" 2>/dev/null || true
 unset 'PID[embassy1]' 'PID[embassy2]'
@@ -128,6 +133,7 @@ diff -r "$W/register" "$W/restored/register" && echo "byte-for-byte comparison w
 $B/exclave-restore verify "${RESTORE[@]}" --source rnpp --snapshot latest
 $B/exclave-restore restore "${RESTORE[@]}" --source vehicles --snapshot latest --to "$W/restored-db"
 $B/exclave-agent facts --sqlite "$W/restored-db/vehicles.db" --compare "$W/restored-db/vehicles.db.facts.json"
+$B/exclave-restore history verify --node "${ADDR[embassy3]}" --pki "$W/pki" --identity drteam
 
 step "embassy3 metrics (excerpt)"
 exec 3<>/dev/tcp/127.0.0.1/$(( ${ADDR[embassy3]##*:} + 100 )); printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3

@@ -18,7 +18,7 @@ fn audit(w: &World, node: &Node, identity: &str, extra: &[&str]) -> std::process
 
 /// Waits until `node`'s log (read as admin) of `tenant` holds a session matching `pred`.
 fn wait_record(w: &World, node: &Node, tenant: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(40);
     loop {
         let list = json(&ok(audit(w, node, "admin", &["--tenant", tenant])));
         if let Some(r) = list.as_array().unwrap().iter().find(|r| pred(r)) {
@@ -141,4 +141,32 @@ fn a_snapshot_record_removed_by_hand_breaks_the_history_on_that_node_only() {
     let o = history(&w, &nodes[0], &["--expect-head", &forged]);
     assert_eq!(o.status.code(), Some(1));
     assert!(json(&o)["first_break"].as_str().unwrap().contains("recorded earlier"), "{}", stdout(&o));
+}
+
+#[test]
+fn a_restore_at_the_last_embassy_standing_is_recorded_once_the_cluster_is_back() {
+    let w = World::new();
+    let mut nodes = w.start_cluster(&["n1", "n2", "n3"]);
+    let src = w.path("registry");
+    sample_tree(&src, 11, 256 << 10);
+    let snap = json(&ok(w.backup(&nodes[0], "rnpp", &[&src])))["snapshot"].as_str().unwrap().to_string();
+    let leader = w.wait_leader(&nodes);
+    w.wait_backfilled(&nodes[2], &nodes[leader]);
+    // Two embassies lost: n3 alone serves the restore but has no majority to record it.
+    nodes[0].stop().expect("stopped");
+    nodes[1].stop().expect("stopped");
+    ok(w.restore(&nodes[2], "rnpp", &snap, &w.path("restored")));
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !nodes[2].log_text().contains("kept on this node until it can") {
+        assert!(Instant::now() < deadline, "{}", nodes[2].log_text());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Kept across a restart of n3 itself, and recorded once the others are back.
+    nodes[2].stop().expect("stopped");
+    for n in nodes.iter_mut() {
+        n.restart();
+    }
+    let r = wait_record(&w, &nodes[0], "lux", |r| r["node"] == "n3" && r["snapshots"][0] == snap.as_str());
+    assert!(r["identity"].as_str().unwrap().starts_with("restore:lux#"), "{r}");
+    assert!(nodes[2].log_text().contains("is now recorded in the audit log"), "{}", nodes[2].log_text());
 }

@@ -5,10 +5,78 @@
 //! nodes replicate.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use exclave::identity::Identity;
 use exclave::protocol::{AuditRecord, Reply, Request};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::catalog::{self, Command};
+use crate::node::Node;
+
+/// Records this node could not get through the cluster yet (no majority: after a loss, the
+/// surviving embassy still serves restores), kept in its store's own column family until a
+/// leader takes them: `audit-pending/ ‖ ended (u64 BE) ‖ 8 bytes of the record's hash`.
+const PENDING: &[u8] = b"audit-pending/";
+
+/// Records a session's records through the cluster; those it cannot are kept on this node
+/// and recorded by `worker` once the cluster can (a record is never dropped for want of a
+/// majority: the sessions that most need recording happen when embassies are lost).
+pub async fn record(node: &Arc<Node>, session: &Session, records: Vec<AuditRecord>) {
+    for record in records {
+        node.metrics.session(&session.identity().subject(), record.bytes);
+        let (tenant, identity, bytes) = (record.tenant.clone(), record.identity.clone(), record.bytes);
+        match node.raft.propose(Command::Audit { record: record.clone() }).await {
+            Ok(_) => info!(%identity, %tenant, bytes, "session recorded in the audit log"),
+            Err(e) => {
+                node.metrics.audit_failed();
+                let kept = keep(node, &record);
+                warn!(%identity, %tenant, bytes, error = %e, kept = kept.is_ok(),
+                      "a session could not be recorded through the cluster; kept on this node until it can");
+            }
+        }
+    }
+}
+
+fn keep(node: &Node, r: &AuditRecord) -> Result<(), crate::store::StoreError> {
+    let body = catalog::encode(r);
+    let mut key = PENDING.to_vec();
+    key.extend_from_slice(&(r.ended.max(0) as u64).to_be_bytes());
+    key.extend_from_slice(&blake3::hash(&body).as_bytes()[..8]);
+    node.store.meta_put(&key, &body)
+}
+
+/// Every 10 s, records what `record` had to keep, oldest first, while a leader takes them.
+pub async fn worker(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+            _ = stop.changed() => {}
+        }
+        if *stop.borrow() {
+            return;
+        }
+        let Ok(pending) = node.store.meta_scan(PENDING) else { continue };
+        node.metrics.audit_pending(pending.len());
+        for (key, body) in pending {
+            let Ok(record) = catalog::decode::<AuditRecord>(&body) else {
+                warn!("an unreadable kept audit record was dropped");
+                let _ = node.store.meta_delete(&key);
+                continue;
+            };
+            if node.raft.propose(Command::Audit { record }).await.is_err() {
+                break;
+            }
+            let _ = node.store.meta_delete(&key);
+            info!("a session kept on this node is now recorded in the audit log");
+        }
+        if let Ok(left) = node.store.meta_scan(PENDING) {
+            node.metrics.audit_pending(left.len());
+        }
+    }
+}
 
 /// Requests that neither read a tenant's data nor change anything: not worth a record alone.
 const QUIET: &[&str] = &["hello", "status", "cluster_status", "raft_status", "read_barrier", "certificates", "quotas"];

@@ -257,7 +257,8 @@ async fn run_node(cfg: config::NodeConfig) -> Result<()> {
         tokio::spawn(replication::anti_entropy(node.clone(), stopping.clone())),
         tokio::spawn(revocation::watch(node.clone(), stopping.clone())),
         tokio::spawn(scrub::worker(node.clone(), stopping.clone())),
-        tokio::spawn(gc::worker(node.clone(), stopping)),
+        tokio::spawn(gc::worker(node.clone(), stopping.clone())),
+        tokio::spawn(audit::worker(node.clone(), stopping)),
     ];
     let server = tokio::spawn(server::serve(endpoint.clone(), node));
 

@@ -14,6 +14,7 @@ pub struct NodeMetrics {
     sessions: IntCounterVec,
     read_bytes: IntCounterVec,
     audit_errors: IntCounter,
+    audit_pending: IntGauge,
     requests: IntCounterVec,
     latency: HistogramVec,
     errors: IntCounterVec,
@@ -211,7 +212,13 @@ impl NodeMetrics {
             Opts::new("audit_read_bytes_total", "Envelope bytes served to each restore or administrator identity"),
             &["identity"],
         )?;
-        let audit_errors = IntCounter::new("audit_errors_total", "Sessions whose audit record could not be recorded")?;
+        let audit_errors = IntCounter::new(
+            "audit_errors_total",
+            "Sessions whose audit record could not go through the cluster at once (kept on the node)",
+        )?;
+        let audit_pending =
+            IntGauge::new("audit_pending", "Audit records kept on this node until the cluster can record them")?;
+        registry.register(Box::new(audit_pending.clone()))?;
         registry.register(Box::new(sessions.clone()))?;
         registry.register(Box::new(read_bytes.clone()))?;
         registry.register(Box::new(audit_errors.clone()))?;
@@ -219,6 +226,7 @@ impl NodeMetrics {
             sessions,
             read_bytes,
             audit_errors,
+            audit_pending,
             registry,
             requests,
             latency,
@@ -319,6 +327,10 @@ impl NodeMetrics {
 
     pub fn audit_failed(&self) {
         self.audit_errors.inc();
+    }
+
+    pub fn audit_pending(&self, n: usize) {
+        self.audit_pending.set(n as i64);
     }
 
     pub fn error(&self, kind: &str) {

@@ -106,17 +106,8 @@ async fn record_session(node: &Arc<Node>, session: Arc<crate::audit::Session>) {
     while Arc::strong_count(&session) > 1 && Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    for record in session.records(&node.name, now_secs()) {
-        node.metrics.session(&session.identity().subject(), record.bytes);
-        let (tenant, identity, bytes) = (record.tenant.clone(), record.identity.clone(), record.bytes);
-        match node.raft.propose(Command::Audit { record }).await {
-            Ok(_) => info!(%identity, %tenant, bytes, "session recorded in the audit log"),
-            Err(e) => {
-                node.metrics.audit_failed();
-                warn!(%identity, %tenant, bytes, error = %e, "a session could not be recorded in the audit log");
-            }
-        }
-    }
+    let records = session.records(&node.name, now_secs());
+    crate::audit::record(node, &session, records).await;
 }
 
 /// A peer's ordered stream of Raft messages. Only nodes may send them, and only as themselves.

@@ -772,10 +772,26 @@ const SEQ_KEY: &[u8] = b"q";
 
 /// The commit sequence: the `commit_seq` of the newest snapshot (drills count in it too).
 pub fn commit_seq(view: &dyn CatalogRead) -> Result<u64, CatalogError> {
-    match view.get(SEQ_KEY)? {
-        Some(v) => Ok(u64::from_be_bytes(v.as_slice().try_into().map_err(|_| CatalogError::Decode("seq".into()))?)),
+    counter(view, SEQ_KEY)
+}
+
+/// A counter kept under `key` (u64 BE; 0 when absent).
+fn counter(view: &dyn CatalogRead, key: &[u8]) -> Result<u64, CatalogError> {
+    match view.get(key)? {
+        Some(v) => Ok(u64::from_be_bytes(
+            v.as_slice()
+                .try_into()
+                .map_err(|_| CatalogError::Decode(format!("counter {:?}", String::from_utf8_lossy(key))))?,
+        )),
         None => Ok(0),
     }
+}
+
+/// The counter under `key` plus one, written back in the same command.
+fn next_counter(view: &dyn CatalogRead, key: &[u8], w: &mut Vec<Write>) -> Result<u64, CatalogError> {
+    let n = counter(view, key)? + 1;
+    w.push(Write::Put(key.to_vec(), n.to_be_bytes().to_vec()));
+    Ok(n)
 }
 
 pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -888,11 +904,7 @@ pub fn apply(view: &dyn CatalogRead, cmd: &Command) -> Result<(Outcome, Vec<Writ
             Outcome::Done
         }
         Command::RecordDrill { tenant, record } => {
-            let seq = match view.get(SEQ_KEY)? {
-                Some(v) => u64::from_be_bytes(v.as_slice().try_into().map_err(|_| CatalogError::Decode("seq".into()))?),
-                None => 0,
-            } + 1;
-            w.push(Write::Put(SEQ_KEY.to_vec(), seq.to_be_bytes().to_vec()));
+            let seq = next_counter(view, SEQ_KEY, &mut w)?;
             w.push(Write::Put(drill_key(tenant, &record.source, record.recorded, seq), encode(record)));
             let latest_key = drill_latest_key(tenant, &record.source);
             let before: Option<DrillLatest> = view.get(&latest_key)?.map(|v| decode(&v)).transpose()?;
@@ -977,15 +989,11 @@ fn commit(
         let used = usage(view, tenant)? + back_bytes;
         w.push(Write::Put(usage_key(tenant), used.to_be_bytes().to_vec()));
     }
-    let seq = match view.get(SEQ_KEY)? {
-        Some(v) => u64::from_be_bytes(v.as_slice().try_into().map_err(|_| CatalogError::Decode("commit seq".into()))?),
-        None => 0,
-    } + 1;
+    let seq = next_counter(view, SEQ_KEY, w)?;
     let snap = SnapshotInfo { stored_bytes, chunks: refs.len() as u64, commit_seq: seq, ..snapshot.clone() };
     let loc = location(&snap);
     w.push(Write::Put(snapshot_key(tenant, &loc, &snap.id), encode(&snap)));
     w.push(Write::Put(id_key(tenant, &snap.id), loc));
-    w.push(Write::Put(SEQ_KEY.to_vec(), seq.to_be_bytes().to_vec()));
     for (i, part) in refs.chunks(REFS_PER_BATCH).enumerate() {
         w.push(Write::Put(batch_key(b'r', tenant, &snap.id, i as u32), encode(&part.to_vec())));
     }
@@ -1279,15 +1287,15 @@ mod tests {
     use exclave::protocol::LockMode;
     use proptest::prelude::*;
 
-    fn entry(n: u8) -> IndexEntry {
+    pub(super) fn entry(n: u8) -> IndexEntry {
         IndexEntry { envelope_len: 100 + u32::from(n), checksum: Checksum([n; 32]) }
     }
 
-    fn id(n: u8) -> ChunkId {
+    pub(super) fn id(n: u8) -> ChunkId {
         ChunkId([n; 32])
     }
 
-    fn snap(sid: &str, root: u8, time: i64) -> SnapshotInfo {
+    pub(super) fn snap(sid: &str, root: u8, time: i64) -> SnapshotInfo {
         SnapshotInfo {
             id: sid.into(),
             source: "rnpp".into(),

@@ -36,11 +36,7 @@ fn record_key(tenant: &str, ended: i64, seq: u64) -> Vec<u8> {
 
 /// `Audit`: records a session, and drops the tenant's oldest records past the keeping time.
 pub(super) fn record(view: &dyn CatalogRead, r: &AuditRecord, w: &mut Vec<Write>) -> Result<Outcome, CatalogError> {
-    let seq = match view.get(SEQ_KEY)? {
-        Some(v) => u64::from_be_bytes(v.as_slice().try_into().map_err(|_| CatalogError::Decode("audit seq".into()))?),
-        None => 0,
-    } + 1;
-    w.push(Write::Put(SEQ_KEY.to_vec(), seq.to_be_bytes().to_vec()));
+    let seq = super::next_counter(view, SEQ_KEY, w)?;
     w.push(Write::Put(record_key(&r.tenant, r.ended, seq), encode(r)));
     let horizon = super::cluster_time(view)?.saturating_sub(AUDIT_KEEP_SECS).max(0) as u64;
     let mut old = Vec::new();

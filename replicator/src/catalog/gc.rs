@@ -539,35 +539,15 @@ impl Marker {
 mod tests {
     use super::super::{Command, MemCatalog, apply, index_entry, snapshot};
     use super::*;
-    use exclave::chunk_id::Checksum;
     use exclave::protocol::SnapshotInfo;
     use proptest::prelude::*;
 
     const T: &str = "lux";
 
-    fn id(n: u8) -> ChunkId {
-        ChunkId([n; 32])
-    }
-
-    fn entry(n: u8) -> IndexEntry {
-        IndexEntry { envelope_len: 100 + u32::from(n), checksum: Checksum([n; 32]) }
-    }
+    use crate::catalog::tests::{entry, id};
 
     fn snap(sid: &str, root: u8) -> SnapshotInfo {
-        SnapshotInfo {
-            id: sid.into(),
-            source: "rnpp".into(),
-            time: 1,
-            root: id(root),
-            key_fingerprint: "f".into(),
-            agent: "a".into(),
-            hostname: "h".into(),
-            files: 1,
-            logical_bytes: 1,
-            chunks: 0,
-            stored_bytes: 0,
-            commit_seq: 0,
-        }
+        crate::catalog::tests::snap(sid, root, 1)
     }
 
     /// The catalog and the chunks physically held (one set standing for every node's copies).

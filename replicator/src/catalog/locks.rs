@@ -173,10 +173,7 @@ pub(super) fn set_lock(
             current.by
         )));
     }
-    let id = match view.get(REQUEST_SEQ_KEY)? {
-        Some(v) => u64::from_be_bytes(v.as_slice().try_into().map_err(|_| CatalogError::Decode("request id".into()))?),
-        None => 0,
-    } + 1;
+    let id = super::next_counter(view, REQUEST_SEQ_KEY, w)?;
     let req = PendingLockChange {
         id,
         tenant: tenant.to_string(),
@@ -186,7 +183,6 @@ pub(super) fn set_lock(
         requested: now,
         expires: now.saturating_add(APPROVAL_SECS),
     };
-    w.push(Write::Put(REQUEST_SEQ_KEY.to_vec(), id.to_be_bytes().to_vec()));
     w.push(Write::Put(request_key(id), encode(&req)));
     Ok(Outcome::LockPending(req))
 }

@@ -2,18 +2,18 @@
 //!
 //! Pure parts (no I/O): `chunker`, `chunk_id`, `keys` (derivation), `envelope`, `manifest`,
 //! `protocol`, `identity`, `facts`, `retention`. Thin I/O edges: `pki` (certificate files), `transport` (QUIC and
-//! TLS), `client` (a connection to a storage node), `metrics` (Prometheus exposition).
+//! TLS), `client` (a connection to a storage node), `http` (/metrics, /healthz, /readyz).
 
 pub mod chunk_id;
 pub mod chunker;
 pub mod client;
 pub mod envelope;
 pub mod facts;
+pub mod http;
 pub mod identity;
 pub mod keys;
 pub mod logging;
 pub mod manifest;
-pub mod metrics;
 pub mod pki;
 pub mod protocol;
 pub mod retention;

@@ -94,6 +94,30 @@ struct Resolved {
     budget_mib: usize,
 }
 
+/// Loads the agent's certificate and its tenant key and checks that they belong together:
+/// the same check for a backup and for the daemon at start. Returns a warning to show when
+/// the certificate expires soon.
+pub fn load_credentials(
+    pki: &std::path::Path,
+    ident: &str,
+    key_file: &std::path::Path,
+    passphrase_file: Option<std::path::PathBuf>,
+) -> Result<(TlsIdentity, exclave::keys::TenantKeys, Option<String>)> {
+    let tls = TlsIdentity::load(pki, ident).with_context(|| format!("loading identity {ident:?}"))?;
+    let warning = tls.check_validity(ident)?;
+    let keys = load_key_file(key_file, &Passphrase::from_flag(passphrase_file))?;
+    match &tls.identity {
+        Identity::Agent { tenant, .. } if *tenant == keys.tenant => {}
+        Identity::Agent { tenant, .. } => bail!(
+            "key file {} is for tenant {:?} but certificate {ident} is for tenant {tenant:?}",
+            key_file.display(),
+            keys.tenant
+        ),
+        other => bail!("certificate {ident} is {other}, not an agent identity"),
+    }
+    Ok((tls, keys, warning))
+}
+
 fn resolve(a: &BackupArgs) -> Result<Resolved> {
     let cfg = match &a.conn.config {
         Some(p) => AgentConfig::load(p)?,
@@ -111,20 +135,10 @@ fn resolve(a: &BackupArgs) -> Result<Resolved> {
         .clone()
         .or(cfg.key_file.clone())
         .context("--key-file (or `key-file` in the config) is required")?;
-    let tls = TlsIdentity::load(&pki, &ident).with_context(|| format!("loading identity {ident:?}"))?;
-    if let Some(w) = tls.check_validity(&ident)? {
+    let passphrase_file = a.conn.passphrase_file.clone().or(cfg.passphrase_file.clone());
+    let (tls, keys, warning) = load_credentials(&pki, &ident, &key_file, passphrase_file)?;
+    if let Some(w) = warning {
         eprintln!("warning: {w}");
-    }
-    let passphrase = Passphrase::from_flag(a.conn.passphrase_file.clone().or(cfg.passphrase_file.clone()));
-    let keys = load_key_file(&key_file, &passphrase)?;
-    match &tls.identity {
-        Identity::Agent { tenant, .. } if *tenant == keys.tenant => {}
-        Identity::Agent { tenant, .. } => bail!(
-            "key file {} is for tenant {:?} but certificate {ident} is for tenant {tenant:?}",
-            key_file.display(),
-            keys.tenant
-        ),
-        other => bail!("certificate {ident} is {other}, not an agent identity"),
     }
     let one_shot = if a.wal_file.is_some() { Some(SourceConfig::default()) } else { one_shot_source(a)? };
     let (source, mut src) = match (&a.source, one_shot) {

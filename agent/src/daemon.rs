@@ -79,6 +79,7 @@ struct RunOutcome {
     error: Option<String>,
     duration_secs: f64,
     uploaded_bytes: Option<u64>,
+    read_bytes: Option<u64>,
 }
 
 async fn run_one(config: &Path, source: &str) -> RunOutcome {
@@ -102,6 +103,7 @@ async fn run_one(config: &Path, source: &str) -> RunOutcome {
                 error: Some(format!("cannot start the backup: {e}")),
                 duration_secs,
                 uploaded_bytes: None,
+                read_bytes: None,
             };
         }
     };
@@ -124,33 +126,98 @@ async fn run_one(config: &Path, source: &str) -> RunOutcome {
         error,
         duration_secs,
         uploaded_bytes: summary.as_ref().and_then(|s| s["uploaded_bytes"].as_u64()),
+        read_bytes: summary.as_ref().and_then(|s| s["bytes_read"].as_u64()),
     }
 }
 
+/// The daemon's metrics. Every scheduled source has each series from the start (a source
+/// that has never succeeded shows `last_success` 0), so its absence of success can page.
 struct Metrics {
     registry: Registry,
     last_success: IntGaugeVec,
     runs: IntCounterVec,
     running: IntGaugeVec,
+    interval: IntGaugeVec,
+    duration: prometheus::GaugeVec,
+    read_bytes: IntCounterVec,
+    uploaded_bytes: IntCounterVec,
+    failures: IntGaugeVec,
+    cert_expiry: IntGaugeVec,
 }
 
 impl Metrics {
     fn new() -> Result<Metrics> {
         let registry = Registry::new();
-        let last_success = IntGaugeVec::new(
-            Opts::new("exclave_agent_last_success_timestamp_seconds", "When the source's last snapshot committed"),
-            &["source"],
+        let per_source = |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["source"]);
+        let last_success = per_source(
+            "exclave_agent_last_success_timestamp_seconds",
+            "When the source's last snapshot committed (Unix time; 0: never since this state directory was made)",
         )?;
         let runs = IntCounterVec::new(
             Opts::new("exclave_agent_runs_total", "Scheduled snapshot runs by result"),
             &["source", "result"],
         )?;
-        let running =
-            IntGaugeVec::new(Opts::new("exclave_agent_running", "1 while a source's run is under way"), &["source"])?;
+        let running = per_source("exclave_agent_running", "1 while a source's run is under way")?;
+        let interval = per_source(
+            "exclave_agent_schedule_interval_seconds",
+            "Longest wait between two scheduled runs of the source, plus its jitter",
+        )?;
+        let duration = prometheus::GaugeVec::new(
+            Opts::new("exclave_agent_last_run_duration_seconds", "How long the source's last run took, ok or not"),
+            &["source"],
+        )?;
+        let read_bytes = IntCounterVec::new(
+            Opts::new("exclave_agent_read_bytes_total", "Bytes read from the source by committed runs"),
+            &["source"],
+        )?;
+        let uploaded_bytes = IntCounterVec::new(
+            Opts::new("exclave_agent_uploaded_bytes_total", "Envelope bytes uploaded by committed runs"),
+            &["source"],
+        )?;
+        let failures =
+            per_source("exclave_agent_consecutive_failures", "Failed runs of the source since its last success")?;
+        let cert_expiry = IntGaugeVec::new(
+            Opts::new(
+                "exclave_agent_certificate_expiry_timestamp_seconds",
+                "When the agent's certificate expires (Unix time)",
+            ),
+            &["identity"],
+        )?;
         registry.register(Box::new(last_success.clone()))?;
         registry.register(Box::new(runs.clone()))?;
         registry.register(Box::new(running.clone()))?;
-        Ok(Metrics { registry, last_success, runs, running })
+        registry.register(Box::new(interval.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(read_bytes.clone()))?;
+        registry.register(Box::new(uploaded_bytes.clone()))?;
+        registry.register(Box::new(failures.clone()))?;
+        registry.register(Box::new(cert_expiry.clone()))?;
+        Ok(Metrics {
+            registry,
+            last_success,
+            runs,
+            running,
+            interval,
+            duration,
+            read_bytes,
+            uploaded_bytes,
+            failures,
+            cert_expiry,
+        })
+    }
+
+    /// Creates every series of a source, so that "never" is a value and not an absence.
+    fn add_source(&self, name: &str, last_success: Option<i64>, interval: Option<i64>, failures: u32) {
+        self.last_success.with_label_values(&[name]).set(last_success.unwrap_or(0));
+        for result in ["ok", "failed"] {
+            self.runs.with_label_values(&[name, result]);
+        }
+        self.running.with_label_values(&[name]).set(0);
+        self.interval.with_label_values(&[name]).set(interval.unwrap_or(0));
+        self.duration.with_label_values(&[name]);
+        self.read_bytes.with_label_values(&[name]);
+        self.uploaded_bytes.with_label_values(&[name]);
+        self.failures.with_label_values(&[name]).set(i64::from(failures));
     }
 }
 
@@ -164,13 +231,27 @@ pub async fn run(config_path: PathBuf) -> Result<i32> {
         .with_first_retry(cfg.retry_secs.unwrap_or(schedule::FIRST_RETRY_SECS));
     let mut status = Status { pid: std::process::id(), started: now_secs(), ..Status::default() };
     let metrics = Metrics::new()?;
+    // A wrong key or certificate fails now, at start, not at the first scheduled run hours later.
+    {
+        let pki = cfg.pki.as_deref().context("`pki` is required in the daemon's config")?;
+        let ident = cfg.identity.as_deref().context("`identity` is required in the daemon's config")?;
+        let key_file = cfg.key_file.as_deref().context("`key-file` is required in the daemon's config")?;
+        let (tls, _, warning) = crate::backup::load_credentials(pki, ident, key_file, cfg.passphrase_file.clone())
+            .context("checking the agent's credentials")?;
+        if let Some(w) = warning {
+            tracing::warn!("{w}");
+        }
+        if let Some(cert) = tls.chain.first()
+            && let Ok(info) = exclave::pki::cert_info(cert)
+        {
+            metrics.cert_expiry.with_label_values(&[ident]).set(info.not_after);
+        }
+    }
     for (name, src) in &cfg.sources {
         let Some(expr) = &src.schedule else { continue };
         let before = previous.sources.get(name).cloned().unwrap_or_default();
         sched.add(name, schedule::parse(expr)?, src.jitter_secs, now_secs(), before.last_success);
-        if let Some(t) = before.last_success {
-            metrics.last_success.with_label_values(&[name]).set(t);
-        }
+        metrics.add_source(name, before.last_success, sched.interval_of(name, now_secs()), before.consecutive_failures);
         let s = SourceStatus {
             kind: src.kind_name().into(),
             schedule: expr.clone(),
@@ -188,9 +269,13 @@ pub async fn run(config_path: PathBuf) -> Result<i32> {
     status.save(&state_dir)?;
     let _metrics_server = match cfg.metrics_listen {
         Some(addr) => Some(
-            exclave::metrics::serve(addr, metrics.registry.clone())
-                .await
-                .with_context(|| format!("serving metrics on {addr}"))?,
+            exclave::http::serve(
+                addr,
+                vec![metrics.registry.clone(), exclave::http::process_registry("exclave-agent")?],
+                exclave::http::always_ready(),
+            )
+            .await
+            .with_context(|| format!("serving HTTP on {addr}"))?,
         ),
         None => None,
     };
@@ -228,6 +313,11 @@ pub async fn run(config_path: PathBuf) -> Result<i32> {
                 sched.finished(&name, t, o.ok);
                 metrics.running.with_label_values(&[&name]).set(0);
                 metrics.runs.with_label_values(&[name.as_str(), if o.ok { "ok" } else { "failed" }]).inc();
+                metrics.duration.with_label_values(&[&name]).set(o.duration_secs);
+                if o.ok {
+                    metrics.read_bytes.with_label_values(&[&name]).inc_by(o.read_bytes.unwrap_or(0));
+                    metrics.uploaded_bytes.with_label_values(&[&name]).inc_by(o.uploaded_bytes.unwrap_or(0));
+                }
                 if let Some(s) = status.sources.get_mut(&name) {
                     s.running = false;
                     s.running_since = None;
@@ -239,6 +329,7 @@ pub async fn run(config_path: PathBuf) -> Result<i32> {
                         s.last_snapshot = o.snapshot.clone();
                         s.last_error = None;
                         s.consecutive_failures = 0;
+                        metrics.failures.with_label_values(&[&name]).set(0);
                         s.last_uploaded_bytes = o.uploaded_bytes;
                         metrics.last_success.with_label_values(&[&name]).set(t);
                         tracing::info!(source = %name, snapshot = ?o.snapshot, secs = o.duration_secs,
@@ -246,6 +337,7 @@ pub async fn run(config_path: PathBuf) -> Result<i32> {
                     } else {
                         s.failures += 1;
                         s.consecutive_failures += 1;
+                        metrics.failures.with_label_values(&[&name]).set(i64::from(s.consecutive_failures));
                         s.last_error = o.error.clone();
                         tracing::warn!(source = %name, error = %o.error.as_deref().unwrap_or("?"),
                             retry_at = %fmt_time(s.next_run), "snapshot failed; will retry");

@@ -132,6 +132,29 @@ impl<Tz: TimeZone> Scheduler<Tz> {
             .min()
     }
 
+    /// The longest time between two successive occurrences of a source's schedule over the
+    /// next eight days, plus its jitter: how old its newest snapshot may be when all is well
+    /// (the age alert allows twice this). Daylight-saving jumps and schedules like "weekdays
+    /// only" make the gaps uneven, so the longest is taken, not the first.
+    pub fn interval_of(&self, name: &str, now: i64) -> Option<i64> {
+        let job = self.jobs.get(name)?;
+        let horizon = now + 8 * 86_400;
+        let (mut t, mut longest) = (self.next_occurrence(&job.cron, now), 0i64);
+        // Bounded: an every-minute schedule has 11520 occurrences in eight days.
+        for _ in 0..20_000 {
+            let next = self.next_occurrence(&job.cron, t);
+            if next == i64::MAX {
+                break;
+            }
+            longest = longest.max(next - t);
+            if next > horizon {
+                break;
+            }
+            t = next;
+        }
+        (longest > 0).then_some(longest + job.jitter_secs as i64)
+    }
+
     pub fn due_of(&self, name: &str) -> Option<i64> {
         match self.jobs.get(name)?.state {
             State::Waiting { due } => Some(due),
@@ -166,6 +189,19 @@ mod tests {
         s.finished("db", first + 1000, true);
         let next = s.due_of("db").unwrap();
         assert_eq!(next, first - 30 + 1800 + 30, "the occurrence after the run ended");
+    }
+
+    #[test]
+    fn interval_is_the_longest_gap_plus_jitter() {
+        let mut s = sched();
+        s.add("q", parse("*/15 * * * *").unwrap(), 60, T0, None);
+        s.add("nightly", parse("0 2 * * *").unwrap(), 0, T0, None);
+        // Weekdays only: Friday 02:00 to Monday 02:00 is the longest wait.
+        s.add("weekdays", parse("0 2 * * 1-5").unwrap(), 0, T0, None);
+        assert_eq!(s.interval_of("q", T0), Some(900 + 60));
+        assert_eq!(s.interval_of("nightly", T0), Some(86_400));
+        assert_eq!(s.interval_of("weekdays", T0), Some(3 * 86_400));
+        assert_eq!(s.interval_of("absent", T0), None);
     }
 
     #[test]

@@ -615,14 +615,48 @@ pub fn remove_snapshot_record(data: &Path, id: &str) {
     db.flush_cf(cat).expect("tamper");
 }
 
-/// The body of `GET /metrics` from a metrics endpoint on loopback.
-pub fn metrics(port: u16) -> String {
+/// `GET path` on loopback: the status code and the body.
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").expect("request");
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("HTTP endpoint");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").expect("request");
     let mut out = String::new();
     s.read_to_string(&mut out).expect("response");
-    out
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, body.to_string())
+}
+
+/// Waits until an HTTP endpoint on loopback accepts connections (the program has started).
+pub fn wait_http(port: u16, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listening on 127.0.0.1:{port} within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The body of `GET /metrics` from a metrics endpoint on loopback.
+pub fn metrics(port: u16) -> String {
+    let (code, body) = http_get(port, "/metrics");
+    assert_eq!(code, 200, "GET /metrics: {body}");
+    body
+}
+
+/// `promtool check metrics` on a scrape: the exposition is valid and follows the naming
+/// conventions. Fails the test with promtool's words when not.
+pub fn promtool_check_metrics(text: &str) {
+    use std::io::Write;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's `prometheus` package; .ci/run installs it)");
+    child.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("write to promtool");
+    let out = child.wait_with_output().expect("promtool");
+    assert!(out.status.success(), "promtool check metrics:\n{}{}", stdout(&out), stderr(&out));
 }
 
 pub fn json(o: &Output) -> serde_json::Value {

@@ -92,6 +92,21 @@ paths = ["{docs}"]
         .spawn()
         .unwrap();
 
+    // Up and ready at once, with every source's series before any has run: `broken` (due at
+    // 03:00) is alertable as never having succeeded.
+    wait_http(metrics_port, Duration::from_secs(20));
+    assert_eq!(http_get(metrics_port, "/healthz"), (200, "ok\n".to_string()));
+    assert_eq!(http_get(metrics_port, "/readyz"), (200, "ready\n".to_string()));
+    let m = metrics(metrics_port);
+    promtool_check_metrics(&m);
+    assert!(m.contains("exclave_agent_last_success_timestamp_seconds{source=\"broken\"} 0\n"), "{m}");
+    assert!(m.contains("exclave_agent_schedule_interval_seconds{source=\"broken\"} 86401\n"), "{m}");
+    assert!(m.contains("exclave_agent_schedule_interval_seconds{source=\"docs\"} 2\n"), "{m}");
+    assert!(m.contains("exclave_agent_runs_total{result=\"failed\",source=\"broken\"} 0\n"), "{m}");
+    assert!(m.contains("exclave_build_info{program=\"exclave-agent\""), "{m}");
+    assert!(m.contains("exclave_agent_certificate_expiry_timestamp_seconds{identity=\"rnpp\"}"), "{m}");
+    assert!(m.contains("process_resident_memory_bytes"), "{m}");
+
     let s = wait_until(&cfg, "docs committed twice and slow ran twice", Duration::from_secs(60), |s| {
         s["sources"]["docs"]["runs"].as_u64() >= Some(2)
             && s["sources"]["slow"]["runs"].as_u64() >= Some(2)
@@ -126,6 +141,15 @@ paths = ["{docs}"]
     assert!(m.contains("exclave_agent_runs_total{result=\"ok\",source=\"docs\"}"), "{m}");
     assert!(m.contains("exclave_agent_runs_total{result=\"failed\",source=\"docs\"}"), "{m}");
     assert!(m.contains("exclave_agent_last_success_timestamp_seconds{source=\"slow\"}"), "{m}");
+    promtool_check_metrics(&m);
+    let value = |name: &str| -> f64 {
+        let line = m.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} in {m}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert!(value("exclave_agent_read_bytes_total{source=\"docs\"}") >= (2 * (256 << 10)) as f64, "{m}");
+    assert!(value("exclave_agent_uploaded_bytes_total{source=\"docs\"}") > 0.0, "{m}");
+    assert!(value("exclave_agent_last_run_duration_seconds{source=\"slow\"}") >= 2.0, "{m}");
+    assert_eq!(value("exclave_agent_consecutive_failures{source=\"docs\"}"), 0.0, "{m}");
 
     // The snapshots are real: the latest restores exactly.
     let to = w.path("restored");
@@ -152,4 +176,33 @@ paths = ["{docs}"]
     assert!(!lock.exists() || s["sources"]["slow"]["running"] == false);
     let log = std::fs::read_to_string(w.path("daemon.log")).unwrap();
     assert!(log.contains("snapshot committed") && log.contains("snapshot failed"), "{log}");
+}
+
+#[test]
+fn daemon_refuses_to_start_with_credentials_that_do_not_belong_together() {
+    let w = World::new();
+    let node = w.start_node("n1");
+    // The world's `est.key` is of another tenant than the `rnpp` certificate (tenant lux).
+    for (key, expect) in [
+        (w.path("est.key"), "is for tenant \"est\" but certificate rnpp is for tenant \"lux\""),
+        (w.path("absent.key"), "absent.key"),
+    ] {
+        let cfg = w.path("agent.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "node = [\"{node}\"]\npki = \"{pki}\"\nidentity = \"rnpp\"\nkey-file = \"{key}\"\nstate-dir = \"{state}\"\n\n\
+                 [sources.docs]\nkind = \"path\"\npaths = [\"/nonexistent\"]\nschedule = \"0 3 * * *\"\n",
+                node = node.addr,
+                pki = w.pki().display(),
+                key = key.display(),
+                state = w.path("state").display(),
+            ),
+        )
+        .unwrap();
+        let o = run(Command::new(bin("exclave-agent")).args(["run", "--config"]).arg(&cfg));
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        assert!(stderr(&o).contains("checking the agent's credentials"), "{}", stderr(&o));
+        assert!(stderr(&o).contains(expect), "{}", stderr(&o));
+    }
 }

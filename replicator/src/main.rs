@@ -216,21 +216,25 @@ async fn run_node(cfg: config::NodeConfig) -> Result<()> {
         tenant_in_flight: Default::default(),
     });
     if let Some(addr) = cfg.metrics {
-        exclave::metrics::serve(addr, metrics.registry.clone())
+        let ready_node = node.clone();
+        let registries = vec![metrics.registry.clone(), exclave::http::process_registry("exclave-replicator")?];
+        exclave::http::serve(addr, registries, Arc::new(move || ready_node.readiness()))
             .await
-            .with_context(|| format!("binding metrics on {addr}"))?;
-        info!(%addr, "metrics on /metrics");
+            .with_context(|| format!("binding the HTTP endpoint on {addr}"))?;
+        info!(%addr, "HTTP on /metrics, /healthz, /readyz");
     }
     {
         let (m, d, raft, peers) = (metrics.clone(), cfg.data.clone(), raft.clone(), peers.clone());
         let (st, reserve) = (store.clone(), cfg.min_free_bytes);
         tokio::spawn(async move {
             let mut n = 0u64;
+            // Every 5 s from the start: a scrape never finds the Raft gauges missing.
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
             loop {
-                tokio::time::sleep(Duration::from_secs(5)).await;
+                tick.tick().await;
                 m.raft_state(&raft.view(), raft.id, |id| peers.name_of(id));
                 n += 1;
-                // From the first round on (5 s after start), then every 15 s.
+                // From the first round on, then every 15 s.
                 if n % 3 == 1 {
                     m.update_disk(&d);
                     let st2 = st.clone();

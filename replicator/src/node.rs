@@ -126,6 +126,16 @@ impl Node {
         self.raft.leader_known().await.map_err(|e| ConsensusError::NoQuorum(format!("{}: {e}", self.name)))
     }
 
+    /// What `/readyz` answers: ready to take uploads and serve restores, or why not.
+    pub fn readiness(&self) -> exclave::http::Readiness {
+        let (_, free) = crate::metrics::disk_usage(&self.data_dir);
+        let store = match self.store.catalog() {
+            Ok(v) => catalog::stats(&v).err().map(|e| e.to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        readiness_of(&self.raft.view(), self.raft.id, free, self.min_free_bytes + self.store.ballast_owed(), store)
+    }
+
     pub fn member_status(&self) -> Result<MemberStatus, StoreError> {
         let v = self.raft.view();
         let me = self.raft.id;
@@ -171,5 +181,76 @@ impl Node {
             backfill_error: b.last_error.clone(),
             unrepairable: crate::scrub::unrepairable(self)?.len() as u64,
         })
+    }
+}
+
+/// Readiness from what the node sees: its Raft view, the free bytes of its data file system
+/// against the reserve, and an error reading its catalog, if any. Pure, for tests.
+pub fn readiness_of(
+    v: &crate::consensus::RaftView,
+    me: u64,
+    free: u64,
+    reserve: u64,
+    store_error: Option<String>,
+) -> exclave::http::Readiness {
+    let mut why = Vec::new();
+    if let Some(e) = store_error {
+        why.push(format!("the catalog cannot be read: {e}"));
+    }
+    if !v.voters.contains(&me) && !v.learners.contains(&me) {
+        why.push(
+            "not a member of the cluster yet: joining, or removed (see `exclave-replicator cluster status`)".into(),
+        );
+    } else if v.learners.contains(&me) {
+        why.push("a learner still catching up with the catalog; it votes and acknowledges once promoted".into());
+    }
+    if let Some(cut) = v.cut_off(me) {
+        why.push(cut);
+    }
+    if free < reserve {
+        why.push(format!(
+            "{} MiB free on the data file system, below the reserve of {} MiB: uploads are refused",
+            free >> 20,
+            reserve >> 20
+        ));
+    }
+    if why.is_empty() { Ok(()) } else { Err(why) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::consensus::RaftView;
+
+    fn leader_of_three() -> RaftView {
+        RaftView { role: Some(raft::StateRole::Leader), leader: 1, voters: vec![1, 2, 3], ..RaftView::default() }
+    }
+
+    #[test]
+    fn a_leader_with_room_is_ready() {
+        assert_eq!(readiness_of(&leader_of_three(), 1, 10 << 30, 1 << 30, None), Ok(()));
+    }
+
+    #[test]
+    fn every_reason_is_given() {
+        let mut v = leader_of_three();
+        v.role = Some(raft::StateRole::Follower);
+        v.leader = 0;
+        let why = readiness_of(&v, 4, 1 << 20, 1 << 30, Some("I/O error".into())).expect_err("not ready");
+        assert_eq!(why.len(), 4, "{why:?}");
+        assert!(why[0].contains("I/O error"));
+        assert!(why[1].contains("not a member"));
+        assert!(why[2].contains("majority"));
+        assert!(why[3].contains("1 MiB free") && why[3].contains("1024 MiB"), "{}", why[3]);
+    }
+
+    #[test]
+    fn a_learner_is_not_ready() {
+        let mut v = leader_of_three();
+        v.learners = vec![4];
+        v.last_heard.insert(1, Instant::now());
+        let why = readiness_of(&v, 4, 10 << 30, 0, None).expect_err("learner");
+        assert_eq!(why.len(), 1);
+        assert!(why[0].contains("learner"));
     }
 }

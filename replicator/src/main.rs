@@ -167,7 +167,7 @@ async fn run_node(cfg: config::NodeConfig) -> Result<()> {
         })?;
     }
     let metrics = metrics::NodeMetrics::new(&cfg.name)?;
-    metrics.update_disk(&cfg.data);
+    metrics.update_disk(&cfg.data, cfg.min_free_bytes + store.ballast_owed());
     // Revocations already in the catalog are refused from the first handshake on.
     let revoked = Arc::new(revocation::Revoked::default());
     metrics.revocations(revoked.load(&store).context("reading the revocations from the catalog")?);
@@ -236,7 +236,7 @@ async fn run_node(cfg: config::NodeConfig) -> Result<()> {
                 n += 1;
                 // From the first round on, then every 15 s.
                 if n % 3 == 1 {
-                    m.update_disk(&d);
+                    m.update_disk(&d, reserve + st.ballast_owed());
                     let st2 = st.clone();
                     let read = move || -> Result<_, store::StoreError> {
                         let v = st2.catalog()?;

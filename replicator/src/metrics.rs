@@ -117,7 +117,10 @@ impl NodeMetrics {
             Opts::new("snapshot_last_time_seconds", "Time of the newest committed snapshot per source"),
             &["tenant", "source"],
         )?;
-        let disk = IntGaugeVec::new(Opts::new("disk_bytes", "Data directory file system usage"), &["state"])?;
+        let disk = IntGaugeVec::new(
+            Opts::new("disk_bytes", "Data directory file system: used, free, and the reserve uploads may not touch"),
+            &["state"],
+        )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(errors.clone()))?;
@@ -373,10 +376,11 @@ impl NodeMetrics {
         }
     }
 
-    pub fn update_disk(&self, data: &Path) {
+    pub fn update_disk(&self, data: &Path, reserve: u64) {
         let (used, free) = disk_usage(data);
         self.disk.with_label_values(&["used"]).set(used as i64);
         self.disk.with_label_values(&["free"]).set(free as i64);
+        self.disk.with_label_values(&["reserve"]).set(reserve as i64);
     }
 }
 

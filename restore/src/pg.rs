@@ -109,9 +109,11 @@ impl Scratch {
             ],
             "initdb of the scratch server",
         )?;
+        // No JIT: a scratch server gains nothing from it, and the drill's hardened unit
+        // forbids writable executable memory (MemoryDenyWriteExecute).
         let conf = format!(
             "\nlisten_addresses = ''\nunix_socket_directories = '{}'\nport = 5432\nfsync = off\n\
-             full_page_writes = off\nsynchronous_commit = off\nmax_wal_size = '2GB'\n",
+             full_page_writes = off\nsynchronous_commit = off\nmax_wal_size = '2GB'\njit = off\n",
             s.dir.display()
         );
         std::fs::OpenOptions::new()

@@ -227,16 +227,57 @@ impl NodeClient {
     }
 }
 
-/// Connects to the first of `nodes` that answers; the error lists why each one failed.
+/// How long a node may take to answer before the next one is tried beside it. A dead node
+/// on a network that drops packets gives no error, only silence; a live one answers a
+/// handshake within a few round trips even across continents.
+pub const FAILOVER_AFTER: std::time::Duration = std::time::Duration::from_millis(1500);
+
+/// Connects to the first of `nodes` that answers, preferring them in order: each is tried
+/// alone until it fails or `FAILOVER_AFTER` passes, then the next is tried beside it (the
+/// first connection made wins). The error lists why each one failed.
 pub async fn connect_any(nodes: &[SocketAddr], id: &TlsIdentity) -> Result<NodeClient, ClientError> {
-    let mut errors = Vec::new();
-    for addr in nodes {
-        match NodeClient::connect(*addr, id).await {
-            Ok(c) => return Ok(c),
-            Err(e) => errors.push(format!("{addr}: {e}")),
+    connect_staggered(nodes, FAILOVER_AFTER, |addr| NodeClient::connect(addr, id)).await
+}
+
+/// `connect_any` over any connecting function, for tests without sockets.
+pub async fn connect_staggered<C, F>(
+    nodes: &[SocketAddr],
+    stagger: std::time::Duration,
+    connect: impl Fn(SocketAddr) -> F,
+) -> Result<C, ClientError>
+where
+    F: std::future::Future<Output = Result<C, ClientError>>,
+{
+    use futures::StreamExt;
+    let mut pending = futures::stream::FuturesUnordered::new();
+    let mut errors: Vec<Option<String>> = vec![None; nodes.len()];
+    let mut next = 0;
+    // Start the next node now: at first, after a failure, and once the stagger has passed.
+    let mut start_next = true;
+    loop {
+        if std::mem::take(&mut start_next) && next < nodes.len() {
+            let (i, f) = (next, connect(nodes[next]));
+            pending.push(async move { (i, f.await) });
+            next += 1;
+        }
+        if pending.is_empty() {
+            break;
+        }
+        let more = next < nodes.len();
+        tokio::select! {
+            Some((i, r)) = pending.next() => match r {
+                Ok(c) => return Ok(c),
+                Err(e) => {
+                    errors[i] = Some(e.to_string());
+                    start_next = true;
+                }
+            },
+            _ = tokio::time::sleep(stagger), if more => start_next = true,
         }
     }
-    Err(ClientError::NoNode(errors.join("\n  ")))
+    let why: Vec<String> =
+        nodes.iter().zip(errors).map(|(a, e)| format!("{a}: {}", e.unwrap_or_else(|| "not tried".into()))).collect();
+    Err(ClientError::NoNode(why.join("\n  ")))
 }
 
 fn explain_connect(e: &quinn::ConnectionError) -> String {
@@ -267,7 +308,58 @@ fn explain_connect_str(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::explain_connect_str;
+    use super::*;
+    use std::time::Duration;
+
+    fn addrs(n: u16) -> Vec<SocketAddr> {
+        (0..n).map(|i| SocketAddr::from(([127, 0, 0, 1], 7400 + i))).collect()
+    }
+
+    /// Node i: `None` never answers; `Some((ms, ok))` answers after `ms`.
+    async fn fake(addr: SocketAddr, plan: &[Option<(u64, bool)>]) -> Result<u16, ClientError> {
+        let i = usize::from(addr.port() - 7400);
+        match plan[i] {
+            None => std::future::pending().await,
+            Some((ms, ok)) => {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                if ok { Ok(addr.port()) } else { Err(ClientError::NoNode(format!("node {i} refused"))) }
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_node_costs_the_stagger_and_a_failing_one_nothing() {
+        let plan = [None, Some((10, false)), Some((100, true))];
+        let t = tokio::time::Instant::now();
+        let r = connect_staggered(&addrs(3), FAILOVER_AFTER, |a| fake(a, &plan)).await;
+        assert_eq!(r.ok(), Some(7402));
+        // 1.5 s of silence, 10 ms to a refusal, then the third at once: 100 ms.
+        assert_eq!(t.elapsed(), FAILOVER_AFTER + Duration::from_millis(110));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_node_is_preferred_when_it_answers_in_time() {
+        let plan = [Some((1400, true)), Some((1, true))];
+        let r = connect_staggered(&addrs(2), FAILOVER_AFTER, |a| fake(a, &plan)).await;
+        assert_eq!(r.ok(), Some(7400));
+        // Slow but alive: the second is tried beside it, and whichever answers first wins.
+        let plan = [Some((5000, true)), Some((1, true))];
+        let t = tokio::time::Instant::now();
+        let r = connect_staggered(&addrs(2), FAILOVER_AFTER, |a| fake(a, &plan)).await;
+        assert_eq!(r.ok(), Some(7401));
+        assert_eq!(t.elapsed(), FAILOVER_AFTER + Duration::from_millis(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn all_failing_names_each_node() {
+        let plan = [Some((1, false)), Some((2, false))];
+        let Err(ClientError::NoNode(why)) = connect_staggered(&addrs(2), FAILOVER_AFTER, |a| fake(a, &plan)).await
+        else {
+            panic!("no node answers")
+        };
+        assert!(why.contains("127.0.0.1:7400: ") && why.contains("node 0 refused"), "{why}");
+        assert!(why.contains("127.0.0.1:7401: ") && why.contains("node 1 refused"), "{why}");
+    }
 
     #[test]
     fn tls_alerts_are_named() {

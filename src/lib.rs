@@ -6,6 +6,7 @@
 
 pub mod chunk_id;
 pub mod chunker;
+pub mod cli;
 pub mod client;
 pub mod envelope;
 pub mod facts;

@@ -378,8 +378,21 @@ fn daemon_alive(pid: u32) -> bool {
     pid != 0 && r == 0
 }
 
-/// `exclave-agent status`: exit 0 when every scheduled source's last run committed, 1 when
-/// one failed or the daemon never ran.
+/// A source is overdue when it is not running and its next run was due this long ago: the
+/// daemon wakes at least every minute, so only a stuck or stopped daemon gets there.
+const OVERDUE_SECS: i64 = 300;
+
+/// The sources that should have started by `now` and have not.
+fn overdue(st: &Status, now: i64) -> Vec<String> {
+    st.sources
+        .iter()
+        .filter(|(_, s)| !s.running && s.next_run.is_some_and(|t| t + OVERDUE_SECS < now))
+        .map(|(n, _)| n.clone())
+        .collect()
+}
+
+/// `exclave-agent status`: exit 0 when the daemon runs, no scheduled source is failing or
+/// overdue, and one has committed; 1 otherwise (daemon down or never ran included).
 pub fn status(config: Option<&Path>, json: bool) -> Result<i32> {
     let cfg = match config {
         Some(p) => AgentConfig::load(p)?,
@@ -388,7 +401,7 @@ pub fn status(config: Option<&Path>, json: bool) -> Result<i32> {
     let dir = cfg.state_dir();
     let Some(st) = Status::load(&dir)? else {
         if json {
-            println!("{}", serde_json::json!({ "daemon": "never-ran", "sources": {} }));
+            println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "daemon": "never-ran", "sources": {} }))?);
         } else {
             println!("the daemon has not run yet (no {})", Status::path(&dir).display());
         }
@@ -396,12 +409,13 @@ pub fn status(config: Option<&Path>, json: bool) -> Result<i32> {
     };
     let alive = daemon_alive(st.pid);
     let failing = st.sources.values().filter(|s| s.consecutive_failures > 0).count();
+    let late = overdue(&st, now_secs());
     if json {
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "daemon": if alive { "running" } else { "stopped" }, "pid": st.pid,
-                "started": st.started, "updated": st.updated, "sources": st.sources,
+                "started": st.started, "updated": st.updated, "overdue": late, "sources": st.sources,
             }))?
         );
     } else {
@@ -417,6 +431,8 @@ pub fn status(config: Option<&Path>, json: bool) -> Result<i32> {
         for (name, s) in &st.sources {
             let state = if s.running {
                 format!("running since {}", fmt_time(s.running_since))
+            } else if late.contains(name) {
+                format!("OVERDUE: due at {}", fmt_time(s.next_run))
             } else if s.consecutive_failures > 0 {
                 format!("FAILING ({}x): {}", s.consecutive_failures, s.last_error.as_deref().unwrap_or("?"))
             } else if s.last_success.is_some() {
@@ -436,5 +452,22 @@ pub fn status(config: Option<&Path>, json: bool) -> Result<i32> {
             );
         }
     }
-    Ok(if failing == 0 && st.sources.values().any(|s| s.last_success.is_some()) { 0 } else { 1 })
+    let well = alive && failing == 0 && late.is_empty() && st.sources.values().any(|s| s.last_success.is_some());
+    Ok(if well { 0 } else { 1 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_source_is_overdue_only_when_waiting_past_its_time() {
+        let source = |next_run: Option<i64>, running: bool| SourceStatus { next_run, running, ..Default::default() };
+        let mut st = Status::default();
+        st.sources.insert("due-long-ago".into(), source(Some(1_000), false));
+        st.sources.insert("due-just-now".into(), source(Some(1_000 + 3_600 - 60), false));
+        st.sources.insert("running".into(), source(Some(1_000), true));
+        st.sources.insert("unscheduled".into(), source(None, false));
+        assert_eq!(overdue(&st, 1_000 + 3_600), ["due-long-ago"]);
+    }
 }

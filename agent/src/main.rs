@@ -43,7 +43,8 @@ enum Cmd {
     },
     /// What the daemon did: per source, last success, next run, failures.
     ///
-    /// Exit 0 when no scheduled source is failing, 1 otherwise.
+    /// Exit 0 when the daemon runs and no scheduled source is failing or overdue (due 5 min
+    /// ago and not started); 1 otherwise, the daemon being down or never having run included.
     Status {
         /// The daemon's settings file (for `state-dir`).
         #[arg(long)]
@@ -81,6 +82,18 @@ enum Cmd {
         /// Compare with the facts file restored from a snapshot; exit 1 if they differ.
         #[arg(long, value_name = "FACTS.JSON")]
         compare: Option<PathBuf>,
+    },
+    /// Print a shell completion script: `exclave-agent completions bash > /etc/bash_completion.d/exclave-agent`
+    /// (or zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: exclave::cli::Shell,
+    },
+    /// Write man pages for the program and each subcommand (`exclave-agent.1`, `exclave-agent-SUBCOMMAND.1`).
+    Man {
+        /// Where to write them (e.g. /usr/local/share/man/man1).
+        #[arg(long, default_value = "man")]
+        out: std::path::PathBuf,
     },
 }
 
@@ -167,6 +180,16 @@ fn main() {
 
 fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
+        Cmd::Completions { shell } => {
+            exclave::cli::completions(<Cli as clap::CommandFactory>::command(), shell);
+            Ok(0)
+        }
+        Cmd::Man { out } => {
+            for p in exclave::cli::man_pages(<Cli as clap::CommandFactory>::command(), &out)? {
+                println!("{}", p.display());
+            }
+            Ok(0)
+        }
         Cmd::Keys(cmd) => keys::run(cmd),
         Cmd::Run { config } => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

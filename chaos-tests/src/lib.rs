@@ -619,7 +619,8 @@ pub fn remove_snapshot_record(data: &Path, id: &str) {
 pub fn http_get(port: u16, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("HTTP endpoint");
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").expect("request");
+    // HTTP/1.0: the answer is never chunked and ends with the connection.
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").expect("request");
     let mut out = String::new();
     s.read_to_string(&mut out).expect("response");
     let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));

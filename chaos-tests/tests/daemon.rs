@@ -171,8 +171,9 @@ paths = ["{docs}"]
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(code, Some(0));
-    let (_, s) = status(&cfg);
+    let (code, s) = status(&cfg);
     assert_eq!(s["daemon"], "stopped");
+    assert_eq!(code, Some(1), "a stopped daemon is not well, whatever its sources did");
     assert!(!lock.exists() || s["sources"]["slow"]["running"] == false);
     let log = std::fs::read_to_string(w.path("daemon.log")).unwrap();
     assert!(log.contains("snapshot committed") && log.contains("snapshot failed"), "{log}");

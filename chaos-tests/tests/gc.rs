@@ -22,7 +22,18 @@ fn gc(w: &World, node: &Node, identity: &str, extra: &[&str]) -> std::process::O
 fn keep_last(w: &World, node: &Node, n: u32) {
     w.protect(node, "lux", 0);
     ok(run(Command::new(bin("exclave-replicator"))
-        .args(["retention", "set", "--tenant", "lux", "--source", "rnpp", "--keep-last", &n.to_string()])
+        // Some tests set it before the tenant's first backup.
+        .args([
+            "retention",
+            "set",
+            "--tenant",
+            "lux",
+            "--source",
+            "rnpp",
+            "--new-tenant",
+            "--keep-last",
+            &n.to_string(),
+        ])
         .args(["--node", &node.addr.to_string(), "--pki"])
         .arg(w.pki())));
 }

@@ -82,6 +82,13 @@ fn the_cluster_applies_retention_and_only_an_admin_shortens_it() {
             .arg(w.pki())
             .args(["--identity", identity, "--tenant", "lux", "--source", "docs", "--keep-last", "1"]))
     };
+    // A tenant the cluster holds nothing of is a typo until said otherwise.
+    let o = run(Command::new(bin("exclave-replicator"))
+        .args(["retention", "set", "--node", &node.addr.to_string(), "--pki"])
+        .arg(w.pki())
+        .args(["--identity", "admin", "--tenant", "lxu", "--source", "docs", "--keep-last", "1"]));
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("holds no data of tenant \"lxu\" (it knows: lux)"), "{}", stderr(&o));
     let o = set("rnpp");
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("may not change the cluster"), "{}", stderr(&o));
@@ -171,7 +178,16 @@ fn locks_need_two_administrators_to_weaken_compliance_none_and_holds_keep_snapsh
     let nodes = w.start_cluster(&["n1", "n2", "n3"]);
     let node = &nodes[0];
     w.protect(node, "lux", 0);
-    ok(retention_as(&w, node, "admin", &["set", "--tenant", "lux", "--source", "docs", "--keep-last", "1"]));
+    // Nothing backed up yet: a policy set ahead of the first backup says so.
+    let o = retention_as(&w, node, "admin", &["set", "--tenant", "lux", "--source", "docs", "--keep-last", "1"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("holds no data of tenant \"lux\" (it knows: none)"), "{}", stderr(&o));
+    ok(retention_as(
+        &w,
+        node,
+        "admin",
+        &["set", "--tenant", "lux", "--source", "docs", "--keep-last", "1", "--new-tenant"],
+    ));
     ok(retention_as(
         &w,
         node,

@@ -72,6 +72,18 @@ enum Cmd {
     /// Read the audit log: every session of a restore or administrator identity, who, when,
     /// what it named and how much it read (administrators; a restore identity its own tenant).
     Audit(audit_cmd::AuditArgs),
+    /// Print a shell completion script: `exclave-replicator completions bash > /etc/bash_completion.d/exclave-replicator`
+    /// (or zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: exclave::cli::Shell,
+    },
+    /// Write man pages for the program and each subcommand (`exclave-replicator.1`, `exclave-replicator-SUBCOMMAND.1`).
+    Man {
+        /// Where to write them (e.g. /usr/local/share/man/man1).
+        #[arg(long, default_value = "man")]
+        out: std::path::PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -106,6 +118,16 @@ fn main() {
 fn run(cli: Cli) -> Result<i32> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.cmd {
+        Cmd::Completions { shell } => {
+            exclave::cli::completions(<Cli as clap::CommandFactory>::command(), shell);
+            Ok(0)
+        }
+        Cmd::Man { out } => {
+            for p in exclave::cli::man_pages(<Cli as clap::CommandFactory>::command(), &out)? {
+                println!("{}", p.display());
+            }
+            Ok(0)
+        }
         Cmd::Pki(c) => rt.block_on(pki_cmd::run(c)).map(|()| 0),
         Cmd::Run(args) => {
             let cfg = config::NodeConfig::resolve(args)?;

@@ -20,10 +20,16 @@ pub enum RetentionCmd {
     Set {
         #[command(flatten)]
         conn: Conn,
+        /// The tenant (as in its agents' certificates); one the cluster holds no data of is
+        /// refused, to catch a typo, unless `--new-tenant`.
         #[arg(long)]
         tenant: String,
+        /// The source, as its agent names it.
         #[arg(long)]
         source: String,
+        /// Set the policy of a tenant that has not backed anything up yet.
+        #[arg(long)]
+        new_tenant: bool,
         #[command(flatten)]
         policy: PolicyArgs,
     },
@@ -32,8 +38,10 @@ pub enum RetentionCmd {
     Protect {
         #[command(flatten)]
         conn: Conn,
+        /// The tenant.
         #[arg(long)]
         tenant: String,
+        /// The window, in days (0: none; lowering it is refused while a lock forbids).
         #[arg(long, value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_PROTECTION_DAYS)))]
         days: u32,
     },
@@ -44,13 +52,17 @@ pub enum RetentionCmd {
     Lock {
         #[command(flatten)]
         conn: Conn,
+        /// The tenant.
         #[arg(long)]
         tenant: String,
         /// One source only (default: every source of the tenant).
         #[arg(long)]
         source: Option<String>,
+        /// `compliance`: never shortened or removed, by anyone; `governance`: weakened only
+        /// with a second administrator's approval.
         #[arg(long, value_enum, required_unless_present = "remove")]
         mode: Option<Mode>,
+        /// Minimum age, in days, before a snapshot may be forgotten (1 to 36500).
         #[arg(long, required_unless_present = "remove", value_parser = clap::value_parser!(u32).range(1..=36_500))]
         days: Option<u32>,
         /// Remove the lock (a governance lock only, with a second administrator's approval).
@@ -62,6 +74,7 @@ pub enum RetentionCmd {
     Approve {
         #[command(flatten)]
         conn: Conn,
+        /// The request id `lock` printed (or `show` lists).
         request: u64,
     },
     /// Place (or release) a legal hold on a source or one snapshot: nothing under hold is
@@ -69,12 +82,16 @@ pub enum RetentionCmd {
     Hold {
         #[command(flatten)]
         conn: Conn,
+        /// The tenant.
         #[arg(long)]
         tenant: String,
+        /// Hold every snapshot of this source, present and future.
         #[arg(long, required_unless_present = "snapshot", conflicts_with = "snapshot")]
         source: Option<String>,
+        /// Hold this one snapshot (its id).
         #[arg(long)]
         snapshot: Option<String>,
+        /// Release the hold instead of placing it.
         #[arg(long)]
         release: bool,
         /// Why (a case number): recorded with the hold.
@@ -86,8 +103,10 @@ pub enum RetentionCmd {
     Show {
         #[command(flatten)]
         conn: Conn,
+        /// The tenant.
         #[arg(long)]
         tenant: String,
+        /// Print it as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -107,19 +126,23 @@ pub struct PolicyArgs {
     /// Keep the newest snapshot of each of the N newest hours (UTC) that have one.
     #[arg(long, default_value_t = 0)]
     keep_hourly: u32,
+    /// Keep the newest snapshot of each of the N newest days (UTC) that have one.
     #[arg(long, default_value_t = 0)]
     keep_daily: u32,
+    /// Keep the newest snapshot of each of the N newest ISO weeks that have one.
     #[arg(long, default_value_t = 0)]
     keep_weekly: u32,
+    /// Keep the newest snapshot of each of the N newest months that have one.
     #[arg(long, default_value_t = 0)]
     keep_monthly: u32,
+    /// Keep the newest snapshot of each of the N newest years that have one.
     #[arg(long, default_value_t = 0)]
     keep_yearly: u32,
 }
 
 pub async fn run(cmd: RetentionCmd) -> Result<()> {
     let (conn, tenant, source, p) = match cmd {
-        RetentionCmd::Set { conn, tenant, source, policy } => (conn, tenant, source, policy),
+        RetentionCmd::Set { conn, tenant, source, new_tenant, policy } => (conn, tenant, source, (new_tenant, policy)),
         RetentionCmd::Protect { conn, tenant, days } => return protect(conn, tenant, days).await,
         RetentionCmd::Show { conn, tenant, json } => return show(conn, tenant, json).await,
         RetentionCmd::Lock { conn, tenant, source, mode, days, remove } => {
@@ -149,6 +172,7 @@ pub async fn run(cmd: RetentionCmd) -> Result<()> {
             return change(conn, Request::SetHold { tenant, target, release, reason }, &what).await;
         }
     };
+    let (new_tenant, p) = p;
     let policy = RetentionPolicy {
         keep_last: p.keep_last,
         keep_hourly: p.keep_hourly,
@@ -159,6 +183,19 @@ pub async fn run(cmd: RetentionCmd) -> Result<()> {
     };
     policy.validate()?;
     let client = conn.connect().await?;
+    // An identity that may not list the tenants may not set a policy either: the node's own
+    // refusal of the change below says so.
+    if !new_tenant
+        && let Ok(Reply::Quotas(known)) = client.call(&[Request::Quotas]).await
+        && !known.iter().any(|t| t.tenant == tenant)
+    {
+        let names: Vec<&str> = known.iter().map(|t| t.tenant.as_str()).collect();
+        anyhow::bail!(
+            "the cluster holds no data of tenant {tenant:?} (it knows: {}); a typo? \
+             Give --new-tenant to set a policy ahead of the tenant's first backup",
+            if names.is_empty() { "none".into() } else { names.join(", ") }
+        );
+    }
     let reply =
         client.call(&[Request::SetRetentionFor { tenant: tenant.clone(), source: source.clone(), policy }]).await?;
     client.close().await;

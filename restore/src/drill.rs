@@ -279,7 +279,8 @@ pub async fn run(
         .tempdir_in(&base)
         .with_context(|| format!("creating scratch space in {}", base.display()))?;
     let target = scratch.path().join("restored");
-    writer::check_target(&target, false)?;
+    // The scratch space is removed as a whole at the end; the target needs no guard of its own.
+    writer::check_target(&target, false)?.keep();
     let t = Instant::now();
     let (_, report) =
         restore_into(&client, keys, snap, writer::Writer::new(Some(target.clone()), false), opts.parallel).await?;

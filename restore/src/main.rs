@@ -162,6 +162,18 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell completion script: `exclave-restore completions bash > /etc/bash_completion.d/exclave-restore`
+    /// (or zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: exclave::cli::Shell,
+    },
+    /// Write man pages for the program and each subcommand (`exclave-restore.1`, `exclave-restore-SUBCOMMAND.1`).
+    Man {
+        /// Where to write them (e.g. /usr/local/share/man/man1).
+        #[arg(long, default_value = "man")]
+        out: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -285,6 +297,16 @@ fn keys(conn: &Conn, tls: &TlsIdentity) -> Result<TenantKeys> {
 
 async fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
+        Cmd::Completions { shell } => {
+            exclave::cli::completions(<Cli as clap::CommandFactory>::command(), shell);
+            Ok(0)
+        }
+        Cmd::Man { out } => {
+            for p in exclave::cli::man_pages(<Cli as clap::CommandFactory>::command(), &out)? {
+                println!("{}", p.display());
+            }
+            Ok(0)
+        }
         Cmd::Snapshots { conn, source, json } => {
             let (client, _) = connect(&conn).await?;
             let list = list(&client, &conn, source.as_deref()).await?;
@@ -314,8 +336,10 @@ async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Restore { conn, pick, to, overwrite, out } => {
-            writer::check_target(&to, overwrite)?;
-            read_back(conn, pick, Some(to), overwrite, out).await
+            let guard = writer::check_target(&to, overwrite)?;
+            let code = read_back(conn, pick, Some(to), overwrite, out).await?;
+            guard.keep();
+            Ok(code)
         }
         Cmd::Verify { conn, pick, out } => read_back(conn, pick, None, false, out).await,
         Cmd::Pitr { conn, source, target_time, base, to, parallel, out } => {
@@ -532,7 +556,7 @@ async fn run_pitr(
 ) -> Result<i32> {
     let started = Instant::now();
     let target = pitr::parse_target(target_time)?;
-    writer::check_target(to, false)?;
+    let guard = writer::check_target(to, false)?;
     // PostgreSQL runs the restore command with no terminal: a sealed key needs its passphrase
     // in a file the command can name.
     let passphrase_file = Passphrase::from_flag(conn.passphrase_file.clone()).file();
@@ -614,6 +638,7 @@ async fn run_pitr(
     if let Ok(c) = Arc::try_unwrap(client) {
         c.close().await;
     }
+    guard.keep();
     Ok(0)
 }
 

@@ -60,19 +60,42 @@ struct Current {
     failed: Option<String>,
 }
 
-/// A target must be absent or empty unless `overwrite`.
-pub fn check_target(target: &Path, overwrite: bool) -> Result<()> {
+/// A target must be absent or empty unless `overwrite`. An absent one is created; the guard
+/// returned removes it again if it is still empty when dropped before `keep`: a restore that
+/// fails before writing (wrong key, no node, no such snapshot) leaves nothing behind.
+pub fn check_target(target: &Path, overwrite: bool) -> Result<TargetGuard> {
     match std::fs::read_dir(target) {
         Ok(mut it) => {
             if it.next().is_some() && !overwrite {
                 bail!("target {} is not empty; use --overwrite to restore into it anyway", target.display());
             }
-            Ok(())
+            Ok(TargetGuard(None))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(target).with_context(|| format!("creating {}", target.display()))
+            std::fs::create_dir_all(target).with_context(|| format!("creating {}", target.display()))?;
+            Ok(TargetGuard(Some(target.to_path_buf())))
         }
         Err(e) => Err(e).with_context(|| format!("reading target {}", target.display())),
+    }
+}
+
+/// See `check_target`.
+#[must_use = "dropping the guard removes the target it created"]
+pub struct TargetGuard(Option<PathBuf>);
+
+impl TargetGuard {
+    /// The restore succeeded: the target stays, empty or not.
+    pub fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for TargetGuard {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            // Only an empty directory can be removed: what a restore wrote is never deleted.
+            let _ = std::fs::remove_dir(dir);
+        }
     }
 }
 

@@ -14,14 +14,37 @@ const SURNAMES: &[&str] = &["Virtanen", "Korhonen", "Mäkinen", "Nieminen", "Hä
 const TOWNS: &[&str] = &["Helsinki", "Tampere", "Turku", "Oulu", "Luxembourg", "Esch-sur-Alzette", "Tallinn", "Tartu"];
 const MAKES: &[&str] = &["Toyota Corolla", "Volkswagen Golf", "Skoda Octavia", "Volvo V60", "Ford Focus"];
 
+const USAGE: &str = "usage: exclave-sample-register OUT [SIZE_MIB] [SEED]
+
+Writes a deterministic sample national register into the directory OUT: persons.sql (a
+population register dump), vehicles.csv, cadastre.csv and documents/ (scans and XML
+decisions). SIZE_MIB defaults to 64, SEED to 20250101; the same seed gives the same bytes.";
+
 fn main() -> std::io::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let Some(out) = args.get(1) else {
-        eprintln!("usage: exclave-sample-register OUT [SIZE_MIB] [SEED]");
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        println!("{USAGE}");
+        return Ok(());
+    }
+    let usage_error = |why: &str| -> ! {
+        eprintln!("error: {why}\n{USAGE}");
         std::process::exit(2);
     };
-    let mib: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(64);
-    let seed: u64 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(20250101);
+    if let Some(flag) = args.iter().find(|a| a.starts_with('-')) {
+        usage_error(&format!("unknown option {flag}"));
+    }
+    if args.is_empty() || args.len() > 3 {
+        usage_error("expected OUT [SIZE_MIB] [SEED]");
+    }
+    let out = &args[0];
+    let number = |i: usize, default: u64, what: &str| -> u64 {
+        match args.get(i) {
+            None => default,
+            Some(s) => s.parse().unwrap_or_else(|_| usage_error(&format!("{what} {s:?} is not a number"))),
+        }
+    };
+    let mib = number(1, 64, "SIZE_MIB") as usize;
+    let seed = number(2, 20250101, "SEED");
     let total = mib << 20;
     let out = Path::new(out);
     std::fs::create_dir_all(out.join("documents/2025/01"))?;

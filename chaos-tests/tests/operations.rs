@@ -59,6 +59,32 @@ fn nodes_answer_health_readiness_and_metrics_through_the_loss_of_a_majority() {
         assert!(m.contains(&format!("exclave_raft{{field=\"voters\",node=\"{}\"}} 3", names[i])), "{m}");
     }
 
+    // Every node, not only the one the backup went through, reports the source's newest
+    // snapshot and the tenant's history from the catalog (refreshed every 15 s).
+    let deadline = Instant::now() + Duration::from_secs(40);
+    for (i, port) in http.iter().enumerate() {
+        loop {
+            let m = metrics(*port);
+            let node = names[i];
+            // A positive sample of `name` carrying every one of `labels`, in any order.
+            let has = |name: &str, labels: &[&str]| {
+                m.lines().any(|l| {
+                    l.starts_with(&format!("{name}{{"))
+                        && labels.iter().all(|lb| l.contains(lb))
+                        && l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).is_some_and(|v| v > 0.0)
+                })
+            };
+            let on_node = format!("node=\"{node}\"");
+            if has("exclave_snapshot_last_time_seconds", &[&on_node, "source=\"rnpp\"", "tenant=\"lux\""])
+                && has("exclave_history_head_seq", &[&on_node, "tenant=\"lux\""])
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{node} reports the catalog's snapshot and history: {m}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
     // Two of three gone: the last one is alive but not ready, and says why.
     nodes[1].stop();
     nodes[2].stop();

@@ -262,11 +262,27 @@ async fn run_node(cfg: config::NodeConfig) -> Result<()> {
                     let st2 = st.clone();
                     let read = move || -> Result<_, store::StoreError> {
                         let v = st2.catalog()?;
-                        Ok((catalog::usages(&v)?, catalog::drills_latest(&v)?))
+                        let usages = catalog::usages(&v)?;
+                        let mut view = Vec::new();
+                        for (tenant, _, _) in &usages {
+                            let mut newest = std::collections::BTreeMap::<String, i64>::new();
+                            for s in catalog::snapshots(&v, tenant, None)? {
+                                let t = newest.entry(s.source).or_insert(s.time);
+                                *t = (*t).max(s.time);
+                            }
+                            let head = catalog::history::head(&v, tenant)?.seq;
+                            view.push(metrics::TenantView {
+                                tenant: tenant.clone(),
+                                newest: newest.into_iter().collect(),
+                                history_head: head,
+                            });
+                        }
+                        Ok((usages, catalog::drills_latest(&v)?, view))
                     };
-                    if let Ok(Ok((usages, drills))) = tokio::task::spawn_blocking(read).await {
+                    if let Ok(Ok((usages, drills, view))) = tokio::task::spawn_blocking(read).await {
                         m.tenants(&usages);
                         m.drills(&drills);
+                        m.catalog_view(&view);
                     }
                     // A ballast given back to a full disk is laid again once there is room.
                     let st = st.clone();

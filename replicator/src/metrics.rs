@@ -41,7 +41,15 @@ pub struct NodeMetrics {
     drill_rpo: IntGaugeVec,
     drill_ok: IntGaugeVec,
     drill_rto: prometheus::GaugeVec,
+    history_head: IntGaugeVec,
     pub gc: GcMetrics,
+}
+
+/// One tenant as the catalog shows it: each source's newest snapshot time, the history's head.
+pub struct TenantView {
+    pub tenant: String,
+    pub newest: Vec<(String, i64)>,
+    pub history_head: u64,
 }
 
 /// Garbage collection: the cluster's passes (from the catalog, so every node reports them) and
@@ -202,6 +210,14 @@ impl NodeMetrics {
             registry.register(Box::new(m.clone()))?;
         }
         registry.register(Box::new(drill_rto.clone()))?;
+        let history_head = IntGaugeVec::new(
+            Opts::new(
+                "history_head_seq",
+                "Events in each tenant's hash-chained history (never goes down: a fall is a rewritten catalog)",
+            ),
+            &["tenant"],
+        )?;
+        registry.register(Box::new(history_head.clone()))?;
         registry.register(Box::new(scrub_unrepairable.clone()))?;
         let gc = GcMetrics::new(&registry)?;
         let sessions = IntCounterVec::new(
@@ -257,8 +273,23 @@ impl NodeMetrics {
             drill_rpo,
             drill_ok,
             drill_rto,
+            history_head,
             gc,
         })
+    }
+
+    /// Publishes what the catalog says of each tenant: its sources' newest snapshot (the
+    /// catalog's, so any node answers, and after a restart too) and its history's head.
+    pub fn catalog_view(&self, list: &[TenantView]) {
+        for t in list {
+            for (source, time) in &t.newest {
+                let g = self.last_snapshot.with_label_values(&[&t.tenant, source]);
+                if *time > g.get() {
+                    g.set(*time);
+                }
+            }
+            self.history_head.with_label_values(&[&t.tenant]).set(t.history_head as i64);
+        }
     }
 
     /// Publishes every source's newest drill (rebuilt from the catalog, so any node answers).

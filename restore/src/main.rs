@@ -286,6 +286,21 @@ async fn list(client: &NodeClient, conn: &Conn, source: Option<&str>) -> Result<
     Ok(list)
 }
 
+/// The snapshot to read. One the node does not list may have been committed through another
+/// node and not be applied here yet: after a read barrier (the node catches up with what the
+/// leader has committed) the list is read once more before giving up.
+async fn choose(client: &NodeClient, conn: &Conn, source: &str, which: &str) -> Result<SnapshotInfo> {
+    match select(&list(client, conn, Some(source)).await?, source, which) {
+        Err(e) if !conn.consistent => {
+            if client.read_barrier().await.is_err() {
+                return Err(e);
+            }
+            select(&list(client, conn, Some(source)).await?, source, which)
+        }
+        r => r,
+    }
+}
+
 fn keys(conn: &Conn, tls: &TlsIdentity) -> Result<TenantKeys> {
     let path = conn.key_file.as_ref().context("--key-file is required to decrypt the snapshot")?;
     let keys = load_key_file(path, &Passphrase::from_flag(conn.passphrase_file.clone()))?;
@@ -375,7 +390,7 @@ async fn run_drill(conn: Conn, pick: Pick, opts: drill::Options, record: bool, o
         vec![drill::Phase { name: "connect and open the key".into(), secs: started.elapsed().as_secs_f64() }];
     let t = Instant::now();
     let node = client.addr();
-    let snap = select(&list(&client, &conn, Some(&pick.source)).await?, &pick.source, &pick.snapshot)?;
+    let snap = choose(&client, &conn, &pick.source, &pick.snapshot).await?;
     engine::name_snapshot(&client, &snap).await?;
     phases.push(drill::Phase { name: "find the snapshot".into(), secs: t.elapsed().as_secs_f64() });
     let client = Arc::new(client);
@@ -647,7 +662,7 @@ async fn read_back(conn: Conn, pick: Pick, target: Option<PathBuf>, overwrite: b
     let (client, tls) = connect(&conn).await?;
     let keys = keys(&conn, &tls)?;
     let node = client.addr();
-    let snap = select(&list(&client, &conn, Some(&pick.source)).await?, &pick.source, &pick.snapshot)?;
+    let snap = choose(&client, &conn, &pick.source, &pick.snapshot).await?;
     engine::name_snapshot(&client, &snap).await?;
     let client = Arc::new(client);
     let (header, report) =

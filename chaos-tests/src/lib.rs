@@ -145,6 +145,29 @@ impl World {
         nodes
     }
 
+    /// As `start_cluster`, each node also serving HTTP (`--metrics`) on a port of its own:
+    /// the nodes and their HTTP ports, in order.
+    pub fn start_cluster_http(&self, names: &[&str]) -> (Vec<Node>, Vec<u16>) {
+        let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
+        let http: Vec<u16> = names.iter().map(|_| free_tcp_port()).collect();
+        let nodes: Vec<Node> = (0..names.len())
+            .map(|i| {
+                let mut args = vec!["--min-free-mib".to_string(), "64".into()];
+                args.extend(["--metrics".to_string(), format!("127.0.0.1:{}", http[i])]);
+                for j in (0..names.len()).filter(|j| *j != i) {
+                    args.extend(["--peer".to_string(), format!("{}=127.0.0.1:{}", names[j], ports[j])]);
+                }
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                Node::spawn_with(self, names[i], &self.path(names[i]), ports[i], &args)
+            })
+            .collect();
+        for n in &nodes {
+            n.wait_ready();
+        }
+        self.wait_leader(&nodes);
+        (nodes, http)
+    }
+
     /// `cluster status --json` as seen by `node`.
     pub fn cluster_status(&self, node: &Node) -> Option<serde_json::Value> {
         let o = run(Command::new(bin("exclave-replicator"))
@@ -613,6 +636,11 @@ pub fn remove_snapshot_record(data: &Path, id: &str) {
     db.delete_cf(cat, &skey).expect("tamper");
     db.delete_cf(cat, &ikey).expect("tamper");
     db.flush_cf(cat).expect("tamper");
+}
+
+/// The workspace's root directory (where `deploy/` and `README.md` are).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("chaos-tests sits in the workspace").to_path_buf()
 }
 
 /// `GET path` on loopback: the status code and the body.

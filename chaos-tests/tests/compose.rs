@@ -5,15 +5,11 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use exclave_chaos_tests::*;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
 
 struct Stack {
     state: tempfile::TempDir,
@@ -23,7 +19,7 @@ struct Stack {
 impl Stack {
     fn script(&self, verb: &str) -> std::process::Output {
         let target = bin("exclave-replicator").parent().unwrap().parent().unwrap().to_path_buf();
-        run(Command::new(repo().join("deploy/compose.sh"))
+        run(Command::new(repo_root().join("deploy/compose.sh"))
             .arg(verb)
             .env("EXCLAVE_STACK", self.state.path())
             .env("COMPOSE_PROJECT_NAME", &self.project)
@@ -36,7 +32,7 @@ impl Stack {
     fn compose(&self, args: &[&str]) -> std::process::Output {
         run(Command::new("docker-compose")
             .args(["-f"])
-            .arg(repo().join("deploy/compose.yaml"))
+            .arg(repo_root().join("deploy/compose.yaml"))
             .args(args)
             .env("EXCLAVE_STACK", self.state.path())
             .env("COMPOSE_PROJECT_NAME", &self.project))

@@ -5,19 +5,15 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use exclave_chaos_tests::*;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
 fn promtool(args: &[&str]) -> String {
     let out = Command::new("promtool")
         .args(args)
-        .current_dir(repo().join("deploy/prometheus"))
+        .current_dir(repo_root().join("deploy/prometheus"))
         .output()
         .expect("promtool (Debian's `prometheus` package; .ci/run installs it)");
     assert!(out.status.success(), "promtool {args:?}:\n{}{}", stdout(&out), stderr(&out));
@@ -32,8 +28,8 @@ fn alert_rules_pass_their_unit_tests_and_the_config_is_valid() {
     assert_eq!(tested.matches("SUCCESS").count(), 2, "{tested}");
     promtool(&["check", "config", "prometheus.yml"]);
     // Every alert has a runbook entry in the README.
-    let rules = std::fs::read_to_string(repo().join("deploy/prometheus/alerts.yml")).unwrap();
-    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let rules = std::fs::read_to_string(repo_root().join("deploy/prometheus/alerts.yml")).unwrap();
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
     let alerts: Vec<&str> = rules.lines().filter_map(|l| l.trim().strip_prefix("- alert: ")).collect();
     assert_eq!(alerts.len(), 20);
     for a in alerts {
@@ -44,7 +40,7 @@ fn alert_rules_pass_their_unit_tests_and_the_config_is_valid() {
 /// The metric names registered in a program's source: the first string of each
 /// `Opts::new(`, `IntGauge::new(`, `IntCounter::new(` or `per_source(` call.
 fn registered(path: &str, prefix: &str) -> BTreeSet<String> {
-    let src = std::fs::read_to_string(repo().join(path)).unwrap();
+    let src = std::fs::read_to_string(repo_root().join(path)).unwrap();
     let mut out = BTreeSet::new();
     for call in ["Opts::new(", "IntGauge::new(", "IntCounter::new(", "per_source("] {
         for (i, _) in src.match_indices(call) {
@@ -161,7 +157,7 @@ fn dashboard_and_rules_name_only_exported_metrics() {
     );
 
     let dash: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(repo().join("deploy/grafana/exclave.json")).unwrap())
+        serde_json::from_str(&std::fs::read_to_string(repo_root().join("deploy/grafana/exclave.json")).unwrap())
             .expect("the dashboard is valid JSON");
     assert_eq!(dash["uid"], "exclave");
     let mut exprs = Vec::new();
@@ -174,7 +170,7 @@ fn dashboard_and_rules_name_only_exported_metrics() {
     let n = check_names("the dashboard", &exprs, &exported);
     assert!(n >= 30, "the dashboard uses {n} metrics");
 
-    let rules = std::fs::read_to_string(repo().join("deploy/prometheus/alerts.yml")).unwrap();
+    let rules = std::fs::read_to_string(repo_root().join("deploy/prometheus/alerts.yml")).unwrap();
     let mut exprs = Vec::new();
     let mut lines = rules.lines().peekable();
     while let Some(l) = lines.next() {
@@ -210,7 +206,7 @@ const UNITS: [&str; 4] =
 fn systemd_tool(tool: &str, args: &[&str]) -> std::process::Output {
     Command::new(tool)
         .args(args)
-        .current_dir(repo().join("deploy/systemd"))
+        .current_dir(repo_root().join("deploy/systemd"))
         .output()
         .unwrap_or_else(|e| panic!("{tool} (systemd) is needed to check the units: {e}"))
 }
@@ -245,7 +241,7 @@ fn systemd_units_verify_and_score_ok_in_the_security_review() {
     assert!(status.success());
     let mut args = vec![format!("--root={}", r.display())];
     for u in UNITS {
-        std::fs::copy(repo().join("deploy/systemd").join(u), r.join("etc/systemd/system").join(u)).unwrap();
+        std::fs::copy(repo_root().join("deploy/systemd").join(u), r.join("etc/systemd/system").join(u)).unwrap();
         args.push(format!("/etc/systemd/system/{u}"));
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -264,7 +260,7 @@ fn systemd_units_verify_and_score_ok_in_the_security_review() {
     let r = root.path();
     std::fs::create_dir_all(r.join("etc")).unwrap();
     let root_arg = format!("--root={}", r.display());
-    let file = |f: &str| repo().join("deploy/systemd").join(f).display().to_string();
+    let file = |f: &str| repo_root().join("deploy/systemd").join(f).display().to_string();
     let out = systemd_tool("systemd-sysusers", &[&root_arg, &file("exclave.sysusers")]);
     assert!(out.status.success(), "{}", stderr(&out));
     let passwd = std::fs::read_to_string(r.join("etc/passwd")).unwrap();

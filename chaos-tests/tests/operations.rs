@@ -24,23 +24,7 @@ fn wait_ready_code(port: u16, code: u16, timeout: Duration) -> String {
 fn nodes_answer_health_readiness_and_metrics_through_the_loss_of_a_majority() {
     let w = World::new();
     let names = ["n1", "n2", "n3"];
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let http: Vec<u16> = (0..3).map(|_| free_tcp_port()).collect();
-    let mut nodes: Vec<Node> = (0..3)
-        .map(|i| {
-            let mut args = vec!["--min-free-mib".to_string(), "64".into()];
-            args.extend(["--metrics".to_string(), format!("127.0.0.1:{}", http[i])]);
-            for j in (0..3).filter(|j| *j != i) {
-                args.extend(["--peer".to_string(), format!("{}=127.0.0.1:{}", names[j], ports[j])]);
-            }
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            Node::spawn_with(&w, names[i], &w.path(names[i]), ports[i], &args)
-        })
-        .collect();
-    for n in &nodes {
-        n.wait_ready();
-    }
-    w.wait_leader(&nodes);
+    let (mut nodes, http) = w.start_cluster_http(&names);
     let src = w.path("src");
     sample_tree(&src, 3, 256 << 10);
     ok(w.backup(&nodes[0], "rnpp", &[&src]));

@@ -9,6 +9,7 @@ mod history;
 mod keys;
 mod pg;
 mod pitr;
+mod recovery;
 mod writer;
 
 use std::net::SocketAddr;
@@ -145,6 +146,15 @@ enum Cmd {
         /// Do not record the result in the cluster.
         #[arg(long)]
         no_record: bool,
+        /// For a base backup (a `postgres` source with method = "base"): replay the archived
+        /// WAL up to this time (UTC, `YYYY-MM-DD HH:MM:SS`) instead of to the end of the
+        /// archive; with `--snapshot latest`, the newest base backup started before it is used.
+        #[arg(long)]
+        target_time: Option<String>,
+        /// For a base backup: fail the drill when WAL replay has not finished after this many
+        /// seconds.
+        #[arg(long, default_value_t = 3600)]
+        recovery_timeout: u64,
         #[command(flatten)]
         out: Out,
     },
@@ -362,8 +372,27 @@ async fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::WalFetch { conn, source, file, dest } => wal_fetch(conn, &source, &file, &dest).await,
         Cmd::Keys(cmd) => keys::run(cmd),
-        Cmd::Drill { conn, pick, scratch, pg_bin, keep, report, rto_target, rpo_target, no_record, out } => {
+        Cmd::Drill {
+            conn,
+            pick,
+            scratch,
+            pg_bin,
+            keep,
+            report,
+            rto_target,
+            rpo_target,
+            no_record,
+            target_time,
+            recovery_timeout,
+            out,
+        } => {
+            let target_time = match target_time.as_deref() {
+                Some(t) => pitr::parse_target(t)?,
+                None => None,
+            };
             let opts = drill::Options {
+                target_time,
+                recovery_timeout: std::time::Duration::from_secs(recovery_timeout),
                 scratch,
                 pg_bin,
                 report,
@@ -390,7 +419,13 @@ async fn run_drill(conn: Conn, pick: Pick, opts: drill::Options, record: bool, o
         vec![drill::Phase { name: "connect and open the key".into(), secs: started.elapsed().as_secs_f64() }];
     let t = Instant::now();
     let node = client.addr();
-    let snap = choose(&client, &conn, &pick.source, &pick.snapshot).await?;
+    let snap = match opts.target_time {
+        // The newest base backup that can reach the target.
+        Some(target) if pick.snapshot == "latest" => {
+            pitr::select_base(&list(&client, &conn, Some(&pick.source)).await?, Some(target), None)?.clone()
+        }
+        _ => choose(&client, &conn, &pick.source, &pick.snapshot).await?,
+    };
     engine::name_snapshot(&client, &snap).await?;
     phases.push(drill::Phase { name: "find the snapshot".into(), secs: t.elapsed().as_secs_f64() });
     let client = Arc::new(client);
@@ -422,6 +457,15 @@ async fn run_drill(conn: Conn, pick: Pick, opts: drill::Options, record: bool, o
             report.rpo_secs,
             report.rpo_target_secs.map(|t| format!(" (target {t} s)")).unwrap_or_default()
         );
+        if let Some(rec) = &report.recovery {
+            println!(
+                "  recovery   to {}: {} WAL file(s), replayed in {:.1} s, newest transaction committed {}",
+                rec.target,
+                rec.wal_files_fetched,
+                rec.replay_secs,
+                rec.newest_transaction_text.as_deref().unwrap_or("(none replayed)")
+            );
+        }
         for c in &report.checks {
             println!("  {:<8}   {}: {}", c.result.to_uppercase(), c.name, c.detail);
             for p in &c.problems {

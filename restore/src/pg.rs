@@ -74,7 +74,9 @@ pub fn major_of(prog: &Path) -> Result<u32> {
 
 pub struct Scratch {
     bin: Option<PathBuf>,
+    /// The socket directory; also holds `server.log`.
     dir: PathBuf,
+    data: PathBuf,
     running: bool,
 }
 
@@ -93,7 +95,7 @@ impl Scratch {
                 bail!("cannot give {} to the postgres user (is there one?)", dir.display());
             }
         }
-        let s = Scratch { bin, dir: dir.to_path_buf(), running: false };
+        let s = Scratch { bin, dir: dir.to_path_buf(), data: dir.join("data"), running: false };
         let data = s.data();
         run_as_server(
             &program(s.bin.as_deref(), "initdb"),
@@ -141,8 +143,91 @@ impl Scratch {
         Ok(s)
     }
 
+    /// Starts a server on a restored data directory whose `postgresql.auto.conf` already
+    /// has its settings (socket in `dir`, `hba_file` = `dir/pg_hba.conf`, written here);
+    /// returns once it accepts connections (a recovering server: once consistent).
+    pub fn recover(
+        bin: Option<PathBuf>,
+        scratch: &Path,
+        dir: &Path,
+        data: &Path,
+        timeout: std::time::Duration,
+    ) -> Result<Scratch> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::write(
+            dir.join("pg_hba.conf"),
+            "# an exclave drill's scratch server: its own socket only\nlocal all all trust\n",
+        )
+        .context("writing the drill's pg_hba.conf")?;
+        // A Debian-style cluster keeps postgresql.conf outside its data directory.
+        if !data.join("postgresql.conf").exists() {
+            std::fs::write(data.join("postgresql.conf"), "# the base backup had none; see postgresql.auto.conf\n")?;
+        }
+        std::fs::set_permissions(data, std::fs::Permissions::from_mode(0o700))?;
+        if is_root() {
+            // The server's user must reach the data directory and the spool through the drill's.
+            let mut up = data.parent();
+            while let Some(p) = up {
+                let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o711));
+                if p == scratch {
+                    break;
+                }
+                up = p.parent();
+            }
+            for d in [dir, data] {
+                let st = Command::new("chown").arg("-R").arg("postgres:postgres").arg(d).status()?;
+                if !st.success() {
+                    bail!("cannot give {} to the postgres user (is there one?)", d.display());
+                }
+            }
+        }
+        let mut s = Scratch { bin, dir: dir.to_path_buf(), data: data.to_path_buf(), running: false };
+        let log = s.dir.join("server.log");
+        let secs = timeout.as_secs().max(1).to_string();
+        let started = run_as_server(
+            &program(s.bin.as_deref(), "pg_ctl"),
+            &[
+                "-w".as_ref(),
+                "-t".as_ref(),
+                secs.as_ref(),
+                "-D".as_ref(),
+                data.as_os_str(),
+                "-l".as_ref(),
+                log.as_os_str(),
+                "start".as_ref(),
+            ],
+            "starting the recovering server",
+        );
+        // Stopped on drop even when pg_ctl gave up waiting.
+        s.running = true;
+        if let Err(e) = started {
+            bail!("{e:#}: {}", s.log_problem());
+        }
+        Ok(s)
+    }
+
     pub fn data(&self) -> PathBuf {
-        self.dir.join("data")
+        self.data.clone()
+    }
+
+    /// Whether the server still runs (it removes its pid file when it stops, also after a
+    /// fatal error in recovery).
+    pub fn is_running(&self) -> bool {
+        self.data.join("postmaster.pid").exists()
+    }
+
+    /// What the server's log says went wrong: its FATAL and PANIC lines, else its last lines.
+    pub fn log_problem(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default();
+        let bad: Vec<&str> = log.lines().filter(|l| l.contains("FATAL:") || l.contains("PANIC:")).collect();
+        let lines: Vec<&str> = if bad.is_empty() {
+            log.lines().rev().take(3).collect::<Vec<_>>().into_iter().rev().collect()
+        } else {
+            bad
+        };
+        let text = lines.join(" / ");
+        if text.is_empty() { "the server's log is empty".into() } else { format!("server log: {text}") }
     }
 
     /// A libpq connection string to `db` on the scratch server's socket.

@@ -172,3 +172,87 @@ fn a_postgresql_dump_is_loaded_into_a_scratch_server_and_checked_against_its_fac
     assert_eq!(r["verdict"], "FAIL");
     assert!(r["reason"].as_str().unwrap().contains("is PostgreSQL 11, older than the server"), "{r}");
 }
+
+/// `exclave-restore VERB` naming every node of `nodes`, the first one first.
+fn restore_cmd_all(w: &World, nodes: &[Node], verb: &str) -> Command {
+    let mut c = w.restore_cmd(&nodes[0], verb);
+    for n in &nodes[1..] {
+        c.args(["--node", &n.addr.to_string()]);
+    }
+    c
+}
+
+#[test]
+fn restores_and_drills_read_past_a_node_that_serves_damaged_chunks_or_dies() {
+    let w = World::new();
+    let mut nodes = w.start_cluster(&["n1", "n2", "n3"]);
+    let src = w.path("src");
+    sample_tree(&src, 2, 1 << 20);
+    ok(w.backup(&nodes[0], "rnpp", &[&src]));
+    let leader = w.wait_leader(&nodes);
+    for i in 0..3 {
+        w.wait_backfilled(&nodes[i], &nodes[leader]);
+    }
+    // n1's copy of one file is damaged on disk, another's is replaced by a forgery that
+    // passes the node's own checksum and fails only the client's authentication.
+    let keys = exclave::keys::read_key_file(&w.path("lux.key")).unwrap();
+    let victim = "src/documents/2025/01/decision-005.xml";
+    let liar = "src/documents/2025/01/decision-011.xml";
+    let id = |rel: &str| keys.chunk_id(&std::fs::read(w.path(rel)).unwrap());
+    nodes[0].stop().expect("stopped");
+    let data = nodes[0].data.clone();
+    tamper_chunk(&data, &id(victim), false, |env| {
+        let n = env.len();
+        env[n / 2] ^= 0x40;
+    });
+    tamper_chunk(&data, &id(liar), true, |env| {
+        let n = env.len();
+        env[n - 20] ^= 1;
+    });
+    nodes[0].restart();
+    let n1 = nodes[0].addr.to_string();
+
+    let to = w.path("restored");
+    let o = run(restore_cmd_all(&w, &nodes, "restore").args(["--source", "rnpp", "--json", "--to"]).arg(&to));
+    let r = json(&o);
+    assert_eq!(o.status.code(), Some(0), "{r:#}\n{}", stderr(&o));
+    assert_eq!(r["node"], n1, "read from n1 first");
+    let bad = r["bad_serves"].as_array().unwrap();
+    assert_eq!(bad.len(), 2, "{r:#}");
+    for b in bad {
+        assert_eq!(b["node"], n1, "{b}");
+        let good = b["recovered_from"].as_str().unwrap();
+        assert!(good == nodes[1].addr.to_string() || good == nodes[2].addr.to_string(), "{b}");
+    }
+    assert!(bad.iter().any(|b| b["chunk"] == id(victim).to_string()), "{bad:?}");
+    assert!(bad.iter().any(|b| b["error"].as_str().unwrap().contains("authentication failed")), "{bad:?}");
+    for rel in [victim, liar, "src/registers/persons/persons.tsv"] {
+        let restored = to.join(rel);
+        assert_eq!(std::fs::read(restored).unwrap(), std::fs::read(w.path(rel)).unwrap(), "{rel}");
+    }
+    assert!(stderr(&o).contains("a good copy came from"), "{}", stderr(&o));
+
+    // A drill passes and its report names the node that served damaged data.
+    let o = run(restore_cmd_all(&w, &nodes, "drill").args(["--source", "rnpp", "--json", "--no-record"]));
+    let r = json(&o);
+    assert_eq!(r["verdict"], "PASS", "{r:#}");
+    let check = r["checks"].as_array().unwrap().iter().find(|c| c["name"] == "embassy nodes").expect("nodes check");
+    assert!(check["detail"].as_str().unwrap().contains(&format!("2 chunk(s) served damaged by {n1}")), "{check}");
+
+    // n1 dies after its third chunk request: the restore goes on from another node.
+    nodes[0].restart_with_env(&[("EXCLAVE_TEST_CRASH_AT", "get-chunks:3")]);
+    let to = w.path("restored-2");
+    let o = run(restore_cmd_all(&w, &nodes, "restore")
+        .args(["--source", "rnpp", "--json", "--parallel", "1", "--to"])
+        .arg(&to));
+    let r = json(&o);
+    assert_eq!(o.status.code(), Some(0), "{r:#}\n{}", stderr(&o));
+    assert!(nodes[0].wait_dead(Duration::from_secs(5)), "n1 did not die at its third request");
+    let f = &r["failovers"][0];
+    assert_eq!(f["node"], n1, "{r:#}");
+    assert!(f["continued_from"].is_string(), "{r:#}");
+    assert_eq!(
+        std::fs::read(to.join("src/registers/persons/persons.tsv")).unwrap(),
+        std::fs::read(src.join("registers/persons/persons.tsv")).unwrap()
+    );
+}

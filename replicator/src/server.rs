@@ -508,6 +508,7 @@ async fn dispatch(
             let tenant = authorise(identity, Permission::ReadTenant, "get_chunks")?;
             ids_within_limit(&ids)?;
             replication::read_through(node, &tenant, &ids).await;
+            crate::test_hooks::crash_after("get-chunks");
             Ok(Reply::Chunks { chunks: serve_chunks(node.chunks.clone(), tenant, ids).await? })
         }
         Request::Hello => Ok(Reply::Hello {

@@ -6,7 +6,9 @@
 //!   streamed catalog snapshot is written, see `snapshot`), `chunks-stored` (an upload held
 //!   by a write quorum, before it is indexed, see `replication`), `gc-swept` (after a GC
 //!   pass's first sweep), `gc-copied` (live records of a pack copied, locations not yet
-//!   repointed), `gc-before-delete` (repointed, the old pack not yet deleted; see `gc`).
+//!   repointed), `gc-before-delete` (repointed, the old pack not yet deleted; see `gc`),
+//!   `get-chunks:N` (after serving N chunk-fetch requests: a node dying in the middle of a
+//!   restore).
 //! - `EXCLAVE_TEST_SNAPSHOT_PAGE_BYTES=N` makes snapshot pages N bytes, so that a small
 //!   catalog travels in many pages.
 
@@ -26,6 +28,18 @@ pub fn crashes_at(step: &str) -> bool {
 pub fn crash_point(step: &str) {
     if crashes_at(step) {
         eprintln!("EXCLAVE_TEST_CRASH_AT={step}: aborting");
+        std::process::abort();
+    }
+}
+
+/// Aborts the process on the Nth time it passes `step`, when asked with `STEP:N`.
+pub fn crash_after(step: &str) {
+    static PASSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let Some(n) = crash_at().and_then(|at| at.strip_prefix(step)?.strip_prefix(':')?.parse::<u64>().ok()) else {
+        return;
+    };
+    if PASSED.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 >= n {
+        eprintln!("EXCLAVE_TEST_CRASH_AT={step}:{n}: aborting");
         std::process::abort();
     }
 }

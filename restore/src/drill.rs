@@ -94,6 +94,10 @@ pub struct Report {
     /// A base backup's point-in-time recovery: WAL fetched, replay time, newest recovered
     /// transaction, rows read back.
     pub recovery: Option<crate::recovery::Recovery>,
+    /// Chunks a node served damaged, and where good copies came from.
+    pub bad_serves: Vec<crate::nodes::BadServe>,
+    /// Nodes that stopped answering during the drill, and which took over.
+    pub failovers: Vec<crate::nodes::Failover>,
 }
 
 fn now_secs() -> i64 {
@@ -274,7 +278,7 @@ fn walk(root: &Path) -> Vec<PathBuf> {
 /// Runs a drill of `snap` through `client` (connected, as `connect_secs` took).
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
-    client: Arc<NodeClient>,
+    client: Arc<crate::nodes::Nodes>,
     node_name: String,
     keys: &TenantKeys,
     snap: &SnapshotInfo,
@@ -357,6 +361,10 @@ pub async fn run(
         }
         checks.extend(db_checks);
     }
+    let (bad_serves, failovers) = (client.bad_serves(), client.failovers());
+    if let Some(c) = nodes_check(&bad_serves, &failovers) {
+        checks.push(c);
+    }
     let rto = started.elapsed().as_secs_f64();
     // A recovered base backup loses what was committed after its newest replayed
     // transaction; any other snapshot, what came after it was taken.
@@ -416,7 +424,48 @@ pub async fn run(
         kept_at,
         recorded: false,
         recovery,
+        bad_serves,
+        failovers,
     })
+}
+
+/// What the report says of nodes that served bad data or stopped answering. The data a good
+/// node gave instead was checked like any other, so this alone fails nothing; a chunk no node
+/// could give fails its file in the files check.
+fn nodes_check(bad: &[crate::nodes::BadServe], failovers: &[crate::nodes::Failover]) -> Option<Check> {
+    if bad.is_empty() && failovers.is_empty() {
+        return None;
+    }
+    let mut problems: Vec<String> = bad
+        .iter()
+        .map(|b| match &b.recovered_from {
+            Some(good) => {
+                format!("node {} served chunk {} damaged ({}); a good copy came from {good}", b.node, b.chunk, b.error)
+            }
+            None => {
+                format!("node {} served chunk {} damaged ({}); no other node had a good copy", b.node, b.chunk, b.error)
+            }
+        })
+        .collect();
+    problems.extend(failovers.iter().map(|f| match &f.continued_from {
+        Some(n) => format!("node {} stopped answering ({}); the drill continued from {n}", f.node, f.error),
+        None => format!("node {} stopped answering ({}); no other node answered", f.node, f.error),
+    }));
+    let mut bad_nodes: Vec<&str> = bad.iter().map(|b| b.node.as_str()).collect();
+    bad_nodes.sort();
+    bad_nodes.dedup();
+    let detail = match (bad.len(), failovers.len()) {
+        (0, n) => format!("{n} node(s) stopped answering during the drill; other nodes served the rest"),
+        (b, 0) => {
+            format!("{b} chunk(s) served damaged by {}; see below where good copies came from", bad_nodes.join(", "))
+        }
+        (b, n) => format!(
+            "{b} chunk(s) served damaged by {}, and {n} node(s) stopped answering; see below",
+            bad_nodes.join(", ")
+        ),
+    };
+    let result = if bad.iter().all(|b| b.recovered_from.is_some()) { "pass" } else { "fail" };
+    Some(Check { name: "embassy nodes".into(), result: result.into(), detail, problems })
 }
 
 /// Commits the drill's result in the cluster.

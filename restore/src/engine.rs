@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use exclave::client::NodeClient;
 use exclave::keys::TenantKeys;
 use exclave::protocol::SnapshotInfo;
 use futures::StreamExt;
@@ -68,11 +67,23 @@ pub fn human(b: u64) -> String {
 
 /// Fetches a snapshot through `w` (which writes it, or only checks it).
 pub async fn restore_into(
-    client: &Arc<NodeClient>,
+    client: &Arc<crate::nodes::Nodes>,
+    keys: &TenantKeys,
+    snap: &SnapshotInfo,
+    w: writer::Writer,
+    parallel: usize,
+) -> Result<(exclave::manifest::ManifestHeader, writer::Report)> {
+    restore_filtered(client, keys, snap, w, parallel, &[]).await
+}
+
+/// As `restore_into`, only what `browse::included` keeps of `include` (all when empty).
+pub async fn restore_filtered(
+    client: &Arc<crate::nodes::Nodes>,
     keys: &TenantKeys,
     snap: &SnapshotInfo,
     mut w: writer::Writer,
     parallel: usize,
+    include: &[Vec<u8>],
 ) -> Result<(exclave::manifest::ManifestHeader, writer::Report)> {
     if snap.key_fingerprint != keys.fingerprint {
         bail!(
@@ -93,10 +104,16 @@ pub async fn restore_into(
         }
         Ok(w.finish()?.clone())
     })?;
+    let mut matched = 0usize;
     let fetched: Result<()> = async {
         let mut pages = std::pin::pin!(fetch::pages(client.clone(), keys.clone(), root));
         while let Some(page) = pages.next().await {
-            let mut stream = std::pin::pin!(fetch::items(client.clone(), keys.clone(), page?, parallel));
+            let mut page = page?;
+            if !include.is_empty() {
+                page.retain(|e| crate::browse::included(e, include));
+                matched += page.iter().filter(|e| include.iter().any(|i| crate::browse::is_under(&e.path, i))).count();
+            }
+            let mut stream = std::pin::pin!(fetch::items(client.clone(), keys.clone(), page, parallel));
             while let Some(item) = stream.next().await {
                 if tx.send(item).await.is_err() {
                     // The writer stopped: its error is the one to report.
@@ -114,6 +131,10 @@ pub async fn restore_into(
     // A fetch that failed ended the stream early (the writer then saw a cut-off file): its
     // error is the cause.
     fetched?;
+    if !include.is_empty() && matched == 0 {
+        let paths: Vec<String> = include.iter().map(|i| String::from_utf8_lossy(i).into_owned()).collect();
+        bail!("snapshot {} holds nothing under {}", snap.id, paths.join(", "));
+    }
     Ok((header, written?))
 }
 

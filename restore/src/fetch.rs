@@ -10,27 +10,44 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow};
 use exclave::ChunkId;
-use exclave::client::NodeClient;
-use exclave::envelope::Opener;
 use exclave::keys::TenantKeys;
 use exclave::manifest::{ChunkRef, Entry, EntryKind, ManifestReader, ManifestRoot, decode_root};
 use futures::{Stream, StreamExt};
 
+use crate::nodes::Nodes;
+
 /// Fetches and opens one chunk.
-pub async fn fetch_chunk(client: &NodeClient, keys: &TenantKeys, id: ChunkId) -> Result<Vec<u8>> {
-    let env = client.get_chunk(&id).await?;
-    let keys = keys.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut o = Opener::new(&keys)?;
-        o.open(&id, &env).map_err(anyhow::Error::from)
-    })
-    .await?
+pub async fn fetch_chunk(nodes: &Nodes, keys: &TenantKeys, id: ChunkId) -> Result<Vec<u8>> {
+    nodes.fetch_open(keys, vec![id]).await.pop().unwrap_or_else(|| Err(anyhow!("chunk {} not fetched", id.short())))
 }
 
 /// The snapshot's manifest root (header and list of manifest pieces).
-pub async fn manifest_root(client: &NodeClient, keys: &TenantKeys, root: ChunkId) -> Result<ManifestRoot> {
+pub async fn manifest_root(client: &Nodes, keys: &TenantKeys, root: ChunkId) -> Result<ManifestRoot> {
     let bytes = fetch_chunk(client, keys, root).await.context("reading the snapshot's manifest root")?;
     Ok(decode_root(&bytes)?)
+}
+
+/// Calls `f` with every entry of `snap`'s manifest, in order; fetches no file data.
+pub async fn each_entry(
+    nodes: &Arc<Nodes>,
+    keys: &TenantKeys,
+    snap: &exclave::protocol::SnapshotInfo,
+    mut f: impl FnMut(&Entry),
+) -> Result<()> {
+    if snap.key_fingerprint != keys.fingerprint {
+        anyhow::bail!(
+            "wrong key: snapshot {} was sealed with key {}, the key file holds key {}",
+            snap.id,
+            snap.key_fingerprint,
+            keys.fingerprint
+        );
+    }
+    let root = manifest_root(nodes, keys, snap.root).await?;
+    let mut pages = std::pin::pin!(pages(nodes.clone(), keys.clone(), root));
+    while let Some(page) = pages.next().await {
+        page?.iter().for_each(&mut f);
+    }
+    Ok(())
 }
 
 /// Most entries, and chunk references, in one page of the manifest.
@@ -40,7 +57,7 @@ const PAGE_CHUNKS: usize = 16 * 1024;
 /// The manifest's entries in pages, read piece by piece as they are needed, so that restore
 /// memory does not grow with the number of files. The last page checks the stream's end and
 /// the entry count against the root.
-pub fn pages(client: Arc<NodeClient>, keys: TenantKeys, root: ManifestRoot) -> impl Stream<Item = Result<Vec<Entry>>> {
+pub fn pages(client: Arc<Nodes>, keys: TenantKeys, root: ManifestRoot) -> impl Stream<Item = Result<Vec<Entry>>> {
     let expected = root.entries;
     let pieces = futures::stream::iter(root.pieces.into_iter().map(move |p| {
         let (client, keys) = (client.clone(), keys.clone());
@@ -111,12 +128,7 @@ enum Step {
 ///
 /// Each group's fetch and decryption runs as a task of its own, so requests keep flowing
 /// while the consumer writes; a task whose result is no longer wanted is aborted.
-pub fn items(
-    client: Arc<NodeClient>,
-    keys: TenantKeys,
-    entries: Vec<Entry>,
-    parallel: usize,
-) -> impl Stream<Item = Item> {
+pub fn items(client: Arc<Nodes>, keys: TenantKeys, entries: Vec<Entry>, parallel: usize) -> impl Stream<Item = Item> {
     let steps = entries.into_iter().flat_map(|e| {
         let e = Arc::new(e);
         let mut v = vec![(e.clone(), Step::Begin)];
@@ -183,30 +195,10 @@ impl<I: Iterator<Item = (Arc<Entry>, Step)>> Iterator for Groups<I> {
     }
 }
 
-/// Fetches the envelopes of `ids` in one request and opens them on the blocking pool.
-async fn fetch_open(client: Arc<NodeClient>, keys: TenantKeys, ids: Vec<ChunkId>) -> Vec<Result<Vec<u8>>> {
-    if ids.is_empty() {
-        return Vec::new();
-    }
-    let envelopes: Vec<Result<Vec<u8>>> = match client.get_chunks(&ids).await {
-        Ok(v) => v.into_iter().map(|r| r.map_err(anyhow::Error::from)).collect(),
-        Err(e) => {
-            let msg = format!("{e:#}");
-            ids.iter().map(|_| Err(anyhow!("{msg}"))).collect()
-        }
-    };
-    tokio::task::spawn_blocking(move || {
-        let mut opener = Opener::new(&keys).map_err(|e| anyhow!("{e}"));
-        ids.iter()
-            .zip(envelopes)
-            .map(|(id, env)| {
-                let o = opener.as_mut().map_err(|e| anyhow!("{e}"))?;
-                o.open(id, &env?).map_err(anyhow::Error::from)
-            })
-            .collect::<Vec<Result<Vec<u8>>>>()
-    })
-    .await
-    .unwrap_or_else(|e| vec![Err(anyhow!("opening chunks failed: {e}"))])
+/// Fetches the envelopes of `ids` in one request and opens them on the blocking pool (from
+/// other nodes what the first fails to give).
+async fn fetch_open(nodes: Arc<Nodes>, keys: TenantKeys, ids: Vec<ChunkId>) -> Vec<Result<Vec<u8>>> {
+    nodes.fetch_open(&keys, ids).await
 }
 
 /// Puts a group's opened chunks back among its steps, checking each chunk's length.

@@ -2,11 +2,13 @@
 //!
 //! Exit codes: 0 everything verified; 1 failure (every damaged file is named); 2 usage.
 
+mod browse;
 mod drill;
 mod engine;
 mod fetch;
 mod history;
 mod keys;
+mod nodes;
 mod pg;
 mod pitr;
 mod recovery;
@@ -59,6 +61,10 @@ enum Cmd {
         /// Restore into a non-empty directory, replacing what is in the way.
         #[arg(long)]
         overwrite: bool,
+        /// Restore only this file or subtree (a path as `ls` prints it; repeatable). The
+        /// directories above it are made too.
+        #[arg(long = "include", value_name = "PATH")]
+        include: Vec<String>,
         #[command(flatten)]
         out: Out,
     },
@@ -70,6 +76,56 @@ enum Cmd {
         pick: Pick,
         #[command(flatten)]
         out: Out,
+    },
+    /// List what a snapshot holds (under PATH), reading only its manifest.
+    Ls {
+        #[command(flatten)]
+        conn: Conn,
+        /// Source name, as the agent named it.
+        #[arg(long)]
+        source: String,
+        /// `latest`, or a snapshot id (a unique prefix is enough).
+        #[arg(long, default_value = "latest")]
+        snapshot: String,
+        /// Only this file or directory and what is below it.
+        path: Option<String>,
+        /// Print JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Find files by name in every snapshot of a source: shell wildcards (`*`, `?`, `[...]`)
+    /// against the name, or against the whole path when PATTERN has a `/`.
+    Find {
+        #[command(flatten)]
+        conn: Conn,
+        /// Source name, as the agent named it.
+        #[arg(long)]
+        source: String,
+        /// Search this snapshot only (id or unique prefix, or `latest`).
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// e.g. `decision-2025-*.xml`, or `documents/*/01/*.xml`.
+        pattern: String,
+        /// Print JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What changed between two snapshots of a source: paths added, removed, changed (content
+    /// or kind) and changed in mode only. Exit 0 either way.
+    Diff {
+        #[command(flatten)]
+        conn: Conn,
+        /// Source name, as the agent named it.
+        #[arg(long)]
+        source: String,
+        /// The older snapshot (id or unique prefix).
+        from: String,
+        /// The newer snapshot (id, unique prefix, or `latest`).
+        #[arg(default_value = "latest")]
+        to: String,
+        /// Print JSON on stdout.
+        #[arg(long)]
+        json: bool,
     },
     /// Point-in-time restore of PostgreSQL into a new data directory.
     ///
@@ -207,7 +263,8 @@ enum HistoryCmd {
 
 #[derive(Args)]
 struct Conn {
-    /// Storage node address (repeatable; the first that answers is used).
+    /// Storage node address (repeatable: the first that answers is used, and the others serve
+    /// what it fails to: a damaged chunk, or everything once it stops answering).
     #[arg(long = "node", required = true)]
     nodes: Vec<SocketAddr>,
     /// PKI directory holding ca.crt and the restore certificate.
@@ -270,7 +327,7 @@ fn main() {
     std::process::exit(code);
 }
 
-async fn connect(conn: &Conn) -> Result<(NodeClient, TlsIdentity)> {
+async fn connect(conn: &Conn) -> Result<(NodeClient, Arc<TlsIdentity>)> {
     let tls = TlsIdentity::load(&conn.pki, &conn.identity)
         .with_context(|| format!("loading identity {:?}", conn.identity))?;
     if !matches!(tls.identity, Identity::Restore { .. }) {
@@ -280,7 +337,7 @@ async fn connect(conn: &Conn) -> Result<(NodeClient, TlsIdentity)> {
         eprintln!("warning: {w}");
     }
     let client = exclave::client::connect_any(&conn.nodes, &tls).await?;
-    Ok((client, tls))
+    Ok((client, Arc::new(tls)))
 }
 
 /// Lists snapshots, after a read barrier with `--consistent`; warns when the node's catalog
@@ -360,13 +417,17 @@ async fn run(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
-        Cmd::Restore { conn, pick, to, overwrite, out } => {
+        Cmd::Restore { conn, pick, to, overwrite, include, out } => {
             let guard = writer::check_target(&to, overwrite)?;
-            let code = read_back(conn, pick, Some(to), overwrite, out).await?;
+            let include: Vec<Vec<u8>> = include.into_iter().map(String::into_bytes).collect();
+            let code = read_back(conn, pick, Some(to), overwrite, &include, out).await?;
             guard.keep();
             Ok(code)
         }
-        Cmd::Verify { conn, pick, out } => read_back(conn, pick, None, false, out).await,
+        Cmd::Verify { conn, pick, out } => read_back(conn, pick, None, false, &[], out).await,
+        Cmd::Ls { conn, source, snapshot, path, json } => ls(conn, &source, &snapshot, path, json).await,
+        Cmd::Find { conn, source, snapshot, pattern, json } => find(conn, &source, snapshot, &pattern, json).await,
+        Cmd::Diff { conn, source, from, to, json } => diff(conn, &source, &from, &to, json).await,
         Cmd::Pitr { conn, source, target_time, base, to, parallel, out } => {
             run_pitr(conn, &source, &target_time, base.as_deref(), &to, parallel, out).await
         }
@@ -428,11 +489,11 @@ async fn run_drill(conn: Conn, pick: Pick, opts: drill::Options, record: bool, o
     };
     engine::name_snapshot(&client, &snap).await?;
     phases.push(drill::Phase { name: "find the snapshot".into(), secs: t.elapsed().as_secs_f64() });
-    let client = Arc::new(client);
+    let nodes = Arc::new(nodes::Nodes::new(client, &conn.nodes, tls.clone()));
     let mut report =
-        drill::run(client.clone(), node.to_string(), &keys, &snap, started, started_at, phases, &opts).await?;
+        drill::run(nodes.clone(), node.to_string(), &keys, &snap, started, started_at, phases, &opts).await?;
     if record {
-        match drill::record(&client, &report, &snap, started_at).await {
+        match drill::record(nodes.primary(), &report, &snap, started_at).await {
             Ok(()) => report.recorded = true,
             Err(e) => eprintln!("warning: the drill's result could not be recorded in the cluster: {e:#}"),
         }
@@ -482,8 +543,8 @@ async fn run_drill(conn: Conn, pick: Pick, opts: drill::Options, record: bool, o
             println!("  recorded in the cluster (exclave-restore drills)");
         }
     }
-    if let Ok(c) = Arc::try_unwrap(client) {
-        c.close().await;
+    if let Ok(n) = Arc::try_unwrap(nodes) {
+        n.close().await;
     }
     Ok(match report.verdict.as_str() {
         "PASS" => 0,
@@ -587,7 +648,7 @@ async fn wal_fetch(conn: Conn, source: &str, file: &str, dest: &std::path::Path)
         .prefix(".exclave-wal-")
         .tempdir_in(&parent)
         .with_context(|| format!("creating a staging directory in {}", parent.display()))?;
-    let client = Arc::new(client);
+    let client = Arc::new(nodes::Nodes::new(client, &conn.nodes, tls.clone()));
     let w = writer::Writer::new(Some(staging.path().to_path_buf()), false);
     let (_, report) = restore_into(&client, &keys, &snap, w, 4).await?;
     if let Some(f) = report.failures.first() {
@@ -637,7 +698,7 @@ async fn run_pitr(
     let snap = pitr::select_base(&bases, target, base)?.clone();
     let wal = list(&client, &conn, Some(&exclave::wal::catalog_source(source)?)).await?;
     let newest_wal = wal.iter().map(|s| s.time).max();
-    let client = Arc::new(client);
+    let client = Arc::new(nodes::Nodes::new(client, &conn.nodes, tls.clone()));
     let w = writer::Writer::new(Some(to.clone()), false).strip_root("pgdata");
     let (_, report) = restore_into(&client, &keys, &snap, w, parallel).await?;
     if let Some(f) = report.failures.first() {
@@ -701,18 +762,52 @@ async fn run_pitr(
     Ok(0)
 }
 
-async fn read_back(conn: Conn, pick: Pick, target: Option<PathBuf>, overwrite: bool, out: Out) -> Result<i32> {
+async fn read_back(
+    conn: Conn,
+    pick: Pick,
+    target: Option<PathBuf>,
+    overwrite: bool,
+    include: &[Vec<u8>],
+    out: Out,
+) -> Result<i32> {
     let started = Instant::now();
     let (client, tls) = connect(&conn).await?;
     let keys = keys(&conn, &tls)?;
     let node = client.addr();
     let snap = choose(&client, &conn, &pick.source, &pick.snapshot).await?;
     engine::name_snapshot(&client, &snap).await?;
-    let client = Arc::new(client);
-    let (header, report) =
-        restore_into(&client, &keys, &snap, writer::Writer::new(target.clone(), overwrite), pick.parallel).await?;
+    let client = Arc::new(nodes::Nodes::new(client, &conn.nodes, tls.clone()));
+    let (header, report) = engine::restore_filtered(
+        &client,
+        &keys,
+        &snap,
+        writer::Writer::new(target.clone(), overwrite),
+        pick.parallel,
+        include,
+    )
+    .await?;
     let secs = started.elapsed().as_secs_f64().max(1e-9);
     let verb = if target.is_some() { "restored" } else { "verified" };
+    // On stderr in every mode: an operator reads them even when the report goes to a file.
+    for b in client.bad_serves() {
+        eprintln!(
+            "warning: node {} served chunk {} damaged ({}); {}",
+            b.node,
+            b.chunk,
+            b.error,
+            b.recovered_from
+                .map(|g| format!("a good copy came from {g}"))
+                .unwrap_or_else(|| "no other node had one".into())
+        );
+    }
+    for f in client.failovers() {
+        eprintln!(
+            "warning: node {} stopped answering ({}); {}",
+            f.node,
+            f.error,
+            f.continued_from.map(|n| format!("continued from {n}")).unwrap_or_else(|| "no other node answered".into())
+        );
+    }
     if out.json {
         println!(
             "{}",
@@ -724,6 +819,7 @@ async fn read_back(conn: Conn, pick: Pick, target: Option<PathBuf>, overwrite: b
                 "bytes": report.bytes, "chunks": report.chunks, "duration_secs": secs,
                 "mb_per_s": report.bytes as f64 / 1e6 / secs, "failures": report.failures,
                 "ok": report.failures.is_empty(),
+                "bad_serves": client.bad_serves(), "failovers": client.failovers(),
             }))?
         );
     } else {
@@ -750,4 +846,137 @@ async fn read_back(conn: Conn, pick: Pick, target: Option<PathBuf>, overwrite: b
         c.close().await;
     }
     Ok(if report.failures.is_empty() { 0 } else { 1 })
+}
+
+/// Connects, opens the key, and reads from every named node.
+async fn open(conn: &Conn) -> Result<(Arc<nodes::Nodes>, TenantKeys)> {
+    let (client, tls) = connect(conn).await?;
+    let keys = keys(conn, &tls)?;
+    Ok((Arc::new(nodes::Nodes::new(client, &conn.nodes, tls)), keys))
+}
+
+async fn close(nodes: Arc<nodes::Nodes>) {
+    if let Ok(n) = Arc::try_unwrap(nodes) {
+        n.close().await;
+    }
+}
+
+async fn ls(conn: Conn, source: &str, which: &str, path: Option<String>, json: bool) -> Result<i32> {
+    let (nodes, keys) = open(&conn).await?;
+    let snap = choose(nodes.primary(), &conn, source, which).await?;
+    let prefix = path.clone().unwrap_or_default().into_bytes();
+    let mut listed = Vec::new();
+    fetch::each_entry(&nodes, &keys, &snap, |e| {
+        if browse::is_under(&e.path, &prefix) {
+            listed.push(browse::Listed::of(e));
+        }
+    })
+    .await?;
+    close(nodes).await;
+    if listed.is_empty() && path.is_some() {
+        bail!("snapshot {} holds nothing under {}", snap.id, path.unwrap_or_default());
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&listed)?);
+        return Ok(0);
+    }
+    for l in &listed {
+        println!(
+            "{:<7} {} {:>12} {}  {}{}",
+            l.kind,
+            l.mode,
+            l.size,
+            format_time(l.mtime),
+            l.path,
+            l.target.as_ref().map(|t| format!(" -> {t}")).unwrap_or_default()
+        );
+    }
+    let files = listed.iter().filter(|l| l.kind == "file").count();
+    println!(
+        "{} entries ({files} files, {}) in snapshot {} of {} ({})",
+        listed.len(),
+        human(listed.iter().map(|l| l.size).sum()),
+        snap.id,
+        snap.source,
+        format_time(snap.time)
+    );
+    Ok(0)
+}
+
+async fn find(conn: Conn, source: &str, which: Option<String>, pattern: &str, json: bool) -> Result<i32> {
+    let pattern = browse::Pattern::new(pattern).with_context(|| format!("pattern {pattern:?}"))?;
+    let (nodes, keys) = open(&conn).await?;
+    let mut snaps = match which {
+        Some(w) => vec![choose(nodes.primary(), &conn, source, &w).await?],
+        None => list(nodes.primary(), &conn, Some(source)).await?,
+    };
+    snaps.sort_by_key(|s| std::cmp::Reverse((s.time, s.commit_seq)));
+    let mut found = Vec::new();
+    for snap in &snaps {
+        fetch::each_entry(&nodes, &keys, snap, |e| {
+            if pattern.matches(e) {
+                found.push((snap.id.clone(), snap.time, browse::Listed::of(e)));
+            }
+        })
+        .await?;
+    }
+    close(nodes).await;
+    if json {
+        let v: Vec<serde_json::Value> = found
+            .iter()
+            .map(|(id, t, l)| serde_json::json!({"snapshot": id, "snapshot_time": t, "entry": l}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        for (id, t, l) in &found {
+            println!("{id:<17} {:<21} {:>12}  {}", format_time(*t), l.size, l.path);
+        }
+        println!("{} match(es) in {} snapshot(s) of {source}", found.len(), snaps.len());
+    }
+    Ok(if found.is_empty() { 1 } else { 0 })
+}
+
+async fn diff(conn: Conn, source: &str, from: &str, to: &str, json: bool) -> Result<i32> {
+    let (nodes, keys) = open(&conn).await?;
+    let (a, b) =
+        (choose(nodes.primary(), &conn, source, from).await?, choose(nodes.primary(), &conn, source, to).await?);
+    let mut shapes = [std::collections::BTreeMap::new(), std::collections::BTreeMap::new()];
+    for (snap, map) in [&a, &b].into_iter().zip(shapes.iter_mut()) {
+        fetch::each_entry(&nodes, &keys, snap, |e| {
+            map.insert(e.path.clone(), browse::Shape::of(e));
+        })
+        .await?;
+    }
+    close(nodes).await;
+    let changes = browse::diff(&shapes[0], &shapes[1]);
+    let count = |c: &str| changes.iter().filter(|x| x.change == c).count();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "from": snapshot_json(&a), "to": snapshot_json(&b), "changes": changes,
+                "added": count("added"), "removed": count("removed"), "changed": count("changed"), "mode": count("mode"),
+            }))?
+        );
+    } else {
+        for c in &changes {
+            let size = |s: Option<u64>| s.map(|s| s.to_string()).unwrap_or_default();
+            match c.change {
+                "added" => println!("+ {} ({} bytes)", c.path, size(c.new_size)),
+                "removed" => println!("- {}", c.path),
+                "changed" => println!("M {} ({} -> {} bytes)", c.path, size(c.old_size), size(c.new_size)),
+                _ => println!("m {} (mode)", c.path),
+            }
+        }
+        println!(
+            "{} -> {}: {} added, {} removed, {} changed, {} mode only",
+            a.id,
+            b.id,
+            count("added"),
+            count("removed"),
+            count("changed"),
+            count("mode")
+        );
+    }
+    Ok(0)
 }

@@ -31,8 +31,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::nodes::Nodes;
 use anyhow::{Context, Result, bail};
-use exclave::client::NodeClient;
 use exclave::keys::TenantKeys;
 use exclave::protocol::SnapshotInfo;
 use futures::StreamExt;
@@ -120,7 +120,7 @@ struct Fetched {
 
 /// Downloads `wal` (in order, `parallel` in flight) into `spool`.
 async fn fetch_into(
-    client: Arc<NodeClient>,
+    client: Arc<Nodes>,
     keys: TenantKeys,
     wal: Vec<(String, SnapshotInfo)>,
     spool: PathBuf,
@@ -155,7 +155,7 @@ async fn fetch_into(
 }
 
 async fn fetch_one(
-    client: &Arc<NodeClient>,
+    client: &Arc<Nodes>,
     keys: &TenantKeys,
     snap: &SnapshotInfo,
     name: &str,
@@ -201,7 +201,7 @@ fn drill_settings(socket_dir: &Path, hba: &Path, script: &Path, target: Option<S
 /// and reads every table back. Returns checks and phases for the report.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
-    client: Arc<NodeClient>,
+    client: Arc<Nodes>,
     keys: &TenantKeys,
     source: &str,
     scratch: &Path,
@@ -227,7 +227,7 @@ pub async fn run(
         Ok(s) => s,
         Err(e) => return (rec, vec![fail(WAL, e.to_string())], vec![]),
     };
-    let archived = match client.list_snapshots(Some(&wal_source)).await {
+    let archived = match client.primary().list_snapshots(Some(&wal_source)).await {
         Ok((list, _)) => list,
         Err(e) => return (rec, vec![fail(WAL, format!("listing the WAL archive: {e}"))], vec![]),
     };

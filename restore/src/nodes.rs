@@ -1,0 +1,244 @@
+//! Where a restore reads chunks from: the node it connected to first, and, when that node
+//! serves a chunk that fails (the node says it is damaged or missing, or it does not
+//! authenticate or match its id) or stops answering, every other node named with `--node`,
+//! connected when first needed, in the order given.
+//!
+//! Every embassy holds the whole data, so one bad or lost node must cost a restore nothing but
+//! time. What went wrong is kept for the report: which node served which chunk badly and
+//! where it came from instead (`BadServe`), and which nodes stopped answering (`Failover`). A
+//! node that does not answer is not asked again for `RETRY_DOWN`.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, anyhow};
+use exclave::ChunkId;
+use exclave::client::{ClientError, NodeClient};
+use exclave::envelope::Opener;
+use exclave::keys::TenantKeys;
+use exclave::transport::TlsIdentity;
+use serde::Serialize;
+
+/// How long a node that did not answer is left alone.
+const RETRY_DOWN: Duration = Duration::from_secs(10);
+
+/// A chunk a node served that failed, and where a good copy came from.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct BadServe {
+    pub node: String,
+    pub chunk: String,
+    pub error: String,
+    /// The node that served it correctly, if any did.
+    pub recovered_from: Option<String>,
+}
+
+/// A node that stopped answering during the restore, and the node that took over.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Failover {
+    pub node: String,
+    pub error: String,
+    pub continued_from: Option<String>,
+}
+
+enum Conn {
+    Untried,
+    Up(Arc<NodeClient>),
+    Down(Instant),
+}
+
+/// Why one chunk could not be had from one node.
+enum Miss {
+    /// The node answered, and the chunk it gave (or its answer about it) was bad.
+    Data(String),
+    /// The node did not answer the request.
+    Node(String),
+}
+
+pub struct Nodes {
+    primary: Arc<NodeClient>,
+    tls: Option<Arc<TlsIdentity>>,
+    others: tokio::sync::Mutex<Vec<(SocketAddr, Conn)>>,
+    bad: Mutex<Vec<BadServe>>,
+    failovers: Mutex<Vec<Failover>>,
+}
+
+impl Nodes {
+    /// Reads from `primary`, and from the other `addrs` when it fails.
+    pub fn new(primary: NodeClient, addrs: &[SocketAddr], tls: Arc<TlsIdentity>) -> Nodes {
+        let others = addrs.iter().filter(|a| **a != primary.addr()).map(|a| (*a, Conn::Untried)).collect();
+        Nodes {
+            primary: Arc::new(primary),
+            tls: Some(tls),
+            others: tokio::sync::Mutex::new(others),
+            bad: Mutex::new(Vec::new()),
+            failovers: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The node connected to first: listings, records and other requests go there.
+    pub fn primary(&self) -> &Arc<NodeClient> {
+        &self.primary
+    }
+
+    pub fn bad_serves(&self) -> Vec<BadServe> {
+        self.bad.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn failovers(&self) -> Vec<Failover> {
+        self.failovers.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The other nodes that answer now, connecting to them as needed.
+    async fn fallbacks(&self) -> Vec<Arc<NodeClient>> {
+        let Some(tls) = &self.tls else { return Vec::new() };
+        let mut others = self.others.lock().await;
+        let mut up = Vec::new();
+        for (addr, conn) in others.iter_mut() {
+            match conn {
+                Conn::Up(c) if c.connection().close_reason().is_none() => up.push(c.clone()),
+                Conn::Down(since) if since.elapsed() < RETRY_DOWN => {}
+                _ => match NodeClient::connect(*addr, tls).await {
+                    Ok(c) => {
+                        let c = Arc::new(c);
+                        *conn = Conn::Up(c.clone());
+                        up.push(c);
+                    }
+                    Err(e) => {
+                        tracing::warn!(node = %addr, error = %e, "a fallback node does not answer");
+                        *conn = Conn::Down(Instant::now());
+                    }
+                },
+            }
+        }
+        up
+    }
+
+    /// Fetches and opens `ids`: from the primary, then what failed from each other node in
+    /// turn. Each result is the chunk's plaintext, or why no node could give it.
+    pub async fn fetch_open(&self, keys: &TenantKeys, ids: Vec<ChunkId>) -> Vec<Result<Vec<u8>>> {
+        if ids.is_empty() {
+            return Vec::new();
+        }
+        let first = fetch_open_from(&self.primary, keys, &ids).await;
+        if first.iter().all(Result::is_ok) {
+            return first.into_iter().filter_map(|r| r.ok()).map(Ok).collect();
+        }
+        let primary = self.primary.addr().to_string();
+        // (index, what the primary said)
+        let mut pending: Vec<(usize, Miss)> = Vec::new();
+        let mut out: Vec<Result<Vec<u8>>> = Vec::with_capacity(ids.len());
+        for (i, r) in first.into_iter().enumerate() {
+            match r {
+                Ok(d) => out.push(Ok(d)),
+                Err(m) => {
+                    out.push(Err(anyhow!("not fetched")));
+                    pending.push((i, m));
+                }
+            }
+        }
+        let mut from: Vec<Option<String>> = vec![None; ids.len()];
+        let mut later: Vec<Vec<String>> = vec![Vec::new(); ids.len()];
+        for node in self.fallbacks().await {
+            let want: Vec<usize> = pending.iter().map(|(i, _)| *i).filter(|i| from[*i].is_none()).collect();
+            if want.is_empty() {
+                break;
+            }
+            let got = fetch_open_from(&node, keys, &want.iter().map(|i| ids[*i]).collect::<Vec<_>>()).await;
+            for (i, r) in want.into_iter().zip(got) {
+                match r {
+                    Ok(d) => {
+                        out[i] = Ok(d);
+                        from[i] = Some(node.addr().to_string());
+                    }
+                    Err(Miss::Data(e) | Miss::Node(e)) => later[i].push(format!("{}: {e}", node.addr())),
+                }
+            }
+        }
+        let mut node_error = None;
+        for (i, miss) in pending {
+            match miss {
+                Miss::Data(e) => {
+                    self.bad.lock().unwrap_or_else(|e| e.into_inner()).push(BadServe {
+                        node: primary.clone(),
+                        chunk: ids[i].to_string(),
+                        error: e.clone(),
+                        recovered_from: from[i].clone(),
+                    });
+                    if from[i].is_none() {
+                        out[i] = Err(anyhow!("{}", with_others(e, &later[i])));
+                    }
+                }
+                Miss::Node(e) => {
+                    if from[i].is_none() {
+                        out[i] = Err(anyhow!("{}", with_others(e.clone(), &later[i])));
+                    }
+                    node_error.get_or_insert((e, from[i].clone()));
+                }
+            }
+        }
+        if let Some((error, continued_from)) = node_error {
+            let mut f = self.failovers.lock().unwrap_or_else(|e| e.into_inner());
+            if !f.iter().any(|x| x.node == primary) {
+                tracing::warn!(node = %primary, %error, continued = ?continued_from, "the node stopped answering");
+                f.push(Failover { node: primary, error, continued_from });
+            }
+        }
+        out
+    }
+
+    /// Closes every connection (waiting for the closing handshake of the primary only).
+    pub async fn close(self) {
+        for (_, c) in self.others.into_inner() {
+            if let Conn::Up(c) = c
+                && let Ok(c) = Arc::try_unwrap(c)
+            {
+                c.close().await;
+            }
+        }
+        if let Ok(c) = Arc::try_unwrap(self.primary) {
+            c.close().await;
+        }
+    }
+}
+
+fn with_others(e: String, others: &[String]) -> String {
+    if others.is_empty() { e } else { format!("{e}; other nodes: {}", others.join("; ")) }
+}
+
+/// One node's answer for each of `ids`, opened and checked on the blocking pool.
+async fn fetch_open_from(
+    client: &Arc<NodeClient>,
+    keys: &TenantKeys,
+    ids: &[ChunkId],
+) -> Vec<std::result::Result<Vec<u8>, Miss>> {
+    let envelopes: Vec<std::result::Result<Vec<u8>, Miss>> = match client.get_chunks(ids).await {
+        Ok(v) => v
+            .into_iter()
+            .map(|r| {
+                r.map_err(|e| match e {
+                    // The node answered about this chunk: damaged, missing, refused.
+                    ClientError::Remote { .. } => Miss::Data(e.to_string()),
+                    other => Miss::Node(other.to_string()),
+                })
+            })
+            .collect(),
+        Err(e) => {
+            let msg = format!("{e:#}");
+            return ids.iter().map(|_| Err(Miss::Node(msg.clone()))).collect();
+        }
+    };
+    let (keys, ids, n) = (keys.clone(), ids.to_vec(), ids.len());
+    tokio::task::spawn_blocking(move || {
+        let mut opener = Opener::new(&keys).map_err(|e| e.to_string());
+        ids.iter()
+            .zip(envelopes)
+            .map(|(id, env)| {
+                let o = opener.as_mut().map_err(|e| Miss::Data(e.clone()))?;
+                o.open(id, &env?).map_err(|e| Miss::Data(e.to_string()))
+            })
+            .collect()
+    })
+    .await
+    .unwrap_or_else(|e| (0..n).map(|_| Err(Miss::Node(format!("opening chunks failed: {e}")))).collect())
+}

@@ -223,9 +223,16 @@ impl NodeClient {
         tracing::debug!(node = %self.addr, mtu = st.path.current_mtu, rtt = ?st.path.rtt, lost = st.path.lost_packets,
             sent = st.path.sent_packets, cwnd = st.path.cwnd, "connection closed");
         self.conn.close(0u32.into(), b"done");
-        self.endpoint.wait_idle().await;
+        // Long enough for the closing packet to leave, so the node forgets the connection at
+        // once; not the whole draining period (three probe timeouts, ~80 ms on loopback),
+        // which protects nothing here: every request has had its reply. A one-segment
+        // `wal-push` or `wal-fetch` paid that wait on every call.
+        let _ = tokio::time::timeout(CLOSE_FLUSH, self.endpoint.wait_idle()).await;
     }
 }
+
+/// How long `close` waits for its closing packet to be sent.
+const CLOSE_FLUSH: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// How long a node may take to answer before the next one is tried beside it. A dead node
 /// on a network that drops packets gives no error, only silence; a live one answers a

@@ -18,6 +18,8 @@ pub mod manifest;
 pub mod pki;
 pub mod protocol;
 pub mod retention;
+pub mod schedule;
+pub mod status_file;
 pub mod transport;
 pub mod wal;
 

@@ -138,7 +138,7 @@ impl SourceConfig {
             r.validate()?;
         }
         if let Some(expr) = &self.schedule {
-            crate::schedule::parse(expr)?;
+            exclave::schedule::parse(expr)?;
         }
         if let Some(n) = &self.output_name {
             exclave::identity::check_name("output-name", n)?;

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backup::now_secs;
 use crate::config::AgentConfig;
-use crate::schedule::{self, Scheduler};
+use exclave::schedule::{self, Scheduler};
 
 #[derive(Serialize, Deserialize, Default, Debug, Clone)]
 pub struct SourceStatus {
@@ -54,21 +54,12 @@ impl Status {
     }
 
     pub fn load(state_dir: &Path) -> Result<Option<Status>> {
-        let p = Status::path(state_dir);
-        match std::fs::read(&p) {
-            Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| format!("parsing {}", p.display()))?)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
-        }
+        Ok(exclave::status_file::load(&Status::path(state_dir))?)
     }
 
     fn save(&mut self, state_dir: &Path) -> Result<()> {
         self.updated = now_secs();
-        let p = Status::path(state_dir);
-        let tmp = state_dir.join(".status.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &p).with_context(|| format!("replacing {}", p.display()))?;
-        Ok(())
+        Ok(exclave::status_file::save(&Status::path(state_dir), self)?)
     }
 }
 
@@ -371,13 +362,6 @@ fn fmt_time(t: Option<i64>) -> String {
     }
 }
 
-fn daemon_alive(pid: u32) -> bool {
-    // Signal 0 only checks that the process exists.
-    #[allow(unsafe_code)]
-    let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
-    pid != 0 && r == 0
-}
-
 /// A source is overdue when it is not running and its next run was due this long ago: the
 /// daemon wakes at least every minute, so only a stuck or stopped daemon gets there.
 const OVERDUE_SECS: i64 = 300;
@@ -407,7 +391,7 @@ pub fn status(config: Option<&Path>, json: bool) -> Result<i32> {
         }
         return Ok(1);
     };
-    let alive = daemon_alive(st.pid);
+    let alive = exclave::status_file::process_alive(st.pid);
     let failing = st.sources.values().filter(|s| s.consecutive_failures > 0).count();
     let late = overdue(&st, now_secs());
     if json {

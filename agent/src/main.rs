@@ -8,7 +8,6 @@ mod keys;
 mod pipeline;
 mod progress;
 mod refs;
-mod schedule;
 mod source;
 mod wal;
 

@@ -200,8 +200,13 @@ fn dashboard_and_rules_name_only_exported_metrics() {
     assert_eq!(probe.into_iter().collect::<Vec<_>>(), ["exclave_drill_okk", "up"]);
 }
 
-const UNITS: [&str; 4] =
-    ["exclave-replicator.service", "exclave-agent.service", "exclave-drill@.service", "exclave-drill@.timer"];
+const UNITS: [&str; 5] = [
+    "exclave-replicator.service",
+    "exclave-agent.service",
+    "exclave-drill@.service",
+    "exclave-drill@.timer",
+    "exclave-drills.service",
+];
 
 fn systemd_tool(tool: &str, args: &[&str]) -> std::process::Output {
     Command::new(tool)

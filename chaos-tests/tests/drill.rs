@@ -256,3 +256,126 @@ fn restores_and_drills_read_past_a_node_that_serves_damaged_chunks_or_dies() {
         std::fs::read(src.join("registers/persons/persons.tsv")).unwrap()
     );
 }
+
+fn drill_status(cfg: &std::path::Path) -> (Option<i32>, serde_json::Value) {
+    let o = run(Command::new(bin("exclave-restore")).args(["status", "--json", "--config"]).arg(cfg));
+    (o.status.code(), json(&o))
+}
+
+#[test]
+fn the_drill_daemon_runs_scheduled_drills_reports_and_stops_on_sigterm() {
+    let w = World::new();
+    let node = w.start_node("n1");
+    for (source, seed) in [("docs", 3), ("registry", 4)] {
+        let src = w.path(source);
+        sample_tree(&src, seed, 128 << 10);
+        ok(w.backup(&node, source, &[&src]));
+    }
+    let metrics_port = free_tcp_port();
+    let cfg = w.path("drills.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"node = ["{node}"]
+pki = "{pki}"
+identity = "dr"
+key-file = "{key}"
+state-dir = "{state}"
+retry-secs = 1
+metrics-listen = "127.0.0.1:{metrics_port}"
+
+[drill.docs]
+schedule = "*/2 * * * * *"
+rto-target = 600
+
+[drill.registry]
+schedule = "* * * * * *"
+
+[drill.never-backed-up]
+schedule = "*/2 * * * * *"
+
+[drill.monthly]
+schedule = "0 3 1 * *"
+"#,
+            node = node.addr,
+            pki = w.pki().display(),
+            key = w.path("lux.key").display(),
+            state = w.path("state").display(),
+        ),
+    )
+    .unwrap();
+    assert_eq!(drill_status(&cfg).1["daemon"], "never-ran");
+    let log = std::fs::File::create(w.path("daemon.log")).unwrap();
+    let mut daemon = Command::new(bin("exclave-restore"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    wait_http(metrics_port, Duration::from_secs(20));
+
+    // Both sources drilled at least twice, never two of one at once; the source with no
+    // snapshot cannot run and says why; the monthly one waits.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let s = loop {
+        let (_, s) = drill_status(&cfg);
+        let d = &s["drills"];
+        if d["docs"]["runs"].as_u64() >= Some(2)
+            && d["registry"]["runs"].as_u64() >= Some(2)
+            && d["never-backed-up"]["consecutive_errors"].as_u64() >= Some(1)
+        {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "drills within 90 s: {s:#}\n{}",
+            std::fs::read_to_string(w.path("daemon.log")).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let d = &s["drills"];
+    assert_eq!(s["daemon"], "running");
+    assert_eq!(d["docs"]["last_verdict"], "PASS", "{s:#}");
+    assert_eq!(d["registry"]["last_verdict"], "PASS", "{s:#}");
+    assert!(d["docs"]["last_rto_secs"].as_f64().unwrap() > 0.0);
+    assert!(d["never-backed-up"]["last_error"].as_str().unwrap().contains("no snapshot"), "{s:#}");
+    assert_eq!(d["monthly"]["runs"], 0);
+    assert!(d["monthly"]["next_run"].as_i64().unwrap() > s["updated"].as_i64().unwrap(), "{s:#}");
+    let o = run(Command::new(bin("exclave-restore")).args(["status", "--config"]).arg(&cfg));
+    assert_eq!(o.status.code(), Some(1), "a drill that cannot run makes status fail");
+    assert!(stdout(&o).contains("CANNOT RUN"), "{}", stdout(&o));
+
+    let m = metrics(metrics_port);
+    promtool_check_metrics(&m);
+    assert!(m.contains("exclave_drill_runs_total{result=\"PASS\",source=\"docs\"}"), "{m}");
+    assert!(m.contains("exclave_drill_consecutive_errors{source=\"monthly\"} 0\n"), "{m}");
+    assert!(!m.contains("exclave_drill_consecutive_errors{source=\"never-backed-up\"} 0\n"), "{m}");
+    assert!(m.contains("exclave_build_info{program=\"exclave-restore\""), "{m}");
+
+    // The drills are the cluster's record, and each left its report.
+    let recorded = json(&ok(run(w.restore_cmd(&node, "drills").args(["--json", "--source", "docs"]))));
+    assert!(recorded.as_array().unwrap().iter().any(|r| r["verdict"] == "PASS"), "{recorded:#}");
+    let reports: Vec<_> = std::fs::read_dir(w.path("state/reports")).unwrap().flatten().collect();
+    assert!(reports.iter().any(|e| e.file_name().to_string_lossy().starts_with("drill-registry-")), "{reports:?}");
+
+    // SIGTERM: it stops cleanly, and status says so.
+    // Sending a signal to our own child cannot violate memory safety.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(daemon.id() as i32, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let code = loop {
+        if let Some(st) = daemon.try_wait().unwrap() {
+            break st.code();
+        }
+        assert!(Instant::now() < deadline, "the drill daemon ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(code, Some(0));
+    let (code, s) = drill_status(&cfg);
+    assert_eq!((code, s["daemon"].as_str()), (Some(1), Some("stopped")));
+    let log = std::fs::read_to_string(w.path("daemon.log")).unwrap();
+    assert!(log.contains("drill PASS") && log.contains("drill could not run"), "{log}");
+}

@@ -3,6 +3,7 @@
 //! Exit codes: 0 everything verified; 1 failure (every damaged file is named); 2 usage.
 
 mod browse;
+mod daemon;
 mod drill;
 mod engine;
 mod fetch;
@@ -214,6 +215,21 @@ enum Cmd {
         #[command(flatten)]
         out: Out,
     },
+    /// The drill daemon: runs each source's drill of `drills.toml` on its cron schedule (see
+    /// deploy/drills.example.toml); stops cleanly on SIGTERM.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// What the drill daemon did: each source's last verdict, RTO, next drill. Exit 0 when the
+    /// daemon runs, nothing is overdue or unable to run, and every drill passed; 1 otherwise.
+    Status {
+        #[arg(long)]
+        config: PathBuf,
+        /// Print JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// The tenant's hash-chained history (commits, forgets, locks, holds, audited sessions).
     #[command(subcommand)]
     History(HistoryCmd),
@@ -309,7 +325,7 @@ struct Out {
 
 fn main() {
     let cli = Cli::parse();
-    exclave::logging::init("warn");
+    exclave::logging::init(if matches!(cli.cmd, Cmd::Run { .. }) { "info" } else { "warn" });
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -465,6 +481,8 @@ async fn run(cli: Cli) -> Result<i32> {
             run_drill(conn, pick, opts, !no_record, out).await
         }
         Cmd::Drills { conn, source, json } => list_drills(conn, source, json).await,
+        Cmd::Run { config } => daemon::run(config).await,
+        Cmd::Status { config, json } => daemon::status(&config, json),
         Cmd::History(HistoryCmd::Verify { conn, source, expect_head, json }) => {
             verify_history(conn, source, expect_head, json).await
         }

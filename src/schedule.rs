@@ -1,6 +1,7 @@
-//! When the daemon takes each source's snapshot: cron schedules with jitter, retry with
-//! backoff, never two snapshots of one source at once. Pure: time is given, never read, so
-//! the tests drive it with a simulated clock.
+//! When a daemon runs each scheduled job (the agent's snapshots of a source, the drill
+//! daemon's drills of one): cron schedules with jitter, retry with backoff, never two runs of
+//! one job at once. Pure: time is given, never read, so the tests drive it with a simulated
+//! clock.
 //!
 //! Rules:
 //! - A source is due at its next cron occurrence plus a random jitter in `[0, jitter)`, so

@@ -691,3 +691,19 @@ pub fn promtool_check_metrics(text: &str) {
 pub fn json(o: &Output) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{}\n{}", stdout(o), stderr(o)))
 }
+
+/// Mounts a tmpfs with `opts` (e.g. "size=1m") on `dir` (made): a small disk to fill. Root only.
+pub fn mount_tmpfs(dir: &Path, opts: &str) {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    let st = Command::new("mount").args(["-t", "tmpfs", "-o", opts, "tmpfs"]).arg(dir).status().expect("mount");
+    assert!(st.success(), "mounting a tmpfs needs root (CI runs as root)");
+}
+
+/// Unmounts its directory (lazily) when dropped.
+pub struct Unmount(pub PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}

@@ -379,3 +379,31 @@ schedule = "0 3 1 * *"
     let log = std::fs::read_to_string(w.path("daemon.log")).unwrap();
     assert!(log.contains("drill PASS") && log.contains("drill could not run"), "{log}");
 }
+
+#[test]
+fn a_drill_whose_scratch_disk_fills_fails_and_the_failure_is_recorded() {
+    let w = World::new();
+    let node = w.start_node("n1");
+    let src = w.path("src");
+    sample_tree(&src, 6, 4 << 20);
+    ok(w.backup(&node, "rnpp", &[&src]));
+    let scratch = w.path("scratch");
+    mount_tmpfs(&scratch, "size=1m");
+    let _u = Unmount(scratch.clone());
+    let o = drill(&w, &node, "rnpp", &["--scratch", scratch.to_str().unwrap()]);
+    let r = json(&o);
+    assert_eq!(o.status.code(), Some(1), "{r:#}");
+    assert_eq!(r["verdict"], "FAIL");
+    let files = &r["checks"][0];
+    assert_eq!(files["name"], "files");
+    assert!(files["detail"].as_str().unwrap().contains("could not be restored"), "{r:#}");
+    assert!(
+        files["problems"].as_array().unwrap().iter().any(|p| p.as_str().unwrap().contains("No space left on device")),
+        "{r:#}"
+    );
+    assert_eq!(r["recorded"], true);
+    let recorded = json(&ok(run(w.restore_cmd(&node, "drills").args(["--json", "--source", "rnpp"]))));
+    assert_eq!(recorded[0]["verdict"], "FAIL", "{recorded:#}");
+    // The scratch space is given back.
+    assert_eq!(std::fs::read_dir(&scratch).unwrap().count(), 0);
+}

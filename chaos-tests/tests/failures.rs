@@ -112,19 +112,6 @@ fn a_tampered_chunk_is_detected_and_its_file_named() {
     assert!(w.path("restored/src/registers/persons/persons.tsv").exists());
 }
 
-fn mount_tmpfs(dir: &Path, opts: &str) {
-    std::fs::create_dir_all(dir).unwrap();
-    let st = Command::new("mount").args(["-t", "tmpfs", "-o", opts, "tmpfs"]).arg(dir).status().unwrap();
-    assert!(st.success(), "mounting a tmpfs needs root (CI runs as root)");
-}
-
-struct Unmount(std::path::PathBuf);
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn an_unwritable_data_directory_is_a_clear_startup_error() {
     let w = World::new();

@@ -297,23 +297,48 @@ pub async fn run(
     // The scratch space is removed as a whole at the end; the target needs no guard of its own.
     writer::check_target(&target, false)?.keep();
     let t = Instant::now();
-    let (_, report) =
-        restore_into(&client, keys, snap, writer::Writer::new(Some(target.clone()), false), opts.parallel).await?;
+    // A restore that stops (scratch disk full, every node gone, a key that does not open the
+    // snapshot) is the drill's finding, reported and recorded as a FAIL like any other.
+    let restored =
+        restore_into(&client, keys, snap, writer::Writer::new(Some(target.clone()), false), opts.parallel).await;
     phases.push(Phase { name: "fetch, decrypt, write and verify files".into(), secs: t.elapsed().as_secs_f64() });
-    let mut checks = vec![Check {
-        name: "files".into(),
-        result: if report.failures.is_empty() { "pass" } else { "fail" }.into(),
-        detail: format!(
-            "{} file(s), {} in {} chunk(s): every chunk authenticated and checked against its id, every file's BLAKE3",
-            report.files,
-            human(report.bytes),
-            report.chunks
-        ),
-        problems: report.failures.iter().map(|f| format!("{}: {}", f.path, f.error)).collect(),
+    let (report, stopped) = match restored {
+        Ok((_, r)) => (r, None),
+        Err(e) => (writer::Report::default(), Some(format!("{e:#}"))),
+    };
+    let mut checks = vec![match &stopped {
+        Some(e) => Check {
+            name: "files".into(),
+            result: "fail".into(),
+            detail: format!("the restore stopped: {e}"),
+            problems: vec![],
+        },
+        None => Check {
+            name: "files".into(),
+            result: if report.failures.is_empty() { "pass" } else { "fail" }.into(),
+            detail: if report.failures.is_empty() {
+                format!(
+                    "{} file(s), {} in {} chunk(s): every chunk authenticated and checked against its id, every \
+                     file's BLAKE3",
+                    report.files,
+                    human(report.bytes),
+                    report.chunks
+                )
+            } else {
+                format!(
+                    "{} of {} file(s) could not be restored or failed verification (each named below)",
+                    report.failures.len(),
+                    report.files
+                )
+            },
+            problems: report.failures.iter().map(|f| format!("{}: {}", f.path, f.error)).collect(),
+        },
     }];
     let pgdata = target.join("pgdata");
     let mut recovery = None;
-    if pgdata.join("backup_label").is_file() && report.failures.is_empty() {
+    if stopped.is_some() {
+        // Nothing usable to check further.
+    } else if pgdata.join("backup_label").is_file() && report.failures.is_empty() {
         // A base backup: it is only usable once WAL has been replayed into it.
         let (rec, rec_checks, rec_phases) = crate::recovery::run(
             client.clone(),

@@ -657,7 +657,20 @@ async fn upload_stage(
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         let t = std::time::Instant::now();
-        let Ok(first) = rx.recv().await else { break };
+        // A failed upload must be seen while waiting for input too: its bytes stay taken from
+        // the budget, so once uploads fail nothing more may ever come, and a loop that only
+        // looked at its tasks when a batch arrived would wait forever (seen with a node killed
+        // mid-upload: the reader blocked on the budget, the seal workers idle).
+        let first = tokio::select! {
+            r = rx.recv() => match r {
+                Ok(s) => s,
+                Err(_) => break,
+            },
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                done??;
+                continue;
+            }
+        };
         Stats::add(&stats.wait_upload_input, t.elapsed().as_nanos() as u64);
         let mut bytes = first.envelope.len();
         let mut batch = vec![first];

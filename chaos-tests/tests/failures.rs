@@ -253,6 +253,40 @@ fn a_node_killed_during_an_upload_loses_nothing_acknowledged() {
 }
 
 #[test]
+fn an_agent_whose_node_dies_mid_upload_fails_instead_of_waiting_forever() {
+    let w = World::new();
+    let mut node = w.start_node("n1");
+    node.restart_with_env(&[("EXCLAVE_TEST_CRASH_AT", "put-chunks:3")]);
+    let big = w.path("big");
+    sample_tree(&big, 8, 48 << 20);
+    // A small budget: once the uploads in flight fail, nothing more is read or sealed, and
+    // the uploader is left waiting for input while its failed uploads hold the budget.
+    let mut agent = Command::new(bin("exclave-agent"))
+        .args(["backup", "--json", "--node", &node.addr.to_string(), "--pki"])
+        .arg(w.pki())
+        .args(["--identity", "rnpp", "--key-file"])
+        .arg(w.path("lux.key"))
+        .args(["--memory-budget-mib", "4", "--source", "big"])
+        .arg(&big)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(node.wait_dead(Duration::from_secs(30)), "the node did not die at its third upload");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while agent.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = agent.kill();
+            panic!("the agent still waits 60 s after its node died");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = agent.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("nothing was committed"), "{}", stderr(&out));
+}
+
+#[test]
 fn a_node_killed_at_each_step_of_a_chunk_write_serves_every_acknowledged_chunk() {
     let w = World::new();
     let mut node = w.start_node("n1");

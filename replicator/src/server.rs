@@ -418,6 +418,7 @@ async fn dispatch(
         }
         Request::PutChunks { chunks } => {
             let tenant = authorise(identity, Permission::WriteTenant, "put_chunks")?;
+            crate::test_hooks::crash_after("put-chunks");
             replication::store_on_quorum(node, tenant, chunks).await?;
             Ok(Reply::Ok)
         }

@@ -7,8 +7,8 @@
 //!   by a write quorum, before it is indexed, see `replication`), `gc-swept` (after a GC
 //!   pass's first sweep), `gc-copied` (live records of a pack copied, locations not yet
 //!   repointed), `gc-before-delete` (repointed, the old pack not yet deleted; see `gc`),
-//!   `get-chunks:N` (after serving N chunk-fetch requests: a node dying in the middle of a
-//!   restore).
+//!   `get-chunks:N` (on its Nth chunk-fetch request: a node dying in the middle of a
+//!   restore), `put-chunks:N` (on its Nth chunk upload: in the middle of a backup).
 //! - `EXCLAVE_TEST_SNAPSHOT_PAGE_BYTES=N` makes snapshot pages N bytes, so that a small
 //!   catalog travels in many pages.
 

@@ -255,6 +255,10 @@ fn a_pitr_drill_recovers_to_the_target_and_to_the_end_and_fails_past_the_archive
     assert_eq!(r["verdict"], "PASS", "{r:#}");
     assert_eq!(r["recovery"]["databases"]["bench"]["public.pgbench_history"], history_at_end, "{r:#}");
     assert!(r["rpo_secs"].as_i64().unwrap() < 60, "{r:#}");
+    // Replay reached the end of the archive: the newest transaction is within the segment
+    // switch that ended it, not minutes before.
+    let gap = r["recovery"]["gap_to_archive_secs"].as_f64().unwrap();
+    assert!((0.0..30.0).contains(&gap), "{r:#}");
 
     // A target the archive does not reach: PostgreSQL refuses to promote short of it.
     let o = drill(&w, &node, &["--target-time", "2099-01-01 00:00:00"]);

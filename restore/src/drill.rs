@@ -559,6 +559,13 @@ pub fn markdown(r: &Report) -> String {
             rec.replay_secs,
             rec.newest_transaction_text.as_deref().unwrap_or("(none replayed)")
         ));
+        if let Some(gap) = rec.gap_to_archive_secs {
+            s.push_str(&format!(
+                "The newest WAL file of the archive was stored {}; the newest recovered transaction is {} before it.\n\n",
+                rec.newest_wal_archived.map(format_time).unwrap_or_default(),
+                age(gap.round() as i64)
+            ));
+        }
         if !rec.databases.is_empty() {
             s.push_str("| database | table | rows |\n|---|---|---|\n");
             for (db, tables) in &rec.databases {

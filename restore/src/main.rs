@@ -544,6 +544,9 @@ async fn run_drill(conn: Conn, pick: Pick, opts: drill::Options, record: bool, o
                 rec.replay_secs,
                 rec.newest_transaction_text.as_deref().unwrap_or("(none replayed)")
             );
+            if let Some(gap) = rec.gap_to_archive_secs {
+                println!("             {gap:.0} s before the newest WAL file of the archive was stored");
+            }
         }
         for c in &report.checks {
             println!("  {:<8}   {}: {}", c.result.to_uppercase(), c.name, c.detail);

@@ -66,6 +66,12 @@ pub struct Recovery {
     /// The commit time of the newest transaction replayed (Unix seconds), when any was.
     pub newest_transaction: Option<f64>,
     pub newest_transaction_text: Option<String>,
+    /// When the newest WAL file of the archive was stored (Unix seconds).
+    pub newest_wal_archived: Option<i64>,
+    /// How far the newest recovered transaction lies behind the newest archived WAL file:
+    /// near zero when replay reached the end of the archive (at most the archive's own
+    /// segment interval); large when it stopped early.
+    pub gap_to_archive_secs: Option<f64>,
     /// From the server's start until it was promoted and accepted writes.
     pub replay_secs: f64,
     /// Rows of every table read back, by database and table.
@@ -232,6 +238,7 @@ pub async fn run(
         Err(e) => return (rec, vec![fail(WAL, format!("listing the WAL archive: {e}"))], vec![]),
     };
     rec.wal_files_archived = archived.len();
+    rec.newest_wal_archived = archived.iter().map(|s| s.time).max();
     let by_name: BTreeMap<String, SnapshotInfo> =
         archived.into_iter().filter_map(|s| Some((exclave::wal::file_name(&s.id)?.to_string(), s))).collect();
     let names = wanted(&by_name.keys().cloned().collect::<Vec<_>>(), &start);
@@ -288,6 +295,10 @@ pub async fn run(
             rec.replay_secs = s.replay_secs;
             rec.newest_transaction = s.newest;
             rec.newest_transaction_text = s.newest.map(|t| format_time(t as i64));
+            rec.gap_to_archive_secs = match (s.newest, rec.newest_wal_archived) {
+                (Some(t), Some(w)) if target.is_none() => Some((w as f64 - t).max(0.0)),
+                _ => None,
+            };
             let reached = match (s.newest, target) {
                 (Some(n), Some(t)) => {
                     let t = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);

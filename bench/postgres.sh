@@ -12,7 +12,13 @@
 #    newest archived WAL is: the time since the server's WAL position passed the end of the
 #    last archived segment (the RPO at that instant). p50 / p99 / max; the issue's limit is 60 s;
 # 4. day-2 snapshot after the pgbench run: bytes read, new and uploaded;
-# 5. agent peak RSS of the snapshot.
+# 5. agent peak RSS of the snapshot;
+# 6. recovery drills against pgBackRest (Debian's `pgbackrest`, encrypted repository, zstd) in
+#    the same run, WAL archived to both from then on: a full base backup by each (time,
+#    bytes), DRILL_LOAD_SECS (default 30) more pgbench, then (a) `exclave-restore drill` of the
+#    base backup: restore, replay every archived WAL file, promote, read every table back;
+#    (b) `pgbackrest restore` + server start until promoted; (c) a drill of the logical dump
+#    (pg_restore into a scratch server, facts compared). Skipped when pgbackrest is missing.
 set -euo pipefail
 
 die() { echo "error: $*" >&2; exit 1; }
@@ -50,6 +56,7 @@ step "node, PKI, key"
 "$B/exclave-replicator" pki init --dir "$W/pki" >/dev/null
 "$B/exclave-replicator" pki issue --dir "$W/pki" --role node --name n1 --host 127.0.0.1 >/dev/null
 "$B/exclave-replicator" pki issue --dir "$W/pki" --role agent --name pg --tenant lux >/dev/null
+"$B/exclave-replicator" pki issue --dir "$W/pki" --role restore --name dr --tenant lux >/dev/null
 "$B/exclave-agent" keys init --tenant lux --out "$W/lux.key" >/dev/null
 NODE_PORT=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 PG_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -127,6 +134,70 @@ ARCHIVED=$(psql -X -At "$CONN" -c "SELECT archived_count || ' archived, ' || fai
 step "logical snapshot, day 2 (after pgbench)"
 "$B/exclave-agent" backup --config "$W/agent.toml" --source bench --postgres "$CONN" --json >"$W/day2.json"
 
+DRILL=""
+if command -v pgbackrest >/dev/null; then
+  step "base backups and recovery drills, Exclave and pgBackRest in the same run"
+  mkdir -p "$W/pgbr" "$W/pgbr-log" "$W/pgbr-lock" "$W/scratch"
+  cat >"$W/pgbackrest.conf" <<CONF
+[global]
+repo1-path=$W/pgbr
+repo1-cipher-type=aes-256-cbc
+repo1-cipher-pass=bench-only-passphrase-0123456789
+repo1-retention-full=2
+compress-type=zst
+process-max=2
+start-fast=y
+log-path=$W/pgbr-log
+lock-path=$W/pgbr-lock
+log-level-console=warn
+[bench]
+pg1-path=$W/pg/data
+pg1-port=$PG_PORT
+pg1-socket-path=$W/pg
+CONF
+  [ ${#AS[@]} -eq 0 ] || chown -R postgres "$W/pgbr" "$W/pgbr-log" "$W/pgbr-lock" "$W/pgbackrest.conf"
+  BR=("${AS[@]}" pgbackrest --config "$W/pgbackrest.conf" --stanza=bench)
+  # From now on every segment goes to both archives.
+  psql -X -q "$CONN" -c "ALTER SYSTEM SET archive_command = '$B/exclave-agent wal-push --config $W/agent.toml --source pg %p && pgbackrest --config $W/pgbackrest.conf --stanza=bench archive-push %p'" -c "SELECT pg_reload_conf()" >/dev/null
+  "${BR[@]}" stanza-create
+  t0=$(date +%s.%N)
+  "${BR[@]}" backup --type=full
+  BR_BACKUP_SECS=$(python3 -c "print($(date +%s.%N) - $t0)")
+  BR_BYTES=$(du -sb "$W/pgbr/backup" | cut -f1)
+  PG_CONN_ADMIN="host=127.0.0.1 port=$PG_PORT user=postgres dbname=postgres"
+  t0=$(date +%s.%N)
+  "$B/exclave-agent" backup --config "$W/agent.toml" --source pg --postgres "$PG_CONN_ADMIN" --pg-base --pg-bin "$PGBIN" --json >"$W/base.json"
+  EX_BACKUP_SECS=$(python3 -c "print($(date +%s.%N) - $t0)")
+  DLOAD=${DRILL_LOAD_SECS:-30}
+  "$PGBIN/pgbench" -n -c 4 -j 2 -T "$DLOAD" "$CONN" 2>&1 | grep -E "^tps" || true
+  HISTORY=$(psql -X -At "$CONN" -c "SELECT count(*) FROM pgbench_history")
+  LAST=$(psql -X -At "$CONN" -c "SELECT pg_walfile_name(pg_switch_wal())")
+  for _ in $(seq 1 240); do
+    A=$(psql -X -At "$CONN" -c "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver")
+    [[ "$A" > "$LAST" || "$A" == "$LAST" ]] && break
+    sleep 0.5
+  done
+  sync
+  # (a) Exclave: restore, replay, promote, read back.
+  "$B/exclave-restore" drill --node 127.0.0.1:$NODE_PORT --pki "$W/pki" --identity dr --key-file "$W/lux.key" \
+    --source pg --scratch "$W/scratch" --no-record --json >"$W/drill-pitr.json" || true
+  # (b) pgBackRest: restore, start, wait until promoted.
+  PORT2=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  mkdir -p "$W/pgr" && { [ ${#AS[@]} -eq 0 ] || chown postgres "$W/pgr"; }
+  t0=$(date +%s.%N)
+  "${BR[@]}" --pg1-path="$W/pgr/data" restore
+  "${AS[@]}" "$PGBIN/pg_ctl" -D "$W/pgr/data" -l "$W/pgr/server.log" -o "-p $PORT2 -k $W/pgr -c listen_addresses='' -c archive_mode=off" start >/dev/null
+  until [ "$(psql -X -At -h "$W/pgr" -p "$PORT2" -U postgres -c 'SELECT NOT pg_is_in_recovery()' postgres 2>/dev/null)" = t ]; do sleep 0.1; done
+  BR_RTO=$(python3 -c "print($(date +%s.%N) - $t0)")
+  BR_HISTORY=$(psql -X -At -h "$W/pgr" -p "$PORT2" -U postgres -c "SELECT count(*) FROM pgbench_history" bench)
+  "${AS[@]}" "$PGBIN/pg_ctl" -D "$W/pgr/data" -m immediate stop >/dev/null
+  rm -rf "$W/pgr"
+  # (c) The logical dump of day 2.
+  "$B/exclave-restore" drill --node 127.0.0.1:$NODE_PORT --pki "$W/pki" --identity dr --key-file "$W/lux.key" \
+    --source bench --scratch "$W/scratch" --no-record --json >"$W/drill-dump.json" || true
+  DRILL="$W/base.json $EX_BACKUP_SECS $BR_BACKUP_SECS $BR_BYTES $W/drill-pitr.json $BR_RTO $BR_HISTORY $HISTORY $W/drill-dump.json"
+fi
+
 step "results"
 python3 - "$W/day1.json" "$W/day2.json" "$DUMP_SECS" "$RSS1" "$LAG50" "$LAG99" "$LAGMAX" "$NSAMPLES" "$ARCHIVED" "$SCALE" "$LOAD" <<'PY'
 import json, sys
@@ -145,3 +216,29 @@ print(f"snapshot day 2   read {mib(d2['bytes_read']):.1f} MiB, new {mib(d2['new_
       f"({100 * d2['new_bytes'] / max(1, d2['bytes_read']):.1f}%), uploaded {mib(d2['uploaded_bytes']):.1f} MiB "
       f"in {d2['duration_secs']:.1f} s")
 PY
+
+if [ -n "$DRILL" ]; then
+  # shellcheck disable=SC2086
+  python3 - $DRILL <<'PY'
+import json, sys
+base, ex_secs, br_secs, br_bytes, pitr, br_rto, br_hist, hist, dump = sys.argv[1:10]
+base, pitr, dump = json.load(open(base)), json.load(open(pitr)), json.load(open(dump))
+mib = lambda b: b / 1048576
+ex_secs, br_secs, br_rto = float(ex_secs), float(br_secs), float(br_rto)
+print(f"base backup      exclave {ex_secs:.1f} s, stored {mib(base.get('uploaded_bytes', 0)):.1f} MiB; "
+      f"pgbackrest full {br_secs:.1f} s, repository {mib(int(br_bytes)):.1f} MiB (ratio {br_secs / ex_secs:.2f})")
+rec = pitr.get("recovery") or {}
+rows = (rec.get("databases") or {}).get("bench", {}).get("public.pgbench_history")
+phases = {p["name"]: p["secs"] for p in pitr.get("phases", [])}
+restore = phases.get("fetch, decrypt, write and verify files", 0)
+replay = rec.get("replay_secs", 0)
+to_promoted = sum(s for n, s in phases.items() if not n.startswith("read every table"))
+print(f"PITR drill       exclave {pitr['verdict']}: restore {restore:.1f} s + replay {rec.get('wal_files_fetched')} WAL files "
+      f"and promote {replay:.1f} s = promoted after {to_promoted:.1f} s; whole drill (every table read back) "
+      f"{pitr['rto_secs']:.1f} s; pgbench_history {rows} of {hist}")
+print(f"                 pgbackrest restore + start until promoted {br_rto:.1f} s; pgbench_history {br_hist} of {hist}; "
+      f"ratio (pgbackrest / exclave to promoted) {br_rto / max(to_promoted, 1e-9):.2f}")
+phases = ", ".join("%s %.1f s" % (p["name"], p["secs"]) for p in dump["phases"])
+print(f"logical drill    exclave {dump['verdict']}: RTO {dump['rto_secs']:.1f} s ({phases})")
+PY
+fi

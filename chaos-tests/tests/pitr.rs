@@ -111,6 +111,9 @@ fn point_in_time_restore_recovers_exactly_what_was_committed_before_t() {
         .arg(&at_t)));
     assert!(stdout(&cmp).contains("OK: 4 tables match"), "{}", stdout(&cmp));
     assert!(rec.log().contains("recovery stopping before commit"), "{}", rec.log());
+    // Segments came eight per trip to the cluster, and the spool went when recovery ended.
+    assert!(rec.log().contains("restored from the prefetch spool"), "{}", rec.log());
+    assert!(!rec.data().join("exclave-wal-prefetch").exists());
 
     // `latest`: everything archived, i.e. every transaction of both pgbench runs.
     let history_at_end = pg.psql("bench", "SELECT count(*) FROM pgbench_history");
@@ -271,4 +274,49 @@ fn a_pitr_drill_recovers_to_the_target_and_to_the_end_and_fails_past_the_archive
     let o = drill(&w, &node, &["--target-time", "2001-01-01 00:00:00"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("no base backup was started before the target time"), "{}", stderr(&o));
+}
+
+#[test]
+fn wal_fetch_prefetches_into_a_spool_serves_from_it_and_refetches_a_damaged_file() {
+    let w = World::new();
+    let node = w.start_node("n1");
+    let pg = archiving_server(&w, &[node.addr]);
+    pg.psql("postgres", "CREATE TABLE t (i int)");
+    let mut segs = Vec::new();
+    for _ in 0..3 {
+        pg.psql("postgres", "INSERT INTO t SELECT generate_series(1, 1000)");
+        segs.push(switch_and_wait_archived(&pg, Duration::from_secs(60)));
+    }
+    // Three switches in a row: consecutive segments, all archived.
+    let fetch = |file: &str, dest: &std::path::Path, spool: Option<&std::path::Path>| {
+        let mut c = w.restore_cmd(&node, "wal-fetch");
+        c.args(["--source", "pg"]);
+        if let Some(s) = spool {
+            c.args(["--prefetch", "3", "--spool"]).arg(s);
+        }
+        ok(run(c.arg(file).arg(dest)))
+    };
+    let plain = |file: &str| {
+        let p = w.path(&format!("plain-{file}"));
+        fetch(file, &p, None);
+        std::fs::read(p).unwrap()
+    };
+    let spool = w.path("spool");
+    fetch(&segs[0], &w.path("a"), Some(&spool));
+    assert_eq!(std::fs::read(w.path("a")).unwrap(), plain(&segs[0]));
+    for s in &segs[1..] {
+        assert!(spool.join(s).is_file() && spool.join(format!("{s}.b3")).is_file(), "{s} prefetched");
+    }
+    // Served from the spool, without the network, and moved out of it.
+    let o = fetch(&segs[1], &w.path("b"), Some(&spool));
+    assert!(stderr(&o).contains("restored from the prefetch spool"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(w.path("b")).unwrap(), plain(&segs[1]));
+    assert!(!spool.join(&segs[1]).exists());
+    // Damaged on disk while waiting: dropped and fetched again, never handed to PostgreSQL.
+    let mut bytes = std::fs::read(spool.join(&segs[2])).unwrap();
+    bytes[4096] ^= 0xff;
+    std::fs::write(spool.join(&segs[2]), bytes).unwrap();
+    let o = fetch(&segs[2], &w.path("c"), Some(&spool));
+    assert!(stderr(&o).contains("is damaged; fetching it again"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(w.path("c")).unwrap(), plain(&segs[2]));
 }

@@ -13,6 +13,7 @@ mod nodes;
 mod pg;
 mod pitr;
 mod recovery;
+mod wal_fetch;
 mod writer;
 
 use std::net::SocketAddr;
@@ -167,6 +168,13 @@ enum Cmd {
         file: String,
         /// Where to write it (`%p`).
         dest: PathBuf,
+        /// When fetching from the cluster, also fetch the next N-1 segments into `--spool`,
+        /// from where the following calls are served without the network (`pitr` sets 8).
+        #[arg(long, default_value_t = 0)]
+        prefetch: usize,
+        /// The prefetch spool: a directory the calling server's user can write.
+        #[arg(long)]
+        spool: Option<PathBuf>,
     },
     /// Tenant keys: rebuild one from its holders' shares, show one.
     #[command(subcommand)]
@@ -447,7 +455,17 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Pitr { conn, source, target_time, base, to, parallel, out } => {
             run_pitr(conn, &source, &target_time, base.as_deref(), &to, parallel, out).await
         }
-        Cmd::WalFetch { conn, source, file, dest } => wal_fetch(conn, &source, &file, &dest).await,
+        Cmd::WalFetch { conn, source, file, dest, prefetch, spool } => {
+            let ask = wal_fetch::Ask {
+                source: &source,
+                file: &file,
+                dest: &dest,
+                prefetch,
+                spool: spool.as_deref(),
+                consistent: conn.consistent,
+            };
+            wal_fetch::run(ask, || open(&conn)).await
+        }
         Cmd::Keys(cmd) => keys::run(cmd),
         Cmd::Drill {
             conn,
@@ -642,49 +660,9 @@ async fn list_drills(conn: Conn, source: Option<String>, json: bool) -> Result<i
     Ok(0)
 }
 
-async fn wal_fetch(conn: Conn, source: &str, file: &str, dest: &std::path::Path) -> Result<i32> {
-    let (client, tls) = connect(&conn).await?;
-    let keys = keys(&conn, &tls)?;
-    let wal_source = exclave::wal::catalog_source(source)?;
-    let id = exclave::wal::snapshot_id(&wal_source, file)?;
-    if conn.consistent {
-        client.read_barrier().await.context("--consistent: the node could not confirm its catalog is current")?;
-    }
-    // One lookup by name, not a listing: recovery asks for thousands of files.
-    let (found, stale) = client.find_snapshot(&id).await?;
-    if let Some(why) = stale {
-        eprintln!("warning: {why}");
-    }
-    let Some(snap) = found.filter(|s| s.source == wal_source) else {
-        // PostgreSQL asks for files past the end of the archive: not an error for it.
-        eprintln!("{file} is not in the WAL archive of {source}");
-        client.close().await;
-        return Ok(1);
-    };
-    let parent = match dest.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let staging = tempfile::Builder::new()
-        .prefix(".exclave-wal-")
-        .tempdir_in(&parent)
-        .with_context(|| format!("creating a staging directory in {}", parent.display()))?;
-    let client = Arc::new(nodes::Nodes::new(client, &conn.nodes, tls.clone()));
-    let w = writer::Writer::new(Some(staging.path().to_path_buf()), false);
-    let (_, report) = restore_into(&client, &keys, &snap, w, 4).await?;
-    if let Some(f) = report.failures.first() {
-        bail!("WAL file {file} failed verification: {}", f.error);
-    }
-    let fetched = std::fs::read_dir(staging.path())?
-        .flatten()
-        .find(|e| e.file_name().to_string_lossy().eq_ignore_ascii_case(file))
-        .with_context(|| format!("the archived snapshot {} does not hold {file}", snap.id))?;
-    std::fs::rename(fetched.path(), dest).with_context(|| format!("moving {file} to {}", dest.display()))?;
-    if let Ok(c) = Arc::try_unwrap(client) {
-        c.close().await;
-    }
-    Ok(0)
-}
+/// Segments a `pitr` restore command fetches per trip to the cluster, and where it keeps them.
+const PREFETCH: usize = 8;
+const PREFETCH_SPOOL: &str = "exclave-wal-prefetch";
 
 async fn run_pitr(
     conn: Conn,
@@ -740,7 +718,13 @@ async fn run_pitr(
         argv.extend(["--passphrase-file".into(), std::path::absolute(p)?.display().to_string()]);
     }
     argv.extend(["--source".into(), source.to_string()]);
-    pitr::prepare_data_dir(&to, &pitr::recovery_settings(&argv, target))?;
+    // Segments are fetched eight at a time into a spool in the data directory, removed when
+    // recovery ends.
+    let spool = to.join(PREFETCH_SPOOL);
+    argv.extend(["--prefetch".into(), PREFETCH.to_string(), "--spool".into(), spool.display().to_string()]);
+    let mut settings = pitr::recovery_settings(&argv, target);
+    settings.push_str(&pitr::remove_at_end(&spool));
+    pitr::prepare_data_dir(&to, &settings)?;
     let secs = started.elapsed().as_secs_f64();
     let target_text = target.map(pitr::pg_time).unwrap_or_else(|| "the end of the archive".into());
     let t = target.map(|t| t.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0));

@@ -88,6 +88,12 @@ pub fn recovery_settings(fetch_argv: &[String], target: Option<SystemTime>) -> S
     out
 }
 
+/// A `recovery_end_command` line that removes `dir` when recovery ends.
+pub fn remove_at_end(dir: &Path) -> String {
+    let cmd = format!("rm -rf {}", sh_quote(&dir.display().to_string()));
+    format!("recovery_end_command = '{}'\n", cmd.replace('\'', "''"))
+}
+
 /// Makes a restored base backup start as a recovering server.
 pub fn prepare_data_dir(dir: &Path, settings: &str) -> Result<()> {
     if !dir.join("PG_VERSION").is_file() {
@@ -164,6 +170,8 @@ mod tests {
         );
         assert!(s.contains("recovery_target_time = '2026-11-23 10:15:00.000000+00'"));
         assert!(s.contains("recovery_target_action = 'promote'"));
+        assert_eq!(remove_at_end(Path::new("/d/spool")), "recovery_end_command = 'rm -rf /d/spool'\n");
+        assert_eq!(remove_at_end(Path::new("/d/it's")), "recovery_end_command = 'rm -rf ''/d/it''\\''''s'''\n");
         let latest = recovery_settings(&["/x".into()], None);
         assert!(latest.contains("restore_command = '/x %f \"%p\"'") && !latest.contains("recovery_target"), "{latest}");
     }

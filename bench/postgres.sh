@@ -17,8 +17,10 @@
 #    the same run, WAL archived to both from then on: a full base backup by each (time,
 #    bytes), DRILL_LOAD_SECS (default 30) more pgbench, then (a) `exclave-restore drill` of the
 #    base backup: restore, replay every archived WAL file, promote, read every table back;
-#    (b) `pgbackrest restore` + server start until promoted; (c) a drill of the logical dump
-#    (pg_restore into a scratch server, facts compared). Skipped when pgbackrest is missing.
+#    (b) `pgbackrest restore` + server start until promoted; (d) `exclave-restore pitr` +
+#    server start until promoted (restore_command wal-fetch, prefetching); (c) a drill of the
+#    logical dump (pg_restore into a scratch server, facts compared). Skipped when pgbackrest
+#    is missing.
 set -euo pipefail
 
 die() { echo "error: $*" >&2; exit 1; }
@@ -192,10 +194,26 @@ CONF
   BR_HISTORY=$(psql -X -At -h "$W/pgr" -p "$PORT2" -U postgres -c "SELECT count(*) FROM pgbench_history" bench)
   "${AS[@]}" "$PGBIN/pg_ctl" -D "$W/pgr/data" -m immediate stop >/dev/null
   rm -rf "$W/pgr"
+  # (d) Exclave's own disaster path: pitr (restore_command wal-fetch, 8 segments per trip),
+  #     start, wait until promoted.
+  PORT3=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  mkdir -p "$W/pgx" && { [ ${#AS[@]} -eq 0 ] || chown postgres "$W/pgx"; }
+  t0=$(date +%s.%N)
+  "$B/exclave-restore" pitr --node 127.0.0.1:$NODE_PORT --pki "$W/pki" --identity dr --key-file "$W/lux.key" \
+    --source pg --to "$W/pgx/data" >/dev/null
+  [ ${#AS[@]} -eq 0 ] || chown -R postgres "$W/pgx"
+  chmod 700 "$W/pgx/data"
+  "${AS[@]}" "$PGBIN/pg_ctl" -D "$W/pgx/data" -l "$W/pgx/server.log" -o "-p $PORT3 -k $W/pgx -c listen_addresses='' -c archive_mode=off" start >/dev/null
+  until [ "$(psql -X -At -h "$W/pgx" -p "$PORT3" -U postgres -c 'SELECT NOT pg_is_in_recovery()' postgres 2>/dev/null)" = t ]; do sleep 0.1; done
+  EX_RTO=$(python3 -c "print($(date +%s.%N) - $t0)")
+  EX_HISTORY=$(psql -X -At -h "$W/pgx" -p "$PORT3" -U postgres -c "SELECT count(*) FROM pgbench_history" bench)
+  EX_SPOOLED=$(grep -c "restored from the prefetch spool" "$W/pgx/server.log" || true)
+  "${AS[@]}" "$PGBIN/pg_ctl" -D "$W/pgx/data" -m immediate stop >/dev/null
+  rm -rf "$W/pgx"
   # (c) The logical dump of day 2.
   "$B/exclave-restore" drill --node 127.0.0.1:$NODE_PORT --pki "$W/pki" --identity dr --key-file "$W/lux.key" \
     --source bench --scratch "$W/scratch" --no-record --json >"$W/drill-dump.json" || true
-  DRILL="$W/base.json $EX_BACKUP_SECS $BR_BACKUP_SECS $BR_BYTES $W/drill-pitr.json $BR_RTO $BR_HISTORY $HISTORY $W/drill-dump.json"
+  DRILL="$W/base.json $EX_BACKUP_SECS $BR_BACKUP_SECS $BR_BYTES $W/drill-pitr.json $BR_RTO $BR_HISTORY $HISTORY $W/drill-dump.json $EX_RTO $EX_HISTORY $EX_SPOOLED"
 fi
 
 step "results"
@@ -221,7 +239,7 @@ if [ -n "$DRILL" ]; then
   # shellcheck disable=SC2086
   python3 - $DRILL <<'PY'
 import json, sys
-base, ex_secs, br_secs, br_bytes, pitr, br_rto, br_hist, hist, dump = sys.argv[1:10]
+base, ex_secs, br_secs, br_bytes, pitr, br_rto, br_hist, hist, dump, ex_rto, ex_hist, spooled = sys.argv[1:13]
 base, pitr, dump = json.load(open(base)), json.load(open(pitr)), json.load(open(dump))
 mib = lambda b: b / 1048576
 ex_secs, br_secs, br_rto = float(ex_secs), float(br_secs), float(br_rto)
@@ -239,6 +257,8 @@ print(f"PITR drill       exclave {pitr['verdict']}: restore {restore:.1f} s + re
 print(f"                 pgbackrest restore + start until promoted {br_rto:.1f} s; pgbench_history {br_hist} of {hist}; "
       f"ratio (pgbackrest / exclave to promoted) {br_rto / max(to_promoted, 1e-9):.2f}")
 phases = ", ".join("%s %.1f s" % (p["name"], p["secs"]) for p in dump["phases"])
+print(f"PITR restore     exclave-restore pitr + start until promoted {float(ex_rto):.1f} s ({spooled} segments served from the "
+      f"prefetch spool); pgbench_history {ex_hist} of {hist}; ratio (pgbackrest / exclave) {br_rto / float(ex_rto):.2f}")
 print(f"logical drill    exclave {dump['verdict']}: RTO {dump['rto_secs']:.1f} s ({phases})")
 PY
 fi

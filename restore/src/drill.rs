@@ -33,7 +33,7 @@ use exclave::keys::TenantKeys;
 use exclave::protocol::{DrillRecord, Reply, Request, SnapshotInfo};
 use serde::Serialize;
 
-use crate::engine::{format_time, human, restore_into};
+use crate::engine::{format_time, human, restore_filtered};
 use crate::writer;
 
 /// What the drill is asked to do.
@@ -299,8 +299,16 @@ pub async fn run(
     let t = Instant::now();
     // A restore that stops (scratch disk full, every node gone, a key that does not open the
     // snapshot) is the drill's finding, reported and recorded as a FAIL like any other.
-    let restored =
-        restore_into(&client, keys, snap, writer::Writer::new(Some(target.clone()), false), opts.parallel).await;
+    let restored = restore_filtered(
+        &client,
+        keys,
+        snap,
+        writer::Writer::new(Some(target.clone()), false),
+        opts.parallel,
+        &[],
+        true,
+    )
+    .await;
     phases.push(Phase { name: "fetch, decrypt, write and verify files".into(), secs: t.elapsed().as_secs_f64() });
     let (report, stopped) = match restored {
         Ok((_, r)) => (r, None),

@@ -73,7 +73,19 @@ pub async fn restore_into(
     w: writer::Writer,
     parallel: usize,
 ) -> Result<(exclave::manifest::ManifestHeader, writer::Report)> {
-    restore_filtered(client, keys, snap, w, parallel, &[]).await
+    restore_filtered(client, keys, snap, w, parallel, &[], false).await
+}
+
+/// A bar on stderr (drawn only on a terminal) of the plaintext fetched against the
+/// snapshot's size, with rate and ETA.
+fn progress_bar(total: u64) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total);
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("[{bar:24}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
 }
 
 /// As `restore_into`, only what `browse::included` keeps of `include` (all when empty).
@@ -84,6 +96,7 @@ pub async fn restore_filtered(
     mut w: writer::Writer,
     parallel: usize,
     include: &[Vec<u8>],
+    progress: bool,
 ) -> Result<(exclave::manifest::ManifestHeader, writer::Report)> {
     if snap.key_fingerprint != keys.fingerprint {
         bail!(
@@ -105,6 +118,8 @@ pub async fn restore_filtered(
         Ok(w.finish()?.clone())
     })?;
     let mut matched = 0usize;
+    // With --include only part is fetched: the bar would never fill.
+    let bar = (progress && include.is_empty()).then(|| progress_bar(snap.logical_bytes));
     let fetched: Result<()> = async {
         let mut pages = std::pin::pin!(fetch::pages(client.clone(), keys.clone(), root));
         while let Some(page) = pages.next().await {
@@ -115,6 +130,9 @@ pub async fn restore_filtered(
             }
             let mut stream = std::pin::pin!(fetch::items(client.clone(), keys.clone(), page, parallel));
             while let Some(item) = stream.next().await {
+                if let (Some(bar), fetch::Item::Data { data: Ok(d), .. }) = (&bar, &item) {
+                    bar.inc(d.len() as u64);
+                }
                 if tx.send(item).await.is_err() {
                     // The writer stopped: its error is the one to report.
                     return Ok(());
@@ -125,6 +143,9 @@ pub async fn restore_filtered(
     }
     .await;
     drop(tx);
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
     let written = tokio::task::spawn_blocking(move || writer.join())
         .await?
         .map_err(|_| anyhow::anyhow!("the writer thread panicked"))?;

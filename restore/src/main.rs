@@ -789,6 +789,7 @@ async fn read_back(
         writer::Writer::new(target.clone(), overwrite),
         pick.parallel,
         include,
+        true,
     )
     .await?;
     let secs = started.elapsed().as_secs_f64().max(1e-9);

@@ -320,3 +320,46 @@ fn wal_fetch_prefetches_into_a_spool_serves_from_it_and_refetches_a_damaged_file
     assert!(stderr(&o).contains("is damaged; fetching it again"), "{}", stderr(&o));
     assert_eq!(std::fs::read(w.path("c")).unwrap(), plain(&segs[2]));
 }
+
+#[test]
+fn a_recovery_follows_a_promoted_timeline_through_its_history_file() {
+    let w = World::new();
+    let node = w.start_node("n1");
+    let mut pg = archiving_server(&w, &[node.addr]);
+    pg.psql("postgres", "CREATE TABLE t (i int, tl text)");
+    ok(w.backup_as(
+        &node,
+        "rnpp",
+        "lux.key",
+        "pg",
+        &[],
+        &["--postgres", &pg.conn("postgres"), "--pg-base", "--pg-bin", pg.bin.to_str().unwrap()],
+    ));
+    pg.psql("postgres", "INSERT INTO t SELECT generate_series(1, 1000), 'one'");
+    switch_and_wait_archived(&pg, Duration::from_secs(60));
+    pg.stop();
+
+    // A first recovery is promoted onto timeline 2 and archives into the same archive.
+    let (mut two, _) = recover(&w, &node, &[]);
+    let (agent, cfg, _, _) = two.share_client(&w, "exclave-agent", &[node.addr]);
+    two.adopt_data(&format!(
+        "archive_mode = on\narchive_command = '{} wal-push --config {} --source pg %p'\n",
+        agent.display(),
+        cfg.display()
+    ));
+    two.start_existing();
+    two.wait_for("postgres", "SELECT pg_is_in_recovery()", "f", Duration::from_secs(120));
+    assert_eq!(two.psql("postgres", "SELECT timeline_id FROM pg_control_checkpoint()"), "2");
+    two.psql("postgres", "INSERT INTO t SELECT generate_series(1, 500), 'two'");
+    switch_and_wait_archived(&two, Duration::from_secs(60));
+    assert!(w.snapshot_ids(&node, "pg.wal").iter().any(|i| i.ends_with("00000002.history")), "history archived");
+    two.stop();
+
+    // From the same base backup, `latest` follows timeline 1 into timeline 2 and replays it.
+    let (mut three, _) = recover(&w, &node, &[]);
+    three.adopt_data("archive_mode = off\n");
+    three.start_existing();
+    three.wait_for("postgres", "SELECT pg_is_in_recovery()", "f", Duration::from_secs(120));
+    assert_eq!(three.psql("postgres", "SELECT tl, count(*) FROM t GROUP BY tl ORDER BY tl"), "one|1000\ntwo|500");
+    assert_eq!(three.psql("postgres", "SELECT timeline_id FROM pg_control_checkpoint()"), "3");
+}

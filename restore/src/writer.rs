@@ -230,8 +230,11 @@ impl Writer {
         if !Arc::ptr_eq(&cur.entry, &e) {
             bail!("restore stream out of order at {}", e.path_lossy());
         }
+        // A small file's pages are left to the final syncfs: starting writeback of each one
+        // is a syscall and a small I/O per file where one flush does them all.
         if let Some(f) = &cur.file
             && cur.failed.is_none()
+            && cur.written >= WRITEBACK_MIN
         {
             start_writeback(f, cur.flushed, cur.written);
         }
@@ -260,12 +263,30 @@ impl Writer {
             EntryKind::Symlink { .. } => self.report.symlinks += 1,
         }
         if let Some(p) = cur.path {
-            match e.kind {
-                EntryKind::Dir => self.dirs.push((p, e)),
+            match (&e.kind, cur.file.take()) {
+                (EntryKind::Dir, _) => self.dirs.push((p, e)),
+                // Through the open descriptor: no second open, no path walks.
+                (EntryKind::File { .. }, Some(f)) => self.apply_file_metadata(f, &e),
                 _ => self.apply_metadata(&p, &e),
             }
         }
         Ok(())
+    }
+
+    /// Owner (as root), mode, then times of a file just written, on its descriptor (owner
+    /// first: changing it clears set-id bits the mode may set).
+    fn apply_file_metadata(&mut self, f: File, e: &Entry) {
+        let mtime = FileTime::from_unix_time(e.mtime_sec, e.mtime_nsec);
+        let r = (|| {
+            if self.is_root {
+                std::os::unix::fs::fchown(&f, Some(e.uid), Some(e.gid))?;
+            }
+            f.set_permissions(std::fs::Permissions::from_mode(e.mode))?;
+            filetime::set_file_handle_times(&f, Some(mtime), Some(mtime))
+        })();
+        if let Err(err) = r {
+            self.report.failures.push(Failure { path: e.path_lossy(), error: format!("cannot set metadata: {err}") });
+        }
     }
 
     fn apply_metadata(&mut self, p: &Path, e: &Entry) {
@@ -312,6 +333,8 @@ impl Writer {
 
 /// Dirty data of a file is handed to the disk every this many bytes.
 const WRITEBACK_STEP: u64 = 32 << 20;
+/// Files smaller than this are not handed to the disk one by one (see `end`).
+const WRITEBACK_MIN: u64 = 1 << 20;
 
 /// Starts writing `from..to` of `f` to disk without waiting for it, so that the disk works
 /// while later files are fetched and the final `syncfs` finds little left to do (and dirty

@@ -189,6 +189,9 @@ fn restores_and_drills_read_past_a_node_that_serves_damaged_chunks_or_dies() {
     let src = w.path("src");
     sample_tree(&src, 2, 1 << 20);
     ok(w.backup(&nodes[0], "rnpp", &[&src]));
+    let big = w.path("big");
+    sample_tree(&big, 12, 24 << 20);
+    ok(w.backup(&nodes[0], "big", &[&big]));
     let leader = w.wait_leader(&nodes);
     for i in 0..3 {
         w.wait_backfilled(&nodes[i], &nodes[leader]);
@@ -212,8 +215,21 @@ fn restores_and_drills_read_past_a_node_that_serves_damaged_chunks_or_dies() {
     nodes[0].restart();
     let n1 = nodes[0].addr.to_string();
 
+    // All three nodes answer: requests are spread over them as they join (a larger snapshot,
+    // so that the others have answered long before its end).
+    let o = run(restore_cmd_all(&w, &nodes, "verify").args(["--source", "big", "--json"]));
+    let r = json(&o);
+    let served = r["served"].as_object().unwrap();
+    assert!(served.len() >= 2, "requests spread over the nodes: {r:#}");
+    // Every chunk read (each file's, and the manifest's) was served good by some node.
+    assert!(served.values().map(|v| v.as_u64().unwrap()).sum::<u64>() > r["chunks"].as_u64().unwrap(), "{r:#}");
+    assert_eq!(o.status.code(), Some(0), "{r:#}");
+
+    // One request at a time goes to the first node, which serves the damaged chunks.
     let to = w.path("restored");
-    let o = run(restore_cmd_all(&w, &nodes, "restore").args(["--source", "rnpp", "--json", "--to"]).arg(&to));
+    let o = run(restore_cmd_all(&w, &nodes, "restore")
+        .args(["--source", "rnpp", "--json", "--parallel", "1", "--to"])
+        .arg(&to));
     let r = json(&o);
     assert_eq!(o.status.code(), Some(0), "{r:#}\n{}", stderr(&o));
     assert_eq!(r["node"], n1, "read from n1 first");
@@ -233,7 +249,14 @@ fn restores_and_drills_read_past_a_node_that_serves_damaged_chunks_or_dies() {
     assert!(stderr(&o).contains("a good copy came from"), "{}", stderr(&o));
 
     // A drill passes and its report names the node that served damaged data.
-    let o = run(restore_cmd_all(&w, &nodes, "drill").args(["--source", "rnpp", "--json", "--no-record"]));
+    let o = run(restore_cmd_all(&w, &nodes, "drill").args([
+        "--source",
+        "rnpp",
+        "--json",
+        "--no-record",
+        "--parallel",
+        "1",
+    ]));
     let r = json(&o);
     assert_eq!(r["verdict"], "PASS", "{r:#}");
     let check = r["checks"].as_array().unwrap().iter().find(|c| c["name"] == "embassy nodes").expect("nodes check");

@@ -98,6 +98,8 @@ pub struct Report {
     pub bad_serves: Vec<crate::nodes::BadServe>,
     /// Nodes that stopped answering during the drill, and which took over.
     pub failovers: Vec<crate::nodes::Failover>,
+    /// Chunks each node served good.
+    pub served: std::collections::BTreeMap<String, u64>,
 }
 
 fn now_secs() -> i64 {
@@ -459,6 +461,7 @@ pub async fn run(
         recovery,
         bad_serves,
         failovers,
+        served: client.served(),
     })
 }
 
@@ -583,6 +586,10 @@ pub fn markdown(r: &Report) -> String {
             }
             s.push('\n');
         }
+    }
+    if r.served.len() > 1 {
+        let by: Vec<String> = r.served.iter().map(|(n, c)| format!("{n}: {c}")).collect();
+        s.push_str(&format!("Chunks served by node: {}.\n\n", by.join(", ")));
     }
     s.push_str("## Checks\n\n| check | result | detail |\n|---|---|---|\n");
     for c in &r.checks {

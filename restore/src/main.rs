@@ -526,6 +526,7 @@ async fn run_drill(conn: Conn, pick: Pick, opts: drill::Options, record: bool, o
     engine::name_snapshot(&client, &snap).await?;
     phases.push(drill::Phase { name: "find the snapshot".into(), secs: t.elapsed().as_secs_f64() });
     let nodes = Arc::new(nodes::Nodes::new(client, &conn.nodes, tls.clone()));
+    nodes.spread();
     let mut report =
         drill::run(nodes.clone(), node.to_string(), &keys, &snap, started, started_at, phases, &opts).await?;
     if record {
@@ -698,6 +699,7 @@ async fn run_pitr(
     let wal = list(&client, &conn, Some(&exclave::wal::catalog_source(source)?)).await?;
     let newest_wal = wal.iter().map(|s| s.time).max();
     let client = Arc::new(nodes::Nodes::new(client, &conn.nodes, tls.clone()));
+    client.spread();
     let w = writer::Writer::new(Some(to.clone()), false).strip_root("pgdata");
     let (_, report) = restore_into(&client, &keys, &snap, w, parallel).await?;
     if let Some(f) = report.failures.first() {
@@ -782,6 +784,7 @@ async fn read_back(
     let snap = choose(&client, &conn, &pick.source, &pick.snapshot).await?;
     engine::name_snapshot(&client, &snap).await?;
     let client = Arc::new(nodes::Nodes::new(client, &conn.nodes, tls.clone()));
+    client.spread();
     let (header, report) = engine::restore_filtered(
         &client,
         &keys,
@@ -825,7 +828,7 @@ async fn read_back(
                 "bytes": report.bytes, "chunks": report.chunks, "duration_secs": secs,
                 "mb_per_s": report.bytes as f64 / 1e6 / secs, "failures": report.failures,
                 "ok": report.failures.is_empty(),
-                "bad_serves": client.bad_serves(), "failovers": client.failovers(),
+                "bad_serves": client.bad_serves(), "failovers": client.failovers(), "served": client.served(),
             }))?
         );
     } else {

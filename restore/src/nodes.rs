@@ -1,7 +1,9 @@
-//! Where a restore reads chunks from: the node it connected to first, and, when that node
-//! serves a chunk that fails (the node says it is damaged or missing, or it does not
-//! authenticate or match its id) or stops answering, every other node named with `--node`,
-//! connected when first needed, in the order given.
+//! Where a restore reads chunks from: every node named with `--node` that answers. After
+//! `spread`, each request goes to the node with the fewest requests in flight (the first node
+//! wins ties), so a fast embassy serves more and a slow one less; without it, everything goes
+//! to the node connected first. When the node asked serves a chunk that fails (the node says
+//! it is damaged or missing, or it does not authenticate or match its id) or stops answering,
+//! the chunk is asked of every other node in turn, connected when first needed.
 //!
 //! Every embassy holds the whole data, so one bad or lost node must cost a restore nothing but
 //! time. What went wrong is kept for the report: which node served which chunk badly and
@@ -22,6 +24,8 @@ use serde::Serialize;
 
 /// How long a node that did not answer is left alone.
 const RETRY_DOWN: Duration = Duration::from_secs(10);
+/// How long `spread` waits for a node to answer.
+const SPREAD_CONNECT: Duration = Duration::from_secs(3);
 
 /// A chunk a node served that failed, and where a good copy came from.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -55,10 +59,20 @@ enum Miss {
     Node(String),
 }
 
+/// A node requests are spread over.
+struct Member {
+    client: Arc<NodeClient>,
+    in_flight: std::sync::atomic::AtomicUsize,
+}
+
 pub struct Nodes {
     primary: Arc<NodeClient>,
     tls: Option<Arc<TlsIdentity>>,
     others: tokio::sync::Mutex<Vec<(SocketAddr, Conn)>>,
+    /// The primary first, then the nodes `spread` connected.
+    stripe: Mutex<Vec<Arc<Member>>>,
+    /// Chunks each node served good, by address.
+    served: Mutex<std::collections::BTreeMap<String, u64>>,
     bad: Mutex<Vec<BadServe>>,
     failovers: Mutex<Vec<Failover>>,
 }
@@ -67,12 +81,82 @@ impl Nodes {
     /// Reads from `primary`, and from the other `addrs` when it fails.
     pub fn new(primary: NodeClient, addrs: &[SocketAddr], tls: Arc<TlsIdentity>) -> Nodes {
         let others = addrs.iter().filter(|a| **a != primary.addr()).map(|a| (*a, Conn::Untried)).collect();
+        let primary = Arc::new(primary);
         Nodes {
-            primary: Arc::new(primary),
+            stripe: Mutex::new(vec![Arc::new(Member { client: primary.clone(), in_flight: Default::default() })]),
+            primary,
             tls: Some(tls),
             others: tokio::sync::Mutex::new(others),
+            served: Mutex::new(Default::default()),
             bad: Mutex::new(Vec::new()),
             failovers: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Connects, in the background, to every other named node, and spreads requests over
+    /// each one as soon as it answers (within a few seconds). Nothing waits for it: a node
+    /// that is down costs no time.
+    pub fn spread(self: &Arc<Self>) {
+        let Some(tls) = self.tls.clone() else { return };
+        let nodes = self.clone();
+        tokio::spawn(async move {
+            let untried: Vec<SocketAddr> = {
+                let others = nodes.others.lock().await;
+                others.iter().filter(|(_, c)| matches!(c, Conn::Untried)).map(|(a, _)| *a).collect()
+            };
+            let tries = untried.into_iter().map(|addr| {
+                let (nodes, tls) = (nodes.clone(), tls.clone());
+                async move {
+                    let r = tokio::time::timeout(SPREAD_CONNECT, NodeClient::connect(addr, &tls)).await;
+                    let mut others = nodes.others.lock().await;
+                    let Some(slot) = others.iter_mut().find(|(a, c)| *a == addr && matches!(c, Conn::Untried)) else {
+                        return;
+                    };
+                    match r {
+                        Ok(Ok(c)) => {
+                            let c = Arc::new(c);
+                            slot.1 = Conn::Up(c.clone());
+                            nodes
+                                .stripe
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push(Arc::new(Member { client: c, in_flight: Default::default() }));
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(node = %addr, error = %e, "a node does not answer; reading from the others");
+                            slot.1 = Conn::Down(Instant::now());
+                        }
+                        Err(_) => {
+                            tracing::warn!(node = %addr, "a node did not answer within {SPREAD_CONNECT:?}; reading from the others");
+                            slot.1 = Conn::Down(Instant::now());
+                        }
+                    }
+                }
+            });
+            futures::future::join_all(tries).await;
+        });
+    }
+
+    /// The open member with the fewest requests in flight (the first of equals).
+    fn pick(&self) -> Arc<Member> {
+        let stripe = self.stripe.lock().unwrap_or_else(|e| e.into_inner());
+        stripe
+            .iter()
+            .filter(|m| m.client.connection().close_reason().is_none())
+            .min_by_key(|m| m.in_flight.load(std::sync::atomic::Ordering::Relaxed))
+            .or_else(|| stripe.first())
+            .cloned()
+            .unwrap_or_else(|| Arc::new(Member { client: self.primary.clone(), in_flight: Default::default() }))
+    }
+
+    /// Chunks each node served good (a node that served none is absent).
+    pub fn served(&self) -> std::collections::BTreeMap<String, u64> {
+        self.served.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn count_served(&self, node: &NodeClient, n: u64) {
+        if n > 0 {
+            *self.served.lock().unwrap_or_else(|e| e.into_inner()).entry(node.addr().to_string()).or_default() += n;
         }
     }
 
@@ -89,12 +173,16 @@ impl Nodes {
         self.failovers.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// The other nodes that answer now, connecting to them as needed.
-    async fn fallbacks(&self) -> Vec<Arc<NodeClient>> {
-        let Some(tls) = &self.tls else { return Vec::new() };
+    /// The nodes other than `asked` that answer now (the primary first), connecting to them as
+    /// needed.
+    async fn fallbacks(&self, asked: SocketAddr) -> Vec<Arc<NodeClient>> {
+        let mut up: Vec<Arc<NodeClient>> = Vec::new();
+        if self.primary.addr() != asked {
+            up.push(self.primary.clone());
+        }
+        let Some(tls) = &self.tls else { return up };
         let mut others = self.others.lock().await;
-        let mut up = Vec::new();
-        for (addr, conn) in others.iter_mut() {
+        for (addr, conn) in others.iter_mut().filter(|(a, _)| *a != asked) {
             match conn {
                 Conn::Up(c) if c.connection().close_reason().is_none() => up.push(c.clone()),
                 Conn::Down(since) if since.elapsed() < RETRY_DOWN => {}
@@ -120,12 +208,17 @@ impl Nodes {
         if ids.is_empty() {
             return Vec::new();
         }
-        let first = fetch_open_from(&self.primary, keys, &ids).await;
+        let member = self.pick();
+        member.in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let first = fetch_open_from(&member.client, keys, &ids).await;
+        member.in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.count_served(&member.client, first.iter().filter(|r| r.is_ok()).count() as u64);
         if first.iter().all(Result::is_ok) {
             return first.into_iter().filter_map(|r| r.ok()).map(Ok).collect();
         }
-        let primary = self.primary.addr().to_string();
-        // (index, what the primary said)
+        let asked = member.client.addr();
+        let asked_name = asked.to_string();
+        // (index, what the node asked said)
         let mut pending: Vec<(usize, Miss)> = Vec::new();
         let mut out: Vec<Result<Vec<u8>>> = Vec::with_capacity(ids.len());
         for (i, r) in first.into_iter().enumerate() {
@@ -139,12 +232,13 @@ impl Nodes {
         }
         let mut from: Vec<Option<String>> = vec![None; ids.len()];
         let mut later: Vec<Vec<String>> = vec![Vec::new(); ids.len()];
-        for node in self.fallbacks().await {
+        for node in self.fallbacks(asked).await {
             let want: Vec<usize> = pending.iter().map(|(i, _)| *i).filter(|i| from[*i].is_none()).collect();
             if want.is_empty() {
                 break;
             }
             let got = fetch_open_from(&node, keys, &want.iter().map(|i| ids[*i]).collect::<Vec<_>>()).await;
+            self.count_served(&node, got.iter().filter(|r| r.is_ok()).count() as u64);
             for (i, r) in want.into_iter().zip(got) {
                 match r {
                     Ok(d) => {
@@ -160,7 +254,7 @@ impl Nodes {
             match miss {
                 Miss::Data(e) => {
                     self.bad.lock().unwrap_or_else(|e| e.into_inner()).push(BadServe {
-                        node: primary.clone(),
+                        node: asked_name.clone(),
                         chunk: ids[i].to_string(),
                         error: e.clone(),
                         recovered_from: from[i].clone(),
@@ -179,9 +273,9 @@ impl Nodes {
         }
         if let Some((error, continued_from)) = node_error {
             let mut f = self.failovers.lock().unwrap_or_else(|e| e.into_inner());
-            if !f.iter().any(|x| x.node == primary) {
-                tracing::warn!(node = %primary, %error, continued = ?continued_from, "the node stopped answering");
-                f.push(Failover { node: primary, error, continued_from });
+            if !f.iter().any(|x| x.node == asked_name) {
+                tracing::warn!(node = %asked_name, %error, continued = ?continued_from, "the node stopped answering");
+                f.push(Failover { node: asked_name, error, continued_from });
             }
         }
         out
@@ -189,14 +283,16 @@ impl Nodes {
 
     /// Closes every connection (waiting for the closing handshake of the primary only).
     pub async fn close(self) {
-        for (_, c) in self.others.into_inner() {
+        let Nodes { primary, others, stripe, .. } = self;
+        drop(stripe);
+        for (_, c) in others.into_inner() {
             if let Conn::Up(c) = c
                 && let Ok(c) = Arc::try_unwrap(c)
             {
                 c.close().await;
             }
         }
-        if let Ok(c) = Arc::try_unwrap(self.primary) {
+        if let Ok(c) = Arc::try_unwrap(primary) {
             c.close().await;
         }
     }

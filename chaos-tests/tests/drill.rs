@@ -262,6 +262,16 @@ fn restores_and_drills_read_past_a_node_that_serves_damaged_chunks_or_dies() {
     let check = r["checks"].as_array().unwrap().iter().find(|c| c["name"] == "embassy nodes").expect("nodes check");
     assert!(check["detail"].as_str().unwrap().contains(&format!("2 chunk(s) served damaged by {n1}")), "{check}");
 
+    // With n1 alone there is no good copy: the drill fails and names the files and chunks.
+    let o = drill(&w, &nodes[0], "rnpp", &["--no-record", "--parallel", "1"]);
+    let r = json(&o);
+    assert_eq!((o.status.code(), r["verdict"].as_str()), (Some(1), Some("FAIL")), "{r:#}");
+    let problems: Vec<&str> =
+        r["checks"][0]["problems"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
+    assert_eq!(problems.len(), 2, "{r:#}");
+    assert!(problems.iter().any(|p| p.starts_with(victim) && p.contains("chunk ")), "{problems:?}");
+    assert!(problems.iter().any(|p| p.starts_with(liar) && p.contains("authentication failed")), "{problems:?}");
+
     // n1 dies after its third chunk request: the restore goes on from another node.
     nodes[0].restart_with_env(&[("EXCLAVE_TEST_CRASH_AT", "get-chunks:3")]);
     let to = w.path("restored-2");

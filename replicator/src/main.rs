@@ -237,6 +237,10 @@ async fn run_node(cfg: config::NodeConfig) -> Result<()> {
         in_flight: Default::default(),
         tenant_in_flight: Default::default(),
     });
+    {
+        let (m, raft, peers) = (metrics.clone(), raft.clone(), peers.clone());
+        metrics.refresh_raft_on_scrape(move || m.raft_state(&raft.view(), raft.id, |id| peers.name_of(id)));
+    }
     if let Some(addr) = cfg.metrics {
         let ready_node = node.clone();
         let registries = vec![metrics.registry.clone(), exclave::http::process_registry("exclave-replicator")?];

@@ -8,8 +8,31 @@ use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
+type Refresh = std::sync::Arc<std::sync::Mutex<Option<Box<dyn Fn() + Send + Sync>>>>;
+
+/// Gauges brought up to date from live state at each scrape, so that a scrape never shows
+/// what was true seconds before (a node just elected, a member just added).
+struct OnScrape {
+    refresh: Refresh,
+    inner: IntGaugeVec,
+}
+
+impl prometheus::core::Collector for OnScrape {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.inner.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        if let Some(f) = self.refresh.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            f();
+        }
+        self.inner.collect()
+    }
+}
+
 #[derive(Clone)]
 pub struct NodeMetrics {
+    raft_refresh: Refresh,
     pub registry: Registry,
     sessions: IntCounterVec,
     read_bytes: IntCounterVec,
@@ -156,7 +179,8 @@ impl NodeMetrics {
             &["peer"],
         )?;
         registry.register(Box::new(commit_seconds.clone()))?;
-        registry.register(Box::new(raft.clone()))?;
+        let raft_refresh: Refresh = Default::default();
+        registry.register(Box::new(OnScrape { refresh: raft_refresh.clone(), inner: raft.clone() }))?;
         registry.register(Box::new(chunks_missing.clone()))?;
         registry.register(Box::new(chunks_backfilled.clone()))?;
         registry.register(Box::new(peer_contact.clone()))?;
@@ -242,6 +266,7 @@ impl NodeMetrics {
         registry.register(Box::new(read_bytes.clone()))?;
         registry.register(Box::new(audit_errors.clone()))?;
         Ok(NodeMetrics {
+            raft_refresh,
             sessions,
             read_bytes,
             audit_errors,
@@ -379,6 +404,11 @@ impl NodeMetrics {
     pub fn backfill(&self, missing: u64, fetched: u64) {
         self.chunks_missing.set(missing as i64);
         self.chunks_backfilled.inc_by(fetched);
+    }
+
+    /// Sets how the Raft gauges are refreshed at each scrape (`raft_state` with the live view).
+    pub fn refresh_raft_on_scrape(&self, f: impl Fn() + Send + Sync + 'static) {
+        *self.raft_refresh.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(f));
     }
 
     /// Publishes the Raft member's state and when each peer was last heard from.

@@ -66,6 +66,14 @@ enum Cmd {
         source: String,
         /// The WAL file (`%p`).
         file: PathBuf,
+        /// Also push up to N-1 later segments PostgreSQL has marked ready, in parallel, so
+        /// that its next calls return at once (needs `--spool`).
+        #[arg(long, default_value_t = 1)]
+        ahead: usize,
+        /// Where the markers of segments pushed ahead are kept: a directory the server's user
+        /// can write (e.g. /var/lib/exclave-agent/wal-ahead).
+        #[arg(long)]
+        spool: Option<PathBuf>,
     },
     /// Print or compare a database's verification facts (tables, row counts, checksums).
     ///
@@ -96,7 +104,7 @@ enum Cmd {
     },
 }
 
-#[derive(Args, Debug, Default)]
+#[derive(Args, Debug, Default, Clone)]
 pub struct BackupArgs {
     #[command(flatten)]
     pub conn: ConnArgs,
@@ -141,7 +149,7 @@ pub struct BackupArgs {
 }
 
 /// Where to upload and as whom; the config supplies what the flags do not.
-#[derive(Args, Debug, Default)]
+#[derive(Args, Debug, Default, Clone)]
 pub struct ConnArgs {
     /// Settings file with named sources (see deploy/agent.example.toml).
     #[arg(long)]
@@ -195,11 +203,9 @@ fn run(cli: Cli) -> Result<i32> {
             rt.block_on(daemon::run(config))
         }
         Cmd::Status { config, json } => daemon::status(config.as_deref(), json),
-        Cmd::WalPush { conn, source, file } => {
-            let args =
-                BackupArgs { conn, source: Some(source), quiet: true, wal_file: Some(file), ..BackupArgs::default() };
+        Cmd::WalPush { conn, source, file, ahead, spool } => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(backup::run(args))
+            rt.block_on(wal_push(conn, source, file, ahead, spool))
         }
         Cmd::Facts { postgres, sqlite, compare } => {
             let now = backup::now_secs();
@@ -243,4 +249,47 @@ fn run(cli: Cli) -> Result<i32> {
             rt.block_on(backup::run(*args))
         }
     }
+}
+
+/// `wal-push`: archives `file`, and with `--spool` also pushes ready segments ahead (see
+/// `wal::ahead`). The exit code is that of `file`'s push alone.
+async fn wal_push(conn: ConnArgs, source: String, file: PathBuf, ahead: usize, spool: Option<PathBuf>) -> Result<i32> {
+    let args = |f: PathBuf| BackupArgs {
+        conn: conn.clone(),
+        source: Some(source.clone()),
+        quiet: true,
+        wal_file: Some(f),
+        ..BackupArgs::default()
+    };
+    let Some(spool) = spool else { return backup::run(args(file)).await };
+    let name = file.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+    std::fs::create_dir_all(&spool).with_context(|| format!("creating {}", spool.display()))?;
+    wal::ahead::drop_older(&spool, &name);
+    if wal::ahead::was_pushed(&spool, &name, &file)? {
+        println!("archived {name} (pushed ahead, unchanged)");
+        return Ok(0);
+    }
+    let pg_wal = file.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+    let others = wal::ahead::ready_after(&pg_wal, &name, ahead.saturating_sub(1));
+    let pushes = others.into_iter().map(|f| {
+        let (a, spool) = (args(f.clone()), spool.clone());
+        async move {
+            let seg = f.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+            let fp = match wal::ahead::fingerprint(&f) {
+                Ok(fp) => fp,
+                Err(e) => return tracing::debug!(segment = %seg, error = %e, "not pushed ahead"),
+            };
+            match backup::run(a).await {
+                Ok(0) => {
+                    if let Err(e) = wal::ahead::record(&spool, &seg, &fp) {
+                        tracing::warn!(segment = %seg, error = %e, "pushed ahead, but the marker could not be written");
+                    }
+                }
+                // PostgreSQL will ask for it, and that call reports what is wrong.
+                other => tracing::debug!(segment = %seg, result = ?other, "not pushed ahead"),
+            }
+        }
+    });
+    let (code, _) = futures::join!(backup::run(args(file)), futures::future::join_all(pushes));
+    code
 }

@@ -13,15 +13,42 @@ use exclave_chaos_tests::*;
 
 /// A server whose archive_command pushes WAL to `nodes` as source `pg`.
 fn archiving_server(w: &World, nodes: &[std::net::SocketAddr]) -> PgServer {
+    archiving_server_with(w, nodes, false)
+}
+
+/// As `archiving_server`; with `ahead`, each call also pushes up to three ready segments.
+fn archiving_server_with(w: &World, nodes: &[std::net::SocketAddr], ahead: bool) -> PgServer {
     let mut pg = PgServer::init("");
     let (agent, cfg, _, _) = pg.share_client(w, "exclave-agent", nodes);
+    let extra = if ahead {
+        let spool = pg.dir.path().join("wal-ahead");
+        std::fs::create_dir_all(&spool).unwrap();
+        pg.own(&spool);
+        format!("--ahead 4 --spool {} ", spool.display())
+    } else {
+        String::new()
+    };
     pg.configure(&format!(
-        "wal_level = replica\narchive_mode = on\narchive_command = '{} wal-push --config {} --source pg %p'\n",
+        "wal_level = replica\narchive_mode = on\narchive_command = '{} wal-push --config {} --source pg {extra}%p'\n",
         agent.display(),
         cfg.display()
     ));
     pg.start_existing();
     pg
+}
+
+/// Every segment from `first` to `last` is in the archive of `pg`.
+fn assert_all_archived(w: &World, node: &Node, first: &str, last: &str) {
+    let ids = w.snapshot_ids(node, "pg.wal");
+    let seg_no = |name: &str| {
+        u64::from_str_radix(&name[8..16], 16).unwrap() * 0x100 + u64::from_str_radix(&name[16..24], 16).unwrap()
+    };
+    let mut have: Vec<u64> =
+        ids.iter().filter_map(|i| exclave::wal::file_name(i)).filter(|n| n.len() == 24).map(seg_no).collect();
+    have.sort();
+    for n in seg_no(first)..=seg_no(last) {
+        assert!(have.binary_search(&n).is_ok(), "segment {n:x} missing from the archive: {ids:?}");
+    }
 }
 
 /// Forces a WAL switch and waits until the archiver has stored the switched segment.
@@ -151,16 +178,9 @@ fn archiving_fails_while_the_cluster_is_unreachable_and_loses_no_segment() {
     let last = switch_and_wait_archived(&pg, Duration::from_secs(120));
 
     // Every segment from the first to the last is in the archive, the held one included.
+    assert_all_archived(&w, &node, &first, &last);
     let ids = w.snapshot_ids(&node, "pg.wal");
-    let seg_no = |name: &str| {
-        u64::from_str_radix(&name[8..16], 16).unwrap() * 0x100 + u64::from_str_radix(&name[16..24], 16).unwrap()
-    };
     let names: Vec<&str> = ids.iter().filter_map(|i| exclave::wal::file_name(i)).collect();
-    let mut have: Vec<u64> = names.iter().filter(|n| n.len() == 24).map(|n| seg_no(n)).collect();
-    have.sort();
-    for n in seg_no(&first)..=seg_no(&last) {
-        assert!(have.binary_search(&n).is_ok(), "segment {n:x} missing from the archive: {ids:?}");
-    }
     assert!(names.contains(&held.to_ascii_lowercase().as_str()));
 
     // wal-fetch gives the archived file back; a name not archived is answered with exit 1.
@@ -362,4 +382,25 @@ fn a_recovery_follows_a_promoted_timeline_through_its_history_file() {
     three.wait_for("postgres", "SELECT pg_is_in_recovery()", "f", Duration::from_secs(120));
     assert_eq!(three.psql("postgres", "SELECT tl, count(*) FROM t GROUP BY tl ORDER BY tl"), "one|1000\ntwo|500");
     assert_eq!(three.psql("postgres", "SELECT timeline_id FROM pg_control_checkpoint()"), "3");
+}
+
+#[test]
+fn archiving_pushes_ready_segments_ahead_and_loses_none() {
+    let w = World::new();
+    let node = w.start_node("n1");
+    let pg = archiving_server_with(&w, &[node.addr], true);
+    pg.psql("postgres", "CREATE TABLE t (i int)");
+    let first = pg.psql("postgres", "SELECT pg_walfile_name(pg_current_wal_lsn())");
+    // Segments switched faster than one push each: they wait as .ready for the archiver.
+    for _ in 0..8 {
+        pg.psql("postgres", "INSERT INTO t SELECT generate_series(1, 1000); SELECT pg_switch_wal()");
+    }
+    let last = switch_and_wait_archived(&pg, Duration::from_secs(120));
+    assert_eq!(pg.psql("postgres", "SELECT failed_count FROM pg_stat_archiver"), "0", "{}", pg.log());
+    assert!(pg.log().contains("pushed ahead, unchanged"), "no call was answered from a push ahead:\n{}", pg.log());
+    assert_all_archived(&w, &node, &first, &last);
+    // What was pushed ahead is the segment itself: a recovery from it is exact.
+    let dest = w.path("fetched");
+    ok(run(w.restore_cmd(&node, "wal-fetch").args(["--source", "pg", &last]).arg(&dest)));
+    assert_eq!(std::fs::metadata(&dest).unwrap().len(), 16 << 20);
 }

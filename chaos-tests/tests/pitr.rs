@@ -217,6 +217,12 @@ fn archiving_fails_while_the_cluster_is_unreachable_and_loses_no_segment() {
         run(w.restore_cmd(&node, "wal-fetch").args(["--source", "pg", "0000000100000000000000FF"]).arg(w.path("none")));
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("not in the WAL archive"), "{}", stderr(&o));
+
+    // No node to fetch from is not "not archived": PostgreSQL must stop recovery, not promote.
+    node.stop();
+    let o = run(w.restore_cmd(&node, "wal-fetch").args(["--source", "pg", &held]).arg(w.path("unreachable")));
+    assert_eq!(o.status.code(), Some(255), "{}", stderr(&o));
+    assert!(stderr(&o).contains("recovery stops here"), "{}", stderr(&o));
 }
 
 /// `exclave-restore drill` of the source's base backups, as root, with the drill's own

@@ -158,7 +158,9 @@ enum Cmd {
     },
     /// Fetch one archived WAL file (PostgreSQL's restore_command; `pitr` writes it).
     ///
-    /// Exits 1 when the archive does not hold FILE.
+    /// Exits 1 when the archive does not hold FILE (PostgreSQL then ends recovery there), 255
+    /// when it could not be fetched (no node, a damaged file: PostgreSQL stops recovery
+    /// rather than promote without it).
     WalFetch {
         #[command(flatten)]
         conn: Conn,
@@ -464,7 +466,16 @@ async fn run(cli: Cli) -> Result<i32> {
                 spool: spool.as_deref(),
                 consistent: conn.consistent,
             };
-            wal_fetch::run(ask, || open(&conn)).await
+            match wal_fetch::run(ask, || open(&conn)).await {
+                Ok(code) => Ok(code),
+                // PostgreSQL takes exit 1 for "not archived" and would end recovery there,
+                // promoting without the WAL it could not get; above 125 it stops recovery.
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    eprintln!("exit {WAL_FETCH_FAILED}: recovery stops here instead of ending early without this file");
+                    Ok(WAL_FETCH_FAILED)
+                }
+            }
         }
         Cmd::Keys(cmd) => keys::run(cmd),
         Cmd::Drill {
@@ -660,6 +671,9 @@ async fn list_drills(conn: Conn, source: Option<String>, json: bool) -> Result<i
     println!("{} drill(s)", list.len());
     Ok(0)
 }
+
+/// `wal-fetch`'s exit code when it failed (not: the file is not archived, exit 1).
+const WAL_FETCH_FAILED: i32 = 255;
 
 /// Segments a `pitr` restore command fetches per trip to the cluster, and where it keeps them.
 const PREFETCH: usize = 8;

@@ -17,7 +17,8 @@
 //!                 the server starts. A name not in it is "not found" at once: that is how
 //!                 PostgreSQL learns where the archive ends and which timelines exist.
 //! NAME            a WAL file, lower case, complete (written as .part-NAME, then renamed)
-//! fetch.failed    the first download error: every request not yet served then fails
+//! fetch.failed    the first download error: every request not yet served then fails with
+//!                 255, which stops recovery (1 would make PostgreSQL promote without it)
 //! fetch.sh        the restore_command
 //! ```
 //!
@@ -49,7 +50,7 @@ d=$(dirname "$0")
 n=$(printf '%s' "$1" | tr 'A-Z' 'a-z')
 grep -qx "$n" "$d/archive.list" || exit 1
 while [ ! -f "$d/$n" ]; do
-  [ -f "$d/fetch.failed" ] && exit 1
+  [ -f "$d/fetch.failed" ] && exit 255
   sleep 0.05
 done
 exec cp "$d/$n" "$2"

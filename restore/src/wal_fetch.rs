@@ -66,7 +66,11 @@ fn from_spool(spool: &Path, file: &str, dest: &Path) -> Result<bool> {
         return Ok(false);
     }
     if blake3_file(&data)? == expected.trim() {
-        std::fs::rename(&data, dest).with_context(|| format!("moving {file} to {}", dest.display()))?;
+        // A spool on another file system than PostgreSQL's cannot rename into it: copy.
+        if std::fs::rename(&data, dest).is_err() {
+            std::fs::copy(&data, dest).with_context(|| format!("copying {file} to {}", dest.display()))?;
+            let _ = std::fs::remove_file(&data);
+        }
         let _ = std::fs::remove_file(&sum);
         return Ok(true);
     }
@@ -161,9 +165,16 @@ where
     if let Some(spool) = ask.spool {
         std::fs::create_dir_all(spool).with_context(|| format!("creating the prefetch spool {}", spool.display()))?;
         drop_older(spool, ask.file);
-        if from_spool(spool, ask.file, ask.dest)? {
-            eprintln!("{} restored from the prefetch spool", ask.file);
-            return Ok(0);
+        match from_spool(spool, ask.file, ask.dest) {
+            Ok(true) => {
+                eprintln!("{} restored from the prefetch spool", ask.file);
+                return Ok(0);
+            }
+            Ok(false) => {}
+            // The spool is only a shortcut: the cluster still has the file.
+            Err(e) => {
+                eprintln!("warning: the prefetch spool {} failed: {e:#}; fetching from the cluster", spool.display())
+            }
         }
     }
     let (nodes, keys) = connect().await?;

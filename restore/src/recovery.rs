@@ -40,8 +40,8 @@ use futures::StreamExt;
 use serde::Serialize;
 
 use crate::drill::{Check, Phase};
-use crate::engine::{format_time, human, restore_into};
-use crate::{pg, pitr, writer};
+use crate::engine::{format_time, human};
+use crate::{pg, pitr};
 
 /// The restore_command: `fetch.sh %f "%p"`.
 const FETCH_SCRIPT: &str = r#"#!/bin/sh
@@ -168,21 +168,12 @@ async fn fetch_one(
     name: &str,
     spool: &Path,
 ) -> Result<u64> {
-    let staging = tempfile::Builder::new().prefix(".part-").tempdir_in(spool)?;
-    let w = writer::Writer::new(Some(staging.path().to_path_buf()), false);
-    let (_, report) = restore_into(client, keys, snap, w, 2).await?;
-    if let Some(f) = report.failures.first() {
-        bail!("failed verification: {}", f.error);
-    }
-    let file = std::fs::read_dir(staging.path())?
-        .flatten()
-        .find(|e| e.file_name().to_string_lossy().eq_ignore_ascii_case(name))
-        .with_context(|| format!("the archived snapshot {} does not hold it", snap.id))?;
-    let bytes = file.metadata()?.len();
+    let part = crate::wal_fetch::fetch_to(client, keys, snap, name, spool).await?;
+    let bytes = std::fs::metadata(&part)?.len();
     // Archived from pg_wal, the file is 0600: the server's user must read it.
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(file.path(), std::fs::Permissions::from_mode(0o644))?;
-    std::fs::rename(file.path(), spool.join(name))?;
+    std::fs::set_permissions(&part, std::fs::Permissions::from_mode(0o644))?;
+    std::fs::rename(&part, spool.join(name))?;
     Ok(bytes)
 }
 

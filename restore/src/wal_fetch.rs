@@ -92,8 +92,9 @@ fn drop_older(spool: &Path, file: &str) {
     }
 }
 
-/// Fetches the WAL file of `snap` named `name` (verified) into `dir` under that name.
-async fn fetch_to(
+/// Fetches the WAL file of `snap` named `name`, verified, into `dir` under a temporary name
+/// (returned) for the caller to rename into place.
+pub async fn fetch_to(
     nodes: &Arc<Nodes>,
     keys: &TenantKeys,
     snap: &SnapshotInfo,

@@ -12,6 +12,14 @@ pub fn completions(mut cmd: clap::Command, shell: Shell) {
     clap_complete::generate(shell, &mut cmd, name, &mut std::io::stdout());
 }
 
+/// `man --out DIR` of every program: writes the pages and prints each path.
+pub fn print_man_pages(cmd: clap::Command, dir: &Path) -> std::io::Result<()> {
+    for p in man_pages(cmd, dir)? {
+        println!("{}", p.display());
+    }
+    Ok(())
+}
+
 /// Writes one man page per command and subcommand into `dir` (`exclave-agent.1`,
 /// `exclave-agent-backup.1`, ...) and returns their paths.
 pub fn man_pages(cmd: clap::Command, dir: &Path) -> std::io::Result<Vec<PathBuf>> {

@@ -192,9 +192,7 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Man { out } => {
-            for p in exclave::cli::man_pages(<Cli as clap::CommandFactory>::command(), &out)? {
-                println!("{}", p.display());
-            }
+            exclave::cli::print_man_pages(<Cli as clap::CommandFactory>::command(), &out)?;
             Ok(0)
         }
         Cmd::Keys(cmd) => keys::run(cmd),

@@ -410,9 +410,7 @@ async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Man { out } => {
-            for p in exclave::cli::man_pages(<Cli as clap::CommandFactory>::command(), &out)? {
-                println!("{}", p.display());
-            }
+            exclave::cli::print_man_pages(<Cli as clap::CommandFactory>::command(), &out)?;
             Ok(0)
         }
         Cmd::Snapshots { conn, source, json } => {

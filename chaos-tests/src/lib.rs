@@ -707,3 +707,21 @@ impl Drop for Unmount {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
+
+/// Sends SIGTERM to `child` and waits up to `timeout` for it to exit; its exit code. Panics
+/// naming `what` if it is still running then.
+pub fn sigterm_and_wait(child: &mut Child, timeout: Duration, what: &str) -> Option<i32> {
+    // Sending a signal to our own child cannot violate memory safety.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            return st.code();
+        }
+        assert!(Instant::now() < deadline, "{what} ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -157,19 +157,7 @@ paths = ["{docs}"]
     assert_same_tree(&docs, &to.join("docs"));
 
     // SIGTERM: the daemon stops cleanly and says so.
-    // Sending a signal to our own child cannot violate memory safety.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::kill(daemon.id() as i32, libc::SIGTERM);
-    }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let code = loop {
-        if let Some(st) = daemon.try_wait().unwrap() {
-            break st.code();
-        }
-        assert!(Instant::now() < deadline, "daemon ignored SIGTERM");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let code = sigterm_and_wait(&mut daemon, Duration::from_secs(20), "daemon");
     assert_eq!(code, Some(0));
     let (code, s) = status(&cfg);
     assert_eq!(s["daemon"], "stopped");

@@ -393,19 +393,7 @@ schedule = "0 3 1 * *"
     assert!(reports.iter().any(|e| e.file_name().to_string_lossy().starts_with("drill-registry-")), "{reports:?}");
 
     // SIGTERM: it stops cleanly, and status says so.
-    // Sending a signal to our own child cannot violate memory safety.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::kill(daemon.id() as i32, libc::SIGTERM);
-    }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let code = loop {
-        if let Some(st) = daemon.try_wait().unwrap() {
-            break st.code();
-        }
-        assert!(Instant::now() < deadline, "the drill daemon ignored SIGTERM");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let code = sigterm_and_wait(&mut daemon, Duration::from_secs(20), "the drill daemon");
     assert_eq!(code, Some(0));
     let (code, s) = drill_status(&cfg);
     assert_eq!((code, s["daemon"].as_str()), (Some(1), Some("stopped")));

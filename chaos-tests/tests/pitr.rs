@@ -51,6 +51,18 @@ fn assert_all_archived(w: &World, node: &Node, first: &str, last: &str) {
     }
 }
 
+/// A base backup of `pg` as snapshot source `pg` (its WAL is archived as `pg.wal`).
+fn base_backup(w: &World, node: &Node, pg: &PgServer) -> std::process::Output {
+    w.backup_as(
+        node,
+        "rnpp",
+        "lux.key",
+        "pg",
+        &[],
+        &["--postgres", &pg.conn("postgres"), "--pg-base", "--pg-bin", pg.bin.to_str().unwrap()],
+    )
+}
+
 /// Forces a WAL switch and waits until the archiver has stored the switched segment.
 fn switch_and_wait_archived(pg: &PgServer, timeout: Duration) -> String {
     let seg = pg.psql("postgres", "SELECT pg_walfile_name(pg_switch_wal())");
@@ -101,14 +113,7 @@ fn point_in_time_restore_recovers_exactly_what_was_committed_before_t() {
     pg.psql("postgres", "CREATE DATABASE bench");
     ok(run(Command::new(pg.bin.join("pgbench")).args(["-i", "-q", "-s", "1"]).arg(pg.conn("bench"))));
 
-    let base = json(&ok(w.backup_as(
-        &node,
-        "rnpp",
-        "lux.key",
-        "pg",
-        &[],
-        &["--postgres", &pg.conn("postgres"), "--pg-base", "--pg-bin", pg.bin.to_str().unwrap()],
-    )));
+    let base = json(&ok(base_backup(&w, &node, &pg)));
     assert!(base["files"].as_u64().unwrap() > 100, "{base}");
 
     pgbench(&pg, &["-T", "4", "-c", "2"]);
@@ -238,14 +243,7 @@ fn a_pitr_drill_recovers_to_the_target_and_to_the_end_and_fails_past_the_archive
     let pg = archiving_server(&w, &[node.addr]);
     pg.psql("postgres", "CREATE DATABASE bench");
     ok(run(Command::new(pg.bin.join("pgbench")).args(["-i", "-q", "-s", "1"]).arg(pg.conn("bench"))));
-    let base = json(&ok(w.backup_as(
-        &node,
-        "rnpp",
-        "lux.key",
-        "pg",
-        &[],
-        &["--postgres", &pg.conn("postgres"), "--pg-base", "--pg-bin", pg.bin.to_str().unwrap()],
-    )));
+    let base = json(&ok(base_backup(&w, &node, &pg)));
     pgbench(&pg, &["-T", "3", "-c", "2"]);
     std::thread::sleep(Duration::from_millis(1500));
     let t = pg.psql("postgres", "SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')");
@@ -353,14 +351,7 @@ fn a_recovery_follows_a_promoted_timeline_through_its_history_file() {
     let node = w.start_node("n1");
     let mut pg = archiving_server(&w, &[node.addr]);
     pg.psql("postgres", "CREATE TABLE t (i int, tl text)");
-    ok(w.backup_as(
-        &node,
-        "rnpp",
-        "lux.key",
-        "pg",
-        &[],
-        &["--postgres", &pg.conn("postgres"), "--pg-base", "--pg-bin", pg.bin.to_str().unwrap()],
-    ));
+    ok(base_backup(&w, &node, &pg));
     pg.psql("postgres", "INSERT INTO t SELECT generate_series(1, 1000), 'one'");
     switch_and_wait_archived(&pg, Duration::from_secs(60));
     pg.stop();

@@ -6,6 +6,14 @@
 //! lower case behind 12 hex digits of BLAKE3 of the source name:
 //! `3fa2c1d09b7e-000000010000000000000003`. The id makes a file addressable by name
 //! (`FindSnapshot`) and a second push of the same file a no-op.
+//!
+//! A segment still being written, shipped by the agent's WAL stream, is archived as
+//! `SEGMENT.streamed.LLLLLLLL` (L: how many bytes of the segment had been received, 8 hex
+//! digits): each shipped version is a file of its own, never a replacement, so no archived
+//! name ever changes content. Recovery asks for `SEGMENT`; it is served the complete segment
+//! when one is archived, else the longest streamed version (`serving`). A streamed file is
+//! the whole segment as `pg_receivewal` keeps it, zeros past L, so PostgreSQL reads it as a
+//! segment whose WAL ends early.
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WalNameError {
@@ -43,6 +51,48 @@ pub fn file_name(id: &str) -> Option<&str> {
     id.split_once('-').map(|(_, name)| name)
 }
 
+/// Whether `name` is a WAL segment's name (24 hex digits: timeline, log, segment).
+pub fn is_segment(name: &str) -> bool {
+    name.len() == 24 && name.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The archive name of a streamed version of `segment` holding its first `len` bytes.
+pub fn streamed_name(segment: &str, len: u64) -> String {
+    format!("{segment}.streamed.{len:08x}")
+}
+
+/// The segment and length of a streamed version's name (any case).
+pub fn parse_streamed(name: &str) -> Option<(&str, u64)> {
+    let (segment, len) = name.split_once(".streamed.")?;
+    let len = (len.len() == 8).then(|| u64::from_str_radix(len, 16).ok()).flatten()?;
+    is_segment(segment).then_some((segment, len))
+}
+
+/// For each name recovery may ask for, the archived file that serves it: itself, or for a
+/// segment with no complete copy its longest streamed version. Streamed names are never
+/// asked for themselves. Names are compared in lower case.
+pub fn serving(archived: &[String]) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut longest: std::collections::BTreeMap<String, (u64, String)> = std::collections::BTreeMap::new();
+    for name in archived {
+        match parse_streamed(name) {
+            Some((seg, len)) => {
+                let e = longest.entry(seg.to_ascii_lowercase()).or_insert((len, name.clone()));
+                if len > e.0 {
+                    *e = (len, name.clone());
+                }
+            }
+            None => {
+                out.insert(name.to_ascii_lowercase(), name.clone());
+            }
+        }
+    }
+    for (seg, (_, name)) in longest {
+        out.entry(seg).or_insert(name);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,5 +110,32 @@ mod tests {
         assert!(snapshot_id("x", "../00000001").is_err());
         assert_eq!(catalog_source("rnpp-db").unwrap(), "rnpp-db.wal");
         assert!(catalog_source(&"x".repeat(61)).is_err());
+    }
+
+    #[test]
+    fn streamed_versions_serve_a_segment_only_until_it_is_complete() {
+        let v = streamed_name("00000001000000000000000A", 0x1234);
+        assert_eq!(v, "00000001000000000000000A.streamed.00001234");
+        assert_eq!(parse_streamed(&v), Some(("00000001000000000000000A", 0x1234)));
+        assert!(crate::identity::check_name("id", &snapshot_id(&"s".repeat(60), &v).unwrap()).is_ok());
+        assert_eq!(parse_streamed("00000001000000000000000A.partial"), None);
+        assert_eq!(parse_streamed("0000000100000000000000.streamed.00001234"), None);
+        let names: Vec<String> = [
+            "00000002.history",
+            "000000010000000000000009",
+            "00000001000000000000000a.streamed.00001000",
+            "00000001000000000000000a",
+            "00000001000000000000000b.streamed.00002000",
+            "00000001000000000000000b.streamed.00009000",
+            "00000001000000000000000b.streamed.00003000",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let s = serving(&names);
+        assert_eq!(s.len(), 4, "{s:?}");
+        assert_eq!(s["00000001000000000000000a"], "00000001000000000000000a", "a complete segment wins");
+        assert_eq!(s["00000001000000000000000b"], "00000001000000000000000b.streamed.00009000", "the longest wins");
+        assert_eq!(s["00000002.history"], "00000002.history");
     }
 }

@@ -83,6 +83,8 @@ fn snapshot_id(time: i64) -> String {
 struct Resolved {
     /// `wal-push`: the WAL file to archive (the snapshot id is its name).
     wal: Option<std::path::PathBuf>,
+    /// The name to archive `wal` under, when not its file name (a streamed version).
+    wal_name: Option<String>,
     /// Where runs of a configured source take their lock (the daemon's state directory).
     lock_dir: Option<std::path::PathBuf>,
     nodes: Vec<std::net::SocketAddr>,
@@ -168,6 +170,7 @@ fn resolve(a: &BackupArgs) -> Result<Resolved> {
     Ok(Resolved {
         lock_dir: a.conn.config.as_ref().map(|_| cfg.state_dir().join("locks")),
         wal: a.wal_file.clone(),
+        wal_name: None,
         nodes,
         tls,
         keys,
@@ -284,6 +287,7 @@ async fn attempt(
     // Preparing may talk to a database with a blocking client: off the async threads.
     let prepared = if let Some(path) = &r.wal {
         let (name, data) = crate::wal::read(path).map_err(|e| (None, e))?;
+        let name = r.wal_name.clone().unwrap_or(name);
         id = exclave::wal::snapshot_id(&r.source, &name).map_err(|e| (None, e.into()))?;
         source::Prepared { items: vec![Item::Bytes { name, data, mtime: 0 }], hold: Vec::new() }
     } else {
@@ -401,29 +405,48 @@ fn lock_source(dir: &std::path::Path, source: &str) -> Result<SourceLock> {
     }
 }
 
-pub async fn run(a: BackupArgs) -> Result<i32> {
-    let r = resolve(&a)?;
-    let _lock = match (&r.lock_dir, &r.wal) {
-        (Some(dir), None) => lock_source(dir, &r.source)?,
-        _ => SourceLock(None),
-    };
-    let started = Instant::now();
-    // Another node can take over if the one in use fails mid-run: the backup is run again
-    // there, and the chunks already on a write quorum are not sent twice.
+/// What a backup that committed gave.
+struct Done {
+    client: Arc<exclave::client::NodeClient>,
+    node: String,
+    stats: Arc<Stats>,
+    warnings: Vec<String>,
+    committed: SnapshotInfo,
+    commit_secs: f64,
+    tables: Option<usize>,
+    retention: Option<String>,
+    attempts: usize,
+    resends: usize,
+}
+
+/// Runs attempts until one commits: on another node when the one in use failed mid-run (the
+/// chunks already on a write quorum are not sent twice), and again when garbage collection
+/// took chunks this backup had been told were stored.
+async fn attempts(r: &Resolved, a: &BackupArgs) -> Result<Done> {
     let mut order = r.nodes.clone();
     let mut attempts = 0usize;
     let mut resends = 0usize;
-    let (client, node, stats, warnings, committed, commit_secs, tables, retention) = loop {
+    loop {
         attempts += 1;
         let stats = Arc::new(Stats::default());
-        let result = attempt(&r, &a, &order, stats.clone()).await;
-        match result {
+        match attempt(r, a, &order, stats.clone()).await {
             Ok((client, warnings, committed, commit_secs, tables, retention)) => {
                 let node = client.addr().to_string();
-                break (client, node, stats, warnings, committed, commit_secs, tables, retention);
+                return Ok(Done {
+                    client,
+                    node,
+                    stats,
+                    warnings,
+                    committed,
+                    commit_secs,
+                    tables,
+                    retention,
+                    attempts,
+                    resends,
+                });
             }
-            // The cluster collected chunks this backup was told it had (they belonged only to
-            // forgotten snapshots): running it again sends what the cluster lacks now.
+            // The chunks belonged only to forgotten snapshots: running it again sends what
+            // the cluster lacks now.
             Err((_, e)) if resends < MISSING_RESENDS && chunks_went_missing(&e) => {
                 resends += 1;
                 attempts -= 1;
@@ -445,7 +468,51 @@ pub async fn run(a: BackupArgs) -> Result<i32> {
             }
             Err((_, e)) => return Err(e),
         }
+    }
+}
+
+/// Archives WAL files for the daemon's WAL stream (`crate::stream`): settings and credentials
+/// are resolved once (a sealed key is unsealed once, not per file); each push is the same
+/// commit as `wal-push`'s.
+pub struct WalPusher {
+    r: Resolved,
+}
+
+impl WalPusher {
+    pub fn new(config: &std::path::Path, source: &str) -> Result<WalPusher> {
+        let a = BackupArgs {
+            conn: crate::ConnArgs { config: Some(config.to_path_buf()), ..Default::default() },
+            source: Some(source.to_string()),
+            quiet: true,
+            wal_file: Some(std::path::PathBuf::new()),
+            ..BackupArgs::default()
+        };
+        Ok(WalPusher { r: resolve(&a)? })
+    }
+
+    /// Archives the file at `path` as `name`, durably (acknowledged by the cluster); returns
+    /// the envelope bytes uploaded.
+    pub async fn push(&mut self, path: &std::path::Path, name: &str) -> Result<u64> {
+        self.r.wal = Some(path.to_path_buf());
+        self.r.wal_name = Some(name.to_string());
+        let done = attempts(&self.r, &BackupArgs { quiet: true, ..BackupArgs::default() }).await?;
+        let uploaded = Stats::get(&done.stats.uploaded_bytes);
+        if let Ok(c) = Arc::try_unwrap(done.client) {
+            c.close().await;
+        }
+        Ok(uploaded)
+    }
+}
+
+pub async fn run(a: BackupArgs) -> Result<i32> {
+    let r = resolve(&a)?;
+    let _lock = match (&r.lock_dir, &r.wal) {
+        (Some(dir), None) => lock_source(dir, &r.source)?,
+        _ => SourceLock(None),
     };
+    let started = Instant::now();
+    let Done { client, node, stats, warnings, committed, commit_secs, tables, retention, attempts, resends } =
+        attempts(&r, &a).await?;
     let g = |c: &std::sync::atomic::AtomicU64| Stats::get(c);
     let duration = started.elapsed();
     if let Ok(c) = Arc::try_unwrap(client) {

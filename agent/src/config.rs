@@ -44,8 +44,9 @@ pub enum SourceKind {
     /// Files and directories (`paths`).
     #[default]
     Path,
-    /// A PostgreSQL database (`connection`): `method = "dump"` (pg_dump, the default) or
-    /// `"base"` (a base backup for point-in-time restore with `wal-push`).
+    /// A PostgreSQL database (`connection`): `method = "dump"` (pg_dump, the default),
+    /// `"base"` (a base backup for point-in-time restore with `wal-push`) or `"stream"` (base
+    /// backups, and WAL streamed to the cluster continuously by the daemon).
     Postgres,
     /// A SQLite database file (`database`), copied with the online backup API.
     Sqlite,
@@ -59,6 +60,8 @@ pub enum PgMethod {
     #[default]
     Dump,
     Base,
+    /// Base backups on the schedule, and WAL streamed by `exclave-agent run` (`crate::stream`).
+    Stream,
 }
 
 #[derive(Deserialize, Debug, Clone, Default)]
@@ -74,8 +77,14 @@ pub struct SourceConfig {
     /// `postgres`: `dump` or `base`.
     #[serde(default)]
     pub method: PgMethod,
-    /// `postgres`: directory of pg_dump / pg_basebackup [default: found on PATH].
+    /// `postgres`: directory of pg_dump / pg_basebackup / pg_receivewal [default: found on PATH].
     pub pg_bin: Option<PathBuf>,
+    /// `method = "stream"`: the physical replication slot that holds the server's WAL until
+    /// the stream has it [default: exclave_SOURCE].
+    pub slot: Option<String>,
+    /// `method = "stream"`: how often the segment being written is shipped when it grew, in
+    /// seconds [default: 3].
+    pub stream_interval_secs: Option<u64>,
     /// `sqlite`: the database file.
     pub database: Option<PathBuf>,
     /// `command`: program and arguments.
@@ -131,6 +140,18 @@ impl SourceConfig {
         stray(self.kind != SourceKind::Path && !self.paths.is_empty(), "paths")?;
         stray(self.kind != SourceKind::Postgres && self.connection.is_some(), "connection")?;
         stray(self.kind != SourceKind::Postgres && self.pg_bin.is_some(), "pg-bin")?;
+        stray(!self.streams_wal() && self.slot.is_some(), "slot")?;
+        stray(!self.streams_wal() && self.stream_interval_secs.is_some(), "stream-interval-secs")?;
+        if let Some(slot) = &self.slot
+            && (slot.is_empty()
+                || slot.len() > 63
+                || !slot.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'))
+        {
+            bail!("slot {slot:?}: a replication slot name is 1 to 63 of a-z, 0-9 and _");
+        }
+        if self.stream_interval_secs == Some(0) {
+            bail!("stream-interval-secs must be at least 1");
+        }
         stray(self.kind != SourceKind::Sqlite && self.database.is_some(), "database")?;
         stray(self.kind != SourceKind::Command && !self.command.is_empty(), "command")?;
         stray(self.kind != SourceKind::Command && self.output_name.is_some(), "output-name")?;
@@ -145,6 +166,20 @@ impl SourceConfig {
         }
         self.chunker()?;
         Ok(())
+    }
+
+    /// Whether the daemon streams this source's WAL.
+    pub fn streams_wal(&self) -> bool {
+        self.kind == SourceKind::Postgres && self.method == PgMethod::Stream
+    }
+
+    /// The replication slot of a streamed source.
+    pub fn slot_name(&self, source: &str) -> String {
+        self.slot.clone().unwrap_or_else(|| {
+            let s: String =
+                source.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).collect();
+            format!("exclave_{s}").chars().take(63).collect()
+        })
     }
 
     pub fn kind_name(&self) -> &'static str {

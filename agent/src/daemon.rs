@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::UNIX_EPOCH;
 
 use anyhow::{Context, Result, bail};
@@ -46,6 +47,9 @@ pub struct Status {
     pub started: i64,
     pub updated: i64,
     pub sources: BTreeMap<String, SourceStatus>,
+    /// Sources whose WAL is streamed (`method = "stream"`).
+    #[serde(default)]
+    pub streams: BTreeMap<String, crate::stream::StreamStatus>,
 }
 
 impl Status {
@@ -134,6 +138,7 @@ struct Metrics {
     uploaded_bytes: IntCounterVec,
     failures: IntGaugeVec,
     cert_expiry: IntGaugeVec,
+    stream: crate::stream::StreamMetrics,
 }
 
 impl Metrics {
@@ -183,7 +188,9 @@ impl Metrics {
         registry.register(Box::new(uploaded_bytes.clone()))?;
         registry.register(Box::new(failures.clone()))?;
         registry.register(Box::new(cert_expiry.clone()))?;
+        let stream = crate::stream::StreamMetrics::new(&registry)?;
         Ok(Metrics {
+            stream,
             registry,
             last_success,
             runs,
@@ -254,9 +261,43 @@ pub async fn run(config_path: PathBuf) -> Result<i32> {
         tracing::info!(source = %name, schedule = %expr, next_run = %fmt_time(s.next_run), "scheduled");
         status.sources.insert(name.clone(), s);
     }
-    if status.sources.is_empty() {
-        bail!("no source in {} has a `schedule`: the daemon would have nothing to do", config_path.display());
+    // Streamed WAL: one worker per source, stopped through `stop` on SIGTERM.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut streams = BTreeMap::new();
+    let mut stream_tasks = tokio::task::JoinSet::new();
+    for (name, src) in cfg.sources.iter().filter(|(_, s)| s.streams_wal()) {
+        let spec = crate::stream::StreamSpec {
+            source: name.clone(),
+            config: config_path.clone(),
+            connection: src.connection.clone().unwrap_or_default(),
+            pg_bin: src.pg_bin.clone(),
+            slot: src.slot_name(name),
+            dir: state_dir.join("wal-stream").join(name),
+            interval: std::time::Duration::from_secs(src.stream_interval_secs.unwrap_or(3)),
+        };
+        metrics.stream.add_source(name);
+        // Only what the cluster acknowledged carries over from the last run: the rest is live.
+        let before = previous.streams.get(name);
+        let st = Arc::new(Mutex::new(crate::stream::StreamStatus {
+            shipped_lsn: before.and_then(|b| b.shipped_lsn.clone()),
+            ..Default::default()
+        }));
+        tracing::info!(source = %name, slot = %spec.slot, dir = %spec.dir.display(), "streaming WAL");
+        stream_tasks.spawn(crate::stream::run(spec, metrics.stream.clone(), st.clone(), stopped.clone()));
+        streams.insert(name.clone(), st);
     }
+    if status.sources.is_empty() && streams.is_empty() {
+        bail!(
+            "no source in {} has a `schedule` or streams its WAL: the daemon would have nothing to do",
+            config_path.display()
+        );
+    }
+    let copy_streams = |status: &mut Status| {
+        for (name, st) in &streams {
+            status.streams.insert(name.clone(), st.lock().unwrap_or_else(|e| e.into_inner()).clone());
+        }
+    };
+    copy_streams(&mut status);
     status.save(&state_dir)?;
     let _metrics_server = match cfg.metrics_listen {
         Some(addr) => Some(
@@ -296,8 +337,11 @@ pub async fn run(config_path: PathBuf) -> Result<i32> {
                 let _ = tx.send((name, outcome));
             });
         }
+        copy_streams(&mut status);
         status.save(&state_dir)?;
-        let wait = sched.next_due().map(|d| (d - now_secs()).clamp(0, 60)).unwrap_or(60) as u64;
+        // With streams, the status file follows their lag every few seconds.
+        let most = if streams.is_empty() { 60 } else { 1 };
+        let wait = sched.next_due().map(|d| (d - now_secs()).clamp(0, most)).unwrap_or(most) as u64;
         tokio::select! {
             Some((name, o)) = rx.recv() => {
                 let t = now_secs();
@@ -344,6 +388,10 @@ pub async fn run(config_path: PathBuf) -> Result<i32> {
         }
     }
     tasks.shutdown().await;
+    // Streams stop their receivers and ship what they had before the daemon exits.
+    let _ = stop.send(true);
+    while stream_tasks.join_next().await.is_some() {}
+    copy_streams(&mut status);
     for s in status.sources.values_mut() {
         s.running = false;
         s.running_since = None;
@@ -375,8 +423,12 @@ fn overdue(st: &Status, now: i64) -> Vec<String> {
         .collect()
 }
 
+/// A streamed source whose lag exceeds this makes `status` exit 1 (the alert rule says the same).
+const STREAM_LAG_SECS: f64 = 60.0;
+
 /// `exclave-agent status`: exit 0 when the daemon runs, no scheduled source is failing or
-/// overdue, and one has committed; 1 otherwise (daemon down or never ran included).
+/// overdue, one has committed, and every WAL stream receives and lags less than a minute; 1
+/// otherwise (daemon down or never ran included).
 pub fn status(config: Option<&Path>, json: bool) -> Result<i32> {
     let cfg = match config {
         Some(p) => AgentConfig::load(p)?,
@@ -400,6 +452,7 @@ pub fn status(config: Option<&Path>, json: bool) -> Result<i32> {
             serde_json::to_string_pretty(&serde_json::json!({
                 "daemon": if alive { "running" } else { "stopped" }, "pid": st.pid,
                 "started": st.started, "updated": st.updated, "overdue": late, "sources": st.sources,
+                "streams": st.streams,
             }))?
         );
     } else {
@@ -436,7 +489,35 @@ pub fn status(config: Option<&Path>, json: bool) -> Result<i32> {
             );
         }
     }
-    let well = alive && failing == 0 && late.is_empty() && st.sources.values().any(|s| s.last_success.is_some());
+    let streams_bad: Vec<&String> = st
+        .streams
+        .iter()
+        .filter(|(_, s)| !s.receiving || s.lag_secs.is_none_or(|l| l > STREAM_LAG_SECS))
+        .map(|(n, _)| n)
+        .collect();
+    if !json && !st.streams.is_empty() {
+        println!(
+            "\n{:<16} {:<20} {:<10} {:<14} {:<14} {:<9} LAST SHIPPED",
+            "WAL STREAM", "SLOT", "RECEIVING", "SERVER AT", "CLUSTER HOLDS", "LAG"
+        );
+        for (name, s) in &st.streams {
+            let lag = s.lag_secs.map(|l| format!("{l:.0} s")).unwrap_or_else(|| "?".into());
+            let flag = if streams_bad.contains(&name) { "  <- " } else { "" };
+            println!(
+                "{:<16} {:<20} {:<10} {:<14} {:<14} {:<9} {}{flag}{}",
+                name,
+                s.slot,
+                if s.receiving { "yes" } else { "NO" },
+                s.server_lsn.as_deref().unwrap_or("-"),
+                s.shipped_lsn.as_deref().unwrap_or("-"),
+                lag,
+                s.last_shipped.as_deref().unwrap_or("-"),
+                s.last_error.as_deref().unwrap_or("")
+            );
+        }
+    }
+    let sources_ok = st.sources.is_empty() || st.sources.values().any(|s| s.last_success.is_some());
+    let well = alive && failing == 0 && late.is_empty() && sources_ok && streams_bad.is_empty();
     Ok(if well { 0 } else { 1 })
 }
 

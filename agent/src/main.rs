@@ -9,6 +9,7 @@ mod pipeline;
 mod progress;
 mod refs;
 mod source;
+mod stream;
 mod wal;
 
 use std::net::SocketAddr;

@@ -80,9 +80,7 @@ pub mod ahead {
         }
     }
 
-    fn is_segment(n: &str) -> bool {
-        n.len() == 24 && n.bytes().all(|b| b.is_ascii_hexdigit())
-    }
+    use exclave::wal::is_segment;
 
     /// Up to `n` segments after `name` on its timeline that PostgreSQL has marked ready in
     /// `pg_wal` (the directory of `%p`), oldest first.

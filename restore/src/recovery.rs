@@ -129,21 +129,18 @@ struct Fetched {
 async fn fetch_into(
     client: Arc<Nodes>,
     keys: TenantKeys,
-    wal: Vec<(String, SnapshotInfo)>,
+    wal: Vec<(String, String, SnapshotInfo)>,
     spool: PathBuf,
     parallel: usize,
     state: Arc<Mutex<Fetched>>,
 ) {
-    let mut results =
-        futures::stream::iter(
-            wal.into_iter().map(|(name, snap)| {
-                let (client, keys, spool) = (client.clone(), keys.clone(), spool.clone());
-                async move {
-                    fetch_one(&client, &keys, &snap, &name, &spool).await.with_context(|| format!("WAL file {name}"))
-                }
-            }),
-        )
-        .buffered(parallel.max(1));
+    let mut results = futures::stream::iter(wal.into_iter().map(|(name, stored, snap)| {
+        let (client, keys, spool) = (client.clone(), keys.clone(), spool.clone());
+        async move {
+            fetch_one(&client, &keys, &snap, &name, &stored, &spool).await.with_context(|| format!("WAL file {stored}"))
+        }
+    }))
+    .buffered(parallel.max(1));
     while let Some(r) = results.next().await {
         let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
         match r {
@@ -161,14 +158,17 @@ async fn fetch_into(
     }
 }
 
+/// Fetches the archived file `stored` into the spool as `name`, the name PostgreSQL asks for
+/// (they differ for a streamed version of a segment).
 async fn fetch_one(
     client: &Arc<Nodes>,
     keys: &TenantKeys,
     snap: &SnapshotInfo,
     name: &str,
+    stored: &str,
     spool: &Path,
 ) -> Result<u64> {
-    let part = crate::wal_fetch::fetch_to(client, keys, snap, name, spool).await?;
+    let part = crate::wal_fetch::fetch_to(client, keys, snap, stored, spool).await?;
     let bytes = std::fs::metadata(&part)?.len();
     // Archived from pg_wal, the file is 0600: the server's user must read it.
     use std::os::unix::fs::PermissionsExt;
@@ -233,14 +233,20 @@ pub async fn run(
     rec.newest_wal_archived = archived.iter().map(|s| s.time).max();
     let by_name: BTreeMap<String, SnapshotInfo> =
         archived.into_iter().filter_map(|s| Some((exclave::wal::file_name(&s.id)?.to_string(), s))).collect();
-    let names = wanted(&by_name.keys().cloned().collect::<Vec<_>>(), &start);
+    let serves = exclave::wal::serving(&by_name.keys().cloned().collect::<Vec<_>>());
+    let names = wanted(&serves.keys().cloned().collect::<Vec<_>>(), &start);
     let spool = scratch.join("wal");
     let script = spool.join("fetch.sh");
     if let Err(e) = write_spool(&spool, &names) {
         return (rec, vec![fail(WAL, format!("{e:#}"))], vec![]);
     }
-    let list: Vec<(String, SnapshotInfo)> =
-        names.iter().filter_map(|n| Some((n.clone(), by_name.get(n)?.clone()))).collect();
+    let list: Vec<(String, String, SnapshotInfo)> = names
+        .iter()
+        .filter_map(|n| {
+            let stored = serves.get(n)?;
+            Some((n.clone(), stored.clone(), by_name.get(stored)?.clone()))
+        })
+        .collect();
     let listed = t.elapsed().as_secs_f64();
     let state = Arc::new(Mutex::new(Fetched::default()));
     let fetcher =

@@ -192,22 +192,33 @@ where
     if let Some(why) = stale {
         eprintln!("warning: {why}");
     }
-    let Some(snap) = found.filter(|s| s.source == wal_source) else {
+    let found = match found.filter(|s| s.source == wal_source) {
+        Some(snap) => Some((snap, ask.file.to_string())),
+        // The end of the archive: the longest streamed version of a segment still being written.
+        None if exclave::wal::is_segment(ask.file) => streamed(&nodes, &wal_source, ask.file).await?,
+        None => None,
+    };
+    let Some((snap, stored)) = found else {
         // PostgreSQL asks for files past the end of the archive: not an error for it.
         eprintln!("{} is not in the WAL archive of {}", ask.file, ask.source);
         close(nodes).await;
         return Ok(1);
     };
+    if stored != ask.file {
+        eprintln!("{} restored from {stored}, streamed while the segment was being written", ask.file);
+    }
     let parent = match ask.dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
     let ahead: Vec<String> = match ask.spool {
-        Some(_) if ask.prefetch > 1 => next_segments(ask.file, snap.logical_bytes, ask.prefetch - 1),
+        Some(_) if ask.prefetch > 1 && stored == ask.file => {
+            next_segments(ask.file, snap.logical_bytes, ask.prefetch - 1)
+        }
         _ => Vec::new(),
     };
     let wanted = async {
-        let part = fetch_to(&nodes, &keys, &snap, ask.file, &parent).await?;
+        let part = fetch_to(&nodes, &keys, &snap, &stored, &parent).await?;
         std::fs::rename(&part, ask.dest).with_context(|| format!("moving {} to {}", ask.file, ask.dest.display()))
     };
     let prefetched = futures::future::join_all(ahead.iter().map(|name| {
@@ -224,6 +235,20 @@ where
     }
     close(nodes).await;
     Ok(0)
+}
+
+/// The longest streamed version of `segment` the archive holds, and its name.
+async fn streamed(nodes: &Arc<Nodes>, wal_source: &str, segment: &str) -> Result<Option<(SnapshotInfo, String)>> {
+    let (list, _) = nodes.primary().list_snapshots(Some(wal_source)).await?;
+    let best = list
+        .into_iter()
+        .filter_map(|s| {
+            let name = exclave::wal::file_name(&s.id)?.to_string();
+            let (seg, len) = exclave::wal::parse_streamed(&name)?;
+            seg.eq_ignore_ascii_case(segment).then_some((len, s, name))
+        })
+        .max_by_key(|(len, _, _)| *len);
+    Ok(best.map(|(_, s, name)| (s, name)))
 }
 
 async fn close(nodes: Arc<Nodes>) {

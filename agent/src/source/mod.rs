@@ -127,7 +127,8 @@ pub fn prepare(source: &str, cfg: &SourceConfig, time: i64) -> Result<Prepared> 
                     p.items.push(Item::Facts { name: format!("{db}.facts.json"), mtime: time, rx });
                     p.hold.push(Box::new(SessionHold(release)));
                 }
-                PgMethod::Base => {
+                // A streamed source's snapshots are base backups; its WAL comes from the stream.
+                PgMethod::Base | PgMethod::Stream => {
                     let prog = postgres::program(cfg.pg_bin.as_deref(), "pg_basebackup");
                     p.items
                         .push(Item::Tar { name: "pgdata".into(), child: postgres::base_backup_command(&prog, conn) });

@@ -83,8 +83,6 @@ fn snapshot_id(time: i64) -> String {
 struct Resolved {
     /// `wal-push`: the WAL file to archive (the snapshot id is its name).
     wal: Option<std::path::PathBuf>,
-    /// The name to archive `wal` under, when not its file name (a streamed version).
-    wal_name: Option<String>,
     /// Where runs of a configured source take their lock (the daemon's state directory).
     lock_dir: Option<std::path::PathBuf>,
     nodes: Vec<std::net::SocketAddr>,
@@ -170,7 +168,6 @@ fn resolve(a: &BackupArgs) -> Result<Resolved> {
     Ok(Resolved {
         lock_dir: a.conn.config.as_ref().map(|_| cfg.state_dir().join("locks")),
         wal: a.wal_file.clone(),
-        wal_name: None,
         nodes,
         tls,
         keys,
@@ -275,6 +272,7 @@ async fn attempt(
     a: &BackupArgs,
     nodes: &[SocketAddr],
     stats: Arc<Stats>,
+    wal: Option<WalFile<'_>>,
 ) -> std::result::Result<Attempt, (Option<SocketAddr>, anyhow::Error)> {
     let chunker: ChunkerParams = r.src.chunker().map_err(|e| (None, e))?;
     let client = Arc::new(exclave::client::connect_any(nodes, &r.tls).await.map_err(|e| (None, e.into()))?);
@@ -283,11 +281,12 @@ async fn attempt(
     let mut id = snapshot_id(time);
     // The manifest of a WAL file carries no time or host, so the same file always gives the
     // same root and archiving it twice is recognised as such.
-    let (manifest_time, manifest_host) = if r.wal.is_some() { (0, String::new()) } else { (time, hostname()) };
+    let (manifest_time, manifest_host) = if wal.is_some() { (0, String::new()) } else { (time, hostname()) };
     // Preparing may talk to a database with a blocking client: off the async threads.
-    let prepared = if let Some(path) = &r.wal {
+    let prepared = if let Some(w) = wal {
+        let path = w.path;
         let (name, data) = crate::wal::read(path).map_err(|e| (None, e))?;
-        let name = r.wal_name.clone().unwrap_or(name);
+        let name = w.name.map(str::to_string).unwrap_or(name);
         id = exclave::wal::snapshot_id(&r.source, &name).map_err(|e| (None, e.into()))?;
         source::Prepared { items: vec![Item::Bytes { name, data, mtime: 0 }], hold: Vec::new() }
     } else {
@@ -346,7 +345,7 @@ async fn attempt(
         .refs
         .into_batches(exclave::protocol::MAX_IDS_PER_MESSAGE)
         .map_err(|e| (used, anyhow::Error::from(e)))?;
-    let retention = match (&r.src.retention, &r.wal) {
+    let retention = match (&r.src.retention, wal) {
         (Some(policy), None) => Some(send_retention(&client, &r.source, *policy).await.map_err(|e| (used, e))?),
         _ => None,
     };
@@ -357,7 +356,7 @@ async fn attempt(
         .await
         .context("committing the snapshot")
         .map_err(|e| (used, e))?;
-    if r.wal.is_some() && committed.root != info_root {
+    if wal.is_some() && committed.root != info_root {
         return Err((
             used,
             anyhow::anyhow!(
@@ -405,6 +404,14 @@ fn lock_source(dir: &std::path::Path, source: &str) -> Result<SourceLock> {
     }
 }
 
+/// A WAL file to archive instead of the source, and the name to archive it under when not its
+/// file name (a streamed version).
+#[derive(Clone, Copy)]
+struct WalFile<'a> {
+    path: &'a std::path::Path,
+    name: Option<&'a str>,
+}
+
 /// What a backup that committed gave.
 struct Done {
     client: Arc<exclave::client::NodeClient>,
@@ -422,14 +429,14 @@ struct Done {
 /// Runs attempts until one commits: on another node when the one in use failed mid-run (the
 /// chunks already on a write quorum are not sent twice), and again when garbage collection
 /// took chunks this backup had been told were stored.
-async fn attempts(r: &Resolved, a: &BackupArgs) -> Result<Done> {
+async fn attempts(r: &Resolved, a: &BackupArgs, wal: Option<WalFile<'_>>) -> Result<Done> {
     let mut order = r.nodes.clone();
     let mut attempts = 0usize;
     let mut resends = 0usize;
     loop {
         attempts += 1;
         let stats = Arc::new(Stats::default());
-        match attempt(r, a, &order, stats.clone()).await {
+        match attempt(r, a, &order, stats.clone(), wal).await {
             Ok((client, warnings, committed, commit_secs, tables, retention)) => {
                 let node = client.addr().to_string();
                 return Ok(Done {
@@ -492,10 +499,9 @@ impl WalPusher {
 
     /// Archives the file at `path` as `name`, durably (acknowledged by the cluster); returns
     /// the envelope bytes uploaded.
-    pub async fn push(&mut self, path: &std::path::Path, name: &str) -> Result<u64> {
-        self.r.wal = Some(path.to_path_buf());
-        self.r.wal_name = Some(name.to_string());
-        let done = attempts(&self.r, &BackupArgs { quiet: true, ..BackupArgs::default() }).await?;
+    pub async fn push(&self, path: &std::path::Path, name: &str) -> Result<u64> {
+        let wal = WalFile { path, name: Some(name) };
+        let done = attempts(&self.r, &BackupArgs { quiet: true, ..BackupArgs::default() }, Some(wal)).await?;
         let uploaded = Stats::get(&done.stats.uploaded_bytes);
         if let Ok(c) = Arc::try_unwrap(done.client) {
             c.close().await;
@@ -512,7 +518,7 @@ pub async fn run(a: BackupArgs) -> Result<i32> {
     };
     let started = Instant::now();
     let Done { client, node, stats, warnings, committed, commit_secs, tables, retention, attempts, resends } =
-        attempts(&r, &a).await?;
+        attempts(&r, &a, r.wal.as_deref().map(|path| WalFile { path, name: None })).await?;
     let g = |c: &std::sync::atomic::AtomicU64| Stats::get(c);
     let duration = started.elapsed();
     if let Ok(c) = Arc::try_unwrap(client) {

@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use futures::StreamExt;
 use prometheus::{GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 use serde::{Deserialize, Serialize};
 
@@ -246,6 +247,7 @@ impl StreamMetrics {
 }
 
 /// One streamed source.
+#[derive(Clone)]
 pub struct StreamSpec {
     pub source: String,
     pub config: PathBuf,
@@ -257,6 +259,9 @@ pub struct StreamSpec {
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// Complete segments archived at once when the stream is behind (each its own connection).
+const PARALLEL_PUSHES: usize = 4;
 
 /// Runs the stream of one source until `stop` turns true.
 pub async fn run(
@@ -275,8 +280,24 @@ pub async fn run(
     // What an earlier run had shipped, acknowledged by the cluster then.
     let before = status.lock().unwrap_or_else(|e| e.into_inner()).shipped_lsn.clone();
     if let Some(lsn) = before.as_deref().and_then(parse_lsn) {
-        shipper.lag.shipped_to(lsn);
+        lock(&shipper.lag).shipped_to(lsn);
     }
+    // The lag is sampled every second on its own, so that it stays true while a round is
+    // busy shipping a backlog.
+    let sampler = {
+        let (lag, metrics, status, mut stop) = (shipper.lag.clone(), metrics.clone(), status.clone(), stop.clone());
+        let sspec = StreamSpec { config: PathBuf::new(), dir: PathBuf::new(), ..spec.clone() };
+        tokio::spawn(async move {
+            loop {
+                sample_server(&sspec, &lag).await;
+                report_lag(&sspec.source, &lock(&lag), &metrics, &status);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        })
+    };
     let mut pusher: Option<WalPusher> = None;
     let mut receiver: Option<Receiver> = None;
     let mut backoff = Duration::from_secs(1);
@@ -322,14 +343,15 @@ pub async fn run(
             }
         }
         // The sample comes first: what the receiver had flushed then is in the file read next.
-        shipper.flushed = sample_server(&spec, &mut shipper.lag).await;
-        report_lag(&src, &shipper.lag, &metrics, &status);
-        if let Some(p) = pusher.as_mut() {
+        shipper.flushed = sample_server(&spec, &shipper.lag).await;
+        report_lag(&src, &lock(&shipper.lag), &metrics, &status);
+        if let Some(p) = pusher.as_ref() {
             shipper.ship(&spec, p, &metrics, &status).await;
         }
-        report_lag(&src, &shipper.lag, &metrics, &status);
+        report_lag(&src, &lock(&shipper.lag), &metrics, &status);
 
         let wait = match &receiver {
+            Some(_) if shipper.backlog => Duration::from_millis(50),
             Some(_) => spec.interval,
             None => {
                 retry_at.saturating_duration_since(Instant::now()).min(spec.interval).max(Duration::from_millis(100))
@@ -367,12 +389,14 @@ pub async fn run(
                     }
                     let _ = tokio::time::timeout(Duration::from_secs(10), r.child.wait()).await;
                 }
-                if let Some(p) = pusher.as_mut() {
+                if let Some(p) = pusher.as_ref() {
                     let _ = tokio::time::timeout(Duration::from_secs(20), shipper.ship(&spec, p, &metrics, &status)).await;
                 }
                 metrics.up.with_label_values(&[&src]).set(0);
                 set_status(&|s| { s.receiving = false; s.receiver_pid = None; });
-                tracing::info!(source = %src, shipped = %format_lsn(shipper.lag.shipped()), "WAL stream stopped");
+                sampler.abort();
+                report_lag(&src, &lock(&shipper.lag), &metrics, &status);
+                tracing::info!(source = %src, shipped = %format_lsn(lock(&shipper.lag).shipped()), "WAL stream stopped");
                 return;
             }
         }
@@ -382,8 +406,17 @@ pub async fn run(
     }
 }
 
+/// Unix time with its fraction: lags are seconds, whole seconds would hide them.
+fn now_f64() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn report_lag(src: &str, lag: &LagTracker, metrics: &StreamMetrics, status: &Mutex<StreamStatus>) {
-    let now = now_secs() as f64;
+    let now = now_f64();
     let (lag_s, lag_b, shipped) = (lag.lag_secs(now), lag.lag_bytes(), lag.shipped());
     metrics.lag_secs.with_label_values(&[src]).set(lag_s);
     metrics.lag_bytes.with_label_values(&[src]).set(lag_b as i64);
@@ -493,7 +526,7 @@ async fn start_receiver(spec: &StreamSpec, metrics: &StreamMetrics) -> Result<Re
 /// Samples the server's WAL position into `lag`, and returns how far the receiver had
 /// flushed (as it reported to the server: with `--synchronous`, after each fsync). Nothing
 /// when the server cannot be asked.
-async fn sample_server(spec: &StreamSpec, lag: &mut LagTracker) -> Option<u64> {
+async fn sample_server(spec: &StreamSpec, lag: &Mutex<LagTracker>) -> Option<u64> {
     let (conn, app) = (spec.connection.clone(), spec.slot.clone());
     let got = tokio::task::spawn_blocking(move || -> Result<(Option<u64>, Option<u64>)> {
         let mut c = crate::source::postgres::connect(&conn)?;
@@ -509,7 +542,7 @@ async fn sample_server(spec: &StreamSpec, lag: &mut LagTracker) -> Option<u64> {
     match got {
         Ok(Ok((server, flushed))) => {
             if let Some(lsn) = server {
-                lag.server_at(now_secs() as f64, lsn);
+                lock(lag).server_at(now_f64(), lsn);
             }
             flushed
         }
@@ -532,17 +565,14 @@ struct Shipper {
     partial: Option<(String, u64)>,
     /// How far the receiver had flushed before this round read its directory.
     flushed: Option<u64>,
-    lag: LagTracker,
+    /// Whether the last round found complete segments to ship: the next starts at once.
+    backlog: bool,
+    /// Shared with the sampler, which keeps the lag current while a round ships.
+    lag: Arc<Mutex<LagTracker>>,
 }
 
 impl Shipper {
-    async fn ship(
-        &mut self,
-        spec: &StreamSpec,
-        pusher: &mut WalPusher,
-        m: &StreamMetrics,
-        status: &Mutex<StreamStatus>,
-    ) {
+    async fn ship(&mut self, spec: &StreamSpec, pusher: &WalPusher, m: &StreamMetrics, status: &Mutex<StreamStatus>) {
         let src = spec.source.as_str();
         let names = match std::fs::read_dir(&spec.dir) {
             Ok(rd) => rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect::<Vec<_>>(),
@@ -560,18 +590,25 @@ impl Shipper {
                 s.segments_shipped += 1;
             }
         };
-        for name in &spool.complete {
-            if self.complete.contains(name) {
-                continue;
-            }
-            let path = spec.dir.join(name);
-            match pusher.push(&path, name).await {
+        // Complete files in parallel, their results taken in order: a position counts as held
+        // only when every file before it is.
+        let todo: Vec<&String> = spool.complete.iter().filter(|n| !self.complete.contains(*n)).collect();
+        let jobs: Vec<(PathBuf, String)> = todo.iter().map(|n| (spec.dir.join(n), (*n).clone())).collect();
+        let mut pushes = futures::stream::iter(jobs.into_iter().map(move |(path, name)| async move {
+            let size = std::fs::metadata(&path).map(|md| md.len()).unwrap_or(0);
+            (pusher.push(&path, &name).await, size)
+        }))
+        .buffered(PARALLEL_PUSHES);
+        let mut i = 0;
+        while let Some((result, size)) = pushes.next().await {
+            let name = todo[i];
+            i += 1;
+            match result {
                 Ok(bytes) => {
                     m.shipped.with_label_values(&[src, "segment"]).inc();
                     m.shipped_bytes.with_label_values(&[src]).inc_by(bytes);
-                    let size = std::fs::metadata(&path).map(|md| md.len()).unwrap_or(0);
                     if let Some(start) = segment_start(name, size) {
-                        self.lag.shipped_to(start + size);
+                        lock(&self.lag).shipped_to(start + size);
                     }
                     tracing::debug!(source = %src, file = %name, "archived streamed WAL");
                     self.complete.insert(name.clone());
@@ -580,6 +617,8 @@ impl Shipper {
                 Err(e) => return self.failed(src, name, e, m, status),
             }
         }
+        drop(pushes);
+        self.backlog = !todo.is_empty();
         for old in removable(&spool, &self.complete) {
             let _ = std::fs::remove_file(spec.dir.join(&old));
         }
@@ -614,7 +653,7 @@ impl Shipper {
         // The cluster now holds every complete segment before this one and this one up to
         // `len`, which covers what the receiver had flushed before the read.
         if let Some(f) = self.flushed {
-            self.lag.shipped_to(f);
+            lock(&self.lag).shipped_to(f);
         }
     }
 

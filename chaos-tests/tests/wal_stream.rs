@@ -152,6 +152,23 @@ fn streamed_wal_is_archived_within_seconds_survives_a_killed_agent_and_a_dropped
     assert!(ids.iter().any(|i| i.contains(".streamed.")), "{ids:?}");
     let r = drill(&w, &node);
     assert_eq!(r["recovery"]["databases"]["postgres"]["public.t"], 1000, "{r:#}");
+    // The same through `pitr`, whose restore_command is `wal-fetch`: PostgreSQL asks for the
+    // segment, and is served its longest streamed version.
+    let mut rec = PgServer::empty();
+    let (restore, _, pki, key) = rec.share_client(&w, "exclave-restore", &[node.addr]);
+    ok(run(Command::new(&restore)
+        .args(["pitr", "--node", &node.addr.to_string(), "--pki"])
+        .arg(&pki)
+        .args(["--identity", "dr", "--key-file"])
+        .arg(&key)
+        .args(["--source", "pg", "--to"])
+        .arg(rec.data())));
+    rec.adopt_data("archive_mode = off\n");
+    rec.start_existing();
+    rec.wait_for("postgres", "SELECT pg_is_in_recovery()", "f", Duration::from_secs(120));
+    assert_eq!(rec.psql("postgres", "SELECT count(*) FROM t"), "1000", "{}", rec.log());
+    assert!(rec.log().contains("streamed while the segment was being written"), "{}", rec.log());
+    rec.stop();
 
     // A killed daemon takes its receiver with it; the slot holds what is written meanwhile,
     // also while the cluster is down.

@@ -26,6 +26,12 @@
 //!   someone: WAL between the last file and now may be gone. That is logged as an error and
 //!   counted (`exclave_agent_wal_slot_lost_total`), and the slot is created again so nothing
 //!   more is lost; a new base backup closes the gap.
+//! - WAL the server removed before the stream received it (the receiver stops with "has
+//!   already been removed") is a gap: once everything in the directory is in the cluster, the
+//!   directory is emptied so the receiver starts again at the slot's position, and the gap
+//!   (from what the cluster holds to the slot's position) is logged as an error, counted
+//!   (`exclave_agent_wal_gaps_total`) and kept in the status. Reported, never hidden; streaming
+//!   goes on after it rather than stopping for good.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -58,6 +64,9 @@ pub struct StreamStatus {
     pub last_shipped_at: Option<i64>,
     pub segments_shipped: u64,
     pub partials_shipped: u64,
+    /// WAL the server removed before the stream received it ("FROM to TO (found TIME)").
+    #[serde(default)]
+    pub gaps: Vec<String>,
 }
 
 /// How long the cluster's copy lags the server, from samples of the server's position.
@@ -178,6 +187,7 @@ pub struct StreamMetrics {
     shipped_bytes: IntCounterVec,
     errors: IntCounterVec,
     slot_lost: IntCounterVec,
+    gaps: IntCounterVec,
 }
 
 impl StreamMetrics {
@@ -219,6 +229,13 @@ impl StreamMetrics {
                 ),
                 &["source"],
             )?,
+            gaps: IntCounterVec::new(
+                Opts::new(
+                    "exclave_agent_wal_gaps_total",
+                    "Stretches of WAL the server removed before the stream received them (missing from the archive)",
+                ),
+                &["source"],
+            )?,
         };
         registry.register(Box::new(m.up.clone()))?;
         registry.register(Box::new(m.lag_secs.clone()))?;
@@ -228,6 +245,7 @@ impl StreamMetrics {
         registry.register(Box::new(m.shipped_bytes.clone()))?;
         registry.register(Box::new(m.errors.clone()))?;
         registry.register(Box::new(m.slot_lost.clone()))?;
+        registry.register(Box::new(m.gaps.clone()))?;
         Ok(m)
     }
 
@@ -243,6 +261,7 @@ impl StreamMetrics {
         self.shipped_bytes.with_label_values(&[s]);
         self.errors.with_label_values(&[s]);
         self.slot_lost.with_label_values(&[s]);
+        self.gaps.with_label_values(&[s]);
     }
 }
 
@@ -367,7 +386,24 @@ pub async fn run(
             _ = tokio::time::sleep(wait) => {}
             status_code = exited => {
                 let r = receiver.take();
+                let removed = r.as_ref().is_some_and(|r| r.said_any("has already been removed"));
                 let said = r.map(|r| r.last_line()).unwrap_or_default();
+                if removed && let Some(p) = pusher.as_ref() {
+                    shipper.ship(&spec, p, &metrics, &status).await;
+                    match skip_gap(&spec, &shipper).await {
+                        Ok(gap) => {
+                            tracing::error!(source = %src, gap = %gap,
+                                "WAL was removed by the server before it was received: it is missing from the \
+                                 archive and point-in-time recovery cannot cross it; streaming resumes after it; \
+                                 take a new base backup");
+                            metrics.gaps.with_label_values(&[&src]).inc();
+                            set_status(&|s| s.gaps.push(format!("{gap} (found {})", now_secs())));
+                            backoff = Duration::from_secs(1);
+                        }
+                        Err(e) => tracing::warn!(source = %src, error = %format!("{e:#}"),
+                            "WAL the stream needs was removed by the server; cannot skip the gap yet"),
+                    }
+                }
                 let why = format!("pg_receivewal exited ({}): {said}",
                     status_code.map(|c| c.to_string()).unwrap_or_else(|| "?".into()));
                 tracing::warn!(source = %src, error = %why, retry_in = ?backoff, "the WAL stream stopped");
@@ -435,6 +471,10 @@ struct Receiver {
 }
 
 impl Receiver {
+    fn said_any(&self, text: &str) -> bool {
+        lock(&self.said).iter().any(|l| l.contains(text))
+    }
+
     fn last_line(&self) -> String {
         let said = self.said.lock().unwrap_or_else(|e| e.into_inner());
         said.iter().rev().find(|l| !l.trim().is_empty()).cloned().unwrap_or_default()
@@ -521,6 +561,31 @@ async fn start_receiver(spec: &StreamSpec, metrics: &StreamMetrics) -> Result<Re
         });
     }
     Ok(Receiver { child, since: Instant::now(), said })
+}
+
+/// The server removed WAL the stream had not received (its slot was dropped or lost): once
+/// everything in the directory is in the cluster, the directory is emptied so `pg_receivewal`
+/// starts again at the slot's position. Returns the gap, "FROM to TO", which is reported,
+/// never hidden.
+async fn skip_gap(spec: &StreamSpec, shipper: &Shipper) -> Result<String> {
+    let names: Vec<String> =
+        std::fs::read_dir(&spec.dir)?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let spool = scan(names);
+    if let Some(unshipped) = spool.complete.iter().find(|n| !shipper.complete.contains(*n)) {
+        bail!("{unshipped} is not in the cluster yet");
+    }
+    let (conn, slot) = (spec.connection.clone(), spec.slot.clone());
+    let to = tokio::task::spawn_blocking(move || -> Result<Option<String>> {
+        let mut c = crate::source::postgres::connect(&conn)?;
+        let row = c.query_opt("SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&slot])?;
+        Ok(row.and_then(|r| r.get::<_, Option<String>>(0)))
+    })
+    .await??;
+    let from = format_lsn(lock(&shipper.lag).shipped());
+    for n in spool.complete.iter().chain(spool.partial.iter()) {
+        std::fs::remove_file(spec.dir.join(n)).with_context(|| format!("removing {n}"))?;
+    }
+    Ok(format!("{from} to {}", to.as_deref().unwrap_or("the slot's position")))
 }
 
 /// Samples the server's WAL position into `lag`, and returns how far the receiver had

@@ -216,6 +216,13 @@ fn streamed_wal_is_archived_within_seconds_survives_a_killed_agent_and_a_dropped
     assert_eq!(sigterm_and_wait(&mut d2.child, Duration::from_secs(30), "agent daemon"), Some(0), "{}", d2.log());
     assert!(d2.log().contains("WAL stream stopped"), "{}", d2.log());
     pg.psql("postgres", "SELECT pg_drop_replication_slot('exclave_pg')");
+    // With no slot, the server recycles what the stream has not received.
+    for i in 0..3 {
+        pg.psql(
+            "postgres",
+            &format!("INSERT INTO t SELECT generate_series(1, 100); SELECT pg_switch_wal(); CHECKPOINT -- {i}"),
+        );
+    }
     let d3 = Daemon::start(&w, &cfg, 3);
     let t = Instant::now();
     while !d3.log().contains("replication slot was dropped") {
@@ -228,5 +235,21 @@ fn streamed_wal_is_archived_within_seconds_survives_a_killed_agent_and_a_dropped
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(slot(&pg, "count(*)"), "1", "the slot is created again");
+    // The WAL the server removed meanwhile is a gap: reported, and streaming resumes after it.
+    let t = Instant::now();
+    while !d3.log().contains("WAL was removed by the server before it was received") {
+        assert!(t.elapsed() < Duration::from_secs(30), "{}", d3.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        metrics(metrics_port).contains("exclave_agent_wal_gaps_total{source=\"pg\"} 1"),
+        "{}",
+        metrics(metrics_port)
+    );
+    pg.psql("postgres", "INSERT INTO t SELECT generate_series(1, 100)");
+    d3.wait_shipped(server_lsn(&pg), Duration::from_secs(60));
+    let (_, s) = d3.status();
+    assert_eq!(s["streams"]["pg"]["receiving"], true, "{s:#}");
+    assert!(s["streams"]["pg"]["gaps"][0].as_str().unwrap().contains(" to "), "{s:#}");
     pg.stop();
 }

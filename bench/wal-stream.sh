@@ -56,7 +56,7 @@ method = "stream"
 connection = "$C dbname=postgres"
 pg-bin = "$PGBIN"
 EOF
-"$B"/exclave-agent run --config "$W"/agent.toml 2> "$W"/agent.log &
+RUST_LOG="info,exclave_agent::stream=debug" "$B"/exclave-agent run --config "$W"/agent.toml 2> "$W"/agent.log &
 AGENT=$!
 sleep 3
 "$B"/exclave-agent backup --config "$W"/agent.toml --source reg --quiet >/dev/null
@@ -104,5 +104,18 @@ print(f"{'phase':<12} {'WAL MiB/s':>9} {'samples':>7} {'lag p50':>8} {'p99':>6} 
 for p in ["idle", "pgbench", "bulk-load", "idle-after"]:
     xs = lag.get(p, [0.0])
     print(f"{p:<12} {rate.get(p, '?'):>9} {len(xs):>7} {q(xs, .5):>7.1f}s {q(xs, .99):>5.1f}s {max(xs):>5.1f}s")
+EOF
+# How long one archive commit took, from the daemon's debug log.
+python3 - "$W"/agent.log <<'EOF'
+import re, sys
+t = {"segment": [], "partial": []}
+for line in open(sys.argv[1]):
+    m = re.search(r"(archived streamed WAL|archived the segment being written).* secs=([0-9.]+)", line)
+    if m:
+        t["segment" if m.group(1) == "archived streamed WAL" else "partial"].append(float(m.group(2)) * 1000)
+for k, xs in t.items():
+    xs.sort()
+    if xs:
+        print(f"{k:<8} pushes {len(xs):>4}: p50 {xs[len(xs)//2]:.0f} ms, p90 {xs[int(len(xs)*.9)]:.0f} ms")
 EOF
 "$B"/exclave-agent status --config "$W"/agent.toml | tail -3

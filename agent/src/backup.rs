@@ -273,9 +273,13 @@ async fn attempt(
     nodes: &[SocketAddr],
     stats: Arc<Stats>,
     wal: Option<WalFile<'_>>,
+    reuse: Option<Arc<exclave::client::NodeClient>>,
 ) -> std::result::Result<Attempt, (Option<SocketAddr>, anyhow::Error)> {
     let chunker: ChunkerParams = r.src.chunker().map_err(|e| (None, e))?;
-    let client = Arc::new(exclave::client::connect_any(nodes, &r.tls).await.map_err(|e| (None, e.into()))?);
+    let client = match reuse {
+        Some(c) => c,
+        None => Arc::new(exclave::client::connect_any(nodes, &r.tls).await.map_err(|e| (None, e.into()))?),
+    };
     let used = Some(client.addr());
     let time = now_secs();
     let mut id = snapshot_id(time);
@@ -429,14 +433,20 @@ struct Done {
 /// Runs attempts until one commits: on another node when the one in use failed mid-run (the
 /// chunks already on a write quorum are not sent twice), and again when garbage collection
 /// took chunks this backup had been told were stored.
-async fn attempts(r: &Resolved, a: &BackupArgs, wal: Option<WalFile<'_>>) -> Result<Done> {
+async fn attempts(
+    r: &Resolved,
+    a: &BackupArgs,
+    wal: Option<WalFile<'_>>,
+    mut reuse: Option<Arc<exclave::client::NodeClient>>,
+) -> Result<Done> {
     let mut order = r.nodes.clone();
     let mut attempts = 0usize;
     let mut resends = 0usize;
     loop {
         attempts += 1;
         let stats = Arc::new(Stats::default());
-        match attempt(r, a, &order, stats.clone(), wal).await {
+        let reused = reuse.is_some();
+        match attempt(r, a, &order, stats.clone(), wal, reuse.take()).await {
             Ok((client, warnings, committed, commit_secs, tables, retention)) => {
                 let node = client.addr().to_string();
                 return Ok(Done {
@@ -462,6 +472,11 @@ async fn attempts(r: &Resolved, a: &BackupArgs, wal: Option<WalFile<'_>>) -> Res
                     eprintln!("warning: chunks were collected by the cluster during the backup; sending them again");
                 }
             }
+            // A kept connection that broke since: a new one, to any node, before counting a failure.
+            Err((_, e)) if reused && fails_over(&e) => {
+                attempts -= 1;
+                tracing::debug!(error = %format!("{e:#}"), "the kept connection failed; connecting again");
+            }
             Err((failed, e)) if attempts < r.nodes.len() && fails_over(&e) => {
                 tracing::warn!(node = %failed.map(|a| a.to_string()).unwrap_or_default(), error = %format!("{e:#}"),
                     "node failed during the backup; running it again on another node");
@@ -479,10 +494,12 @@ async fn attempts(r: &Resolved, a: &BackupArgs, wal: Option<WalFile<'_>>) -> Res
 }
 
 /// Archives WAL files for the daemon's WAL stream (`crate::stream`): settings and credentials
-/// are resolved once (a sealed key is unsealed once, not per file); each push is the same
-/// commit as `wal-push`'s.
+/// are resolved once (a sealed key is unsealed once, not per file), and one connection is kept
+/// and shared by the pushes in flight (a new one when it breaks); each push is the same commit
+/// as `wal-push`'s.
 pub struct WalPusher {
     r: Resolved,
+    client: std::sync::Mutex<Option<Arc<exclave::client::NodeClient>>>,
 }
 
 impl WalPusher {
@@ -494,19 +511,32 @@ impl WalPusher {
             wal_file: Some(std::path::PathBuf::new()),
             ..BackupArgs::default()
         };
-        Ok(WalPusher { r: resolve(&a)? })
+        Ok(WalPusher { r: resolve(&a)?, client: std::sync::Mutex::new(None) })
     }
 
     /// Archives the file at `path` as `name`, durably (acknowledged by the cluster); returns
     /// the envelope bytes uploaded.
     pub async fn push(&self, path: &std::path::Path, name: &str) -> Result<u64> {
         let wal = WalFile { path, name: Some(name) };
-        let done = attempts(&self.r, &BackupArgs { quiet: true, ..BackupArgs::default() }, Some(wal)).await?;
-        let uploaded = Stats::get(&done.stats.uploaded_bytes);
-        if let Ok(c) = Arc::try_unwrap(done.client) {
+        let kept = self.client.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let done = attempts(&self.r, &BackupArgs { quiet: true, ..BackupArgs::default() }, Some(wal), kept).await;
+        let done = match done {
+            Ok(d) => d,
+            Err(e) => {
+                *self.client.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                return Err(e);
+            }
+        };
+        *self.client.lock().unwrap_or_else(|e| e.into_inner()) = Some(done.client.clone());
+        Ok(Stats::get(&done.stats.uploaded_bytes))
+    }
+
+    /// Closes the kept connection.
+    pub async fn close(&self) {
+        let kept = self.client.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(c) = kept.and_then(|c| Arc::try_unwrap(c).ok()) {
             c.close().await;
         }
-        Ok(uploaded)
     }
 }
 
@@ -518,7 +548,7 @@ pub async fn run(a: BackupArgs) -> Result<i32> {
     };
     let started = Instant::now();
     let Done { client, node, stats, warnings, committed, commit_secs, tables, retention, attempts, resends } =
-        attempts(&r, &a, r.wal.as_deref().map(|path| WalFile { path, name: None })).await?;
+        attempts(&r, &a, r.wal.as_deref().map(|path| WalFile { path, name: None }), None).await?;
     let g = |c: &std::sync::atomic::AtomicU64| Stats::get(c);
     let duration = started.elapsed();
     if let Ok(c) = Arc::try_unwrap(client) {

@@ -430,6 +430,9 @@ pub async fn run(
                 }
                 metrics.up.with_label_values(&[&src]).set(0);
                 set_status(&|s| { s.receiving = false; s.receiver_pid = None; });
+                if let Some(p) = pusher.as_ref() {
+                    p.close().await;
+                }
                 sampler.abort();
                 report_lag(&src, &lock(&shipper.lag), &metrics, &status);
                 tracing::info!(source = %src, shipped = %format_lsn(lock(&shipper.lag).shipped()), "WAL stream stopped");
@@ -507,23 +510,7 @@ async fn start_receiver(spec: &StreamSpec, metrics: &StreamMetrics) -> Result<Re
                 "the replication slot was dropped after WAL had been streamed: WAL written since the last file in {} \
                  may be lost; creating the slot again; take a new base backup", spec.dir.display());
         }
-        let out = tokio::process::Command::new(program(spec))
-            .args([
-                "--create-slot",
-                "--if-not-exists",
-                "--no-password",
-                "--slot",
-                &spec.slot,
-                "--dbname",
-                &spec.connection,
-            ])
-            .stdin(std::process::Stdio::null())
-            .output()
-            .await
-            .with_context(|| format!("running {}", program(spec).display()))?;
-        if !out.status.success() {
-            bail!("creating replication slot {}: {}", spec.slot, String::from_utf8_lossy(&out.stderr).trim());
-        }
+        create_slot(spec, false).await?;
         tracing::info!(source = %spec.source, slot = %spec.slot, "replication slot created");
     }
     let mut cmd = tokio::process::Command::new(program(spec));
@@ -563,9 +550,32 @@ async fn start_receiver(spec: &StreamSpec, metrics: &StreamMetrics) -> Result<Re
     Ok(Receiver { child, since: Instant::now(), said })
 }
 
+/// Creates the slot (after dropping it, with `replace`) reserving WAL at once: the server keeps
+/// everything from its last checkpoint on, even before the receiver first connects (a slot
+/// made by `pg_receivewal --create-slot` reserves nothing until then, and would take whatever
+/// position the receiver asks for, removed or not). Returns its position.
+async fn create_slot(spec: &StreamSpec, replace: bool) -> Result<Option<String>> {
+    let (conn, slot) = (spec.connection.clone(), spec.slot.clone());
+    tokio::task::spawn_blocking(move || -> Result<Option<String>> {
+        let mut c = crate::source::postgres::connect(&conn)?;
+        if replace {
+            c.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .with_context(|| format!("dropping replication slot {slot}"))?;
+        }
+        let row = c
+            .query_one("SELECT lsn::text FROM pg_create_physical_replication_slot($1, true)", &[&slot])
+            .with_context(|| format!("creating replication slot {slot} (the role needs REPLICATION)"))?;
+        Ok(row.get::<_, Option<String>>(0))
+    })
+    .await?
+}
+
 /// The server removed WAL the stream had not received (its slot was dropped or lost): once
-/// everything in the directory is in the cluster, the directory is emptied so `pg_receivewal`
-/// starts again at the slot's position. Returns the gap, "FROM to TO", which is reported,
+/// everything in the directory is in the cluster, the slot is made again at what the server
+/// still has and the directory is emptied, so `pg_receivewal` starts again at the slot. Returns the gap, "FROM to TO", which is reported,
 /// never hidden.
 async fn skip_gap(spec: &StreamSpec, shipper: &Shipper) -> Result<String> {
     let names: Vec<String> =
@@ -574,13 +584,8 @@ async fn skip_gap(spec: &StreamSpec, shipper: &Shipper) -> Result<String> {
     if let Some(unshipped) = spool.complete.iter().find(|n| !shipper.complete.contains(*n)) {
         bail!("{unshipped} is not in the cluster yet");
     }
-    let (conn, slot) = (spec.connection.clone(), spec.slot.clone());
-    let to = tokio::task::spawn_blocking(move || -> Result<Option<String>> {
-        let mut c = crate::source::postgres::connect(&conn)?;
-        let row = c.query_opt("SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&slot])?;
-        Ok(row.and_then(|r| r.get::<_, Option<String>>(0)))
-    })
-    .await??;
+    // The slot points into what was removed: made again, it starts at what the server has.
+    let to = create_slot(spec, true).await?;
     let from = format_lsn(lock(&shipper.lag).shipped());
     for n in spool.complete.iter().chain(spool.partial.iter()) {
         std::fs::remove_file(spec.dir.join(n)).with_context(|| format!("removing {n}"))?;
@@ -661,11 +666,12 @@ impl Shipper {
         let jobs: Vec<(PathBuf, String)> = todo.iter().map(|n| (spec.dir.join(n), (*n).clone())).collect();
         let mut pushes = futures::stream::iter(jobs.into_iter().map(move |(path, name)| async move {
             let size = std::fs::metadata(&path).map(|md| md.len()).unwrap_or(0);
-            (pusher.push(&path, &name).await, size)
+            let t = Instant::now();
+            (pusher.push(&path, &name).await, size, t.elapsed().as_secs_f64())
         }))
         .buffered(PARALLEL_PUSHES);
         let mut i = 0;
-        while let Some((result, size)) = pushes.next().await {
+        while let Some((result, size, secs)) = pushes.next().await {
             let name = todo[i];
             i += 1;
             match result {
@@ -675,7 +681,7 @@ impl Shipper {
                     if let Some(start) = segment_start(name, size) {
                         lock(&self.lag).shipped_to(start + size);
                     }
-                    tracing::debug!(source = %src, file = %name, "archived streamed WAL");
+                    tracing::debug!(source = %src, file = %name, secs, "archived streamed WAL");
                     self.complete.insert(name.clone());
                     done(status, name, false);
                 }
@@ -704,12 +710,14 @@ impl Shipper {
         let grew = len > 0 && self.partial.as_ref().is_none_or(|(s, l)| s != seg || *l < len);
         if grew {
             let name = exclave::wal::streamed_name(seg, len);
+            let t = Instant::now();
             match pusher.push(&path, &name).await {
                 Ok(bytes) => {
                     m.shipped.with_label_values(&[src, "partial"]).inc();
                     m.shipped_bytes.with_label_values(&[src]).inc_by(bytes);
                     self.partial = Some((seg.to_string(), len));
-                    tracing::debug!(source = %src, file = %name, "archived the segment being written");
+                    let secs = t.elapsed().as_secs_f64();
+                    tracing::debug!(source = %src, file = %name, secs, "archived the segment being written");
                     done(status, &name, true);
                 }
                 Err(e) => return self.failed(src, &name, e, m, status),

@@ -21,7 +21,10 @@
 //!   age of the oldest sample the cluster does not yet hold (`LagTracker`), 0 when the cluster
 //!   holds everything the server had written at the last sample.
 //! - `pg_receivewal` dies with the daemon (`PR_SET_PDEATHSIG`), stops on SIGTERM after the
-//!   daemon shipped what it had, and is restarted with backoff (1 s doubling to 60 s).
+//!   daemon shipped what it had, and is restarted with backoff (1 s doubling to 60 s). A full
+//!   disk stops it (reported with its own words); nothing is lost, the slot holds the WAL, and
+//!   it starts again once there is room (an empty segment file it left is removed first). The
+//!   directory needs room for two segments (the newest complete one is kept).
 //! - A slot found missing while the directory already holds streamed WAL was dropped by
 //!   someone: WAL between the last file and now may be gone. That is logged as an error and
 //!   counted (`exclave_agent_wal_slot_lost_total`), and the slot is created again so nothing
@@ -387,7 +390,7 @@ pub async fn run(
             status_code = exited => {
                 let r = receiver.take();
                 let removed = r.as_ref().is_some_and(|r| r.said_any("has already been removed"));
-                let said = r.map(|r| r.last_line()).unwrap_or_default();
+                let said = r.map(|r| r.reason()).unwrap_or_default();
                 if removed && let Some(p) = pusher.as_ref() {
                     shipper.ship(&spec, p, &metrics, &status).await;
                     match skip_gap(&spec, &shipper).await {
@@ -478,9 +481,15 @@ impl Receiver {
         lock(&self.said).iter().any(|l| l.contains(text))
     }
 
-    fn last_line(&self) -> String {
-        let said = self.said.lock().unwrap_or_else(|e| e.into_inner());
-        said.iter().rev().find(|l| !l.trim().is_empty()).cloned().unwrap_or_default()
+    /// Why it stopped: its last error line other than the "disconnected" that follows every
+    /// error, else its last line.
+    fn reason(&self) -> String {
+        let said = lock(&self.said);
+        said.iter()
+            .rev()
+            .find(|l| l.contains("error:") && !l.trim_end().ends_with("error: disconnected"))
+            .cloned()
+            .unwrap_or_else(|| said.back().cloned().unwrap_or_default())
     }
 }
 
@@ -513,6 +522,7 @@ async fn start_receiver(spec: &StreamSpec, metrics: &StreamMetrics) -> Result<Re
         create_slot(spec, false).await?;
         tracing::info!(source = %spec.source, slot = %spec.slot, "replication slot created");
     }
+    remove_empty_partials(&spec.dir);
     let mut cmd = tokio::process::Command::new(program(spec));
     cmd.args(["--no-loop", "--synchronous", "--no-password", "--status-interval", "1", "--slot", &spec.slot])
         .arg("--directory")
@@ -591,6 +601,21 @@ async fn skip_gap(spec: &StreamSpec, shipper: &Shipper) -> Result<String> {
         std::fs::remove_file(spec.dir.join(n)).with_context(|| format!("removing {n}"))?;
     }
     Ok(format!("{from} to {}", to.as_deref().unwrap_or("the slot's position")))
+}
+
+/// Removes `.partial` files that hold no WAL at all: what a receiver leaves when it could not
+/// create a segment (a full disk stops it while zero-filling the new file), which would stop
+/// every later receiver ("has N bytes, should be 0 or 16777216"). Without WAL in it, the
+/// receiver starts the segment again from the same position.
+fn remove_empty_partials(dir: &std::path::Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".partial") && std::fs::read(e.path()).is_ok_and(|d| received_len(&d) == 0) {
+            tracing::info!(file = %name, "removing an empty segment left by a receiver that could not create it");
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// Samples the server's WAL position into `lag`, and returns how far the receiver had

@@ -88,12 +88,8 @@ fn slot(pg: &PgServer, what: &str) -> String {
     pg.psql("postgres", &format!("SELECT {what} FROM pg_replication_slots WHERE slot_name = 'exclave_pg'"))
 }
 
-#[test]
-fn streamed_wal_is_archived_within_seconds_survives_a_killed_agent_and_a_dropped_slot_is_reported() {
-    let w = World::new();
-    let mut node = w.start_node("n1");
-    let mut pg = PgServer::start("wal_level = replica\n");
-    let metrics_port = free_tcp_port();
+/// An agent config streaming `pg` as source `pg` to `node`, metrics on `metrics_port`.
+fn stream_config(w: &World, node: &Node, pg: &PgServer, metrics_port: u16) -> std::path::PathBuf {
     let cfg = w.path("agent.toml");
     std::fs::write(
         &cfg,
@@ -110,6 +106,16 @@ fn streamed_wal_is_archived_within_seconds_survives_a_killed_agent_and_a_dropped
         ),
     )
     .unwrap();
+    cfg
+}
+
+#[test]
+fn streamed_wal_is_archived_within_seconds_survives_a_killed_agent_and_a_dropped_slot_is_reported() {
+    let w = World::new();
+    let mut node = w.start_node("n1");
+    let mut pg = PgServer::start("wal_level = replica\n");
+    let metrics_port = free_tcp_port();
+    let cfg = stream_config(&w, &node, &pg, metrics_port);
     let mut d = Daemon::start(&w, &cfg, 1);
     let t = Instant::now();
     while slot(&pg, "active") != "t" {
@@ -256,5 +262,44 @@ fn streamed_wal_is_archived_within_seconds_survives_a_killed_agent_and_a_dropped
     let (from, rest) = gaps[0].as_str().unwrap().split_once(" to ").unwrap();
     let to = rest.split_whitespace().next().unwrap();
     assert!(parse_lsn(from).unwrap() < parse_lsn(to).unwrap(), "{s:#}");
+    pg.stop();
+}
+
+#[test]
+fn a_full_stream_disk_stops_the_receiver_loses_nothing_and_catches_up_when_there_is_room() {
+    let w = World::new();
+    let node = w.start_node("n1");
+    let mut pg = PgServer::start("wal_level = replica\n");
+    // Room for one segment and a bit: the second cannot be created.
+    let dir = w.path("state/wal-stream/pg");
+    mount_tmpfs(&dir, "size=20m");
+    let _unmount = Unmount(dir.clone());
+    let metrics_port = free_tcp_port();
+    let cfg = stream_config(&w, &node, &pg, metrics_port);
+    let d = Daemon::start(&w, &cfg, 1);
+    ok(run(Command::new(bin("exclave-agent"))
+        .args(["backup", "--quiet", "--config"])
+        .arg(&cfg)
+        .args(["--source", "pg"])));
+    pg.psql("postgres", "CREATE TABLE t (i int); INSERT INTO t SELECT generate_series(1, 400000)");
+    let written = server_lsn(&pg);
+    let t = Instant::now();
+    loop {
+        let (_, s) = d.status();
+        let err = s["streams"]["pg"]["last_error"].as_str().unwrap_or_default().to_string();
+        if err.contains("No space left on device") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "{s:#}\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // Nothing is lost meanwhile: the server keeps what the stream could not take.
+    let held = parse_lsn(&slot(&pg, "restart_lsn")).unwrap();
+    assert!(held < written, "the slot must hold the WAL not received: {held:X} vs {written:X}");
+    let st = Command::new("mount").args(["-o", "remount,size=256m"]).arg(&dir).status().unwrap();
+    assert!(st.success());
+    d.wait_shipped(written, Duration::from_secs(120));
+    let r = drill(&w, &node);
+    assert_eq!(r["recovery"]["databases"]["postgres"]["public.t"], 400_000, "{r:#}");
     pg.stop();
 }

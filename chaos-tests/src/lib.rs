@@ -638,6 +638,32 @@ pub fn remove_snapshot_record(data: &Path, id: &str) {
     db.flush_cf(cat).expect("tamper");
 }
 
+/// Removes, in a stopped node's catalog, every drill record of tenant lux (keys `D‖tenant‖…`,
+/// see replicator/src/catalog.rs); returns how many.
+pub fn remove_drill_records(data: &Path) -> usize {
+    let mut opts = rocksdb::Options::default();
+    opts.create_if_missing(false);
+    let cfs = rocksdb::DB::list_cf(&opts, data).expect("tamper");
+    let db = rocksdb::DB::open_cf(&opts, data, &cfs).expect("tamper");
+    let raft = db.cf_handle("raft").expect("tamper");
+    let active = match db.get_cf(raft, b"cc").expect("tamper") {
+        Some(v) if v == b"catalog_b" => "catalog_b",
+        _ => "catalog",
+    };
+    let cat = db.cf_handle(active).expect("tamper");
+    let prefix = b"Dlux\0".to_vec();
+    let keys: Vec<Box<[u8]>> = db
+        .iterator_cf(cat, rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward))
+        .map(|kv| kv.expect("tamper").0)
+        .take_while(|k| k.starts_with(&prefix))
+        .collect();
+    for k in &keys {
+        db.delete_cf(cat, k).expect("tamper");
+    }
+    db.flush_cf(cat).expect("tamper");
+    keys.len()
+}
+
 /// The workspace's root directory (where `deploy/` and `README.md` are).
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("chaos-tests sits in the workspace").to_path_buf()

@@ -115,9 +115,25 @@ fn a_snapshot_record_removed_by_hand_breaks_the_history_on_that_node_only() {
     for n in &nodes {
         w.wait_backfilled(n, &nodes[leader]);
     }
+    // A drill's result is an event of the history too.
+    let drill =
+        run(w.restore_cmd(&nodes[0], "drill").args(["--source", "rnpp", "--json", "--scratch"]).arg(w.path("scratch")));
+    assert_eq!(json(&drill)["verdict"], "PASS", "{}", stderr(&drill));
+    for n in &nodes {
+        let t = Instant::now();
+        while json(&ok(run(w.restore_cmd(n, "drills").arg("--json")))).as_array().unwrap().is_empty() {
+            assert!(t.elapsed() < Duration::from_secs(20), "the drill record did not reach {}", n.name);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
     let before = json(&ok(history(&w, &nodes[2], &[])));
     assert_eq!(before["ok"], true, "{before}");
     assert_eq!(before["snapshots_checked"], 3, "{before}");
+    assert_eq!(
+        (before["drills_checked"].as_u64(), before["drills_before_history"].as_u64()),
+        (Some(1), Some(0)),
+        "{before}"
+    );
     let recorded = format!("{}:{}", before["head_seq"], before["head_hash"].as_str().unwrap());
 
     // Someone with n3's disks removes the middle snapshot's record.
@@ -131,11 +147,20 @@ fn a_snapshot_record_removed_by_hand_breaks_the_history_on_that_node_only() {
     let why = v["first_break"].as_str().unwrap();
     assert!(why.contains(&made[1]) && why.contains("is missing and was never forgotten"), "{v}");
 
-    // The other nodes still hold it, and the head the tenant recorded is in their chain.
-    for n in &nodes[..2] {
-        let v = json(&ok(history(&w, n, &["--expect-head", &recorded])));
-        assert_eq!(v["ok"], true, "{}: {v}", n.name);
-    }
+    // Someone with n2's disks removes the drill's record.
+    nodes[1].stop().expect("stopped");
+    assert_eq!(remove_drill_records(&nodes[1].data), 1);
+    nodes[1].restart();
+    w.wait_sees_leader(&nodes[1]);
+    let o = history(&w, &nodes[1], &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    let v = json(&o);
+    assert!(v["first_break"].as_str().unwrap().contains("the drill of rnpp started"), "{v}");
+    assert!(v["first_break"].as_str().unwrap().contains("is missing"), "{v}");
+
+    // n1 still holds both, and the head the tenant recorded is in its chain.
+    let v = json(&ok(history(&w, &nodes[0], &["--expect-head", &recorded])));
+    assert_eq!(v["ok"], true, "n1: {v}");
     // A head that was never the chain's is refused.
     let forged = format!("{}:{}", before["head_seq"], "00".repeat(32));
     let o = history(&w, &nodes[0], &["--expect-head", &forged]);

@@ -346,6 +346,12 @@ pub enum Command {
     Audit {
         record: exclave::protocol::AuditRecord,
     },
+    /// `RecordDrill`, and the result is also an event of the tenant's history chain, so a drill
+    /// record removed or edited by hand shows.
+    RecordDrillV2 {
+        tenant: String,
+        record: DrillRecord,
+    },
 }
 
 /// How long, in cluster time, retention may not forget a tenant's new snapshots.
@@ -903,16 +909,11 @@ pub fn apply(view: &dyn CatalogRead, cmd: &Command) -> Result<(Outcome, Vec<Writ
             w.push(Write::Delete(member_key(*raft_id)));
             Outcome::Done
         }
-        Command::RecordDrill { tenant, record } => {
-            let seq = next_counter(view, SEQ_KEY, &mut w)?;
-            w.push(Write::Put(drill_key(tenant, &record.source, record.recorded, seq), encode(record)));
-            let latest_key = drill_latest_key(tenant, &record.source);
-            let before: Option<DrillLatest> = view.get(&latest_key)?.map(|v| decode(&v)).transpose()?;
-            let last_success =
-                if record.verdict == "PASS" { Some(record.started) } else { before.and_then(|b| b.last_success) };
-            w.push(Write::Put(latest_key, encode(&DrillLatest { last: record.clone(), last_success })));
-            Outcome::Done
+        Command::RecordDrillV2 { tenant, record } => {
+            history::Chain::open(view, tenant, cluster_time(view)?)?.push("drill", encode(record), &mut w);
+            record_drill(view, tenant, record, &mut w)?
         }
+        Command::RecordDrill { tenant, record } => record_drill(view, tenant, record, &mut w)?,
         Command::SetQuota { tenant, quota } => {
             match quota {
                 Some(q) => w.push(Write::Put(quota_key(tenant), encode(q))),
@@ -932,6 +933,23 @@ pub fn apply(view: &dyn CatalogRead, cmd: &Command) -> Result<(Outcome, Vec<Writ
         },
     };
     Ok((outcome, w))
+}
+
+/// Keeps a drill's result: its record, and the source's newest and last passing drill.
+fn record_drill(
+    view: &dyn CatalogRead,
+    tenant: &str,
+    record: &DrillRecord,
+    w: &mut Vec<Write>,
+) -> Result<Outcome, CatalogError> {
+    let seq = next_counter(view, SEQ_KEY, w)?;
+    w.push(Write::Put(drill_key(tenant, &record.source, record.recorded, seq), encode(record)));
+    let latest_key = drill_latest_key(tenant, &record.source);
+    let before: Option<DrillLatest> = view.get(&latest_key)?.map(|v| decode(&v)).transpose()?;
+    let last_success =
+        if record.verdict == "PASS" { Some(record.started) } else { before.and_then(|b| b.last_success) };
+    w.push(Write::Put(latest_key, encode(&DrillLatest { last: record.clone(), last_success })));
+    Ok(Outcome::Done)
 }
 
 fn commit(
@@ -1834,6 +1852,15 @@ mod tests {
         assert_eq!(latest.len(), 1);
         assert_eq!((latest[0].0.as_str(), latest[0].1.as_str()), ("lux", "rnpp"));
         assert_eq!((latest[0].2.last.verdict.as_str(), latest[0].2.last_success), ("FAIL", Some(30)));
+        // Old records are not chained; V2 records are kept the same way and chained too.
+        assert!(history::all(&c, "lux").unwrap().is_empty());
+        c.apply(&Command::RecordDrillV2 { tenant: "lux".into(), record: rec("PASS", 50) }).unwrap();
+        assert_eq!(drills(&c, "lux", None).unwrap().len(), 5);
+        assert_eq!(drills_latest(&c).unwrap()[0].2.last_success, Some(50));
+        let chain = history::all(&c, "lux").unwrap();
+        assert_eq!(chain.len(), 1);
+        assert_eq!(chain[0].kind, "drill");
+        assert_eq!(decode::<DrillRecord>(&chain[0].payload).unwrap(), rec("PASS", 50));
     }
 
     #[test]
@@ -1971,6 +1998,26 @@ mod tests {
             }),
             (tenant.clone(), prop::collection::vec(0u8..12, 0..6))
                 .prop_map(|(tenant, ns)| Command::GcSweep { tenant, ids: ns.iter().map(|n| id(*n)).collect() }),
+            (tenant.clone(), prop::sample::select(vec!["PASS", "FAIL"]), 0i64..50).prop_map(|(tenant, v, t)| {
+                Command::RecordDrillV2 {
+                    tenant,
+                    record: DrillRecord {
+                        source: "rnpp".into(),
+                        snapshot: "a".into(),
+                        snapshot_time: t,
+                        started: t,
+                        verdict: v.into(),
+                        reason: String::new(),
+                        rto_ms: 1,
+                        rpo_secs: 1,
+                        bytes: 1,
+                        files: 1,
+                        identity: "restore:lux".into(),
+                        node: "n1".into(),
+                        recorded: t,
+                    },
+                }
+            }),
             prop::sample::select(vec!["01", "02", "zz"]).prop_map(|serial| Command::Revoke {
                 revocation: Revocation {
                     serial: serial.into(),

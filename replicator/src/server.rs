@@ -667,7 +667,7 @@ async fn dispatch(
             };
             info!(%tenant, source = %record.source, verdict = %record.verdict, rto_ms = record.rto_ms,
                   rpo_secs = record.rpo_secs, "drill recorded");
-            node.raft.propose(Command::RecordDrill { tenant, record }).await?;
+            node.raft.propose(Command::RecordDrillV2 { tenant, record }).await?;
             Ok(Reply::Ok)
         }
         Request::Drills { source } => {

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use exclave::protocol::{HistoryEvent, HistoryHead, SnapshotInfo};
+use exclave::protocol::{DrillRecord, HistoryEvent, HistoryHead, SnapshotInfo};
 use serde::Serialize;
 
 /// What verifying found.
@@ -22,6 +22,9 @@ pub struct Verdict {
     pub snapshots_checked: u64,
     /// Snapshots committed before the history chain was kept (not a break).
     pub before_history: u64,
+    pub drills_checked: u64,
+    /// Drill records kept before drills were chained (not a break).
+    pub drills_before_history: u64,
     /// The first break found, in words; `None` when the history holds.
     pub first_break: Option<String>,
 }
@@ -34,8 +37,10 @@ pub fn verify(
     head: &HistoryHead,
     expected: Option<&HistoryHead>,
     listed: &[SnapshotInfo],
+    drills: &[DrillRecord],
     source: Option<&str>,
 ) -> Verdict {
+    let mut chained_drills: Vec<(u64, DrillRecord)> = Vec::new();
     let mut v = Verdict { events: events.len() as u64, ..Default::default() };
     let mut prev = [0u8; 32];
     let mut live: BTreeMap<String, (u64, SnapshotInfo)> = BTreeMap::new();
@@ -69,6 +74,10 @@ pub fn verify(
             "forget" => {
                 live.remove(&String::from_utf8_lossy(&e.payload).into_owned());
             }
+            "drill" => match postcard::from_bytes::<DrillRecord>(&e.payload) {
+                Ok(d) => chained_drills.push((e.seq, d)),
+                Err(err) => breaks(&mut v, format!("event {} (drill) cannot be read: {err}", e.seq)),
+            },
             _ => {}
         }
     }
@@ -122,6 +131,44 @@ pub fn verify(
             breaks(
                 &mut v,
                 format!("snapshot {id} ({}), committed at event {seq}, is missing and was never forgotten", s.source),
+            );
+        }
+    }
+    // Drill records are never forgotten: each chained one is listed, each listed one since the
+    // first chained was chained, and none was edited.
+    let wanted_drill = |d: &DrillRecord| source.is_none_or(|src| d.source == src);
+    let same = |a: &DrillRecord, b: &DrillRecord| {
+        (a.source.as_str(), a.started, a.recorded) == (b.source.as_str(), b.started, b.recorded)
+    };
+    let first_chained = chained_drills.iter().map(|(_, d)| (d.recorded, d.started)).min();
+    for d in drills.iter().filter(|d| wanted_drill(d)) {
+        v.drills_checked += 1;
+        if chained_drills.iter().any(|(_, c)| c == d) {
+            continue;
+        }
+        match chained_drills.iter().find(|(_, c)| same(c, d)) {
+            Some((seq, _)) => breaks(
+                &mut v,
+                format!(
+                    "the drill of {} started {} differs from its record at event {seq}: it was edited",
+                    d.source, d.started
+                ),
+            ),
+            None if first_chained.is_none_or(|first| (d.recorded, d.started) < first) => v.drills_before_history += 1,
+            None => breaks(
+                &mut v,
+                format!(
+                    "a drill of {} started {} is listed but was never recorded in the history",
+                    d.source, d.started
+                ),
+            ),
+        }
+    }
+    for (seq, c) in chained_drills.iter().filter(|(_, c)| wanted_drill(c)) {
+        if !drills.iter().any(|d| same(d, c)) {
+            breaks(
+                &mut v,
+                format!("the drill of {} started {}, recorded at event {seq}, is missing", c.source, c.started),
             );
         }
     }
@@ -198,26 +245,29 @@ mod tests {
         let (events, head) =
             chain(&[("commit", enc(&a)), ("commit", enc(&b)), ("forget", b"a".to_vec()), ("commit", enc(&c))]);
         let old = snap("old", 2);
-        let good = verify(&events, &head, None, &[old.clone(), b.clone(), c.clone()], None);
+        let good = verify(&events, &head, None, &[old.clone(), b.clone(), c.clone()], &[], None);
         assert!(good.ok, "{good:?}");
         assert_eq!((good.snapshots_checked, good.before_history, good.head_seq), (3, 1, 4));
 
-        let removed = verify(&events, &head, None, &[old.clone(), c.clone()], None);
+        let removed = verify(&events, &head, None, &[old.clone(), c.clone()], &[], None);
         assert!(removed.first_break.unwrap().contains("snapshot b (rnpp), committed at event 2, is missing"));
         let edited = SnapshotInfo { files: 999, ..b.clone() };
-        let v = verify(&events, &head, None, &[edited, c.clone()], None);
+        let v = verify(&events, &head, None, &[edited, c.clone()], &[], None);
         assert!(v.first_break.unwrap().contains("differs from its commit at event 2"));
-        let forged = verify(&events, &head, None, &[b.clone(), c.clone(), snap("x", 9)], None);
+        let forged = verify(&events, &head, None, &[b.clone(), c.clone(), snap("x", 9)], &[], None);
         assert!(forged.first_break.unwrap().contains("snapshot x (rnpp) is listed but was never committed"));
 
         let mut cut = events.clone();
         cut.remove(1);
         assert!(
-            verify(&cut, &head, None, &[], None).first_break.unwrap().contains("event 3 is where event 2 should be")
+            verify(&cut, &head, None, &[], &[], None)
+                .first_break
+                .unwrap()
+                .contains("event 3 is where event 2 should be")
         );
         let mut changed = events.clone();
         changed[1].payload = enc(&snap("b", 66));
-        let v = verify(&changed, &head, None, &[b.clone(), c.clone()], None);
+        let v = verify(&changed, &head, None, &[b.clone(), c.clone()], &[], None);
         assert!(
             v.first_break.unwrap().contains("event 3 does not follow event 2"),
             "a changed event breaks the next link"
@@ -226,15 +276,53 @@ mod tests {
         for i in 1..rewritten.len() {
             rewritten[i].prev = rewritten[i - 1].hash();
         }
-        let v = verify(&rewritten, &head, None, &[b.clone(), c.clone()], None);
+        let v = verify(&rewritten, &head, None, &[b.clone(), c.clone()], &[], None);
         assert!(v.first_break.unwrap().contains("the node's head"), "a rewritten chain ends elsewhere");
         // A head recorded earlier is found in the chain; in a rewritten one it is not.
         let earlier = HistoryHead { seq: 2, hash: events[1].hash() };
-        assert!(verify(&events, &head, Some(&earlier), &[old.clone(), b.clone(), c.clone()], None).ok);
+        assert!(verify(&events, &head, Some(&earlier), &[old.clone(), b.clone(), c.clone()], &[], None).ok);
         let rewritten_head = HistoryHead { seq: 4, hash: rewritten[3].hash() };
-        let v = verify(&rewritten, &rewritten_head, Some(&earlier), &[b.clone(), c.clone()], None);
+        let v = verify(&rewritten, &rewritten_head, Some(&earlier), &[b.clone(), c.clone()], &[], None);
         assert!(v.first_break.unwrap().contains("recorded earlier (event 2"), "rewritten, head and all");
-        let other = verify(&events, &head, None, &[b.clone(), c.clone()], Some("docs"));
+        let other = verify(&events, &head, None, &[b.clone(), c.clone()], &[], Some("docs"));
         assert!(other.ok && other.snapshots_checked == 0);
+    }
+
+    fn drill(started: i64, verdict: &str) -> DrillRecord {
+        DrillRecord {
+            source: "rnpp".into(),
+            snapshot: "b".into(),
+            snapshot_time: 1,
+            started,
+            verdict: verdict.into(),
+            reason: String::new(),
+            rto_ms: 1000,
+            rpo_secs: 60,
+            bytes: 1,
+            files: 1,
+            identity: "restore:lux".into(),
+            node: "n1".into(),
+            recorded: started + 5,
+        }
+    }
+
+    #[test]
+    fn drill_records_removed_edited_or_forged_are_named() {
+        let enc = |d: &DrillRecord| postcard::to_allocvec(d).unwrap();
+        let (d1, d2) = (drill(100, "PASS"), drill(200, "FAIL"));
+        let (events, head) = chain(&[("drill", enc(&d1)), ("drill", enc(&d2))]);
+        let old = drill(10, "PASS");
+        let v = verify(&events, &head, None, &[], &[old.clone(), d1.clone(), d2.clone()], None);
+        assert!(v.ok, "{v:?}");
+        assert_eq!((v.drills_checked, v.drills_before_history), (3, 1), "one kept before drills were chained");
+        let v = verify(&events, &head, None, &[], std::slice::from_ref(&d1), None);
+        assert!(v.first_break.unwrap().contains("the drill of rnpp started 200, recorded at event 2, is missing"));
+        let passed = DrillRecord { verdict: "PASS".into(), ..d2.clone() };
+        let v = verify(&events, &head, None, &[], &[d1.clone(), passed], None);
+        assert!(v.first_break.unwrap().contains("differs from its record at event 2: it was edited"));
+        let forged = drill(300, "PASS");
+        let v = verify(&events, &head, None, &[], &[d1.clone(), d2.clone(), forged], None);
+        assert!(v.first_break.unwrap().contains("started 300 is listed but was never recorded"));
+        assert!(verify(&events, &head, None, &[], &[d1, d2], Some("docs")).ok);
     }
 }

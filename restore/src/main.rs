@@ -613,6 +613,7 @@ async fn verify_history(conn: Conn, source: Option<String>, expect: Option<Strin
     let mut events = Vec::new();
     let mut head = history::fetch(&client, &mut events).await?;
     let mut listed = list(&client, &conn, None).await?;
+    let mut drills = drill_records(&client).await?;
     for _ in 0..5 {
         let seen = events.len();
         head = history::fetch(&client, &mut events).await?;
@@ -620,10 +621,11 @@ async fn verify_history(conn: Conn, source: Option<String>, expect: Option<Strin
             break;
         }
         listed = list(&client, &conn, None).await?;
+        drills = drill_records(&client).await?;
     }
     let node = client.addr();
     client.close().await;
-    let v = history::verify(&events, &head, expected.as_ref(), &listed, source.as_deref());
+    let v = history::verify(&events, &head, expected.as_ref(), &listed, &drills, source.as_deref());
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
@@ -632,12 +634,24 @@ async fn verify_history(conn: Conn, source: Option<String>, expect: Option<Strin
             "  {} snapshots checked against it ({} from before the history was kept)",
             v.snapshots_checked, v.before_history
         );
+        println!(
+            "  {} drill records checked against it ({} from before drills were chained)",
+            v.drills_checked, v.drills_before_history
+        );
         match &v.first_break {
             None => println!("  OK: the chain holds and the catalog matches it"),
             Some(why) => println!("  BROKEN: {why}"),
         }
     }
     Ok(if v.ok { 0 } else { 1 })
+}
+
+/// Every drill record of the tenant the node holds.
+async fn drill_records(client: &exclave::client::NodeClient) -> Result<Vec<exclave::protocol::DrillRecord>> {
+    match client.call(&[exclave::protocol::Request::Drills { source: None }]).await? {
+        exclave::protocol::Reply::Drills(list) => Ok(list),
+        _ => bail!("unexpected reply to drills"),
+    }
 }
 
 async fn list_drills(conn: Conn, source: Option<String>, json: bool) -> Result<i32> {

@@ -403,10 +403,11 @@ pub struct HistoryEvent {
     pub prev: [u8; 32],
     /// Cluster time when it was applied.
     pub time: i64,
-    /// `commit`, `forget`, `lock`, `hold`, `protect`, `retention` or `audit`.
+    /// `commit`, `forget`, `lock`, `hold`, `protect`, `retention`, `audit` or `drill`.
     pub kind: String,
     /// What happened: for `commit` the snapshot's record (postcard `SnapshotInfo`, as the
-    /// cluster lists it), for `forget` the snapshot id, for the others the record applied.
+    /// cluster lists it), for `forget` the snapshot id, for `drill` the drill's record
+    /// (postcard `DrillRecord`, as the cluster lists it), for the others the record applied.
     #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
 }

@@ -6,8 +6,9 @@
 //! (`exclave-restore history verify`).
 //!
 //! Only commands that arrived with this chain write to it (`CommitV2`, `SetRetentionV2`,
-//! `SetProtection`, `SetLock`, `ApproveLock`, `SetHold`, `Audit`), so a log replayed by a newer
-//! node gives the state older nodes reached. Drill results are not chained yet.
+//! `SetProtection`, `SetLock`, `ApproveLock`, `SetHold`, `Audit`, `RecordDrillV2`), so a log
+//! replayed by a newer node gives the state older nodes reached. Drill results recorded with
+//! the older `RecordDrill` are not in the chain.
 //!
 //! Keys (see the table in `catalog`):
 //!

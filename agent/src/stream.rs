@@ -688,6 +688,8 @@ impl Shipper {
         // Complete files in parallel, their results taken in order: a position counts as held
         // only when every file before it is.
         let todo: Vec<&String> = spool.complete.iter().filter(|n| !self.complete.contains(*n)).collect();
+        // A failed round waits the interval before the next: no retry storm on a lasting error.
+        self.backlog = false;
         let jobs: Vec<(PathBuf, String)> = todo.iter().map(|n| (spec.dir.join(n), (*n).clone())).collect();
         let mut pushes = futures::stream::iter(jobs.into_iter().map(move |(path, name)| async move {
             let size = std::fs::metadata(&path).map(|md| md.len()).unwrap_or(0);

@@ -89,7 +89,7 @@ phase idle-after
 sleep 5
 
 RECV=$(pgrep -P $AGENT pg_receivewal || true)
-echo "agent daemon CPU $(cpu_seconds $AGENT) s; pg_receivewal CPU $( [ -n "$RECV" ] && cpu_seconds "$RECV" || echo "?") s"
+echo "agent daemon CPU $(cpu_seconds $AGENT) s, peak RSS $(awk '/VmHWM/ {printf "%.0f MiB", $2/1024}' /proc/$AGENT/status); pg_receivewal CPU $( [ -n "$RECV" ] && cpu_seconds "$RECV" || echo "?") s"
 python3 - "$W"/lag "$W"/rate <<'EOF'
 import sys, collections
 lag = collections.defaultdict(list)

@@ -276,10 +276,12 @@ pub async fn run(config_path: PathBuf) -> Result<i32> {
             interval: std::time::Duration::from_secs(src.stream_interval_secs.unwrap_or(3)),
         };
         metrics.stream.add_source(name);
-        // Only what the cluster acknowledged carries over from the last run: the rest is live.
+        // What the cluster acknowledged and the gaps found carry over from the last run; the
+        // rest is live.
         let before = previous.streams.get(name);
         let st = Arc::new(Mutex::new(crate::stream::StreamStatus {
             shipped_lsn: before.and_then(|b| b.shipped_lsn.clone()),
+            gaps: before.map(|b| b.gaps.clone()).unwrap_or_default(),
             ..Default::default()
         }));
         tracing::info!(source = %name, slot = %spec.slot, dir = %spec.dir.display(), "streaming WAL");

@@ -309,9 +309,10 @@ pub async fn run(
     let sampler = {
         let (lag, metrics, status, mut stop) = (shipper.lag.clone(), metrics.clone(), status.clone(), stop.clone());
         let sspec = StreamSpec { config: PathBuf::new(), dir: PathBuf::new(), ..spec.clone() };
+        let probe = Probe::default();
         tokio::spawn(async move {
             loop {
-                sample_server(&sspec, &lag).await;
+                sample_server(&sspec, &probe, &lag).await;
                 report_lag(&sspec.source, &lock(&lag), &metrics, &status);
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -320,6 +321,7 @@ pub async fn run(
             }
         })
     };
+    let probe = Probe::default();
     let mut pusher: Option<WalPusher> = None;
     let mut receiver: Option<Receiver> = None;
     let mut backoff = Duration::from_secs(1);
@@ -365,7 +367,7 @@ pub async fn run(
             }
         }
         // The sample comes first: what the receiver had flushed then is in the file read next.
-        shipper.flushed = sample_server(&spec, &shipper.lag).await;
+        shipper.flushed = sample_server(&spec, &probe, &shipper.lag).await;
         report_lag(&src, &lock(&shipper.lag), &metrics, &status);
         if let Some(p) = pusher.as_ref() {
             shipper.ship(&spec, p, &metrics, &status).await;
@@ -618,18 +620,34 @@ fn remove_empty_partials(dir: &std::path::Path) {
     }
 }
 
+/// A kept session with the database server, for the samples.
+type Probe = Arc<Mutex<Option<postgres::Client>>>;
+
 /// Samples the server's WAL position into `lag`, and returns how far the receiver had
 /// flushed (as it reported to the server: with `--synchronous`, after each fsync). Nothing
 /// when the server cannot be asked.
-async fn sample_server(spec: &StreamSpec, lag: &Mutex<LagTracker>) -> Option<u64> {
-    let (conn, app) = (spec.connection.clone(), spec.slot.clone());
+async fn sample_server(spec: &StreamSpec, probe: &Probe, lag: &Mutex<LagTracker>) -> Option<u64> {
+    let (conn, app, probe) = (spec.connection.clone(), spec.slot.clone(), probe.clone());
     let got = tokio::task::spawn_blocking(move || -> Result<(Option<u64>, Option<u64>)> {
-        let mut c = crate::source::postgres::connect(&conn)?;
+        // One session kept for the samples (a new one each second would fork a backend each
+        // second); a failed query drops it and the next sample connects again.
+        let mut kept = lock(&probe);
+        let c = match kept.as_mut() {
+            Some(c) => c,
+            None => kept.insert(crate::source::postgres::connect(&conn)?),
+        };
         let row = c.query_one(
             "SELECT pg_current_wal_lsn()::text, (SELECT max(flush_lsn)::text FROM pg_stat_replication \
              WHERE application_name = $1)",
             &[&app],
-        )?;
+        );
+        let row = match row {
+            Ok(r) => r,
+            Err(e) => {
+                *kept = None;
+                return Err(e.into());
+            }
+        };
         let lsn = |i: usize| row.get::<_, Option<String>>(i).as_deref().and_then(parse_lsn);
         Ok((lsn(0), lsn(1)))
     })

@@ -262,6 +262,13 @@ fn streamed_wal_is_archived_within_seconds_survives_a_killed_agent_and_a_dropped
     let (from, rest) = gaps[0].as_str().unwrap().split_once(" to ").unwrap();
     let to = rest.split_whitespace().next().unwrap();
     assert!(parse_lsn(from).unwrap() < parse_lsn(to).unwrap(), "{s:#}");
+    // The gap stays on record across a restart of the daemon.
+    let mut d3 = d3;
+    assert_eq!(sigterm_and_wait(&mut d3.child, Duration::from_secs(30), "agent daemon"), Some(0), "{}", d3.log());
+    let d4 = Daemon::start(&w, &cfg, 4);
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, s) = d4.status();
+    assert_eq!(s["streams"]["pg"]["gaps"].as_array().unwrap().len(), 1, "{s:#}");
     pg.stop();
 }
 

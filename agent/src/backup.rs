@@ -493,6 +493,9 @@ async fn attempts(
     }
 }
 
+/// The plaintext in flight per WAL push of the daemon's stream, MiB.
+const WAL_PUSH_BUDGET_MIB: usize = 8;
+
 /// Archives WAL files for the daemon's WAL stream (`crate::stream`): settings and credentials
 /// are resolved once (a sealed key is unsealed once, not per file), and one connection is kept
 /// and shared by the pushes in flight (a new one when it breaks); each push is the same commit
@@ -511,7 +514,11 @@ impl WalPusher {
             wal_file: Some(std::path::PathBuf::new()),
             ..BackupArgs::default()
         };
-        Ok(WalPusher { r: resolve(&a)?, client: std::sync::Mutex::new(None) })
+        let mut r = resolve(&a)?;
+        // A WAL file is already in memory whole; several are pushed at once by a daemon that
+        // lives beside the database: a small budget each.
+        r.budget_mib = r.budget_mib.min(WAL_PUSH_BUDGET_MIB);
+        Ok(WalPusher { r, client: std::sync::Mutex::new(None) })
     }
 
     /// Archives the file at `path` as `name`, durably (acknowledged by the cluster); returns

@@ -217,7 +217,11 @@ fn a_node_killed_at_each_step_of_gc_resumes_and_loses_nothing() {
         sample_tree(&kept, 40 + round as u64, 1 << 20);
         ok(w.backup(&nodes[0], "rnpp", &[&gone]));
         latest = (snapshot_of(&ok(w.backup(&nodes[0], "rnpp", &[&kept]))), kept.clone());
+        // A write quorum is two of three: the node under test may still be storing its copies.
+        let leader = w.wait_leader(&nodes);
+        w.wait_backfilled(&nodes[v], &nodes[leader]);
         let before = pack_bytes(&nodes[v].data);
+        assert!(before > 3 << 19, "{step}: {} holds {before} B of packs before the pass", nodes[v].name);
 
         nodes[v].restart_with_env(&[("EXCLAVE_TEST_CRASH_AT", step)]);
         w.wait_sees_leader(&nodes[v]);

@@ -463,10 +463,12 @@ pub fn status(config: Option<&Path>, json: bool) -> Result<i32> {
         } else {
             println!("daemon not running (last update {})", fmt_time(Some(st.updated)));
         }
-        println!(
-            "{:<16} {:<9} {:<14} {:<21} {:<21} {:<18} STATE",
-            "SOURCE", "KIND", "SCHEDULE", "LAST SUCCESS", "NEXT RUN", "LAST SNAPSHOT"
-        );
+        if !st.sources.is_empty() {
+            println!(
+                "{:<16} {:<9} {:<14} {:<21} {:<21} {:<18} STATE",
+                "SOURCE", "KIND", "SCHEDULE", "LAST SUCCESS", "NEXT RUN", "LAST SNAPSHOT"
+            );
+        }
         for (name, s) in &st.sources {
             let state = if s.running {
                 format!("running since {}", fmt_time(s.running_since))
@@ -499,8 +501,14 @@ pub fn status(config: Option<&Path>, json: bool) -> Result<i32> {
         .collect();
     if !json && !st.streams.is_empty() {
         println!(
-            "\n{:<16} {:<20} {:<10} {:<14} {:<14} {:<9} LAST SHIPPED",
-            "WAL STREAM", "SLOT", "RECEIVING", "SERVER AT", "CLUSTER HOLDS", "LAG"
+            "{}{:<16} {:<20} {:<10} {:<14} {:<14} {:<9} LAST SHIPPED",
+            if st.sources.is_empty() { "" } else { "\n" },
+            "WAL STREAM",
+            "SLOT",
+            "RECEIVING",
+            "SERVER AT",
+            "CLUSTER HOLDS",
+            "LAG"
         );
         for (name, s) in &st.streams {
             let lag = s.lag_secs.map(|l| format!("{l:.0} s")).unwrap_or_else(|| "?".into());

@@ -8,7 +8,10 @@
 # lacks) is read every second through four phases: idle, pgbench with 4 clients for SECS,
 # a bulk load (`pgbench -i -s SCALE` into a second database: the heaviest WAL rate), idle
 # again. Prints the lag's p50 / p99 / max per phase, the WAL rate, and the CPU seconds of the
-# agent daemon and pg_receivewal.
+# agent daemon and pg_receivewal. With pgbackrest installed, the same server also archives
+# through `pgbackrest archive-push` (archive_timeout 30 s, encrypted repository, zstd), and its
+# loss window is measured in the same run the same way: the age of the oldest server position
+# past the end of the last archived segment.
 set -euo pipefail
 die() { echo "error: $*" >&2; exit 1; }
 SCALE=${1:-100}
@@ -38,8 +41,30 @@ PGP=$(freeport); MP=$(freeport)
 mkdir "$W"/data "$W"/pg && chown postgres "$W"/data "$W"/pg
 runuser -u postgres -- "$PGBIN"/initdb -U postgres --auth=trust -D "$W"/data >/dev/null
 printf "port = %s\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '%s/pg'\nwal_level = replica\nmax_wal_size = 4GB\n" "$PGP" "$W" >> "$W"/data/postgresql.conf
+BR=
+if command -v pgbackrest >/dev/null; then
+  mkdir -p "$W"/pgbr "$W"/pgbr-log "$W"/pgbr-lock
+  cat > "$W"/pgbackrest.conf <<CONF
+[global]
+repo1-path=$W/pgbr
+repo1-cipher-type=aes-256-cbc
+repo1-cipher-pass=bench-only-passphrase-0123456789
+compress-type=zst
+log-path=$W/pgbr-log
+lock-path=$W/pgbr-lock
+log-level-console=warn
+[bench]
+pg1-path=$W/data
+pg1-port=$PGP
+pg1-socket-path=$W/pg
+CONF
+  chown -R postgres "$W"/pgbr "$W"/pgbr-log "$W"/pgbr-lock "$W"/pgbackrest.conf
+  BR="pgbackrest --config $W/pgbackrest.conf --stanza=bench"
+  printf "archive_mode = on\narchive_timeout = 30\narchive_command = '%s archive-push %%p'\n" "$BR" >> "$W"/data/postgresql.conf
+fi
 runuser -u postgres -- "$PGBIN"/pg_ctl -D "$W"/data -l "$W"/pg/log -w start >/dev/null
 C="host=127.0.0.1 port=$PGP user=postgres"
+[ -z "$BR" ] || runuser -u postgres -- $BR stanza-create >/dev/null
 psql -X -q "$C dbname=postgres" -c "CREATE DATABASE bench" -c "CREATE DATABASE bulk"
 "$PGBIN"/pgbench -i -q -s 10 "$C dbname=bench" >/dev/null 2>&1
 cat > "$W"/agent.toml <<EOF
@@ -65,6 +90,7 @@ sample() { # phase seconds
   local end=$(( $(date +%s) + $2 ))
   while [ "$(date +%s)" -lt "$end" ]; do
     curl -s "http://127.0.0.1:$MP/metrics" | awk -v p="$1" '/^exclave_agent_wal_lag_seconds\{source="reg"\}/ {print p, $2}' >> "$W"/lag
+    [ -z "$BR" ] || echo "$1 $(date +%s.%N) $(psql -X -At -F ' ' "$C dbname=postgres" -c "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn, coalesce(last_archived_wal, '-') FROM pg_stat_archiver")" >> "$W"/archived
     sleep 1
   done
 }
@@ -104,6 +130,27 @@ print(f"{'phase':<12} {'WAL MiB/s':>9} {'samples':>7} {'lag p50':>8} {'p99':>6} 
 for p in ["idle", "pgbench", "bulk-load", "idle-after"]:
     xs = lag.get(p, [0.0])
     print(f"{p:<12} {rate.get(p, '?'):>9} {len(xs):>7} {q(xs, .5):>7.1f}s {q(xs, .99):>5.1f}s {max(xs):>5.1f}s")
+EOF
+# pgBackRest's loss window from the same samples: the age of the oldest server position past
+# the end of the last segment it archived.
+[ -z "$BR" ] || python3 - "$W"/archived <<'EOF'
+import collections, sys
+rows = [l.split() for l in open(sys.argv[1]) if len(l.split()) == 4]
+seen, lag, end = [], collections.defaultdict(list), 0
+for phase, t, server, archived in rows:
+    t, server = float(t), int(server)
+    seen.append((t, server))
+    if len(archived) == 24:  # a segment, not a history file
+        end = max(end, (int(archived[8:16], 16) << 32) + (int(archived[16:24], 16) + 1) * (16 << 20))
+    first = next((st for st, sl in seen if sl > end), None)
+    lag[phase].append(0.0 if first is None else t - first)
+def q(xs, f):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(f * len(xs)))]
+print("pgBackRest archive-push (archive_timeout 30 s), the same server and load:")
+for p in ["idle", "pgbench", "bulk-load", "idle-after"]:
+    xs = lag.get(p, [0.0])
+    print(f"{p:<12} {'':>9} {len(xs):>7} {q(xs, .5):>7.1f}s {q(xs, .99):>5.1f}s {max(xs):>5.1f}s")
 EOF
 # How long one archive commit took, from the daemon's debug log.
 python3 - "$W"/agent.log <<'EOF'

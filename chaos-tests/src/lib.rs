@@ -613,9 +613,9 @@ pub fn tamper_chunk(data: &Path, id: &exclave::ChunkId, fix_checksum: bool, tamp
     db.flush().expect("tamper");
 }
 
-/// Removes, in a stopped node's catalog, the record of snapshot `id` of tenant lux, as someone
-/// with the embassy's disks could (keys documented at the top of replicator/src/catalog.rs).
-pub fn remove_snapshot_record(data: &Path, id: &str) {
+/// A stopped node's store and the name of its active catalog family (`catalog` or
+/// `catalog_b`, as the pointer `cc` in the raft family says).
+fn open_catalog(data: &Path) -> (rocksdb::DB, &'static str) {
     let mut opts = rocksdb::Options::default();
     opts.create_if_missing(false);
     let cfs = rocksdb::DB::list_cf(&opts, data).expect("tamper");
@@ -625,6 +625,13 @@ pub fn remove_snapshot_record(data: &Path, id: &str) {
         Some(v) if v == b"catalog_b" => "catalog_b",
         _ => "catalog",
     };
+    (db, active)
+}
+
+/// Removes, in a stopped node's catalog, the record of snapshot `id` of tenant lux, as someone
+/// with the embassy's disks could (keys documented at the top of replicator/src/catalog.rs).
+pub fn remove_snapshot_record(data: &Path, id: &str) {
+    let (db, active) = open_catalog(data);
     let cat = db.cf_handle(active).expect("tamper");
     let mut ikey = b"ilux\0".to_vec();
     ikey.extend_from_slice(id.as_bytes());
@@ -641,15 +648,7 @@ pub fn remove_snapshot_record(data: &Path, id: &str) {
 /// Removes, in a stopped node's catalog, every drill record of tenant lux (keys `D‖tenant‖…`,
 /// see replicator/src/catalog.rs); returns how many.
 pub fn remove_drill_records(data: &Path) -> usize {
-    let mut opts = rocksdb::Options::default();
-    opts.create_if_missing(false);
-    let cfs = rocksdb::DB::list_cf(&opts, data).expect("tamper");
-    let db = rocksdb::DB::open_cf(&opts, data, &cfs).expect("tamper");
-    let raft = db.cf_handle("raft").expect("tamper");
-    let active = match db.get_cf(raft, b"cc").expect("tamper") {
-        Some(v) if v == b"catalog_b" => "catalog_b",
-        _ => "catalog",
-    };
+    let (db, active) = open_catalog(data);
     let cat = db.cf_handle(active).expect("tamper");
     let prefix = b"Dlux\0".to_vec();
     let keys: Vec<Box<[u8]>> = db

@@ -1,5 +1,6 @@
-//! `exclave-agent run`: the daemon that takes every scheduled source's snapshots, and
-//! `exclave-agent status`, which reports what it did.
+//! `exclave-agent run`: the daemon that takes every scheduled source's snapshots and runs
+//! the WAL streams of `method = "stream"` sources (`crate::stream`), and `exclave-agent
+//! status`, which reports what it did.
 //!
 //! Each run is a child `exclave-agent backup --config F --source NAME --json`, so a run
 //! that fails or crashes never takes the daemon with it, and a run behaves exactly like the
@@ -8,7 +9,7 @@
 //! makes runs fail; they are retried with backoff until it answers again.
 //!
 //! Status file (`STATE-DIR/status.json`, replaced atomically after every change):
-//! `{ pid, started, updated, sources: { NAME: SourceStatus } }`.
+//! `{ pid, started, updated, sources: { NAME: SourceStatus }, streams: { NAME: StreamStatus } }`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -32,10 +32,13 @@ enum Cmd {
     Keys(keys::KeysCmd),
     /// Take one snapshot of a source and upload it.
     Backup(Box<BackupArgs>),
-    /// Run as a daemon, snapshotting each source on its schedule.
+    /// Run as a daemon, snapshotting each source on its schedule and streaming WAL.
     ///
     /// Takes each source's snapshots on its `schedule`, retrying failures with backoff,
-    /// never two of one source at once. Stops on SIGTERM.
+    /// never two of one source at once, and streams the WAL of every `method = "stream"`
+    /// PostgreSQL source to the cluster (pg_receivewal on a replication slot; the segment
+    /// being written is archived every few seconds). Stops on SIGTERM, after shipping what
+    /// the streams hold.
     Run {
         /// Settings file with the sources and their schedules.
         #[arg(long)]

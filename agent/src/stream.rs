@@ -240,15 +240,20 @@ impl StreamMetrics {
                 &["source"],
             )?,
         };
-        registry.register(Box::new(m.up.clone()))?;
-        registry.register(Box::new(m.lag_secs.clone()))?;
-        registry.register(Box::new(m.lag_bytes.clone()))?;
-        registry.register(Box::new(m.restarts.clone()))?;
-        registry.register(Box::new(m.shipped.clone()))?;
-        registry.register(Box::new(m.shipped_bytes.clone()))?;
-        registry.register(Box::new(m.errors.clone()))?;
-        registry.register(Box::new(m.slot_lost.clone()))?;
-        registry.register(Box::new(m.gaps.clone()))?;
+        let all: [Box<dyn prometheus::core::Collector>; 9] = [
+            Box::new(m.up.clone()),
+            Box::new(m.lag_secs.clone()),
+            Box::new(m.lag_bytes.clone()),
+            Box::new(m.restarts.clone()),
+            Box::new(m.shipped.clone()),
+            Box::new(m.shipped_bytes.clone()),
+            Box::new(m.errors.clone()),
+            Box::new(m.slot_lost.clone()),
+            Box::new(m.gaps.clone()),
+        ];
+        for c in all {
+            registry.register(c)?;
+        }
         Ok(m)
     }
 
@@ -293,14 +298,14 @@ pub async fn run(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let src = spec.source.clone();
-    let set_status = |f: &dyn Fn(&mut StreamStatus)| f(&mut status.lock().unwrap_or_else(|e| e.into_inner()));
+    let set_status = |f: &dyn Fn(&mut StreamStatus)| f(&mut lock(&status));
     set_status(&|s| s.slot = spec.slot.clone());
     if let Err(e) = std::fs::create_dir_all(&spec.dir) {
         tracing::error!(source = %src, dir = %spec.dir.display(), error = %e, "cannot create the WAL stream directory");
     }
     let mut shipper = Shipper::default();
     // What an earlier run had shipped, acknowledged by the cluster then.
-    let before = status.lock().unwrap_or_else(|e| e.into_inner()).shipped_lsn.clone();
+    let before = lock(&status).shipped_lsn.clone();
     if let Some(lsn) = before.as_deref().and_then(parse_lsn) {
         lock(&shipper.lag).shipped_to(lsn);
     }
@@ -464,7 +469,7 @@ fn report_lag(src: &str, lag: &LagTracker, metrics: &StreamMetrics, status: &Mut
     let (lag_s, lag_b, shipped) = (lag.lag_secs(now), lag.lag_bytes(), lag.shipped());
     metrics.lag_secs.with_label_values(&[src]).set(lag_s);
     metrics.lag_bytes.with_label_values(&[src]).set(lag_b as i64);
-    let mut s = status.lock().unwrap_or_else(|e| e.into_inner());
+    let mut s = lock(status);
     s.lag_secs = Some(lag_s);
     s.lag_bytes = Some(lag_b);
     s.shipped_lsn = (shipped > 0).then(|| format_lsn(shipped));
@@ -551,7 +556,7 @@ async fn start_receiver(spec: &StreamSpec, metrics: &StreamMetrics) -> Result<Re
             let mut lines = tokio::io::BufReader::new(err).lines();
             while let Ok(Some(l)) = lines.next_line().await {
                 tracing::info!(source = %source, "pg_receivewal: {l}");
-                let mut s = said.lock().unwrap_or_else(|e| e.into_inner());
+                let mut s = lock(&said);
                 s.push_back(l);
                 if s.len() > 8 {
                     s.pop_front();
@@ -693,7 +698,7 @@ impl Shipper {
         };
         let spool = scan(names);
         let done = |status: &Mutex<StreamStatus>, name: &str, partial: bool| {
-            let mut s = status.lock().unwrap_or_else(|e| e.into_inner());
+            let mut s = lock(status);
             s.last_shipped = Some(name.to_string());
             s.last_shipped_at = Some(now_secs());
             s.last_error = None;
@@ -779,7 +784,7 @@ impl Shipper {
         let text = format!("archiving {name}: {e:#}");
         tracing::warn!(source = %src, error = %text, "streamed WAL not archived yet; kept locally and retried");
         m.errors.with_label_values(&[src]).inc();
-        status.lock().unwrap_or_else(|e| e.into_inner()).last_error = Some(text);
+        lock(status).last_error = Some(text);
     }
 }
 

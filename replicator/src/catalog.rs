@@ -41,7 +41,13 @@
 //! y                                                   → u64 BE                     last audit sequence
 //! H ‖ tenant ‖ 0 ‖ seq (u64 BE)                        → postcard(HistoryEvent)     hash-chained history (`history`)
 //! J ‖ tenant                                          → postcard(HistoryHead)      its newest event and hash
+//! d ‖ tenant ‖ 0 ‖ chunk id (32)                      → base chunk id (32)         a delta's base (`gc::bases`)
 //! ```
+//!
+//! Deltas: a chunk indexed as a delta (`IndexChunksV3`) records its base, and a commit adds
+//! the bases of what it references (and theirs, `MAX_DELTA_DEPTH` deep) to the snapshot's
+//! references, so GC keeps a base as long as any delta on it is referenced, whatever the
+//! agent remembered, and a snapshot whose bases are gone is refused like one whose chunks are.
 //!
 //! Retention reads commit times, never the agent's `time` (rules at the top of
 //! `exclave::retention`). Snapshots committed before commit times were kept (no `T`) count
@@ -351,6 +357,15 @@ pub enum Command {
     RecordDrillV2 {
         tenant: String,
         record: DrillRecord,
+    },
+    /// `IndexChunksV2`, and the base of each chunk stored as a delta (delta id, base id), read
+    /// by the uploading node from the envelopes' clear headers. Sent only when a batch holds a
+    /// delta, so clusters that never see one keep the commands every version knows.
+    IndexChunksV3 {
+        tenant: String,
+        chunks: Vec<(ChunkId, IndexEntry)>,
+        sweep_seq: u64,
+        bases: Vec<(ChunkId, ChunkId)>,
     },
 }
 
@@ -812,9 +827,12 @@ pub fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, CatalogError>
 pub fn apply(view: &dyn CatalogRead, cmd: &Command) -> Result<(Outcome, Vec<Write>), CatalogError> {
     let mut w = Vec::new();
     let outcome = match cmd {
-        Command::IndexChunks { tenant, chunks } => gc::index_chunks(view, tenant, chunks, None, &mut w)?,
+        Command::IndexChunks { tenant, chunks } => gc::index_chunks(view, tenant, chunks, None, &[], &mut w)?,
         Command::IndexChunksV2 { tenant, chunks, sweep_seq } => {
-            gc::index_chunks(view, tenant, chunks, Some(*sweep_seq), &mut w)?
+            gc::index_chunks(view, tenant, chunks, Some(*sweep_seq), &[], &mut w)?
+        }
+        Command::IndexChunksV3 { tenant, chunks, sweep_seq, bases } => {
+            gc::index_chunks(view, tenant, chunks, Some(*sweep_seq), bases, &mut w)?
         }
         Command::GcCondemn { tenant, ids, as_of_seq, pass } => {
             gc::condemn(view, tenant, ids, *as_of_seq, *pass, &mut w)?
@@ -981,6 +999,7 @@ fn commit(
     refs.push(snapshot.root);
     refs.sort_unstable();
     refs.dedup();
+    gc::add_bases(view, tenant, &mut refs)?;
     let mut absent = Vec::new();
     let mut stored_bytes = 0u64;
     for part in refs.chunks(4096) {

@@ -185,7 +185,17 @@ async fn store_round(node: &Arc<Node>, tenant: &str, chunks: Vec<PutChunk>) -> R
     }
     // Before any sweep, the command older nodes know.
     let tenant = tenant.to_string();
-    let cmd = if sweep_seq == 0 {
+    // The envelopes were checked on arrival (`check_envelopes`): their headers parse.
+    let bases: Vec<(ChunkId, ChunkId)> = chunks
+        .iter()
+        .filter_map(|p| match exclave::envelope::parse_header(&p.envelope).map(|h| h.codec) {
+            Ok(exclave::envelope::Codec::ZstdDelta(base)) => Some((p.id, base)),
+            _ => None,
+        })
+        .collect();
+    let cmd = if !bases.is_empty() {
+        Command::IndexChunksV3 { tenant, chunks: entries, sweep_seq, bases }
+    } else if sweep_seq == 0 {
         Command::IndexChunks { tenant, chunks: entries }
     } else {
         Command::IndexChunksV2 { tenant, chunks: entries, sweep_seq }

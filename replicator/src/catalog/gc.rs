@@ -65,6 +65,54 @@ pub fn condemned_key(tenant: &str, id: &ChunkId) -> Vec<u8> {
     k
 }
 
+/// Where a delta's base is recorded (see `add_bases`).
+pub fn base_key(tenant: &str, id: &ChunkId) -> Vec<u8> {
+    let mut k = tenant_key(b'd', tenant);
+    k.extend_from_slice(&id.0);
+    k
+}
+
+/// How deep a commit follows bases of bases. Agents build deltas on full chunks only (depth
+/// 1); deeper chains arise only where two sources share chunks, and restore reads as deep.
+pub const MAX_DELTA_DEPTH: usize = 8;
+
+/// Adds to the sorted, deduplicated `refs` the bases of the deltas among them, and theirs.
+/// A base referenced this way is kept by GC like any referenced chunk, and is checked to be
+/// in the index by the commit like the rest.
+pub(super) fn add_bases(view: &dyn CatalogRead, tenant: &str, refs: &mut Vec<ChunkId>) -> Result<(), CatalogError> {
+    // Most tenants hold no delta: one seek instead of a lookup per reference.
+    let mut any = false;
+    view.scan(&tenant_key(b'd', tenant), &mut |_, _| {
+        any = true;
+        false
+    })?;
+    if !any {
+        return Ok(());
+    }
+    let mut frontier = refs.clone();
+    for _ in 0..MAX_DELTA_DEPTH {
+        let mut found = Vec::new();
+        for part in frontier.chunks(4096) {
+            let keys: Vec<Vec<u8>> = part.iter().map(|id| base_key(tenant, id)).collect();
+            for v in view.get_many(&keys)?.into_iter().flatten() {
+                let base = ChunkId(v.as_slice().try_into().map_err(|_| CatalogError::Decode("delta base".into()))?);
+                if refs.binary_search(&base).is_err() {
+                    found.push(base);
+                }
+            }
+        }
+        found.sort_unstable();
+        found.dedup();
+        if found.is_empty() {
+            break;
+        }
+        refs.extend_from_slice(&found);
+        refs.sort_unstable();
+        frontier = found;
+    }
+    Ok(())
+}
+
 fn sweep_key(seq: u64) -> Vec<u8> {
     let mut k = b"x".to_vec();
     k.extend_from_slice(&seq.to_be_bytes());
@@ -190,9 +238,11 @@ pub(super) fn index_chunks(
     tenant: &str,
     chunks: &[(ChunkId, IndexEntry)],
     since: Option<u64>,
+    bases: &[(ChunkId, ChunkId)],
     w: &mut Vec<Write>,
 ) -> Result<Outcome, CatalogError> {
     let ids: Vec<ChunkId> = chunks.iter().map(|(id, _)| *id).collect();
+    let bases: std::collections::HashMap<ChunkId, ChunkId> = bases.iter().copied().collect();
     let keys = chunk_keys(tenant, &ids);
     let mut seen = HashSet::new();
     let absent: Vec<(&Vec<u8>, &(ChunkId, IndexEntry))> = keys
@@ -210,6 +260,7 @@ pub(super) fn index_chunks(
     let mut swept: Option<Option<HashSet<ChunkId>>> = None;
     for ((key, (id, entry)), (gkey, cond)) in absent.into_iter().zip(gkeys.iter().zip(conds)) {
         let entry = match cond {
+            // Its base, if it had one, was recorded when it was first indexed.
             Some(c) => {
                 w.push(Write::Delete(gkey.clone()));
                 decode::<Condemned>(&c)?.entry
@@ -222,6 +273,10 @@ pub(super) fn index_chunks(
                 if gone.as_ref().is_none_or(|g| g.contains(id)) {
                     refused.push(*id);
                     continue;
+                }
+                // Indexed for the first time: the envelope uploaded is the one stored.
+                if let Some(base) = bases.get(id) {
+                    w.push(Write::Put(base_key(tenant, id), base.0.to_vec()));
                 }
                 *entry
             }
@@ -349,6 +404,7 @@ pub(super) fn sweep(
             w.push(Write::Delete(gkey));
         }
         w.push(Write::DropChunk { tenant: tenant.to_string(), id: *id });
+        w.push(Write::Delete(base_key(tenant, id)));
         swept.push(*id);
     }
     if swept.is_empty() {
@@ -581,6 +637,13 @@ mod tests {
             }
         }
 
+        /// An upload where chunk `n` of 8 and above is a delta on chunk `n - 8`.
+        fn upload_deltas(&mut self, ns: &[u8]) -> Command {
+            let Command::IndexChunksV2 { tenant, chunks, sweep_seq } = self.upload(ns) else { unreachable!() };
+            let bases = ns.iter().filter(|n| **n >= 8).map(|n| (id(*n), id(*n - 8))).collect();
+            Command::IndexChunksV3 { tenant, chunks, sweep_seq, bases }
+        }
+
         fn commit(&mut self, sid: &str, root: u8, refs: &[u8]) -> Outcome {
             let ids = refs.iter().map(|n| id(*n)).collect();
             self.run(&Command::StageRefs { tenant: T.into(), snapshot_id: sid.into(), batch: 0, ids });
@@ -615,6 +678,13 @@ mod tests {
                                 index_entry(&self.cat, T, &r).unwrap().is_some(),
                                 "a snapshot's reference left the index"
                             );
+                            if let Some(b) = self.cat.get(&base_key(T, &r)).unwrap() {
+                                let b = ChunkId(b.try_into().unwrap());
+                                prop_assert!(
+                                    index_entry(&self.cat, T, &b).unwrap().is_some(),
+                                    "the base of a referenced delta left the index"
+                                );
+                            }
                         }
                     }
                     _ => {}
@@ -645,6 +715,43 @@ mod tests {
         assert_eq!(w.commit("s3", 1, &[4]), Outcome::Missing(vec![id(4)]));
         assert_eq!(state(&w.cat).unwrap().sweep_seq, 1);
         w.check().unwrap();
+    }
+
+    #[test]
+    fn a_commit_keeps_the_bases_of_its_deltas_and_a_swept_base_is_missing() {
+        let mut w = World::default();
+        let up = w.upload(&[1, 2]);
+        w.run(&up);
+        // 9 is a delta on 1, 10 on 2.
+        let up = w.upload_deltas(&[9, 10]);
+        assert_eq!(w.run(&up), Outcome::Done);
+        assert!(w.cat.get(&base_key(T, &id(9))).unwrap().is_some());
+        // A snapshot referencing only the deltas keeps their bases too.
+        let s1 = w.commit("s1", 9, &[9]);
+        assert!(matches!(&s1, Outcome::Committed(s) if s.chunks == 2 && s.stored_bytes == 109 + 101), "{s1:?}");
+        let mark = w.mark(1);
+        assert_eq!(w.run(&mark), Outcome::Collected { chunks: 2, bytes: 102 + 110 });
+        assert!(index_entry(&w.cat, T, &id(1)).unwrap().is_some(), "a base a snapshot needs was condemned");
+        // 2 and 10 are swept, with the record of 10's base.
+        assert_eq!(w.sweep_condemned(), Outcome::Collected { chunks: 2, bytes: 102 + 110 });
+        assert!(w.cat.get(&base_key(T, &id(10))).unwrap().is_none());
+        // Forgotten, then collected: the delta and its base go together.
+        w.run(&Command::Forget { tenant: T.into(), snapshot_id: "s1".into() });
+        let mark = w.mark(2);
+        assert_eq!(w.run(&mark), Outcome::Collected { chunks: 2, bytes: 101 + 109 });
+        // A backup told 9 exists commits it: its base comes back from condemnation with it.
+        assert!(matches!(w.commit("s2", 9, &[9]), Outcome::Committed(s) if s.chunks == 2));
+        assert!(index_entry(&w.cat, T, &id(1)).unwrap().is_some());
+        w.check().unwrap();
+        // A delta whose base was swept cannot be committed: the base is missing.
+        let up = w.upload(&[3]);
+        w.run(&up);
+        let mark = w.mark(3);
+        w.run(&mark);
+        w.sweep_condemned();
+        let up = w.upload_deltas(&[11]);
+        w.run(&up);
+        assert_eq!(w.commit("s3", 11, &[11]), Outcome::Missing(vec![id(3)]));
     }
 
     #[test]
@@ -747,8 +854,9 @@ mod tests {
 
     #[derive(Debug, Clone)]
     enum Op {
-        /// Upload these chunks; the index entry is applied now or queued.
-        Upload(Vec<u8>, bool),
+        /// Upload these chunks; the index entry is applied now or queued; chunks from 8 up
+        /// as deltas on the chunk 8 below.
+        Upload(Vec<u8>, bool, bool),
         /// Apply the oldest queued index entry or condemn.
         ApplyQueued(bool),
         Commit(u8, u8, Vec<u8>),
@@ -763,7 +871,7 @@ mod tests {
     fn op() -> impl Strategy<Value = Op> {
         let ids = || prop::collection::vec(0u8..16, 0..6);
         prop_oneof![
-            (ids(), any::<bool>()).prop_map(|(n, now)| Op::Upload(n, now)),
+            (ids(), any::<bool>(), any::<bool>()).prop_map(|(n, now, d)| Op::Upload(n, now, d)),
             any::<bool>().prop_map(Op::ApplyQueued),
             (0u8..4, 0u8..16, ids()).prop_map(|(s, r, n)| Op::Commit(s, r, n)),
             (0u8..4).prop_map(Op::Forget),
@@ -784,8 +892,8 @@ mod tests {
             let mut pass = 0;
             for op in ops {
                 match op {
-                    Op::Upload(ns, now) => {
-                        let cmd = w.upload(&ns);
+                    Op::Upload(ns, now, deltas) => {
+                        let cmd = if deltas { w.upload_deltas(&ns) } else { w.upload(&ns) };
                         if now { w.run(&cmd); } else { queued.push_back(cmd); }
                     }
                     Op::ApplyQueued(oldest) => {

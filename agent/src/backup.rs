@@ -56,6 +56,12 @@ pub struct Summary {
     /// Runs repeated because garbage collection took chunks this backup had been told were
     /// stored (they belonged only to forgotten snapshots) before it committed.
     pub resends: usize,
+    /// Changed chunks sent as deltas on the chunks they replaced, and their envelope bytes
+    /// (included in `uploaded_bytes`).
+    pub delta_chunks: u64,
+    pub delta_bytes: u64,
+    /// What the source's delta cache holds after this run (bytes on the agent's disk).
+    pub delta_cache_bytes: Option<u64>,
     /// Time from sending the commit to its acknowledgement (through Raft in a cluster).
     pub commit_secs: f64,
     /// Tables whose row count and checksum were recorded (database sources).
@@ -92,6 +98,8 @@ struct Resolved {
     src: SourceConfig,
     zstd_level: i32,
     budget_mib: usize,
+    /// The source's delta cache and its budget (MiB), when changed chunks go as deltas.
+    deltas: Option<(std::path::PathBuf, u64)>,
 }
 
 /// Loads the agent's certificate and its tenant key and checks that they belong together:
@@ -165,7 +173,16 @@ fn resolve(a: &BackupArgs) -> Result<Resolved> {
         src.chunk_min = Some(avg / 4);
         src.chunk_max = Some(avg.saturating_mul(4));
     }
+    let delta_mib = cfg.delta_cache_mib.unwrap_or(crate::deltas::DEFAULT_CACHE_MIB);
+    // WAL files never repeat a name: nothing to build a delta on.
+    let deltas = match (&a.delta_cache, &a.conn.config) {
+        _ if a.no_deltas || a.wal_file.is_some() => None,
+        (Some(dir), _) => Some((dir.clone(), delta_mib)),
+        (None, Some(_)) if delta_mib > 0 => Some((cfg.state_dir().join("deltas").join(&source), delta_mib)),
+        _ => None,
+    };
     Ok(Resolved {
+        deltas,
         lock_dir: a.conn.config.as_ref().map(|_| cfg.state_dir().join("locks")),
         wal: a.wal_file.clone(),
         nodes,
@@ -305,6 +322,16 @@ async fn attempt(
     let has_facts = items.iter().any(|i| matches!(i, Item::Facts { .. }));
     let trees: Vec<source::Root> =
         items.iter().filter_map(|i| if let Item::Tree(r) = i { Some(r.clone()) } else { None }).collect();
+    let deltas = match &r.deltas {
+        Some((dir, mib)) => {
+            let (dir, mib) = (dir.clone(), *mib);
+            let d = tokio::task::spawn_blocking(move || crate::deltas::Deltas::open(&dir, mib))
+                .await
+                .map_err(|e| (None, anyhow::Error::from(e)))?;
+            Some(Arc::new(d))
+        }
+        None => None,
+    };
     let plan = Plan {
         tenant: r.keys.tenant.clone(),
         source: r.source.clone(),
@@ -316,6 +343,7 @@ async fn attempt(
         upload_streams: 8,
         time: manifest_time,
         hostname: manifest_host,
+        deltas: deltas.clone(),
     };
     let progress =
         (!a.quiet && !a.json && std::io::stderr().is_terminal()).then(|| Progress::start(trees, stats.clone()));
@@ -370,6 +398,34 @@ async fn attempt(
         ));
     }
     let tables = has_facts.then(|| Stats::get(&stats.tables) as usize);
+    if let Some(d) = deltas {
+        // The snapshot is committed: its chunks become the bases of the next run.
+        let took = Instant::now();
+        match tokio::task::spawn_blocking(move || {
+            let r = d.committed();
+            (d, r)
+        })
+        .await
+        {
+            Ok((d, Ok(bytes))) => {
+                tracing::info!(
+                    deltas = Stats::get(&d.stats.deltas),
+                    delta_bytes = Stats::get(&d.stats.delta_bytes),
+                    rebased = Stats::get(&d.stats.rebased),
+                    cache_bytes = bytes,
+                    ms = took.elapsed().as_millis() as u64,
+                    "delta cache updated"
+                );
+                Stats::add_to(&stats.deltas, Stats::get(&d.stats.deltas));
+                Stats::add_to(&stats.delta_bytes, Stats::get(&d.stats.delta_bytes));
+                Stats::add_to(&stats.delta_cache_bytes, bytes);
+            }
+            Ok((_, Err(e))) => {
+                tracing::warn!(error = %e, "the delta cache could not be updated; the next run sends more")
+            }
+            Err(e) => tracing::warn!(error = %e, "the delta cache could not be updated; the next run sends more"),
+        }
+    }
     Ok((client, warnings, committed, commit_started.elapsed().as_secs_f64(), tables, retention))
 }
 
@@ -585,6 +641,9 @@ pub async fn run(a: BackupArgs) -> Result<i32> {
         warnings,
         attempts,
         resends,
+        delta_chunks: g(&stats.deltas),
+        delta_bytes: g(&stats.delta_bytes),
+        delta_cache_bytes: r.deltas.as_ref().map(|_| g(&stats.delta_cache_bytes)),
         commit_secs,
         facts_secs: tables.map(|_| g(&stats.facts_nanos) as f64 / 1e9),
         tables,
@@ -626,6 +685,14 @@ fn print_summary(s: &Summary) {
     println!("  read          {}", mib(s.bytes_read));
     println!("  new           {}  ({} of {} data chunks)", mib(s.new_bytes), s.data_chunks_uploaded, s.chunks);
     println!("  uploaded      {}  (after compression and encryption)", mib(s.uploaded_bytes));
+    if let Some(cache) = s.delta_cache_bytes {
+        println!(
+            "  deltas        {} chunks as deltas, {}  (delta cache {})",
+            s.delta_chunks,
+            mib(s.delta_bytes),
+            mib(cache)
+        );
+    }
     println!("  dedup ratio   {:.2}x   compression {:.2}x", s.dedup_ratio, s.compression_ratio);
     println!("  duration      {:.2} s  ({:.1} MB/s)", s.duration_secs, s.mb_per_s);
     if let Some(r) = &s.retention {

@@ -29,6 +29,9 @@ pub struct AgentConfig {
     pub zstd_level: Option<i32>,
     /// Where the daemon keeps its status file [default: /var/lib/exclave-agent].
     pub state_dir: Option<PathBuf>,
+    /// Most disk the delta bases of each source may take (`STATE-DIR/deltas/SOURCE`), MiB;
+    /// 0 sends changed chunks whole [default: 4096].
+    pub delta_cache_mib: Option<u64>,
     /// The daemon's first retry after a failed run, in seconds (doubling up to 1 h) [default: 30].
     pub retry_secs: Option<i64>,
     /// Address for the daemon's Prometheus metrics (e.g. "127.0.0.1:9711"); none if unset.

@@ -4,6 +4,7 @@ mod backup;
 mod budget;
 mod config;
 mod daemon;
+mod deltas;
 mod keys;
 mod pipeline;
 mod progress;
@@ -150,6 +151,13 @@ pub struct BackupArgs {
     /// Most plaintext held in memory between read and upload, MiB [default: 32].
     #[arg(long)]
     pub memory_budget_mib: Option<usize>,
+    /// Keep delta bases in DIR, so that changed chunks are sent as deltas on the chunks they
+    /// replaced [default with --config: STATE-DIR/deltas/SOURCE; without: no deltas].
+    #[arg(long, value_name = "DIR")]
+    pub delta_cache: Option<PathBuf>,
+    /// Send changed chunks whole (no delta cache is read or written).
+    #[arg(long, conflicts_with = "delta_cache")]
+    pub no_deltas: bool,
 }
 
 /// Where to upload and as whom; the config supplies what the flags do not.

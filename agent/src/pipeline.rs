@@ -35,6 +35,7 @@ use exclave::manifest::{
 use exclave::protocol::{PutChunk, Request};
 
 use crate::budget::ByteBudget;
+use crate::deltas::{self, Deltas};
 use crate::refs::RefSpool;
 use crate::source::{self, Item};
 
@@ -49,6 +50,8 @@ pub struct Plan {
     pub upload_streams: usize,
     pub time: i64,
     pub hostname: String,
+    /// The delta cache of the source, when changed chunks are to be sent as deltas.
+    pub deltas: Option<Arc<Deltas>>,
 }
 
 /// Counters shared by the stages (and read by the progress display).
@@ -69,6 +72,11 @@ pub struct Stats {
     /// taking them took (beside the dump, not added to it).
     pub tables: AtomicU64,
     pub facts_nanos: AtomicU64,
+    /// Chunks sent as deltas and their envelope bytes, and what the delta cache holds after
+    /// the commit.
+    pub deltas: AtomicU64,
+    pub delta_bytes: AtomicU64,
+    pub delta_cache_bytes: AtomicU64,
     /// Where the stages waited (nanoseconds), to find the bottleneck (logged at debug level).
     pub wait_reader_budget: AtomicU64,
     pub wait_reader_send: AtomicU64,
@@ -91,6 +99,9 @@ impl Stats {
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
     }
+    pub fn add_to(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
     fn add(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Ordering::Relaxed);
     }
@@ -111,6 +122,8 @@ struct Job {
     data: Vec<u8>,
     /// File content, as opposed to manifest pieces and the root.
     is_data: bool,
+    /// The base to send it as a delta on, if it is new (`crate::deltas`).
+    base: Option<ChunkId>,
 }
 
 struct Sealed {
@@ -175,6 +188,7 @@ pub async fn run(client: Arc<NodeClient>, keys: TenantKeys, plan: Plan, stats: A
     // The closers hold senders, so each stage closes its output explicitly when it ends.
     let up_closer = up_tx.clone();
 
+    let deltas_for_reader = plan.deltas.clone();
     let reader = {
         let (keys, budget, stats, abort) = (keys.clone(), budget.clone(), stats.clone(), abort.clone());
         let header = ManifestHeader {
@@ -189,8 +203,17 @@ pub async fn run(client: Arc<NodeClient>, keys: TenantKeys, plan: Plan, stats: A
         let (items, params, time) = (plan.items, plan.chunker, plan.time);
         std::thread::Builder::new().name("reader".into()).spawn(move || {
             let r = RefSpool::new().context("creating the temporary reference list").and_then(|refs| {
-                let mut d =
-                    Dispatcher { keys, budget, tx: job_tx, stats, seen: HashSet::new(), seen_cap: SEEN_CAP, refs };
+                let mut d = Dispatcher {
+                    keys,
+                    budget,
+                    tx: job_tx,
+                    stats,
+                    seen: HashSet::new(),
+                    seen_cap: SEEN_CAP,
+                    refs,
+                    deltas: deltas_for_reader,
+                    path: Vec::new(),
+                };
                 let r = read_all(items, params, time, header, &mut d);
                 d.tx.close();
                 r.map(|(root, warnings)| (root, d.refs, warnings))
@@ -216,10 +239,17 @@ pub async fn run(client: Arc<NodeClient>, keys: TenantKeys, plan: Plan, stats: A
 
     let mut sealers = Vec::new();
     for i in 0..plan.seal_workers.max(1) {
-        let (rx, tx, keys, abort, level, stats) =
-            (seal_rx.clone(), up_tx.clone(), keys.clone(), abort.clone(), plan.zstd_level, stats.clone());
+        let (rx, tx, keys, abort, level, stats, deltas) = (
+            seal_rx.clone(),
+            up_tx.clone(),
+            keys.clone(),
+            abort.clone(),
+            plan.zstd_level,
+            stats.clone(),
+            plan.deltas.clone(),
+        );
         sealers.push(std::thread::Builder::new().name(format!("seal-{i}")).spawn(move || {
-            if let Err(e) = seal_stage(rx, tx, &keys, level, &stats) {
+            if let Err(e) = seal_stage(rx, tx, &keys, level, &stats, deltas.as_deref()) {
                 abort.fail(e);
             }
         })?);
@@ -271,13 +301,20 @@ struct Dispatcher {
     seen: HashSet<ChunkId>,
     seen_cap: usize,
     refs: RefSpool,
+    deltas: Option<Arc<Deltas>>,
+    /// The path of the file being read (chunks are matched to the last snapshot's by it).
+    path: Vec<u8>,
 }
 
 impl Dispatcher {
     fn dispatch(&mut self, data: &[u8], is_data: bool) -> Result<ChunkRef> {
         let id = self.keys.chunk_id(data);
+        let mut base = None;
         if is_data {
             Stats::add(&self.stats.chunks, 1);
+            if let Some(d) = &self.deltas {
+                base = d.saw(deltas::head(&self.path, data), &id);
+            }
         }
         if self.seen.len() >= self.seen_cap && !self.seen.contains(&id) {
             self.seen.clear();
@@ -287,7 +324,7 @@ impl Dispatcher {
             let stats = &self.stats;
             timed(&stats.wait_reader_budget, || self.budget.acquire(data.len()))
                 .map_err(|_| anyhow!("backup stopped"))?;
-            let job = Job { id, data: data.to_vec(), is_data };
+            let job = Job { id, data: data.to_vec(), is_data, base };
             timed(&stats.wait_reader_send, || self.tx.send_blocking(job)).map_err(|_| anyhow!("backup stopped"))?;
         }
         Ok(ChunkRef { id, len: data.len() as u32 })
@@ -418,6 +455,7 @@ impl<'a> Reader<'a> {
     fn entry(&mut self, mut item: source::Listed) -> Result<()> {
         match &mut item.entry.kind {
             EntryKind::File { size, blake3, chunks } => {
+                self.d.path.clone_from(&item.entry.path);
                 match read_file(&item.fs_path, &mut self.buf, &mut self.chunker, self.d, chunks) {
                     Ok((n, h, changed)) => {
                         *size = n;
@@ -451,6 +489,7 @@ impl<'a> Reader<'a> {
     /// to skip to.
     fn stream(&mut self, mut entry: Entry, src: &mut dyn Read) -> Result<()> {
         let mut chunks = Vec::new();
+        self.d.path.clone_from(&entry.path);
         let (size, hash) = match chunk_stream(src, &mut self.buf, &mut self.chunker, self.d, &mut chunks) {
             Ok(r) => r,
             Err(ReadError::Stopped(e)) => return Err(e),
@@ -607,7 +646,10 @@ async fn dedup_stage(
                 Err(_) => break,
             }
         }
-        let ids: Vec<ChunkId> = batch.iter().map(|j| j.id).collect();
+        // The bases the new chunks would be deltas on are asked about too: one the cluster
+        // lacks (collected) is not used.
+        let mut ids: Vec<ChunkId> = batch.iter().map(|j| j.id).collect();
+        ids.extend(batch.iter().filter_map(|j| j.base));
         let t = std::time::Instant::now();
         let missing: HashSet<ChunkId> = retry(|| client.missing(&ids))
             .await
@@ -615,8 +657,11 @@ async fn dedup_stage(
             .into_iter()
             .collect();
         Stats::add(&stats.wait_dedup_have, t.elapsed().as_nanos() as u64);
-        for j in batch {
+        for mut j in batch {
             if missing.contains(&j.id) {
+                if j.base.is_some_and(|b| missing.contains(&b)) {
+                    j.base = None;
+                }
                 tx.send(j).await.map_err(|_| anyhow!("backup stopped"))?;
             } else {
                 budget.release(j.data.len());
@@ -632,10 +677,42 @@ fn seal_stage(
     keys: &TenantKeys,
     level: i32,
     stats: &Stats,
+    deltas: Option<&Deltas>,
 ) -> Result<()> {
     let mut sealer = Sealer::new(keys, level)?;
+    let mut opener = exclave::envelope::Opener::new(keys)?;
     while let Ok(job) = timed(&stats.wait_seal_input, || rx.recv_blocking()) {
-        let envelope = sealer.seal(&job.id, &job.data).with_context(|| format!("sealing chunk {}", job.id.short()))?;
+        let delta = match (deltas, job.base) {
+            (Some(d), Some(base)) => match d.load(&mut opener, &base) {
+                Some((plain, base_len)) => {
+                    let env = sealer
+                        .seal_delta(&job.id, &job.data, &base, &plain)
+                        .with_context(|| format!("sealing chunk {} as a delta", job.id.short()))?;
+                    if deltas::worth_keeping(env.len(), base_len) {
+                        d.sealed_delta(&job.id, &base, env.len());
+                        Some(env)
+                    } else {
+                        None
+                    }
+                }
+                None => None,
+            },
+            _ => None,
+        };
+        let envelope = match delta {
+            Some(env) => env,
+            None => {
+                let env =
+                    sealer.seal(&job.id, &job.data).with_context(|| format!("sealing chunk {}", job.id.short()))?;
+                if let (Some(d), true) = (deltas, job.is_data) {
+                    if job.base.is_some() {
+                        Stats::add(&d.stats.rebased, 1);
+                    }
+                    d.sealed_full(&job.id, &env);
+                }
+                env
+            }
+        };
         let checksum = Checksum::of(&envelope);
         let sealed = Sealed { id: job.id, plain_len: job.data.len(), envelope, checksum, is_data: job.is_data };
         timed(&stats.wait_seal_output, || tx.send_blocking(sealed)).map_err(|_| anyhow!("backup stopped"))?;
@@ -783,6 +860,8 @@ mod tests {
             seen: HashSet::new(),
             seen_cap: 2,
             refs,
+            deltas: None,
+            path: Vec::new(),
         };
         let drain = std::thread::spawn(move || {
             let mut jobs = Vec::new();

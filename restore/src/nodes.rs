@@ -17,11 +17,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, anyhow};
 use exclave::ChunkId;
 use exclave::client::{ClientError, NodeClient};
-use exclave::envelope::Opener;
+use exclave::envelope::{Opened, Opener};
 use exclave::keys::TenantKeys;
 use exclave::transport::TlsIdentity;
 use serde::Serialize;
 
+/// How deep a chain of deltas a restore follows (the cluster keeps bases as deep, see the
+/// catalog's `MAX_DELTA_DEPTH`; agents build depth 1).
+const MAX_DELTA_DEPTH: usize = 8;
 /// How long a node that did not answer is left alone.
 const RETRY_DOWN: Duration = Duration::from_secs(10);
 /// How long `spread` waits for a node to answer.
@@ -203,8 +206,77 @@ impl Nodes {
     }
 
     /// Fetches and opens `ids`: from the primary, then what failed from each other node in
-    /// turn. Each result is the chunk's plaintext, or why no node could give it.
+    /// turn. Each result is the chunk's plaintext, or why no node could give it. A delta's base
+    /// is fetched (all of a batch's bases at once) and opened first, and the delta applied.
     pub async fn fetch_open(&self, keys: &TenantKeys, ids: Vec<ChunkId>) -> Vec<Result<Vec<u8>>> {
+        self.fetch_open_depth(keys, ids, 0).await
+    }
+
+    fn fetch_open_depth<'a>(
+        &'a self,
+        keys: &'a TenantKeys,
+        ids: Vec<ChunkId>,
+        depth: usize,
+    ) -> futures::future::BoxFuture<'a, Vec<Result<Vec<u8>>>> {
+        Box::pin(async move {
+            let opened = self.fetch_any(keys, ids.clone()).await;
+            let mut bases: Vec<ChunkId> =
+                opened.iter().filter_map(|r| if let Ok(Opened::Delta(d)) = r { Some(d.base) } else { None }).collect();
+            if bases.is_empty() {
+                return opened
+                    .into_iter()
+                    .map(|r| match r {
+                        Ok(Opened::Plain(p)) => Ok(p),
+                        Ok(Opened::Delta(_)) => Err(anyhow!("unreachable: a delta without a base")),
+                        Err(e) => Err(e),
+                    })
+                    .collect();
+            }
+            bases.sort_unstable();
+            bases.dedup();
+            let plain: std::collections::HashMap<ChunkId, std::result::Result<Vec<u8>, String>> =
+                if depth >= MAX_DELTA_DEPTH {
+                    bases.iter().map(|b| (*b, Err(format!("delta chain deeper than {MAX_DELTA_DEPTH}")))).collect()
+                } else {
+                    let got = self.fetch_open_depth(keys, bases.clone(), depth + 1).await;
+                    bases.into_iter().zip(got.into_iter().map(|r| r.map_err(|e| format!("{e:#}")))).collect()
+                };
+            let keys = keys.clone();
+            let n = ids.len();
+            tokio::task::spawn_blocking(move || {
+                let mut opener = Opener::new(&keys).map_err(|e| anyhow!("{e}"))?;
+                anyhow::Ok(
+                    ids.iter()
+                        .zip(opened)
+                        .map(|(id, r)| match r? {
+                            Opened::Plain(p) => Ok(p),
+                            Opened::Delta(d) => {
+                                let base = d.base;
+                                match plain.get(&base) {
+                                    Some(Ok(b)) => opener.apply_delta(id, d, b).map_err(|e| {
+                                        anyhow!("chunk {} does not apply to its base {}: {e}", id.short(), base.short())
+                                    }),
+                                    Some(Err(e)) => Err(anyhow!(
+                                        "chunk {} is a delta on base chunk {}, which could not be read: {e}",
+                                        id.short(),
+                                        base.short()
+                                    )),
+                                    None => Err(anyhow!("base chunk {} was not fetched", base.short())),
+                                }
+                            }
+                        })
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .await
+            .map_err(|e| anyhow!("opening chunks failed: {e}"))
+            .and_then(|r| r)
+            .unwrap_or_else(|e| (0..n).map(|_| Err(anyhow!("{e:#}"))).collect())
+        })
+    }
+
+    /// `fetch_open` without applying deltas.
+    async fn fetch_any(&self, keys: &TenantKeys, ids: Vec<ChunkId>) -> Vec<Result<Opened>> {
         if ids.is_empty() {
             return Vec::new();
         }
@@ -220,7 +292,7 @@ impl Nodes {
         let asked_name = asked.to_string();
         // (index, what the node asked said)
         let mut pending: Vec<(usize, Miss)> = Vec::new();
-        let mut out: Vec<Result<Vec<u8>>> = Vec::with_capacity(ids.len());
+        let mut out: Vec<Result<Opened>> = Vec::with_capacity(ids.len());
         for (i, r) in first.into_iter().enumerate() {
             match r {
                 Ok(d) => out.push(Ok(d)),
@@ -307,7 +379,7 @@ async fn fetch_open_from(
     client: &Arc<NodeClient>,
     keys: &TenantKeys,
     ids: &[ChunkId],
-) -> Vec<std::result::Result<Vec<u8>, Miss>> {
+) -> Vec<std::result::Result<Opened, Miss>> {
     let envelopes: Vec<std::result::Result<Vec<u8>, Miss>> = match client.get_chunks(ids).await {
         Ok(v) => v
             .into_iter()
@@ -331,7 +403,7 @@ async fn fetch_open_from(
             .zip(envelopes)
             .map(|(id, env)| {
                 let o = opener.as_mut().map_err(|e| Miss::Data(e.clone()))?;
-                o.open(id, &env?).map_err(|e| Miss::Data(e.to_string()))
+                o.open_any(id, &env?).map_err(|e| Miss::Data(e.to_string()))
             })
             .collect()
     })

@@ -1,0 +1,176 @@
+//! Deltas with real binaries: a register changed a little every day travels as deltas on the
+//! chunks it replaced, restores exactly for every day from one node after garbage collection
+//! took the forgotten days (the bases they were built on stay), and an agent whose delta cache
+//! was deleted or damaged sends full chunks and still restores exactly.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::path::Path;
+use std::process::Command;
+
+use exclave_chaos_tests::*;
+
+const ROWS: u64 = 30_000;
+
+fn mix(a: u64, b: u64) -> u64 {
+    let mut x = a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    x ^= x >> 29;
+    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x ^ (x >> 32)
+}
+
+/// The register on `day`: about 1 % of the rows change each day, in place, and a few are
+/// appended; `rewrite` changes every row from that day on (a migration).
+fn register(dir: &Path, day: u64, rewrite: Option<u64>) {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir.join("letters")).unwrap();
+    let cities = ["Tallinn", "Tartu", "Narva", "Pärnu", "Kohtla-Järve", "Viljandi", "Rakvere", "Maardu"];
+    let mut out = String::with_capacity(2 << 20);
+    out.push_str("COPY persons (id, name, born, city, moves) FROM stdin;\n");
+    for i in 0..ROWS + day * 40 {
+        let moves = (1..=day).filter(|d| mix(i, *d).is_multiple_of(100)).count() as u64;
+        let city = cities[((mix(i, 0) + moves * 3) % cities.len() as u64) as usize];
+        let migrated = rewrite.is_some_and(|r| day >= r);
+        let name = if migrated {
+            format!("PERSON-{:08}", mix(i, 1) % 100_000_000)
+        } else {
+            format!("person{}", mix(i, 1) % 100_000)
+        };
+        out.push_str(&format!("{i}\t{name}\t19{:02}-0{}-1{}\t{city}\t{moves}\n", mix(i, 2) % 100, 1 + i % 9, i % 10));
+    }
+    out.push_str("\\.\n");
+    std::fs::write(dir.join("persons.sql"), out).unwrap();
+    for d in 0..=day {
+        std::fs::write(dir.join("letters").join(format!("{d}.txt")), format!("decision of day {d}\n").repeat(50))
+            .unwrap();
+    }
+}
+
+fn backup(w: &World, node: &Node, src: &Path, cache: &Path) -> serde_json::Value {
+    json(&ok(w.backup_as(node, "rnpp", "lux.key", "reg", &[src], &["--delta-cache", cache.to_str().unwrap()])))
+}
+
+fn restore_matches(w: &World, node: &Node, snapshot: &str, day: u64, rewrite: Option<u64>) {
+    let (to, expect) = (w.path(&format!("restored-{snapshot}")), w.path(&format!("expect-{snapshot}")));
+    register(&expect, day, rewrite);
+    ok(w.restore(node, "reg", snapshot, &to));
+    let restored = to.join("src");
+    assert_eq!(
+        std::fs::read(restored.join("persons.sql")).unwrap(),
+        std::fs::read(expect.join("persons.sql")).unwrap(),
+        "day {day}"
+    );
+    for d in 0..=day {
+        let f = format!("letters/{d}.txt");
+        assert_eq!(
+            std::fs::read(restored.join(&f)).unwrap(),
+            std::fs::read(expect.join(&f)).unwrap(),
+            "day {day}: {f}"
+        );
+    }
+}
+
+#[test]
+fn ten_days_of_change_travel_as_deltas_and_every_kept_day_restores_after_gc() {
+    let w = World::new();
+    let node =
+        w.start_node_with("n1", &w.path("n1"), free_port(), &["--gc-interval-hours", "0", "--gc-grace-passes", "0"]);
+    let (src, cache) = (w.path("src"), w.path("cache"));
+    let mut snaps = Vec::new();
+    let mut uploaded = Vec::new();
+    for day in 0..10 {
+        register(&src, day, None);
+        let s = backup(&w, &node, &src, &cache);
+        if day == 0 {
+            assert_eq!(s["delta_chunks"], 0, "{s}");
+        } else {
+            assert!(s["delta_chunks"].as_u64().unwrap() > 3, "day {day}: {s}");
+        }
+        assert!(s["delta_cache_bytes"].as_u64().unwrap() > 0, "{s}");
+        uploaded.push(s["uploaded_bytes"].as_u64().unwrap());
+        snaps.push(s["snapshot"].as_str().unwrap().to_string());
+    }
+    // A day of change costs a small part of the first day. Deltas are built on the full
+    // chunk of their region and grow as it drifts; a region re-based (sent full again) makes
+    // some days dearer than others.
+    for (day, up) in uploaded.iter().enumerate().skip(1) {
+        assert!(up * 3 < uploaded[0], "day {day} uploaded {up} against {} on day 0: {uploaded:?}", uploaded[0]);
+    }
+    let later: u64 = uploaded[1..].iter().sum();
+    assert!(later * 6 < uploaded[0] * 9, "nine days of change cost a sixth of a full day each at most: {uploaded:?}");
+
+    // The administrator keeps the last five days; GC takes what only the first five needed,
+    // but not the bases (written on day 0) the deltas of the kept days are built on.
+    w.protect(&node, "lux", 0);
+    ok(run(Command::new(bin("exclave-replicator"))
+        .args(["retention", "set", "--tenant", "lux", "--source", "reg", "--keep-last", "5"])
+        .args(["--node", &node.addr.to_string(), "--pki"])
+        .arg(w.pki())));
+    register(&src, 10, None);
+    snaps.push(backup(&w, &node, &src, &cache)["snapshot"].as_str().unwrap().to_string());
+    let gc = json(&ok(run(Command::new(bin("exclave-replicator"))
+        .args(["gc", "--json", "--node", &node.addr.to_string(), "--identity", "admin", "--pki"])
+        .arg(w.pki()))));
+    assert!(gc["cluster"]["swept_chunks"].as_u64().unwrap() > 0, "the forgotten days' deltas are collected: {gc}");
+    let kept = w.snapshot_ids(&node, "reg");
+    assert_eq!(kept.len(), 5, "{kept:?}");
+    for (day, id) in snaps.iter().enumerate().skip(6) {
+        assert!(kept.contains(id), "day {day} was kept: {kept:?}");
+        restore_matches(&w, &node, id, day as u64, None);
+    }
+    assert!(verify_ok(&w, &node, &snaps[10]));
+}
+
+fn verify_ok(w: &World, node: &Node, snapshot: &str) -> bool {
+    w.verify(node, "reg", snapshot).status.success()
+}
+
+#[test]
+fn a_lost_or_damaged_cache_and_a_rewritten_register_send_full_chunks_and_restore_exactly() {
+    let w = World::new();
+    let node = w.start_node("n1");
+    let (src, cache) = (w.path("src"), w.path("cache"));
+    register(&src, 0, None);
+    backup(&w, &node, &src, &cache);
+
+    // Deleted: the next backup sends its changed chunks full and rebuilds the cache.
+    std::fs::remove_dir_all(&cache).unwrap();
+    register(&src, 1, None);
+    let s1 = backup(&w, &node, &src, &cache);
+    assert_eq!(s1["delta_chunks"], 0, "{s1}");
+    restore_matches(&w, &node, s1["snapshot"].as_str().unwrap(), 1, None);
+
+    // Damaged: every cached base has a flipped byte; none is used, nothing wrong is sent.
+    let mut damaged = 0;
+    for e in std::fs::read_dir(cache.join("bases")).unwrap() {
+        let p = e.unwrap().path();
+        let mut b = std::fs::read(&p).unwrap();
+        let mid = b.len() / 2;
+        b[mid] ^= 0x40;
+        std::fs::write(&p, b).unwrap();
+        damaged += 1;
+    }
+    assert!(damaged > 3);
+    register(&src, 2, None);
+    let s2 = backup(&w, &node, &src, &cache);
+    assert_eq!(s2["delta_chunks"], 0, "{s2}");
+    restore_matches(&w, &node, s2["snapshot"].as_str().unwrap(), 2, None);
+
+    // The cache is whole again: the next day goes as deltas.
+    register(&src, 3, None);
+    let s3 = backup(&w, &node, &src, &cache);
+    assert!(s3["delta_chunks"].as_u64().unwrap() > 3, "{s3}");
+    restore_matches(&w, &node, s3["snapshot"].as_str().unwrap(), 3, None);
+
+    // A migration rewrites every row: deltas would not be small, the chunks go full and
+    // become the new bases, and the day after goes as deltas on them.
+    register(&src, 4, Some(4));
+    let s4 = backup(&w, &node, &src, &cache);
+    assert!(s4["delta_chunks"].as_u64().unwrap() * 10 < s4["chunks"].as_u64().unwrap(), "{s4}");
+    restore_matches(&w, &node, s4["snapshot"].as_str().unwrap(), 4, Some(4));
+    register(&src, 5, Some(4));
+    let s5 = backup(&w, &node, &src, &cache);
+    assert!(s5["delta_chunks"].as_u64().unwrap() > 3, "{s5}");
+    assert!(s5["uploaded_bytes"].as_u64().unwrap() * 5 < s4["uploaded_bytes"].as_u64().unwrap(), "{s4} {s5}");
+    restore_matches(&w, &node, s5["snapshot"].as_str().unwrap(), 5, Some(4));
+}

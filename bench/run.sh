@@ -8,6 +8,7 @@
 # runs Exclave with a key file sealed under a passphrase. VYKAR_BIN_DIR=DIR (holding `vykar`
 # and `vykar-server`, built by you from github.com/borgbase/vykar) adds vykar backing up through
 # its REST server on loopback, the closest peer to Exclave's client and storage node.
+# BENCH_NO_DELTAS=1 runs Exclave's day 2 with changed chunks sent whole (no delta cache).
 #
 # 1. builds the release binaries and the stage benchmark (benches/stages.rs) and runs private
 #    copies of them;
@@ -142,6 +143,8 @@ grep -q "storage node ready" "$W/node.log" || { cat "$W/node.log" >&2; die "stor
 echo "   node on $NODE"
 AGENT=(--node "$NODE" --pki "$W/pki" --identity reg --key-file "$W/bench.key")
 RESTORE=(--node "$NODE" --pki "$W/pki" --identity drteam --key-file "$W/bench.key")
+# Changed chunks go as deltas on the chunks they replaced (agent/src/deltas.rs).
+if [ -n "${BENCH_NO_DELTAS:-}" ]; then DELTAS=(--no-deltas); else DELTAS=(--delta-cache "$W/delta-cache"); fi
 
 VYKAR=
 if [ -n "${VYKAR_BIN_DIR:-}" ]; then
@@ -174,7 +177,7 @@ export BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes BORG_RELOCATED_REPO_ACCESS
 borg init --encryption=repokey-blake2 >"$W/borg-init.log" 2>&1 || { cat "$W/borg-init.log" >&2; die "borg init failed"; }
 
 step "day 1 backups ($D1 bytes)"
-timed exclave_day1 $B/exclave-agent backup "${AGENT[@]}" --source reg --json "$SRC" >"$W/exclave_day1.json"
+timed exclave_day1 $B/exclave-agent backup "${AGENT[@]}" "${DELTAS[@]}" --source reg --json "$SRC" >"$W/exclave_day1.json"
 timed restic_day1 restic backup --quiet --compression auto "$SRC"
 timed borg_day1 borg create --compression zstd,3 ::day1 "$SRC"
 [ -z "$VYKAR" ] || timed vykar_day1 "$VYKAR/vykar" --config "$W/vykar.yaml" backup >>"$W/vykar.log" 2>&1
@@ -210,7 +213,7 @@ D2=$(bytes "$SRC")
 
 step "day 2 backups ($D2 bytes)"
 NODE0=$(bytes "$W/node"); RESTIC0=$(bytes "$W/restic"); BORG0=$(bytes "$W/borg"); VYKAR0=$(bytes "$W/vykar-data" 2>/dev/null || echo 0)
-timed exclave_day2 $B/exclave-agent backup "${AGENT[@]}" --source reg --json "$SRC" >"$W/exclave_day2.json"
+timed exclave_day2 $B/exclave-agent backup "${AGENT[@]}" "${DELTAS[@]}" --source reg --json "$SRC" >"$W/exclave_day2.json"
 timed restic_day2 restic backup --quiet --compression auto "$SRC"
 timed borg_day2 borg create --compression zstd,3 ::day2 "$SRC"
 [ -z "$VYKAR" ] || timed vykar_day2 "$VYKAR/vykar" --config "$W/vykar.yaml" backup >>"$W/vykar.log" 2>&1
@@ -244,6 +247,9 @@ step "results (${SIZE} MiB register; MB = 10^6 bytes; day-1 MB/s on $D1 bytes, d
   echo "up_exclave $EX_UP"; echo "up_restic $((RESTIC1 - RESTIC0))"; echo "up_borg $((BORG1 - BORG0))"
   [ -z "$VYKAR" ] || echo "up_vykar $((VYKAR1 - VYKAR0))"
   echo "node_growth $((NODE1 - NODE0))"
+  echo "store_exclave $NODE1"; echo "store_restic $RESTIC1"; echo "store_borg $BORG1"
+  echo "delta_cache $(bytes "$W/delta-cache" 2>/dev/null || echo 0)"
+  python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); print("delta_chunks", d["delta_chunks"]); print("delta_bytes", d["delta_bytes"])' "$W/exclave_day2.json"
 } >"$W/results"
 python3 - "$W/results" <<'PY'
 import sys
@@ -263,6 +269,9 @@ for t in tools:
           f"{r[f'up_{t}'] / MiB:>16.2f} {rss_b:>15.1f} {r[f'rss_{t}_restore'] / 1024:>16.1f}")
 print(f"stage limit {r['limit']:.1f} MB/s on {int(r['cores'])} cores; "
       f"node data grew {r['node_growth'] / MiB:.2f} MiB on day 2 (restic, borg: repository growth)")
+print(f"day 2 deltas: {int(r['delta_chunks'])} chunks, {r['delta_bytes'] / MiB:.2f} MiB; agent delta cache "
+      f"{r['delta_cache'] / MiB:.1f} MiB; store after both days: exclave {r['store_exclave'] / MiB:.1f} MiB, "
+      f"restic {r['store_restic'] / MiB:.1f}, borg {r['store_borg'] / MiB:.1f}")
 print()
 # Every process shares this machine's cores: the CPU each one used shows where the time went,
 # and what the client alone could do if the storage node ran on a machine of its own (as it
@@ -287,6 +296,8 @@ checks = [
     ("exclave restore MB/s / restic restore MB/s", mbps("exclave", "restore") / mbps("restic", "restore"), ">=", 2.0),
     ("exclave day1 MB/s / stage limit", mbps("exclave", "day1") / r["limit"], ">=", 0.70),
     ("exclave agent peak RSS MiB", ex_rss, "<=", 256.0),
+    ("exclave day2 upload MB (10^6 bytes)", r["up_exclave"] / 1e6, "<=", 15.0),
+    ("exclave store / restic repository, both days", r["store_exclave"] / r["store_restic"], "<=", 0.65),
 ]
 if "vykar" in tools:
     checks.append(("exclave day1 MB/s / vykar (REST) day1 MB/s", mbps("exclave", "day1") / mbps("vykar", "day1"), ">=", 1.0))

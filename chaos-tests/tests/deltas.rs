@@ -1,7 +1,8 @@
 //! Deltas with real binaries: a register changed a little every day travels as deltas on the
 //! chunks it replaced, restores exactly for every day from one node after garbage collection
 //! took the forgotten days (the bases they were built on stay), and an agent whose delta cache
-//! was deleted or damaged sends full chunks and still restores exactly.
+//! was deleted or damaged sends full chunks and still restores exactly; a damaged base on the
+//! node fails the restore of its deltas, naming the delta and the base.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -128,7 +129,7 @@ fn verify_ok(w: &World, node: &Node, snapshot: &str) -> bool {
 #[test]
 fn a_lost_or_damaged_cache_and_a_rewritten_register_send_full_chunks_and_restore_exactly() {
     let w = World::new();
-    let node = w.start_node("n1");
+    let mut node = w.start_node("n1");
     let (src, cache) = (w.path("src"), w.path("cache"));
     register(&src, 0, None);
     backup(&w, &node, &src, &cache);
@@ -173,4 +174,23 @@ fn a_lost_or_damaged_cache_and_a_rewritten_register_send_full_chunks_and_restore
     assert!(s5["delta_chunks"].as_u64().unwrap() > 3, "{s5}");
     assert!(s5["uploaded_bytes"].as_u64().unwrap() * 5 < s4["uploaded_bytes"].as_u64().unwrap(), "{s4} {s5}");
     restore_matches(&w, &node, s5["snapshot"].as_str().unwrap(), 5, Some(4));
+
+    // The bases on the node damaged (by a node that even fixed their checksums): the restore
+    // fails and names the delta and its base.
+    let bases: Vec<exclave::ChunkId> = std::fs::read_dir(cache.join("bases"))
+        .unwrap()
+        .filter_map(|e| e.unwrap().file_name().to_str().unwrap().parse().ok())
+        .collect();
+    node.stop();
+    for b in &bases {
+        tamper_chunk(&node.data, b, true, |env| {
+            let mid = env.len() / 2;
+            env[mid] ^= 1;
+        });
+    }
+    node.restart();
+    let out = w.restore(&node, "reg", s5["snapshot"].as_str().unwrap(), &w.path("damaged"));
+    assert!(!out.status.success());
+    let err = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(err.contains("is a delta on base chunk") && err.contains("authentication failed"), "{err}");
 }

@@ -76,6 +76,8 @@ struct RunOutcome {
     duration_secs: f64,
     uploaded_bytes: Option<u64>,
     read_bytes: Option<u64>,
+    delta_chunks: Option<u64>,
+    delta_cache_bytes: Option<u64>,
 }
 
 async fn run_one(config: &Path, source: &str) -> RunOutcome {
@@ -100,6 +102,8 @@ async fn run_one(config: &Path, source: &str) -> RunOutcome {
                 duration_secs,
                 uploaded_bytes: None,
                 read_bytes: None,
+                delta_chunks: None,
+                delta_cache_bytes: None,
             };
         }
     };
@@ -123,6 +127,8 @@ async fn run_one(config: &Path, source: &str) -> RunOutcome {
         duration_secs,
         uploaded_bytes: summary.as_ref().and_then(|s| s["uploaded_bytes"].as_u64()),
         read_bytes: summary.as_ref().and_then(|s| s["bytes_read"].as_u64()),
+        delta_chunks: summary.as_ref().and_then(|s| s["delta_chunks"].as_u64()),
+        delta_cache_bytes: summary.as_ref().and_then(|s| s["delta_cache_bytes"].as_u64()),
     }
 }
 
@@ -137,6 +143,8 @@ struct Metrics {
     duration: prometheus::GaugeVec,
     read_bytes: IntCounterVec,
     uploaded_bytes: IntCounterVec,
+    delta_chunks: IntCounterVec,
+    delta_cache: IntGaugeVec,
     failures: IntGaugeVec,
     cert_expiry: IntGaugeVec,
     stream: crate::stream::StreamMetrics,
@@ -171,6 +179,17 @@ impl Metrics {
             Opts::new("exclave_agent_uploaded_bytes_total", "Envelope bytes uploaded by committed runs"),
             &["source"],
         )?;
+        let delta_chunks = IntCounterVec::new(
+            Opts::new(
+                "exclave_agent_delta_chunks_total",
+                "Changed chunks sent as deltas on the chunks they replaced, by committed runs",
+            ),
+            &["source"],
+        )?;
+        let delta_cache = per_source(
+            "exclave_agent_delta_cache_bytes",
+            "Bytes of delta bases the agent keeps for the source, after its last committed run",
+        )?;
         let failures =
             per_source("exclave_agent_consecutive_failures", "Failed runs of the source since its last success")?;
         let cert_expiry = IntGaugeVec::new(
@@ -187,6 +206,8 @@ impl Metrics {
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(read_bytes.clone()))?;
         registry.register(Box::new(uploaded_bytes.clone()))?;
+        registry.register(Box::new(delta_chunks.clone()))?;
+        registry.register(Box::new(delta_cache.clone()))?;
         registry.register(Box::new(failures.clone()))?;
         registry.register(Box::new(cert_expiry.clone()))?;
         let stream = crate::stream::StreamMetrics::new(&registry)?;
@@ -200,6 +221,8 @@ impl Metrics {
             duration,
             read_bytes,
             uploaded_bytes,
+            delta_chunks,
+            delta_cache,
             failures,
             cert_expiry,
         })
@@ -216,6 +239,8 @@ impl Metrics {
         self.duration.with_label_values(&[name]);
         self.read_bytes.with_label_values(&[name]);
         self.uploaded_bytes.with_label_values(&[name]);
+        self.delta_chunks.with_label_values(&[name]);
+        self.delta_cache.with_label_values(&[name]);
         self.failures.with_label_values(&[name]).set(i64::from(failures));
     }
 }
@@ -355,6 +380,10 @@ pub async fn run(config_path: PathBuf) -> Result<i32> {
                 if o.ok {
                     metrics.read_bytes.with_label_values(&[&name]).inc_by(o.read_bytes.unwrap_or(0));
                     metrics.uploaded_bytes.with_label_values(&[&name]).inc_by(o.uploaded_bytes.unwrap_or(0));
+                    metrics.delta_chunks.with_label_values(&[&name]).inc_by(o.delta_chunks.unwrap_or(0));
+                    if let Some(b) = o.delta_cache_bytes {
+                        metrics.delta_cache.with_label_values(&[&name]).set(b as i64);
+                    }
                 }
                 if let Some(s) = status.sources.get_mut(&name) {
                     s.running = false;

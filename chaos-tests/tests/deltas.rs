@@ -194,3 +194,32 @@ fn a_lost_or_damaged_cache_and_a_rewritten_register_send_full_chunks_and_restore
     let err = format!("{}{}", stdout(&out), stderr(&out));
     assert!(err.contains("is a delta on base chunk") && err.contains("authentication failed"), "{err}");
 }
+
+#[test]
+fn a_cache_whose_bases_were_collected_sends_full_chunks() {
+    let w = World::new();
+    let node =
+        w.start_node_with("n1", &w.path("n1"), free_port(), &["--gc-interval-hours", "0", "--gc-grace-passes", "0"]);
+    let (src, stale, fresh) = (w.path("src"), w.path("stale"), w.path("fresh"));
+    register(&src, 0, None);
+    backup(&w, &node, &src, &stale);
+    // Another run of the source (a reinstalled agent, say) builds its own cache; retention
+    // keeps only its newest snapshot, and GC takes the bases the first cache names.
+    w.protect(&node, "lux", 0);
+    ok(run(Command::new(bin("exclave-replicator"))
+        .args(["retention", "set", "--tenant", "lux", "--source", "reg", "--keep-last", "1"])
+        .args(["--node", &node.addr.to_string(), "--pki"])
+        .arg(w.pki())));
+    register(&src, 1, Some(1));
+    backup(&w, &node, &src, &fresh);
+    let gc = json(&ok(run(Command::new(bin("exclave-replicator"))
+        .args(["gc", "--json", "--node", &node.addr.to_string(), "--identity", "admin", "--pki"])
+        .arg(w.pki()))));
+    assert!(gc["cluster"]["swept_chunks"].as_u64().unwrap() > 3, "{gc}");
+    // The first cache still names day 0's chunks: the cluster says it lacks them, so no delta
+    // is built on them, and the snapshot restores.
+    register(&src, 2, None);
+    let s = backup(&w, &node, &src, &stale);
+    assert_eq!(s["delta_chunks"], 0, "{s}");
+    restore_matches(&w, &node, s["snapshot"].as_str().unwrap(), 2, None);
+}

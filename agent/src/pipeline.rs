@@ -213,6 +213,7 @@ pub async fn run(client: Arc<NodeClient>, keys: TenantKeys, plan: Plan, stats: A
                     refs,
                     deltas: deltas_for_reader,
                     path: Vec::new(),
+                    offset: 0,
                 };
                 let r = read_all(items, params, time, header, &mut d);
                 d.tx.close();
@@ -302,8 +303,10 @@ struct Dispatcher {
     seen_cap: usize,
     refs: RefSpool,
     deltas: Option<Arc<Deltas>>,
-    /// The path of the file being read (chunks are matched to the last snapshot's by it).
+    /// The path of the file being read and the offset of its next chunk (chunks are matched
+    /// to the last snapshot's by them).
     path: Vec<u8>,
+    offset: u64,
 }
 
 impl Dispatcher {
@@ -313,8 +316,9 @@ impl Dispatcher {
         if is_data {
             Stats::add(&self.stats.chunks, 1);
             if let Some(d) = &self.deltas {
-                base = d.saw(deltas::head(&self.path, data), &id);
+                base = d.saw(&self.path, self.offset, data, &id);
             }
+            self.offset += data.len() as u64;
         }
         if self.seen.len() >= self.seen_cap && !self.seen.contains(&id) {
             self.seen.clear();
@@ -456,6 +460,7 @@ impl<'a> Reader<'a> {
         match &mut item.entry.kind {
             EntryKind::File { size, blake3, chunks } => {
                 self.d.path.clone_from(&item.entry.path);
+                self.d.offset = 0;
                 match read_file(&item.fs_path, &mut self.buf, &mut self.chunker, self.d, chunks) {
                     Ok((n, h, changed)) => {
                         *size = n;
@@ -490,6 +495,7 @@ impl<'a> Reader<'a> {
     fn stream(&mut self, mut entry: Entry, src: &mut dyn Read) -> Result<()> {
         let mut chunks = Vec::new();
         self.d.path.clone_from(&entry.path);
+        self.d.offset = 0;
         let (size, hash) = match chunk_stream(src, &mut self.buf, &mut self.chunker, self.d, &mut chunks) {
             Ok(r) => r,
             Err(ReadError::Stopped(e)) => return Err(e),
@@ -862,6 +868,7 @@ mod tests {
             refs,
             deltas: None,
             path: Vec::new(),
+            offset: 0,
         };
         let drain = std::thread::spawn(move || {
             let mut jobs = Vec::new();

@@ -47,6 +47,19 @@ fn register(dir: &Path, day: u64, rewrite: Option<u64>) {
     }
 }
 
+/// The records of a delta cache's pack: chunk id (32) ‖ length (u32 LE) ‖ envelope; gives
+/// (id, where the envelope starts, its length).
+fn pack_records(pack: &[u8]) -> Vec<(exclave::ChunkId, usize, usize)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < pack.len() {
+        let len = u32::from_le_bytes(pack[at + 32..at + 36].try_into().unwrap()) as usize;
+        out.push((exclave::ChunkId(pack[at..at + 32].try_into().unwrap()), at + 36, len));
+        at += 36 + len;
+    }
+    out
+}
+
 fn backup(w: &World, node: &Node, src: &Path, cache: &Path) -> serde_json::Value {
     json(&ok(w.backup_as(node, "rnpp", "lux.key", "reg", &[src], &["--delta-cache", cache.to_str().unwrap()])))
 }
@@ -141,17 +154,15 @@ fn a_lost_or_damaged_cache_and_a_rewritten_register_send_full_chunks_and_restore
     assert_eq!(s1["delta_chunks"], 0, "{s1}");
     restore_matches(&w, &node, s1["snapshot"].as_str().unwrap(), 1, None);
 
-    // Damaged: every cached base has a flipped byte; none is used, nothing wrong is sent.
-    let mut damaged = 0;
-    for e in std::fs::read_dir(cache.join("bases")).unwrap() {
-        let p = e.unwrap().path();
-        let mut b = std::fs::read(&p).unwrap();
-        let mid = b.len() / 2;
-        b[mid] ^= 0x40;
-        std::fs::write(&p, b).unwrap();
-        damaged += 1;
+    // Damaged: a byte flipped in every cached base; none is used, nothing wrong is sent.
+    let pack = cache.join("bases.pack");
+    let mut b = std::fs::read(&pack).unwrap();
+    let records = pack_records(&b);
+    assert!(records.len() > 3);
+    for (_, at, len) in &records {
+        b[at + len / 2] ^= 0x40;
     }
-    assert!(damaged > 3);
+    std::fs::write(&pack, b).unwrap();
     register(&src, 2, None);
     let s2 = backup(&w, &node, &src, &cache);
     assert_eq!(s2["delta_chunks"], 0, "{s2}");
@@ -177,10 +188,9 @@ fn a_lost_or_damaged_cache_and_a_rewritten_register_send_full_chunks_and_restore
 
     // The bases on the node damaged (by a node that even fixed their checksums): the restore
     // fails and names the delta and its base.
-    let bases: Vec<exclave::ChunkId> = std::fs::read_dir(cache.join("bases"))
-        .unwrap()
-        .filter_map(|e| e.unwrap().file_name().to_str().unwrap().parse().ok())
-        .collect();
+    let pack = std::fs::read(cache.join("bases.pack")).unwrap();
+    let bases: Vec<exclave::ChunkId> = pack_records(&pack).into_iter().map(|(id, _, _)| id).collect();
+    assert!(bases.len() > 3);
     node.stop();
     for b in &bases {
         tamper_chunk(&node.data, b, true, |env| {

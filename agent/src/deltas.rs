@@ -38,6 +38,8 @@
 //! - **The cache is advisory.** Base files are opened like any envelope (authenticated,
 //!   id-checked), so a damaged or missing file, a lost index or a full disk only means the
 //!   chunks concerned are sent full, and become bases again.
+//! - **Incompressible chunks are not bases**: a scan or an archive that changes changes
+//!   everywhere, and keeping them would double the cache for nothing.
 //! - **Bounded.** Bases are appended while the pack is under its budget; after a commit, when
 //!   the bases the new index does not name are more than half the pack, the pack is rewritten
 //!   with the live ones (a new file renamed over the old; a crash between the pack and the

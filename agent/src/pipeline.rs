@@ -714,7 +714,11 @@ fn seal_stage(
                     if job.base.is_some() {
                         Stats::add(&d.stats.rebased, 1);
                     }
-                    d.sealed_full(&job.id, &env);
+                    // An incompressible chunk (a scan, an archive) gives no delta worth
+                    // sending: it is not kept as a base.
+                    if exclave::envelope::parse_header(&env).is_ok_and(|h| h.codec != exclave::envelope::Codec::Raw) {
+                        d.sealed_full(&job.id, &env);
+                    }
                 }
                 env
             }

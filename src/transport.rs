@@ -114,6 +114,20 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     // Each open stream may hold one frame of up to 17 MiB in memory: 64 bounds what a single
     // (authenticated) peer can make a node allocate; our clients use about ten.
     t.max_concurrent_bidi_streams(64u32.into());
+    // Cubic (quinn's default) unless EXCLAVE_QUIC_CONGESTION says otherwise. On a link that
+    // loses 0.1 % of its packets at random, Cubic takes each loss for congestion and holds a
+    // 40 ms link to 1.3 MB/s; quinn's BBR (marked experimental) keeps the link's rate but
+    // overshoots a shallow queue into heavy loss (bench/wan.sh, README "Over an embassy
+    // link"), so it is a choice for an operator who knows the link, not the default.
+    match std::env::var("EXCLAVE_QUIC_CONGESTION").as_deref() {
+        Ok("bbr") => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+        }
+        Ok("newreno") => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default()));
+        }
+        _ => {}
+    }
     // Room for several 16 MiB chunk batches in flight on a long fat link.
     t.stream_receive_window((8u32 * 1024 * 1024).into());
     t.receive_window((32u32 * 1024 * 1024).into());

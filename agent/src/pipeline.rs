@@ -286,6 +286,15 @@ pub async fn run(client: Arc<NodeClient>, keys: TenantKeys, plan: Plan, stats: A
         upload_stream_ms = ms(&stats.wait_upload_stream),
         "pipeline waits"
     );
+    let q = client.connection().stats();
+    tracing::debug!(
+        rtt_ms = q.path.rtt.as_millis() as u64,
+        cwnd = q.path.cwnd,
+        congestion_events = q.path.congestion_events,
+        lost_packets = q.path.lost_packets,
+        sent_packets = q.path.sent_packets,
+        "QUIC path"
+    );
     if let Some(e) = abort.take() {
         return Err(e);
     }

@@ -62,22 +62,26 @@ fn args() -> Args {
     a
 }
 
-/// Delivers what it is given `delay` after it was given, in order (the delay is constant).
-fn delayed<T: Send + 'static>(
-    delay: Duration,
-    mut deliver: impl FnMut(T) + Send + 'static,
-) -> mpsc::UnboundedSender<T> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, T)>();
+/// Sends each datagram given to it on `sock` (to `to`, or connected) `delay` after it was
+/// given, in order (the delay is constant). A datagram the socket cannot take is dropped, as
+/// a router drops what its full queue cannot hold: waiting instead would make this relay an
+/// unbounded buffer (seen: a round trip of 480 ms on a 40 ms link). The socket's buffer is
+/// sized (`QUEUE_BYTES`) like the link's token bucket queue.
+fn delayed(delay: Duration, sock: Arc<UdpSocket>, to: Option<SocketAddr>) -> mpsc::UnboundedSender<Vec<u8>> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
     tokio::spawn(async move {
-        while let Some((due, item)) = rx.recv().await {
+        while let Some((due, d)) = rx.recv().await {
             tokio::time::sleep_until(due).await;
-            deliver(item);
+            let _ = match to {
+                Some(to) => sock.try_send_to(&d, to),
+                None => sock.try_send(&d),
+            };
         }
     });
-    let (in_tx, mut in_rx) = mpsc::unbounded_channel::<T>();
+    let (in_tx, mut in_rx) = mpsc::unbounded_channel::<Vec<u8>>();
     tokio::spawn(async move {
-        while let Some(item) = in_rx.recv().await {
-            if tx.send((Instant::now() + delay, item)).is_err() {
+        while let Some(d) = in_rx.recv().await {
+            if tx.send((Instant::now() + delay, d)).is_err() {
                 break;
             }
         }
@@ -85,8 +89,21 @@ fn delayed<T: Send + 'static>(
     in_tx
 }
 
+/// Send and receive buffer of each UDP socket: about 50 ms at 100 Mbit/s, the queue
+/// `bench/wan.sh` gives the link.
+const QUEUE_BYTES: usize = 640 * 1024;
+
+fn sized(sock: &std::net::UdpSocket) {
+    let s = socket2::SockRef::from(sock);
+    let _ = s.set_send_buffer_size(QUEUE_BYTES);
+    let _ = s.set_recv_buffer_size(4 * QUEUE_BYTES);
+}
+
 async fn udp(a: Args) {
-    let front = Arc::new(UdpSocket::bind(a.listen).await.unwrap());
+    let front = std::net::UdpSocket::bind(a.listen).unwrap();
+    sized(&front);
+    front.set_nonblocking(true).unwrap();
+    let front = Arc::new(UdpSocket::from_std(front).unwrap());
     let mut clients: HashMap<SocketAddr, mpsc::UnboundedSender<Vec<u8>>> = HashMap::new();
     let mut buf = vec![0u8; 65536];
     loop {
@@ -96,17 +113,13 @@ async fn udp(a: Args) {
         }
         let up = clients.entry(from).or_insert_with(|| {
             let bind: SocketAddr = if a.to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
-            let sock = Arc::new(std::net::UdpSocket::bind(bind).unwrap());
+            let sock = std::net::UdpSocket::bind(bind).unwrap();
+            sized(&sock);
             sock.connect(a.to).unwrap();
             sock.set_nonblocking(true).unwrap();
-            let sock = Arc::new(UdpSocket::from_std(Arc::try_unwrap(sock).unwrap()).unwrap());
+            let sock = Arc::new(UdpSocket::from_std(sock).unwrap());
             // Replies: back to this client, delayed and thinned the same way.
-            let back = {
-                let front = front.clone();
-                delayed(a.delay, move |d: Vec<u8>| {
-                    let _ = front.try_send_to(&d, from);
-                })
-            };
+            let back = delayed(a.delay, front.clone(), Some(from));
             let (reader, loss) = (sock.clone(), a.loss);
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 65536];
@@ -119,9 +132,7 @@ async fn udp(a: Args) {
                     }
                 }
             });
-            delayed(a.delay, move |d: Vec<u8>| {
-                let _ = sock.try_send(&d);
-            })
+            delayed(a.delay, sock, None)
         });
         let _ = up.send(buf[..n].to_vec());
     }

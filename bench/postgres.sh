@@ -69,6 +69,8 @@ node = ["127.0.0.1:$NODE_PORT"]
 pki = "$W/pki"
 identity = "pg"
 key-file = "$W/lux.key"
+# The snapshots' delta cache (deltas/bench) lives here, not in the default /var/lib.
+state-dir = "$W/state"
 TOML
 [ ${#AS[@]} -gt 0 ] && chown -R postgres "$W/pki" "$W/lux.key" "$W/agent.toml"
 
@@ -232,7 +234,7 @@ print(f"snapshot day 1   {mib(d1['bytes_read']):8.1f} MiB dump in {d1['duration_
 print(f"WAL archive lag  p50 {lag50} s, p99 {lag99} s, max {lagmax} s over {n} samples (limit 60 s); {sys.argv[9]}")
 print(f"snapshot day 2   read {mib(d2['bytes_read']):.1f} MiB, new {mib(d2['new_bytes']):.1f} MiB "
       f"({100 * d2['new_bytes'] / max(1, d2['bytes_read']):.1f}%), uploaded {mib(d2['uploaded_bytes']):.1f} MiB "
-      f"in {d2['duration_secs']:.1f} s")
+      f"in {d2['duration_secs']:.1f} s ({d2.get('delta_chunks', 0)} chunks as deltas, {mib(d2.get('delta_bytes', 0)):.2f} MiB)")
 PY
 
 if [ -n "$DRILL" ]; then

@@ -35,16 +35,16 @@
 //!   used. The cluster, not this cache, keeps bases alive: it records each delta's base and
 //!   adds it to the references of every snapshot that references the delta (see the
 //!   replicator's catalog), so losing this directory loses nothing stored.
-//! - **The cache is advisory.** Base files are opened like any envelope (authenticated,
-//!   id-checked), so a damaged or missing file, a lost index or a full disk only means the
-//!   chunks concerned are sent full, and become bases again.
+//! - **The cache is advisory.** Bases are opened like any envelope (authenticated, id-checked)
+//!   and nothing here is synced, so a damaged or truncated pack, a lost index, a crash or a
+//!   full disk only means the chunks concerned are sent full, and become bases again.
 //! - **Incompressible chunks are not bases**: a scan or an archive that changes changes
 //!   everywhere, and keeping them would double the cache for nothing.
 //! - **Bounded.** Bases are appended while the pack is under its budget; after a commit, when
-//!   the bases the new index does not name are more than half the pack, the pack is rewritten
-//!   with the live ones (a new file renamed over the old; a crash between the pack and the
-//!   index only makes the next run send full chunks). Bases are sealed with the tenant key,
-//!   like everything the agent sends.
+//!   the bases the new index does not name are more than half the pack (and over 16 MiB), the
+//!   pack is rewritten with the live ones (a new file renamed over the old; a crash between
+//!   the pack and the index only makes the next run send full chunks). Bases are sealed with
+//!   the tenant key, like everything the agent sends.
 
 use std::collections::HashMap;
 use std::fs::File;

@@ -2,7 +2,8 @@
 //! chunks it replaced, restores exactly for every day from one node after garbage collection
 //! took the forgotten days (the bases they were built on stay), and an agent whose delta cache
 //! was deleted or damaged sends full chunks and still restores exactly; a damaged base on the
-//! node fails the restore of its deltas, naming the delta and the base.
+//! node fails the restore of its deltas, naming the delta and the base, and a scrub repairs
+//! it from a peer, after which that node alone restores the deltas.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -232,4 +233,43 @@ fn a_cache_whose_bases_were_collected_sends_full_chunks() {
     let s = backup(&w, &node, &src, &stale);
     assert_eq!(s["delta_chunks"], 0, "{s}");
     restore_matches(&w, &node, s["snapshot"].as_str().unwrap(), 2, None);
+}
+
+#[test]
+fn a_damaged_base_is_repaired_by_scrub_from_a_peer_and_that_node_alone_restores_the_deltas() {
+    let w = World::new();
+    let mut nodes = w.start_cluster(&["n1", "n2", "n3"]);
+    let (src, cache) = (w.path("src"), w.path("cache"));
+    register(&src, 0, None);
+    backup(&w, &nodes[0], &src, &cache);
+    register(&src, 1, None);
+    let s1 = backup(&w, &nodes[0], &src, &cache);
+    assert!(s1["delta_chunks"].as_u64().unwrap() > 3, "{s1}");
+    let leader = w.wait_leader(&nodes);
+    for n in &nodes {
+        w.wait_backfilled(n, &nodes[leader]);
+    }
+    // Every base of day 1's deltas damaged on n2 (its storage checksums left as they were).
+    let pack = std::fs::read(cache.join("bases.pack")).unwrap();
+    let mut bases: Vec<exclave::ChunkId> = pack_records(&pack).into_iter().map(|(id, _, _)| id).collect();
+    bases.sort_unstable();
+    bases.dedup();
+    nodes[1].stop();
+    for b in &bases {
+        tamper_chunk(&nodes[1].data, b, false, |env| {
+            let mid = env.len() / 2;
+            env[mid] ^= 0x10;
+        });
+    }
+    nodes[1].restart();
+    w.wait_leader(&nodes);
+    let st = json(&ok(run(Command::new(bin("exclave-replicator"))
+        .args(["scrub", "--wait", "--json", "--node", &nodes[1].addr.to_string(), "--pki"])
+        .arg(w.pki()))));
+    let n = bases.len() as u64;
+    assert_eq!((st["last"]["corrupt"].as_u64(), st["last"]["repaired"].as_u64()), (Some(n), Some(n)), "{st}");
+    // n2 alone restores day 1, built of deltas on the repaired bases.
+    nodes[0].stop();
+    nodes[2].stop();
+    restore_matches(&w, &nodes[1], s1["snapshot"].as_str().unwrap(), 1, None);
 }

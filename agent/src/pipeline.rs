@@ -707,10 +707,14 @@ fn seal_stage(
                         d.sealed_delta(&job.id, &base, env.len());
                         Some(env)
                     } else {
+                        tracing::trace!(chunk = %job.id.short(), delta = env.len(), base = base_len, "delta not worth keeping");
                         None
                     }
                 }
-                None => None,
+                None => {
+                    tracing::trace!(chunk = %job.id.short(), base = %base.short(), "base not in the delta cache");
+                    None
+                }
             },
             _ => None,
         };

@@ -151,8 +151,9 @@ pub struct BackupArgs {
     /// Most plaintext held in memory between read and upload, MiB [default: 32].
     #[arg(long)]
     pub memory_budget_mib: Option<usize>,
-    /// Keep delta bases in DIR, so that changed chunks are sent as deltas on the chunks they
-    /// replaced [default with --config: STATE-DIR/deltas/SOURCE; without: no deltas].
+    /// Keep delta bases in DIR (one directory per source), so that changed chunks are sent as
+    /// deltas on the chunks they replaced [default with --config: STATE-DIR/deltas/SOURCE;
+    /// without: no deltas].
     #[arg(long, value_name = "DIR")]
     pub delta_cache: Option<PathBuf>,
     /// Send changed chunks whole (no delta cache is read or written).

@@ -697,6 +697,9 @@ fn seal_stage(
     let mut sealer = Sealer::new(keys, level)?;
     let mut opener = exclave::envelope::Opener::new(keys)?;
     while let Ok(job) = timed(&stats.wait_seal_input, || rx.recv_blocking()) {
+        // A delta over the quick rule (against its base's size) is kept for a second look
+        // against the chunk sealed whole.
+        let mut second_look: Option<(ChunkId, Vec<u8>)> = None;
         let delta = match (deltas, job.base) {
             (Some(d), Some(base)) => match d.load(&mut opener, &base) {
                 Some((plain, base_len)) => {
@@ -707,7 +710,7 @@ fn seal_stage(
                         d.sealed_delta(&job.id, &base, env.len());
                         Some(env)
                     } else {
-                        tracing::trace!(chunk = %job.id.short(), delta = env.len(), base = base_len, "delta not worth keeping");
+                        second_look = Some((base, env));
                         None
                     }
                 }
@@ -723,17 +726,30 @@ fn seal_stage(
             None => {
                 let env =
                     sealer.seal(&job.id, &job.data).with_context(|| format!("sealing chunk {}", job.id.short()))?;
-                if let (Some(d), true) = (deltas, job.is_data) {
-                    if job.base.is_some() {
-                        Stats::add(&d.stats.rebased, 1);
+                match (deltas, second_look) {
+                    (Some(d), Some((base, delta))) if deltas::worth_keeping_against_whole(delta.len(), env.len()) => {
+                        d.sealed_delta(&job.id, &base, delta.len());
+                        delta
                     }
-                    // An incompressible chunk (a scan, an archive) gives no delta worth
-                    // sending: it is not kept as a base.
-                    if exclave::envelope::parse_header(&env).is_ok_and(|h| h.codec != exclave::envelope::Codec::Raw) {
-                        d.sealed_full(&job.id, &env);
+                    (d, second_look) => {
+                        if let Some((_, delta)) = &second_look {
+                            tracing::trace!(chunk = %job.id.short(), delta = delta.len(), whole = env.len(), "delta not worth keeping");
+                        }
+                        if let (Some(d), true) = (d, job.is_data) {
+                            if job.base.is_some() {
+                                Stats::add(&d.stats.rebased, 1);
+                            }
+                            // An incompressible chunk (a scan, an archive) gives no delta worth
+                            // sending: it is not kept as a base.
+                            if exclave::envelope::parse_header(&env)
+                                .is_ok_and(|h| h.codec != exclave::envelope::Codec::Raw)
+                            {
+                                d.sealed_full(&job.id, &env);
+                            }
+                        }
+                        env
                     }
                 }
-                env
             }
         };
         let checksum = Checksum::of(&envelope);

@@ -62,7 +62,8 @@ $B/exclave-sample-register "$W/register" "$SIZE"
 ALL=(--node "${ADDR[embassy1]}" --node "${ADDR[embassy2]}" --node "${ADDR[embassy3]}")
 AGENT=("${ALL[@]}" --pki "$W/pki" --identity rnpp --key-file "$W/lux.key")
 step "day 1 backup"
-$B/exclave-agent backup "${AGENT[@]}" --source rnpp "$W/register"
+# The agent keeps the chunks it sent (sealed) so that tomorrow's changed chunks go as deltas.
+$B/exclave-agent backup "${AGENT[@]}" --source rnpp --delta-cache "$W/deltas-rnpp" "$W/register"
 
 step "day 2: 1% of the population register changes; backup again"
 python3 - "$W/register/persons.sql" <<'PY'
@@ -72,7 +73,7 @@ for i in random.sample(range(2, len(rows) - 2), max(1, len(rows) // 100)):
     rows[i] = rows[i].replace("single", "married")
 open(p, "w", encoding="utf-8").write("\n".join(rows))
 PY
-$B/exclave-agent backup "${AGENT[@]}" --source rnpp "$W/register"
+$B/exclave-agent backup "${AGENT[@]}" --source rnpp --delta-cache "$W/deltas-rnpp" "$W/register"
 
 step "the vehicle register is a SQLite database in use: an online snapshot with verification facts"
 python3 - "$W/vehicles.db" <<'PY'

@@ -416,9 +416,9 @@ async fn attempt(
                     ms = took.elapsed().as_millis() as u64,
                     "delta cache updated"
                 );
-                Stats::add_to(&stats.deltas, Stats::get(&d.stats.deltas));
-                Stats::add_to(&stats.delta_bytes, Stats::get(&d.stats.delta_bytes));
-                Stats::add_to(&stats.delta_cache_bytes, bytes);
+                Stats::add(&stats.deltas, Stats::get(&d.stats.deltas));
+                Stats::add(&stats.delta_bytes, Stats::get(&d.stats.delta_bytes));
+                Stats::add(&stats.delta_cache_bytes, bytes);
             }
             Ok((_, Err(e))) => {
                 tracing::warn!(error = %e, "the delta cache could not be updated; the next run sends more")

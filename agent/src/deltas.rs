@@ -237,11 +237,11 @@ impl Deltas {
             if *len + need > self.budget {
                 None
             } else {
-                let mut rec = Vec::with_capacity(need as usize);
-                rec.extend_from_slice(&id.0);
-                rec.extend_from_slice(&(envelope.len() as u32).to_le_bytes());
-                rec.extend_from_slice(envelope);
-                match file.write_all(&rec) {
+                let mut header = [0u8; RECORD_HEADER as usize];
+                header[..32].copy_from_slice(&id.0);
+                header[32..].copy_from_slice(&(envelope.len() as u32).to_le_bytes());
+                // Two writes under the lock rather than a copy of every base into one buffer.
+                match file.write_all(&header).and_then(|()| file.write_all(envelope)) {
                     Ok(()) => {
                         let at = *len + RECORD_HEADER;
                         *len += need;

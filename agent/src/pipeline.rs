@@ -99,10 +99,7 @@ impl Stats {
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
     }
-    pub fn add_to(c: &AtomicU64, n: u64) {
-        c.fetch_add(n, Ordering::Relaxed);
-    }
-    fn add(c: &AtomicU64, n: u64) {
+    pub fn add(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Ordering::Relaxed);
     }
 }
@@ -697,66 +694,70 @@ fn seal_stage(
     let mut sealer = Sealer::new(keys, level)?;
     let mut opener = exclave::envelope::Opener::new(keys)?;
     while let Ok(job) = timed(&stats.wait_seal_input, || rx.recv_blocking()) {
-        // A delta over the quick rule (against its base's size) is kept for a second look
-        // against the chunk sealed whole.
-        let mut second_look: Option<(ChunkId, Vec<u8>)> = None;
-        let delta = match (deltas, job.base) {
-            (Some(d), Some(base)) => match d.load(&mut opener, &base) {
-                Some((plain, base_len)) => {
-                    let env = sealer
-                        .seal_delta(&job.id, &job.data, &base, &plain)
-                        .with_context(|| format!("sealing chunk {} as a delta", job.id.short()))?;
-                    if deltas::worth_keeping(env.len(), base_len) {
-                        d.sealed_delta(&job.id, &base, env.len());
-                        Some(env)
-                    } else {
-                        second_look = Some((base, env));
-                        None
-                    }
-                }
-                None => {
-                    tracing::trace!(chunk = %job.id.short(), base = %base.short(), "base not in the delta cache");
-                    None
-                }
-            },
-            _ => None,
-        };
-        let envelope = match delta {
-            Some(env) => env,
-            None => {
-                let env =
-                    sealer.seal(&job.id, &job.data).with_context(|| format!("sealing chunk {}", job.id.short()))?;
-                match (deltas, second_look) {
-                    (Some(d), Some((base, delta))) if deltas::worth_keeping_against_whole(delta.len(), env.len()) => {
-                        d.sealed_delta(&job.id, &base, delta.len());
-                        delta
-                    }
-                    (d, second_look) => {
-                        if let Some((_, delta)) = &second_look {
-                            tracing::trace!(chunk = %job.id.short(), delta = delta.len(), whole = env.len(), "delta not worth keeping");
-                        }
-                        if let (Some(d), true) = (d, job.is_data) {
-                            if job.base.is_some() {
-                                Stats::add(&d.stats.rebased, 1);
-                            }
-                            // An incompressible chunk (a scan, an archive) gives no delta worth
-                            // sending: it is not kept as a base.
-                            if exclave::envelope::parse_header(&env)
-                                .is_ok_and(|h| h.codec != exclave::envelope::Codec::Raw)
-                            {
-                                d.sealed_full(&job.id, &env);
-                            }
-                        }
-                        env
-                    }
-                }
-            }
+        let envelope = match deltas {
+            Some(d) => seal_with_deltas(&mut sealer, &mut opener, d, &job)?,
+            None => sealer.seal(&job.id, &job.data).with_context(|| format!("sealing chunk {}", job.id.short()))?,
         };
         let checksum = Checksum::of(&envelope);
         let sealed = Sealed { id: job.id, plain_len: job.data.len(), envelope, checksum, is_data: job.is_data };
         timed(&stats.wait_seal_output, || tx.send_blocking(sealed)).map_err(|_| anyhow!("backup stopped"))?;
     }
     Ok(())
+}
+
+/// Seals a job as a delta on its base when that is worth it (`crate::deltas` rules), else
+/// whole, and tells the delta cache which it was.
+fn seal_with_deltas(
+    sealer: &mut Sealer,
+    opener: &mut exclave::envelope::Opener,
+    d: &Deltas,
+    job: &Job,
+) -> Result<Vec<u8>> {
+    let whole = |sealer: &mut Sealer| {
+        sealer.seal(&job.id, &job.data).with_context(|| format!("sealing chunk {}", job.id.short()))
+    };
+    let Some(base) = job.base else {
+        let env = whole(sealer)?;
+        keep_as_base(d, job, &env);
+        return Ok(env);
+    };
+    let Some((plain, base_len)) = d.load(opener, &base) else {
+        tracing::trace!(chunk = %job.id.short(), base = %base.short(), "base not in the delta cache");
+        let env = whole(sealer)?;
+        keep_as_base(d, job, &env);
+        return Ok(env);
+    };
+    let delta = sealer
+        .seal_delta(&job.id, &job.data, &base, &plain)
+        .with_context(|| format!("sealing chunk {} as a delta", job.id.short()))?;
+    // The quick rule spares a second compression; a delta over it gets a second look
+    // against the chunk sealed whole.
+    if deltas::worth_keeping(delta.len(), base_len) {
+        d.sealed_delta(&job.id, &base, delta.len());
+        return Ok(delta);
+    }
+    let env = whole(sealer)?;
+    if deltas::worth_keeping_against_whole(delta.len(), env.len()) {
+        d.sealed_delta(&job.id, &base, delta.len());
+        return Ok(delta);
+    }
+    tracing::trace!(chunk = %job.id.short(), delta = delta.len(), whole = env.len(), "delta not worth keeping");
+    keep_as_base(d, job, &env);
+    Ok(env)
+}
+
+/// A chunk of file content sealed whole becomes a base. An incompressible one (a scan, an
+/// archive) gives no delta worth sending: it is not kept.
+fn keep_as_base(d: &Deltas, job: &Job, env: &[u8]) {
+    if !job.is_data {
+        return;
+    }
+    if job.base.is_some() {
+        Stats::add(&d.stats.rebased, 1);
+    }
+    if exclave::envelope::parse_header(env).is_ok_and(|h| h.codec != exclave::envelope::Codec::Raw) {
+        d.sealed_full(&job.id, env);
+    }
 }
 
 const UPLOAD_BATCH_BYTES: usize = 4 << 20;

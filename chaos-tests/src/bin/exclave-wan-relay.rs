@@ -67,7 +67,7 @@ fn args() -> Args {
 /// a router drops what its full queue cannot hold: waiting instead would make this relay an
 /// unbounded buffer (seen: a round trip of 480 ms on a 40 ms link). The socket's buffer is
 /// sized (`QUEUE_BYTES`) like the link's token bucket queue.
-fn delayed(delay: Duration, sock: Arc<UdpSocket>, to: Option<SocketAddr>) -> mpsc::UnboundedSender<Vec<u8>> {
+fn delayed(delay: Duration, sock: Arc<UdpSocket>, to: Option<SocketAddr>) -> Delayed {
     let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
     tokio::spawn(async move {
         while let Some((due, d)) = rx.recv().await {
@@ -78,15 +78,19 @@ fn delayed(delay: Duration, sock: Arc<UdpSocket>, to: Option<SocketAddr>) -> mps
             };
         }
     });
-    let (in_tx, mut in_rx) = mpsc::unbounded_channel::<Vec<u8>>();
-    tokio::spawn(async move {
-        while let Some(d) = in_rx.recv().await {
-            if tx.send((Instant::now() + delay, d)).is_err() {
-                break;
-            }
-        }
-    });
-    in_tx
+    Delayed { tx, delay }
+}
+
+/// The sending end of `delayed`: stamps each datagram with when it is due.
+struct Delayed {
+    tx: mpsc::UnboundedSender<(Instant, Vec<u8>)>,
+    delay: Duration,
+}
+
+impl Delayed {
+    fn send(&self, d: Vec<u8>) -> bool {
+        self.tx.send((Instant::now() + self.delay, d)).is_ok()
+    }
 }
 
 /// Send and receive buffer of each UDP socket: about 50 ms at 100 Mbit/s, the queue
@@ -104,7 +108,7 @@ async fn udp(a: Args) {
     sized(&front);
     front.set_nonblocking(true).unwrap();
     let front = Arc::new(UdpSocket::from_std(front).unwrap());
-    let mut clients: HashMap<SocketAddr, mpsc::UnboundedSender<Vec<u8>>> = HashMap::new();
+    let mut clients: HashMap<SocketAddr, Delayed> = HashMap::new();
     let mut buf = vec![0u8; 65536];
     loop {
         let (n, from) = front.recv_from(&mut buf).await.unwrap();
@@ -127,7 +131,7 @@ async fn udp(a: Args) {
                     if loss > 0.0 && rand::random::<f64>() < loss {
                         continue;
                     }
-                    if back.send(buf[..n].to_vec()).is_err() {
+                    if !back.send(buf[..n].to_vec()) {
                         break;
                     }
                 }

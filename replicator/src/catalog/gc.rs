@@ -81,12 +81,7 @@ pub const MAX_DELTA_DEPTH: usize = 8;
 /// in the index by the commit like the rest.
 pub(super) fn add_bases(view: &dyn CatalogRead, tenant: &str, refs: &mut Vec<ChunkId>) -> Result<(), CatalogError> {
     // Most tenants hold no delta: one seek instead of a lookup per reference.
-    let mut any = false;
-    view.scan(&tenant_key(b'd', tenant), &mut |_, _| {
-        any = true;
-        false
-    })?;
-    if !any {
+    if !any_under(view, &tenant_key(b'd', tenant))? {
         return Ok(());
     }
     let mut frontier = refs.clone();
@@ -254,7 +249,8 @@ pub(super) fn index_chunks(
         .collect();
     let gkeys: Vec<Vec<u8>> = absent.iter().map(|(_, (id, _))| condemned_key(tenant, id)).collect();
     // Most of the time nothing of the tenant is condemned: one seek instead of a lookup each.
-    let conds = if any_condemned(view, tenant)? { view.get_many(&gkeys)? } else { vec![None; gkeys.len()] };
+    let conds =
+        if any_under(view, &tenant_key(b'g', tenant))? { view.get_many(&gkeys)? } else { vec![None; gkeys.len()] };
     let (mut added, mut count) = (0u64, 0u64);
     let mut refused = Vec::new();
     let mut swept: Option<Option<HashSet<ChunkId>>> = None;
@@ -293,9 +289,10 @@ pub(super) fn index_chunks(
     Ok(if refused.is_empty() { Outcome::Done } else { Outcome::Indexed { refused } })
 }
 
-fn any_condemned(view: &dyn CatalogRead, tenant: &str) -> Result<bool, CatalogError> {
+/// Whether any key starts with `prefix` (one seek).
+fn any_under(view: &dyn CatalogRead, prefix: &[u8]) -> Result<bool, CatalogError> {
     let mut any = false;
-    view.scan(&tenant_key(b'g', tenant), &mut |_, _| {
+    view.scan(prefix, &mut |_, _| {
         any = true;
         false
     })?;

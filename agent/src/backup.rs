@@ -234,15 +234,19 @@ fn fails_over(e: &anyhow::Error) -> bool {
     })
 }
 
-/// Test hook: with `EXCLAVE_TEST_HOLD_COMMIT=FILE`, the first attempt creates `FILE.waiting`
-/// once its chunks are stored and waits (up to two minutes) for `FILE` before committing, so a
-/// test can run garbage collection between a backup's questions and its commit. Unset, it
-/// costs one lookup.
-async fn hold_before_commit() {
-    static HELD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    let Ok(file) = std::env::var("EXCLAVE_TEST_HOLD_COMMIT") else { return };
-    if HELD.swap(true, std::sync::atomic::Ordering::SeqCst) {
-        return;
+/// Test hooks: with `EXCLAVE_TEST_HOLD_COMMIT=FILE` (once the chunks are stored, before the
+/// commit) or `EXCLAVE_TEST_HOLD_UPLOAD=FILE` (after the chunks were asked about, before the
+/// first upload), the first time through creates `FILE.waiting` and waits (up to two minutes)
+/// for `FILE`, so a test can run garbage collection in between. Unset, it costs one lookup.
+pub(crate) async fn test_hold(var: &str) {
+    static HELD: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let Ok(file) = std::env::var(var) else { return };
+    {
+        let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+        if held.iter().any(|v| v == var) {
+            return;
+        }
+        held.push(var.to_string());
     }
     let _ = std::fs::write(format!("{file}.waiting"), b"");
     let deadline = Instant::now() + std::time::Duration::from_secs(120);
@@ -381,7 +385,7 @@ async fn attempt(
         (Some(policy), None) => Some(send_retention(&client, &r.source, *policy).await.map_err(|e| (used, e))?),
         _ => None,
     };
-    hold_before_commit().await;
+    test_hold("EXCLAVE_TEST_HOLD_COMMIT").await;
     let commit_started = Instant::now();
     let committed = client
         .commit_batches(info, batches.batch_count() as u32, batches)

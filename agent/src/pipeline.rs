@@ -809,6 +809,8 @@ async fn upload_stage(
         while let Some(r) = tasks.try_join_next() {
             r??;
         }
+        // Before any upload starts, so that none passes the hold.
+        crate::backup::test_hold("EXCLAVE_TEST_HOLD_UPLOAD").await;
         let (client, budget, stats) = (client.clone(), budget.clone(), stats.clone());
         tasks.spawn(async move {
             let _permit = permit;

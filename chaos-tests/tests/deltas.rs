@@ -136,6 +136,73 @@ fn ten_days_of_change_travel_as_deltas_and_every_kept_day_restores_after_gc() {
     assert!(verify_ok(&w, &node, &snaps[10]));
 }
 
+/// A backup asked whether its bases exist, then garbage collection swept them before its
+/// deltas arrived: the deltas are refused, the agent runs again and sends those chunks whole
+/// or on bases it sent again (the node replacing the refused copies), and the snapshot
+/// restores exactly. Before the
+/// index checked bases, the deltas were indexed on a swept base and every commit was refused.
+#[test]
+fn deltas_whose_base_was_swept_while_the_backup_ran_are_sent_again_whole() {
+    let w = World::new();
+    let node =
+        w.start_node_with("n1", &w.path("n1"), free_port(), &["--gc-interval-hours", "0", "--gc-grace-passes", "0"]);
+    w.protect(&node, "lux", 0);
+    ok(run(Command::new(bin("exclave-replicator"))
+        .args(["retention", "set", "--tenant", "lux", "--source", "reg", "--new-tenant", "--keep-last", "1"])
+        .args(["--node", &node.addr.to_string(), "--pki"])
+        .arg(w.pki())));
+    let (src, cache) = (w.path("src"), w.path("cache"));
+    register(&src, 0, None);
+    backup(&w, &node, &src, &cache);
+    // Another tree in the same source (with a cache of its own) makes day 0 forgotten: its
+    // chunks, the bases of day 1's deltas among them, are now garbage.
+    let other = w.path("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("note.txt"), b"a small file").unwrap();
+    backup(&w, &node, &other, &w.path("other-cache"));
+
+    register(&src, 1, None);
+    let hold = w.path("hold");
+    let child = Command::new(bin("exclave-agent"))
+        .args(["backup", "--json", "--node", &node.addr.to_string(), "--pki"])
+        .arg(w.pki())
+        .args(["--identity", "rnpp", "--key-file"])
+        .arg(w.path("lux.key"))
+        .args(["--source", "reg", "--delta-cache"])
+        .arg(&cache)
+        .arg(&src)
+        .env("EXCLAVE_TEST_HOLD_UPLOAD", &hold)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let waiting = std::path::PathBuf::from(format!("{}.waiting", hold.display()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !waiting.exists() {
+        assert!(std::time::Instant::now() < deadline, "the backup never reached its first upload");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // The bases were there when the backup asked; now they are swept.
+    let gc = json(&ok(run(Command::new(bin("exclave-replicator"))
+        .args(["gc", "--json", "--node", &node.addr.to_string(), "--identity", "admin", "--pki"])
+        .arg(w.pki()))));
+    assert!(gc["cluster"]["swept_chunks"].as_u64().unwrap() > 10, "{gc}");
+    std::fs::write(&hold, b"").unwrap();
+    let s = json(&ok(child.wait_with_output().unwrap()));
+    assert!(s["resends"].as_u64().unwrap() >= 1, "the refused deltas made the backup run again: {s}");
+    let log = node.log_text();
+    assert!(log.contains("built on a base that garbage collection has since removed"), "{log}");
+    assert!(log.contains("replacing a copy no index entry names"), "{log}");
+    restore_matches(&w, &node, s["snapshot"].as_str().unwrap(), 1, None);
+    assert!(verify_ok(&w, &node, s["snapshot"].as_str().unwrap()));
+
+    // The next day has bases again (the ones just sent whole) and goes as deltas.
+    register(&src, 2, None);
+    let s2 = backup(&w, &node, &src, &cache);
+    assert!(s2["delta_chunks"].as_u64().unwrap() > 3, "{s2}");
+    restore_matches(&w, &node, s2["snapshot"].as_str().unwrap(), 2, None);
+}
+
 fn verify_ok(w: &World, node: &Node, snapshot: &str) -> bool {
     w.verify(node, "reg", snapshot).status.success()
 }

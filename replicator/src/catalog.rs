@@ -48,6 +48,9 @@
 //! the bases of what it references (and theirs, `MAX_DELTA_DEPTH` deep) to the snapshot's
 //! references, so GC keeps a base as long as any delta on it is referenced, whatever the
 //! agent remembered, and a snapshot whose bases are gone is refused like one whose chunks are.
+//! `IndexChunksV4` indexes a delta only with its base in the index, and GC neither condemns
+//! nor sweeps a base while a delta on it is indexed or condemned (`gc::delta_bases`): so a
+//! delta the index holds always has its base, even when it raced a collection.
 //!
 //! Retention reads commit times, never the agent's `time` (rules at the top of
 //! `exclave::retention`). Snapshots committed before commit times were kept (no `T`) count
@@ -367,6 +370,15 @@ pub enum Command {
         sweep_seq: u64,
         bases: Vec<(ChunkId, ChunkId)>,
     },
+    /// `IndexChunksV3`, and a delta is indexed only with its base in the index: a condemned
+    /// base is put back, and a delta whose base was swept since the agent asked is refused
+    /// (`Indexed::base_gone`), to be sent again whole.
+    IndexChunksV4 {
+        tenant: String,
+        chunks: Vec<(ChunkId, IndexEntry)>,
+        sweep_seq: u64,
+        bases: Vec<(ChunkId, ChunkId)>,
+    },
 }
 
 /// How long, in cluster time, retention may not forget a tenant's new snapshots.
@@ -637,9 +649,11 @@ pub enum Outcome {
     /// The commit references chunks that are not in the index (at most `MAX_MISSING_REPORTED`).
     Missing(Vec<ChunkId>),
     Refused(String),
-    /// Chunks indexed, except `refused`: a sweep deleted them after the uploader looked.
+    /// Chunks indexed, except `refused` (a sweep deleted them after the uploader looked: store
+    /// them again) and `base_gone` (deltas whose base was swept: the agent sends them whole).
     Indexed {
         refused: Vec<ChunkId>,
+        base_gone: Vec<ChunkId>,
     },
     /// GC: how many chunks (or staged batches) and envelope bytes a command took.
     Collected {
@@ -827,12 +841,15 @@ pub fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, CatalogError>
 pub fn apply(view: &dyn CatalogRead, cmd: &Command) -> Result<(Outcome, Vec<Write>), CatalogError> {
     let mut w = Vec::new();
     let outcome = match cmd {
-        Command::IndexChunks { tenant, chunks } => gc::index_chunks(view, tenant, chunks, None, &[], &mut w)?,
+        Command::IndexChunks { tenant, chunks } => gc::index_chunks(view, tenant, chunks, None, &[], false, &mut w)?,
         Command::IndexChunksV2 { tenant, chunks, sweep_seq } => {
-            gc::index_chunks(view, tenant, chunks, Some(*sweep_seq), &[], &mut w)?
+            gc::index_chunks(view, tenant, chunks, Some(*sweep_seq), &[], false, &mut w)?
         }
         Command::IndexChunksV3 { tenant, chunks, sweep_seq, bases } => {
-            gc::index_chunks(view, tenant, chunks, Some(*sweep_seq), bases, &mut w)?
+            gc::index_chunks(view, tenant, chunks, Some(*sweep_seq), bases, false, &mut w)?
+        }
+        Command::IndexChunksV4 { tenant, chunks, sweep_seq, bases } => {
+            gc::index_chunks(view, tenant, chunks, Some(*sweep_seq), bases, true, &mut w)?
         }
         Command::GcCondemn { tenant, ids, as_of_seq, pass } => {
             gc::condemn(view, tenant, ids, *as_of_seq, *pass, &mut w)?

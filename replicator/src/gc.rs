@@ -22,6 +22,14 @@
 //!    the copies of the chunks it names that are not in the index at that point of the log
 //!    (condemned, or never indexed: orphans). It bumps the sweep sequence and records the ids.
 //!
+//! Deltas: a delta needs its base to be read. A mark that sees a delta (indexed or condemned)
+//! does not condemn its base, no sweep takes a base while such a delta exists
+//! (`catalog::gc::delta_bases`, read by the mark and again before the sweep), and `IndexChunksV4` indexes a delta only with its base in the index,
+//! putting a condemned base back and refusing a delta whose base was swept since the agent
+//! asked about it (the agent then sends that chunk whole). So every delta in the index or
+//! condemned has its base in the index or condemned, and a commit that references it puts both
+//! back. A base is collected one pass after its last delta was swept.
+//!
 //! Why nothing needed is lost:
 //! - A commit is applied after every sweep before it in the log: a reference to a swept chunk
 //!   is absent from both `c` and `g`, so the commit is refused with the chunks to send again
@@ -229,7 +237,11 @@ pub async fn cluster_pass(node: &Arc<Node>, grace: u64, dry_run: bool) -> Result
             report.condemned_bytes += bytes;
         }
         report.examined += marker.examined;
-        // Sweep what is past its grace.
+        // Sweep what is past its grace, except bases of deltas still indexed or condemned (one
+        // indexed since its base was condemned: a commit may yet reference it). Read after the
+        // condemnations: a delta indexed later puts its condemned base back before the sweep.
+        let (store, t) = (node.store.clone(), tenant.clone());
+        let kept_bases = blocking(move || Ok(cgc::delta_bases(&store.catalog()?, &t)?)).await?;
         let mut after: Option<ChunkId> = None;
         loop {
             let (store, t, a) = (node.store.clone(), tenant.clone(), after);
@@ -239,7 +251,7 @@ pub async fn cluster_pass(node: &Arc<Node>, grace: u64, dry_run: bool) -> Result
             after = Some(*last);
             let mut due = Vec::new();
             for (id, c) in &page {
-                if c.pass + grace <= pass {
+                if c.pass + grace <= pass && kept_bases.binary_search(id).is_err() {
                     due.push(*id);
                     if dry_run {
                         report.swept_bytes += u64::from(c.entry.envelope_len);

@@ -50,6 +50,14 @@ pub enum ReplicationError {
         used >> 20, (needed >> 20).max(1), quota >> 20
     )]
     Quota { tenant: String, used: u64, needed: u64, quota: u64 },
+    /// Deltas whose base garbage collection swept after the agent asked about it: not indexed;
+    /// the agent runs again and, seeing the base gone, sends them whole.
+    #[error(
+        "{} delta chunk(s) were built on a base that garbage collection has since removed (the first: {}); \
+         send them again whole",
+        chunks.len(), chunks.first().map(|c| c.to_string()).unwrap_or_default()
+    )]
+    BaseGone { chunks: Vec<ChunkId> },
 }
 
 impl From<crate::catalog::CatalogError> for ReplicationError {
@@ -194,14 +202,17 @@ async fn store_round(node: &Arc<Node>, tenant: &str, chunks: Vec<PutChunk>) -> R
         })
         .collect();
     let cmd = if !bases.is_empty() {
-        Command::IndexChunksV3 { tenant, chunks: entries, sweep_seq, bases }
+        Command::IndexChunksV4 { tenant, chunks: entries, sweep_seq, bases }
     } else if sweep_seq == 0 {
         Command::IndexChunks { tenant, chunks: entries }
     } else {
         Command::IndexChunksV2 { tenant, chunks: entries, sweep_seq }
     };
     match node.raft.propose_idempotent(cmd).await? {
-        catalog::Outcome::Indexed { refused } => {
+        catalog::Outcome::Indexed { base_gone, .. } if !base_gone.is_empty() => {
+            Err(ReplicationError::BaseGone { chunks: base_gone })
+        }
+        catalog::Outcome::Indexed { refused, .. } => {
             let refused: std::collections::HashSet<ChunkId> = refused.into_iter().collect();
             Ok(chunks.iter().filter(|c| refused.contains(&c.id)).cloned().collect())
         }

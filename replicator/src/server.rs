@@ -264,6 +264,10 @@ impl From<replication::ReplicationError> for Failure {
             quorum @ replication::ReplicationError::Quorum { .. } => {
                 Failure::new(ErrorCode::NoQuorum, quorum.to_string())
             }
+            replication::ReplicationError::BaseGone { chunks } => {
+                let message = replication::ReplicationError::BaseGone { chunks: chunks.clone() }.to_string();
+                Failure { missing: chunks, ..Failure::new(ErrorCode::MissingChunks, message) }
+            }
         }
     }
 }

@@ -60,9 +60,15 @@
 //! pack is sealed. Every read checks the storage checksum, so a damaged record is reported,
 //! never served.
 //!
-//! Garbage collection (not built yet) reclaims space pack by pack: the live bytes of a pack are
+//! Garbage collection (`crate::gc`) reclaims space pack by pack: the live bytes of a pack are
 //! those its index locations name; a pack mostly dead is repacked (its live records appended
 //! to the active pack, their locations rewritten in one synced batch) and then deleted.
+//!
+//! Which copy is kept: an upload of a chunk this node already holds is skipped, unless the
+//! copy held is one the catalog neither indexes nor has condemned (left by an upload that
+//! failed, or a delta refused because its base was swept) and differs from the upload: it is
+//! then replaced, so the copy behind a new index entry is the envelope that entry describes
+//! (a refused delta would otherwise stay where the whole chunk was sent again).
 //!
 //! Migration: a data directory of format 1 (envelopes in a `chunks` column family, BlobDB) is
 //! converted when opened: every envelope is appended to packs and its location indexed, then
@@ -573,14 +579,46 @@ impl Store {
         if tenant.len() > u8::MAX as usize {
             return Err(StoreError::Io(format!("tenant name of {} bytes", tenant.len())));
         }
-        let ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
-        let missing: std::collections::HashSet<ChunkId> = self.missing(tenant, &ids)?.into_iter().collect();
+        let wanted = self.to_store(tenant, chunks)?;
         let mut seen = std::collections::HashSet::new();
-        let new: Vec<&PutChunk> = chunks.iter().filter(|c| missing.contains(&c.id) && seen.insert(c.id)).collect();
+        let new: Vec<&PutChunk> = chunks.iter().filter(|c| wanted.contains(&c.id) && seen.insert(c.id)).collect();
         if !new.is_empty() {
             self.store_new(tenant, &new)?;
         }
         Ok(new.len())
+    }
+
+    /// The ids of `chunks` to write: those not held, and those held only as an unindexed copy
+    /// that differs from the upload (see "Which copy is kept" above).
+    fn to_store(&self, tenant: &str, chunks: &[PutChunk]) -> Result<std::collections::HashSet<ChunkId>, StoreError> {
+        let cf = self.cf(CF_INDEX)?;
+        let keys: Vec<Vec<u8>> = chunks.iter().map(|c| chunk_key(tenant, &c.id)).collect();
+        let mut out = std::collections::HashSet::new();
+        let mut differing = Vec::new();
+        for (c, r) in chunks.iter().zip(self.db.batched_multi_get_cf(cf, &keys, false)) {
+            match r.map_err(db_err)? {
+                None => {
+                    out.insert(c.id);
+                }
+                Some(v) if Location::decode(&v)?.checksum != c.checksum => differing.push(c.id),
+                Some(_) => {}
+            }
+        }
+        // Rare (an agent sends only what the index lacked): two catalog lookups each.
+        if !differing.is_empty() {
+            let view = self.catalog()?;
+            let ckeys: Vec<Vec<u8>> = differing.iter().map(|id| crate::catalog::chunk_key(tenant, id)).collect();
+            let gkeys: Vec<Vec<u8>> =
+                differing.iter().map(|id| crate::catalog::gc::condemned_key(tenant, id)).collect();
+            let (cs, gs) = (view.get_many(&ckeys)?, view.get_many(&gkeys)?);
+            for (id, (c, g)) in differing.iter().zip(cs.into_iter().zip(gs)) {
+                if c.is_none() && g.is_none() {
+                    info!(%tenant, chunk = %id, "replacing a copy no index entry names with the one uploaded");
+                    out.insert(*id);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Appends `chunks` to the active pack, syncs it, then indexes them (the durability rule).

@@ -228,12 +228,19 @@ fn swept_since(view: &dyn CatalogRead, tenant: &str, since: u64) -> Result<Optio
 /// as it was: no sweep has deleted any copy of it. A chunk a sweep deleted after `since` is
 /// refused: a node may have counted a copy that sweep then removed; the uploader stores it
 /// again and retries. Returns `Indexed` with the refused ids.
+///
+/// With `check_bases` (`IndexChunksV4`), a delta indexed for the first time needs its base:
+/// indexed (or indexed by this same command), or condemned, and then put back as a commit
+/// would. A delta whose base is gone is not indexed (`base_gone`): its copies are orphans, and
+/// the agent, told the chunks went missing, runs again and sends it whole.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn index_chunks(
     view: &dyn CatalogRead,
     tenant: &str,
     chunks: &[(ChunkId, IndexEntry)],
     since: Option<u64>,
     bases: &[(ChunkId, ChunkId)],
+    check_bases: bool,
     w: &mut Vec<Write>,
 ) -> Result<Outcome, CatalogError> {
     let ids: Vec<ChunkId> = chunks.iter().map(|(id, _)| *id).collect();
@@ -254,6 +261,8 @@ pub(super) fn index_chunks(
     let (mut added, mut count) = (0u64, 0u64);
     let mut refused = Vec::new();
     let mut swept: Option<Option<HashSet<ChunkId>>> = None;
+    let (mut base_gone, mut put_back) = (Vec::new(), HashSet::new());
+    let in_command: HashSet<ChunkId> = if check_bases { ids.iter().copied().collect() } else { HashSet::new() };
     for ((key, (id, entry)), (gkey, cond)) in absent.into_iter().zip(gkeys.iter().zip(conds)) {
         let entry = match cond {
             // Its base, if it had one, was recorded when it was first indexed.
@@ -272,6 +281,22 @@ pub(super) fn index_chunks(
                 }
                 // Indexed for the first time: the envelope uploaded is the one stored.
                 if let Some(base) = bases.get(id) {
+                    if check_bases && !in_command.contains(base) && !put_back.contains(base) {
+                        match base_state(view, tenant, base)? {
+                            BaseState::Indexed => {}
+                            BaseState::Condemned(c) => {
+                                w.push(Write::Delete(condemned_key(tenant, base)));
+                                w.push(Write::Put(chunk_key(tenant, base), encode(&c.entry)));
+                                added += u64::from(c.entry.envelope_len);
+                                count += 1;
+                                put_back.insert(*base);
+                            }
+                            BaseState::Gone => {
+                                base_gone.push(*id);
+                                continue;
+                            }
+                        }
+                    }
                     w.push(Write::Put(base_key(tenant, id), base.0.to_vec()));
                 }
                 *entry
@@ -286,7 +311,47 @@ pub(super) fn index_chunks(
         let used = usage(view, tenant)? + added;
         w.push(Write::Put(usage_key(tenant), used.to_be_bytes().to_vec()));
     }
-    Ok(if refused.is_empty() { Outcome::Done } else { Outcome::Indexed { refused } })
+    Ok(if refused.is_empty() && base_gone.is_empty() { Outcome::Done } else { Outcome::Indexed { refused, base_gone } })
+}
+
+enum BaseState {
+    Indexed,
+    Condemned(Condemned),
+    Gone,
+}
+
+fn base_state(view: &dyn CatalogRead, tenant: &str, base: &ChunkId) -> Result<BaseState, CatalogError> {
+    if view.get(&chunk_key(tenant, base))?.is_some() {
+        return Ok(BaseState::Indexed);
+    }
+    Ok(match view.get(&condemned_key(tenant, base))? {
+        Some(c) => BaseState::Condemned(decode(&c)?),
+        None => BaseState::Gone,
+    })
+}
+
+/// The bases of the tenant's deltas that are indexed or condemned, sorted: GC neither
+/// condemns nor sweeps them (a commit could still need them through such a delta). They are
+/// collected a pass after the last delta on them is swept.
+pub fn delta_bases(view: &dyn CatalogRead, tenant: &str) -> Result<Vec<ChunkId>, CatalogError> {
+    let mut out = Vec::new();
+    let mut bad = None;
+    view.scan(&tenant_key(b'd', tenant), &mut |_, v| match <[u8; 32]>::try_from(v) {
+        Ok(b) => {
+            out.push(ChunkId(b));
+            true
+        }
+        Err(_) => {
+            bad = Some(CatalogError::Decode("delta base".into()));
+            false
+        }
+    })?;
+    if let Some(e) = bad {
+        return Err(e);
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
 }
 
 /// Whether any key starts with `prefix` (one seek).
@@ -501,6 +566,8 @@ pub struct Marker {
     heap: BinaryHeap<std::cmp::Reverse<(ChunkId, usize)>>,
     /// The next index key to read (`None`: the walk is over).
     next: Option<Vec<u8>>,
+    /// Bases of indexed or condemned deltas (`delta_bases`), kept as if referenced.
+    bases: Vec<ChunkId>,
     pub examined: u64,
 }
 
@@ -521,7 +588,14 @@ impl Marker {
             }
             cursors.push(c);
         }
-        Ok(Marker { tenant: tenant.to_string(), cursors, heap, next: Some(tenant_key(b'c', tenant)), examined: 0 })
+        Ok(Marker {
+            tenant: tenant.to_string(),
+            cursors,
+            heap,
+            next: Some(tenant_key(b'c', tenant)),
+            bases: delta_bases(view, tenant)?,
+            examined: 0,
+        })
     }
 
     /// Up to `limit` more garbage chunks, in id order; an empty page means the walk is over.
@@ -567,6 +641,9 @@ impl Marker {
     /// Whether any snapshot references `id`; cursors move past everything smaller (index ids
     /// are asked in increasing order).
     fn referenced(&mut self, view: &dyn CatalogRead, id: &ChunkId) -> Result<bool, CatalogError> {
+        if self.bases.binary_search(id).is_ok() {
+            return Ok(true);
+        }
         while let Some(std::cmp::Reverse((head, i))) = self.heap.peek().copied() {
             if head > *id {
                 return Ok(false);
@@ -638,7 +715,7 @@ mod tests {
         fn upload_deltas(&mut self, ns: &[u8]) -> Command {
             let Command::IndexChunksV2 { tenant, chunks, sweep_seq } = self.upload(ns) else { unreachable!() };
             let bases = ns.iter().filter(|n| **n >= 8).map(|n| (id(*n), id(*n - 8))).collect();
-            Command::IndexChunksV3 { tenant, chunks, sweep_seq, bases }
+            Command::IndexChunksV4 { tenant, chunks, sweep_seq, bases }
         }
 
         fn commit(&mut self, sid: &str, root: u8, refs: &[u8]) -> Outcome {
@@ -655,8 +732,15 @@ mod tests {
             Command::GcCondemn { tenant: T.into(), ids, as_of_seq, pass }
         }
 
+        /// What a cluster pass sweeps: the condemned chunks but the bases of deltas.
         fn sweep_condemned(&mut self) -> Outcome {
-            let ids = condemned_page(&self.cat, T, None, usize::MAX).unwrap().into_iter().map(|(id, _)| id).collect();
+            let kept = delta_bases(&self.cat, T).unwrap();
+            let ids = condemned_page(&self.cat, T, None, usize::MAX)
+                .unwrap()
+                .into_iter()
+                .map(|(id, _)| id)
+                .filter(|id| kept.binary_search(id).is_err())
+                .collect();
             self.run(&Command::GcSweep { tenant: T.into(), ids })
         }
 
@@ -715,7 +799,7 @@ mod tests {
     }
 
     #[test]
-    fn a_commit_keeps_the_bases_of_its_deltas_and_a_swept_base_is_missing() {
+    fn a_commit_keeps_the_bases_of_its_deltas_and_gc_takes_a_base_after_its_last_delta() {
         let mut w = World::default();
         let up = w.upload(&[1, 2]);
         w.run(&up);
@@ -726,29 +810,70 @@ mod tests {
         // A snapshot referencing only the deltas keeps their bases too.
         let s1 = w.commit("s1", 9, &[9]);
         assert!(matches!(&s1, Outcome::Committed(s) if s.chunks == 2 && s.stored_bytes == 109 + 101), "{s1:?}");
+        // 2 and 10 are garbage, but 2 is the base of a delta the index holds: 10 goes first.
         let mark = w.mark(1);
-        assert_eq!(w.run(&mark), Outcome::Collected { chunks: 2, bytes: 102 + 110 });
+        assert_eq!(w.run(&mark), Outcome::Collected { chunks: 1, bytes: 110 });
         assert!(index_entry(&w.cat, T, &id(1)).unwrap().is_some(), "a base a snapshot needs was condemned");
-        // 2 and 10 are swept, with the record of 10's base.
-        assert_eq!(w.sweep_condemned(), Outcome::Collected { chunks: 2, bytes: 102 + 110 });
-        assert!(w.cat.get(&base_key(T, &id(10))).unwrap().is_none());
-        // Forgotten, then collected: the delta and its base go together.
-        w.run(&Command::Forget { tenant: T.into(), snapshot_id: "s1".into() });
+        assert!(index_entry(&w.cat, T, &id(2)).unwrap().is_some(), "the base of an indexed delta was condemned");
+        assert_eq!(w.sweep_condemned(), Outcome::Collected { chunks: 1, bytes: 110 });
+        assert!(w.cat.get(&base_key(T, &id(10))).unwrap().is_none(), "the record of 10's base is swept with it");
+        // Its last delta gone, the base is collected by the next pass.
         let mark = w.mark(2);
-        assert_eq!(w.run(&mark), Outcome::Collected { chunks: 2, bytes: 101 + 109 });
-        // A backup told 9 exists commits it: its base comes back from condemnation with it.
+        assert_eq!(w.run(&mark), Outcome::Collected { chunks: 1, bytes: 102 });
+        assert_eq!(w.sweep_condemned(), Outcome::Collected { chunks: 1, bytes: 102 });
+        // Forgotten: the delta is condemned, its base kept while the delta may come back.
+        w.run(&Command::Forget { tenant: T.into(), snapshot_id: "s1".into() });
+        let mark = w.mark(3);
+        assert_eq!(w.run(&mark), Outcome::Collected { chunks: 1, bytes: 109 });
+        assert!(index_entry(&w.cat, T, &id(1)).unwrap().is_some());
+        // A backup told 9 exists commits it: it comes back from condemnation, its base with it.
         assert!(matches!(w.commit("s2", 9, &[9]), Outcome::Committed(s) if s.chunks == 2));
         assert!(index_entry(&w.cat, T, &id(1)).unwrap().is_some());
         w.check().unwrap();
-        // A delta whose base was swept cannot be committed: the base is missing.
+        // Before `IndexChunksV4` a delta was indexed on a swept base, and no commit of it could
+        // pass; now it is refused, to be sent again whole.
         let up = w.upload(&[3]);
         w.run(&up);
-        let mark = w.mark(3);
+        let mark = w.mark(5);
         w.run(&mark);
         w.sweep_condemned();
-        let up = w.upload_deltas(&[11]);
-        w.run(&up);
+        let Command::IndexChunksV4 { tenant, chunks, sweep_seq, bases } = w.upload_deltas(&[11]) else {
+            unreachable!()
+        };
+        let old = Command::IndexChunksV3 { tenant, chunks, sweep_seq, bases };
+        w.run(&old);
         assert_eq!(w.commit("s3", 11, &[11]), Outcome::Missing(vec![id(3)]));
+        let Command::IndexChunksV4 { tenant, chunks, sweep_seq, .. } = w.upload_deltas(&[27]) else { unreachable!() };
+        let up = Command::IndexChunksV4 { tenant, chunks, sweep_seq, bases: vec![(id(27), id(3))] };
+        assert_eq!(w.run(&up), Outcome::Indexed { refused: vec![], base_gone: vec![id(27)] });
+        assert!(index_entry(&w.cat, T, &id(27)).unwrap().is_none());
+        assert!(w.cat.get(&base_key(T, &id(27))).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_delta_on_a_condemned_base_puts_it_back_and_one_on_a_base_in_the_same_upload_is_indexed() {
+        let mut w = World::default();
+        let up = w.upload(&[1, 2]);
+        w.run(&up);
+        let mark = w.mark(1);
+        assert_eq!(w.run(&mark), Outcome::Collected { chunks: 2, bytes: 101 + 102 });
+        // 9 on 1 (condemned): 1 is put back, with its count and bytes.
+        let up = w.upload_deltas(&[9]);
+        assert_eq!(w.run(&up), Outcome::Done);
+        assert!(index_entry(&w.cat, T, &id(1)).unwrap().is_some());
+        assert!(w.cat.get(&condemned_key(T, &id(1))).unwrap().is_none());
+        // A sweep proposed before that upload takes only 2.
+        assert_eq!(
+            w.run(&Command::GcSweep { tenant: T.into(), ids: vec![id(1), id(2)] }),
+            Outcome::Collected { chunks: 1, bytes: 102 }
+        );
+        // 11 on 3, both in one upload.
+        let up = w.upload_deltas(&[3, 11]);
+        assert_eq!(w.run(&up), Outcome::Done);
+        assert!(index_entry(&w.cat, T, &id(11)).unwrap().is_some());
+        assert_eq!(super::super::stats(&w.cat).unwrap().chunks, 4);
+        assert_eq!(usage(&w.cat, T).unwrap(), 101 + 103 + 109 + 111);
+        w.check().unwrap();
     }
 
     #[test]
@@ -763,7 +888,7 @@ mod tests {
         // ...then 5 is swept before its index entry is applied.
         w.sweep_condemned();
         assert!(!w.held.contains(&id(5)));
-        assert_eq!(w.run(&late), Outcome::Indexed { refused: vec![id(5)] });
+        assert_eq!(w.run(&late), Outcome::Indexed { refused: vec![id(5)], base_gone: vec![] });
         assert!(index_entry(&w.cat, T, &id(5)).unwrap().is_none(), "an entry with no copy behind it");
         // Stored again after the sweep: indexed.
         let again = w.upload(&[5]);
@@ -800,7 +925,11 @@ mod tests {
         assert_eq!(w.cat.0.keys().filter(|k| k[0] == b'x').count() as u64, SWEEP_RECORDS_KEPT);
         w.held.insert(id(200));
         let old = Command::IndexChunksV2 { tenant: T.into(), chunks: vec![(id(200), entry(200))], sweep_seq: 2 };
-        assert_eq!(w.run(&old), Outcome::Indexed { refused: vec![id(200)] }, "cannot be checked: refused");
+        assert_eq!(
+            w.run(&old),
+            Outcome::Indexed { refused: vec![id(200)], base_gone: vec![] },
+            "cannot be checked: refused"
+        );
         let recent = Command::IndexChunksV2 { tenant: T.into(), chunks: vec![(id(200), entry(200))], sweep_seq: 3 };
         assert_eq!(w.run(&recent), Outcome::Done);
     }

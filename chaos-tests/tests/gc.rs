@@ -120,6 +120,16 @@ fn forgotten_snapshots_are_collected_on_every_node_and_the_rest_restores_from_on
     }
     let again = json(&ok(gc(&w, &nodes[0], "admin", &[])));
     assert_eq!(again["cluster"]["condemned_chunks"], 0, "nothing left to collect: {again}");
+    // Every node's `cluster status` shows the last pass (it is in the catalog), by its number.
+    let status = w.cluster_status(&nodes[2]).expect("cluster status");
+    assert_eq!(status["gc"]["last"]["pass"], again["cluster"]["pass"], "{status}");
+    assert_eq!(status["gc"]["last"]["node"], "n1", "{status}");
+    assert_eq!(status["gc"]["grace_passes"], 0, "{status}");
+    let text = ok(run(Command::new(bin("exclave-replicator"))
+        .args(["cluster", "status", "--node", &nodes[1].addr.to_string(), "--pki"])
+        .arg(w.pki())));
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert!(text.contains(&format!("garbage collection: pass {} by n1 ended", again["cluster"]["pass"])), "{text}");
 
     // n2 alone restores what is kept, byte for byte, and its scrub finds every chunk whole.
     nodes[0].stop().expect("n1 stopped");

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use exclave::client::{NodeClient, connect_any};
-use exclave::protocol::{MemberReport, MemberStatus, Reply, Request};
+use exclave::protocol::{GcStatus, MemberReport, MemberStatus, Reply, Request};
 use exclave::transport::TlsIdentity;
 
 #[derive(Subcommand)]
@@ -75,11 +75,21 @@ pub async fn run(cmd: ClusterCmd) -> Result<()> {
         ClusterCmd::Status { conn, json } => {
             let client = conn.connect().await?;
             let members = status(&client).await?;
+            // A node of an older version does not know the request: no GC line then.
+            let gc = match client.call(&[Request::GcStatus]).await {
+                Ok(Reply::GcStatus(g)) => Some(g),
+                _ => None,
+            };
             client.close().await;
             if json {
-                println!("{}", serde_json::to_string_pretty(&status_json(&members))?);
+                let mut v = status_json(&members);
+                v["gc"] = serde_json::to_value(&gc).unwrap_or_default();
+                println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 print_status(&members);
+                if let Some(g) = &gc {
+                    println!("{}", gc_line(g, exclave::pki::now_secs()));
+                }
             }
             Ok(())
         }
@@ -263,5 +273,76 @@ fn print_status(members: &[MemberReport]) {
                 m.name, s.unrepairable, m.addr
             );
         }
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+}
+
+fn ago(secs: i64) -> String {
+    match secs.max(0) {
+        s if s < 120 => format!("{s} s ago"),
+        s if s < 7200 => format!("{} min ago", s / 60),
+        s if s < 172_800 => format!("{} h ago", s / 3600),
+        s => format!("{} days ago", s / 86_400),
+    }
+}
+
+/// One line on garbage collection for `cluster status`: the last pass and the schedule.
+fn gc_line(g: &GcStatus, now: i64) -> String {
+    let schedule = match g.interval_secs {
+        Some(s) => format!("every {:.1} h", s as f64 / 3600.0),
+        None => "only when asked".into(),
+    };
+    let running = if g.running { "; a pass is running now" } else { "" };
+    match &g.last {
+        None => format!("garbage collection: no pass yet ({schedule}, grace {} passes){running}", g.grace_passes),
+        Some(r) => format!(
+            "garbage collection: pass {} by {} ended {}: {} chunks examined, {} condemned ({}), {} swept ({}), \
+             {} waiting for their grace ({}); {schedule}, grace {} passes{running}",
+            r.pass,
+            r.node,
+            ago(now - r.finished),
+            r.examined,
+            r.condemned_chunks,
+            mib(r.condemned_bytes),
+            r.swept_chunks,
+            mib(r.swept_bytes),
+            r.pending_chunks,
+            mib(r.pending_bytes),
+            g.grace_passes
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use exclave::protocol::GcReport;
+
+    #[test]
+    fn the_gc_line_says_what_the_last_pass_did_and_when() {
+        let never = GcStatus { last: None, running: false, interval_secs: None, grace_passes: 1 };
+        assert_eq!(gc_line(&never, 0), "garbage collection: no pass yet (only when asked, grace 1 passes)");
+        let r = GcReport {
+            pass: 7,
+            node: "n2".into(),
+            finished: 1000,
+            examined: 50,
+            condemned_chunks: 3,
+            condemned_bytes: 3 << 20,
+            swept_chunks: 2,
+            swept_bytes: 1 << 19,
+            pending_chunks: 3,
+            pending_bytes: 3 << 20,
+            ..Default::default()
+        };
+        let g = GcStatus { last: Some(r), running: true, interval_secs: Some(86_400), grace_passes: 1 };
+        assert_eq!(
+            gc_line(&g, 1000 + 3 * 3600),
+            "garbage collection: pass 7 by n2 ended 3 h ago: 50 chunks examined, 3 condemned (3.0 MiB), \
+             2 swept (0.5 MiB), 3 waiting for their grace (3.0 MiB); every 24.0 h, grace 1 passes; a pass is running now"
+        );
     }
 }

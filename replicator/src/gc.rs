@@ -134,6 +134,11 @@ impl Collector {
         }
     }
 
+    /// Whether a pass (the cluster's or this node's own) is running here now.
+    pub fn is_running(&self) -> bool {
+        self.running.try_lock().is_err()
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }

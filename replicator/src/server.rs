@@ -793,6 +793,17 @@ async fn dispatch(
             })?;
             Ok(Reply::Gc(result))
         }
+        Request::GcStatus => {
+            authorise(identity, Permission::Operate, "gc_status")?;
+            let last = blocking(move || Ok(catalog::gc::state(&store.catalog()?)?.last)).await?;
+            let gc = &node.gc;
+            Ok(Reply::GcStatus(exclave::protocol::GcStatus {
+                last,
+                running: gc.is_running(),
+                interval_secs: gc.settings.interval.map(|d| d.as_secs()),
+                grace_passes: gc.settings.grace_passes,
+            }))
+        }
         Request::Scrub { wait } => {
             authorise(identity, Permission::Administer, "scrub")?;
             let target = node.scrub.request();

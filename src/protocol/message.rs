@@ -237,6 +237,8 @@ pub enum Request {
         tenant: Option<String>,
         after: u64,
     },
+    /// Garbage collection as the answering node sees it (operators) → `GcStatus`.
+    GcStatus,
 }
 
 impl Request {
@@ -280,6 +282,7 @@ impl Request {
             Request::SetHold { .. } => "set_hold",
             Request::Audit { .. } => "audit",
             Request::History { .. } => "history",
+            Request::GcStatus => "gc_status",
         }
     }
 }
@@ -387,6 +390,7 @@ pub enum Reply {
         events: Vec<HistoryEvent>,
         head: HistoryHead,
     },
+    GcStatus(GcStatus),
 }
 
 /// Most history events in one reply.
@@ -586,6 +590,19 @@ pub struct ReclaimReport {
 pub struct GcResult {
     pub cluster: GcReport,
     pub local: ReclaimReport,
+}
+
+/// The answer to `GcStatus`: the cluster's last pass (the same on every node: it is in the
+/// catalog) and this node's schedule.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcStatus {
+    /// The last pass recorded as done (`None`: never).
+    pub last: Option<GcReport>,
+    /// A pass is running on this node now.
+    pub running: bool,
+    /// Seconds between passes this node runs when it leads (`None`: only when asked).
+    pub interval_secs: Option<u64>,
+    pub grace_passes: u64,
 }
 
 /// What a restore drill proved, as the cluster keeps it.

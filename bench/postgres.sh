@@ -19,8 +19,9 @@
 #    base backup: restore, replay every archived WAL file, promote, read every table back;
 #    (b) `pgbackrest restore` + server start until promoted; (d) `exclave-restore pitr` +
 #    server start until promoted (restore_command wal-fetch, prefetching); (c) a drill of the
-#    logical dump (pg_restore into a scratch server, facts compared). Skipped when pgbackrest
-#    is missing.
+#    logical dump (pg_restore into a scratch server, facts compared); (e) a second base backup
+#    by each after that load (pgBackRest `--type=incr`; Exclave's deduplicates and sends deltas):
+#    time and bytes. Skipped when pgbackrest is missing.
 set -euo pipefail
 
 die() { echo "error: $*" >&2; exit 1; }
@@ -215,7 +216,17 @@ CONF
   # (c) The logical dump of day 2.
   "$B/exclave-restore" drill --node 127.0.0.1:$NODE_PORT --pki "$W/pki" --identity dr --key-file "$W/lux.key" \
     --source bench --scratch "$W/scratch" --no-record --json >"$W/drill-dump.json" || true
-  DRILL="$W/base.json $EX_BACKUP_SECS $BR_BACKUP_SECS $BR_BYTES $W/drill-pitr.json $BR_RTO $BR_HISTORY $HISTORY $W/drill-dump.json $EX_RTO $EX_HISTORY $EX_SPOOLED"
+  # (e) Second base backups, after the drill's load: pgBackRest incremental (changed files
+  #     whole) against Exclave's (unchanged chunks deduplicated, changed ones as deltas on the
+  #     first backup's chunks, from the delta cache).
+  t0=$(date +%s.%N)
+  "${BR[@]}" backup --type=incr
+  BR2_SECS=$(python3 -c "print($(date +%s.%N) - $t0)")
+  BR2_BYTES=$(($(du -sb "$W/pgbr/backup" | cut -f1) - BR_BYTES))
+  t0=$(date +%s.%N)
+  "$B/exclave-agent" backup --config "$W/agent.toml" --source pg --postgres "$PG_CONN_ADMIN" --pg-base --pg-bin "$PGBIN" --json >"$W/base2.json"
+  EX2_SECS=$(python3 -c "print($(date +%s.%N) - $t0)")
+  DRILL="$W/base.json $EX_BACKUP_SECS $BR_BACKUP_SECS $BR_BYTES $W/drill-pitr.json $BR_RTO $BR_HISTORY $HISTORY $W/drill-dump.json $EX_RTO $EX_HISTORY $EX_SPOOLED $W/base2.json $EX2_SECS $BR2_SECS $BR2_BYTES"
 fi
 
 step "results"
@@ -242,6 +253,7 @@ if [ -n "$DRILL" ]; then
   python3 - $DRILL <<'PY'
 import json, sys
 base, ex_secs, br_secs, br_bytes, pitr, br_rto, br_hist, hist, dump, ex_rto, ex_hist, spooled = sys.argv[1:13]
+base2, ex2_secs, br2_secs, br2_bytes = json.load(open(sys.argv[13])), float(sys.argv[14]), float(sys.argv[15]), int(sys.argv[16])
 base, pitr, dump = json.load(open(base)), json.load(open(pitr)), json.load(open(dump))
 mib = lambda b: b / 1048576
 ex_secs, br_secs, br_rto = float(ex_secs), float(br_secs), float(br_rto)
@@ -262,5 +274,9 @@ phases = ", ".join("%s %.1f s" % (p["name"], p["secs"]) for p in dump["phases"])
 print(f"PITR restore     exclave-restore pitr + start until promoted {float(ex_rto):.1f} s ({spooled} segments served from the "
       f"prefetch spool); pgbench_history {ex_hist} of {hist}; ratio (pgbackrest / exclave) {br_rto / float(ex_rto):.2f}")
 print(f"logical drill    exclave {dump['verdict']}: RTO {dump['rto_secs']:.1f} s ({phases})")
+print(f"second base      exclave {ex2_secs:.1f} s, stored {mib(base2.get('uploaded_bytes', 0)):.1f} MiB "
+      f"({base2.get('delta_chunks', 0)} chunks as deltas, {mib(base2.get('delta_bytes', 0)):.2f} MiB); "
+      f"pgbackrest incr {br2_secs:.1f} s, repository +{mib(br2_bytes):.1f} MiB "
+      f"(bytes ratio exclave / pgbackrest {base2.get('uploaded_bytes', 0) / max(br2_bytes, 1):.2f})")
 PY
 fi

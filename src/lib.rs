@@ -15,6 +15,7 @@ pub mod identity;
 pub mod keys;
 pub mod logging;
 pub mod manifest;
+pub mod memory;
 pub mod pki;
 pub mod protocol;
 pub mod retention;

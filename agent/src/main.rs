@@ -185,6 +185,7 @@ pub struct ConnArgs {
 }
 
 fn main() {
+    exclave::memory::limit_malloc_arenas();
     let cli = Cli::parse();
     // The daemon says what it does; one-shot commands only warn.
     exclave::logging::init(if matches!(cli.cmd, Cmd::Run { .. }) { "info" } else { "warn" });

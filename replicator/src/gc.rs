@@ -560,10 +560,12 @@ fn rewrite_pack(store: &Store, id: u32, list: &[(String, ChunkId, Location)]) ->
 }
 
 /// Worker: the leader runs a cluster pass every `interval`; every node reclaims its space
-/// after each pass (and after sweeps it applies), until `stop` turns true.
+/// after each pass (and after sweeps it applies, once they stop coming), until `stop` turns
+/// true.
 pub async fn worker(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
     let gc = node.gc.clone();
     let started = now_secs();
+    let mut sweeps_seen = 0u64;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
@@ -602,9 +604,12 @@ pub async fn worker(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
             if gc.run_local(&node, true).await.is_ok() {
                 gc.state().local_after_pass = st.pass;
             }
-        } else if st.sweep_seq > after_sweep {
+        } else if st.sweep_seq > after_sweep && st.sweep_seq == sweeps_seen {
+            // Not while a pass is still sweeping (a sweep every second or so): rewriting packs
+            // that the next sweeps empty would copy records only to delete them.
             let _ = gc.run_local(&node, false).await;
         }
+        sweeps_seen = st.sweep_seq;
     }
 }
 

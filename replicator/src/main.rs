@@ -103,6 +103,7 @@ struct StatusArgs {
 }
 
 fn main() {
+    exclave::memory::limit_malloc_arenas();
     let cli = Cli::parse();
     exclave::logging::init("info,quinn=warn,rustls=warn");
     let code = match run(cli) {

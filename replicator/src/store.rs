@@ -284,6 +284,9 @@ pub struct Store {
     ballast_released: std::sync::atomic::AtomicBool,
 }
 
+/// Memory all column families' memtables may hold together before the largest is flushed.
+const MEMTABLE_BUDGET: usize = 128 << 20;
+
 /// Options of the column families asked "is this chunk id here?" for every chunk an agent
 /// offers (most answers are no): Bloom filters in the memtable and in every table file, so a
 /// miss costs a few hash probes instead of a skip-list or block search.
@@ -329,6 +332,9 @@ impl Store {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_max_background_jobs(2);
+        // One budget for the memtables of every family (each would otherwise take up to
+        // 2 x 64 MiB): a GC pass writes to the chunk index, the catalog and the Raft log at once.
+        opts.set_db_write_buffer_size(MEMTABLE_BUDGET);
         let existing = DB::list_cf(&opts, path).unwrap_or_default();
         let mut cfs = vec![
             ColumnFamilyDescriptor::new(CF_INDEX, lookups()),

@@ -334,6 +334,7 @@ struct Out {
 }
 
 fn main() {
+    exclave::memory::limit_malloc_arenas();
     let cli = Cli::parse();
     exclave::logging::init(if matches!(cli.cmd, Cmd::Run { .. }) { "info" } else { "warn" });
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

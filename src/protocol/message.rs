@@ -18,7 +18,7 @@
 //!   once the configuration change is applied (admin only); `ReadBarrier` → `Ok` once this
 //!   node has applied everything the leader had committed when it was asked; `Revoke` → `Ok`
 //!   once the revocation is committed (admin only); `Certificates` → `Certificates`;
-//!   `Gc` → `Gc` once a garbage-collection pass is done (admin only).
+//!   `Gc` → `Gc` once a garbage-collection pass is done (admin only); `GcStatus` → `GcStatus`.
 //!
 //! Enum variants are only ever appended, never reordered: postcard encodes the index.
 

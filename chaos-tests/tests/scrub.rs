@@ -1,7 +1,7 @@
 //! Scrub and repair with real nodes: a byte flipped in one node's stored data is found by a
 //! scrub pass and replaced from a peer, after which that node alone restores byte for byte; a
 //! chunk damaged on every node is reported unrepairable, naming the snapshot that needs it; a
-//! non-admin cannot start a scrub.
+//! non-admin cannot start a scrub; a pass killed part way resumes where it was.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -97,4 +97,40 @@ fn a_chunk_damaged_on_every_node_is_reported_unrepairable_with_its_snapshots() {
         .args(["cluster", "status", "--node", &nodes[0].addr.to_string(), "--pki"])
         .arg(w.pki())));
     assert!(stdout(&table).contains("ERROR: n1: 1 chunk(s) damaged that no peer could replace"), "{}", stdout(&table));
+}
+
+/// A pass killed after its first page of 1024 chunks resumes from its cursor when the node
+/// comes back, checks only what was left, and the next pass checks everything again.
+#[test]
+fn a_scrub_pass_killed_part_way_resumes_where_it_was() {
+    let w = World::new();
+    let mut node = w.start_node_with("n1", &w.path("n1"), free_port(), &["--scrub-interval-hours", "0"]);
+    // Three pages of chunks (tiny ones, through the real protocol).
+    ok(run(Command::new(bin("exclave-scale-load"))
+        .arg(node.addr.to_string())
+        .arg(w.pki())
+        .args(["rnpp", "3000", "1", "3000"])));
+    node.restart_with_env(&[("EXCLAVE_TEST_CRASH_AT", "scrub-page")]);
+    let out = scrub(&w, &node, "admin");
+    assert!(!out.status.success(), "the node dies after its first page");
+    assert!(node.wait_dead(std::time::Duration::from_secs(20)), "{}", node.log_text());
+    assert!(node.log_text().contains("EXCLAVE_TEST_CRASH_AT=scrub-page"), "{}", node.log_text());
+
+    node.env.clear();
+    node.restart();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !node.log_text().contains("scrub pass complete") {
+        assert!(std::time::Instant::now() < deadline, "the resumed pass never completed:\n{}", node.log_text());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(node.log_text().contains("scrub pass resumed where it was interrupted"), "{}", node.log_text());
+    // The resumed pass checked what was after the first page; a pass asked now checks all.
+    let log = node.log_text();
+    let line = log.lines().find(|l| l.contains("scrub pass complete")).unwrap();
+    let resumed: u64 = line.split("chunks=").nth(1).and_then(|r| r.split(' ').next()).unwrap().parse().unwrap();
+    let full = json(&ok(scrub(&w, &node, "admin")));
+    let all = full["last"]["chunks"].as_u64().unwrap();
+    assert!(all >= 3000, "{full}");
+    assert_eq!(resumed, all - 1024, "the resumed pass began after the first page: {line}");
+    assert_eq!(full["last"]["corrupt"], 0, "{full}");
 }

@@ -242,6 +242,7 @@ async fn pass(
         }
         let Some(last) = last else { break };
         node.store.meta_put(CURSOR, &last)?;
+        crate::test_hooks::crash_point("scrub-page");
         cursor = Some(last);
         // Rate limit: no faster than `bytes_per_s` on average since this run of the pass began.
         bytes_this_run += bytes;

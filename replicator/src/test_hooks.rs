@@ -8,7 +8,8 @@
 //!   pass's first sweep), `gc-copied` (live records of a pack copied, locations not yet
 //!   repointed), `gc-before-delete` (repointed, the old pack not yet deleted; see `gc`),
 //!   `get-chunks:N` (on its Nth chunk-fetch request: a node dying in the middle of a
-//!   restore), `put-chunks:N` (on its Nth chunk upload: in the middle of a backup).
+//!   restore), `put-chunks:N` (on its Nth chunk upload: in the middle of a backup),
+//!   `scrub-page` (a scrub pass's cursor saved after its first page, see `scrub`).
 //! - `EXCLAVE_TEST_SNAPSHOT_PAGE_BYTES=N` makes snapshot pages N bytes, so that a small
 //!   catalog travels in many pages.
 

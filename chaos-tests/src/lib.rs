@@ -724,6 +724,25 @@ pub fn mount_tmpfs(dir: &Path, opts: &str) {
     assert!(st.success(), "mounting a tmpfs needs root (CI runs as root)");
 }
 
+/// Spawns an agent command with a hold test hook (`EXCLAVE_TEST_HOLD_COMMIT` or
+/// `EXCLAVE_TEST_HOLD_UPLOAD`, see the agent's `backup::test_hold`) pointing at `hold`, and
+/// waits until it is held there; writing `hold` releases it.
+pub fn spawn_held(cmd: &mut Command, hook: &str, hold: &Path) -> Child {
+    let child = cmd
+        .env(hook, hold)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("agent spawned");
+    let waiting = PathBuf::from(format!("{}.waiting", hold.display()));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !waiting.exists() {
+        assert!(Instant::now() < deadline, "the agent never reached its hold ({hook})");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
 /// Unmounts its directory (lazily) when dropped.
 pub struct Unmount(pub PathBuf);
 

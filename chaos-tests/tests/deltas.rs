@@ -163,25 +163,18 @@ fn deltas_whose_base_was_swept_while_the_backup_ran_are_sent_again_whole() {
 
     register(&src, 1, None);
     let hold = w.path("hold");
-    let child = Command::new(bin("exclave-agent"))
-        .args(["backup", "--json", "--node", &node.addr.to_string(), "--pki"])
-        .arg(w.pki())
-        .args(["--identity", "rnpp", "--key-file"])
-        .arg(w.path("lux.key"))
-        .args(["--source", "reg", "--delta-cache"])
-        .arg(&cache)
-        .arg(&src)
-        .env("EXCLAVE_TEST_HOLD_UPLOAD", &hold)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let waiting = std::path::PathBuf::from(format!("{}.waiting", hold.display()));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !waiting.exists() {
-        assert!(std::time::Instant::now() < deadline, "the backup never reached its first upload");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let child = spawn_held(
+        Command::new(bin("exclave-agent"))
+            .args(["backup", "--json", "--node", &node.addr.to_string(), "--pki"])
+            .arg(w.pki())
+            .args(["--identity", "rnpp", "--key-file"])
+            .arg(w.path("lux.key"))
+            .args(["--source", "reg", "--delta-cache"])
+            .arg(&cache)
+            .arg(&src),
+        "EXCLAVE_TEST_HOLD_UPLOAD",
+        &hold,
+    );
     // The bases were there when the backup asked; now they are swept.
     let gc = json(&ok(run(Command::new(bin("exclave-replicator"))
         .args(["gc", "--json", "--node", &node.addr.to_string(), "--identity", "admin", "--pki"])

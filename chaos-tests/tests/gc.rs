@@ -146,24 +146,17 @@ fn forgotten_snapshots_are_collected_on_every_node_and_the_rest_restores_from_on
 /// and the release file.
 fn held_backup(w: &World, node: &Node, tree: &Path, name: &str) -> (std::process::Child, std::path::PathBuf) {
     let hold = w.path(name);
-    let child = Command::new(bin("exclave-agent"))
-        .args(["backup", "--json", "--node", &node.addr.to_string(), "--pki"])
-        .arg(w.pki())
-        .args(["--identity", "rnpp", "--key-file"])
-        .arg(w.path("lux.key"))
-        .args(["--source", "rnpp"])
-        .arg(tree)
-        .env("EXCLAVE_TEST_HOLD_COMMIT", &hold)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let waiting = std::path::PathBuf::from(format!("{}.waiting", hold.display()));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !waiting.exists() {
-        assert!(Instant::now() < deadline, "the backup never reached its commit");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let child = spawn_held(
+        Command::new(bin("exclave-agent"))
+            .args(["backup", "--json", "--node", &node.addr.to_string(), "--pki"])
+            .arg(w.pki())
+            .args(["--identity", "rnpp", "--key-file"])
+            .arg(w.path("lux.key"))
+            .args(["--source", "rnpp"])
+            .arg(tree),
+        "EXCLAVE_TEST_HOLD_COMMIT",
+        &hold,
+    );
     (child, hold)
 }
 

@@ -11,6 +11,8 @@ use exclave::client::{NodeClient, connect_any};
 use exclave::protocol::{GcStatus, MemberReport, MemberStatus, Reply, Request};
 use exclave::transport::TlsIdentity;
 
+use crate::gc_cmd::mib;
+
 #[derive(Subcommand)]
 pub enum ClusterCmd {
     /// Every member's role, term, commit and applied index, backfill and last contact.
@@ -274,10 +276,6 @@ fn print_status(members: &[MemberReport]) {
             );
         }
     }
-}
-
-fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
 }
 
 fn ago(secs: i64) -> String {

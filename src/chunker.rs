@@ -1,9 +1,10 @@
 //! Content-defined chunking (FastCDC 2020), push-style.
 //!
-//! The chunker owns no reader: callers push bytes as they arrive and receive every complete
-//! chunk through a callback, then call `finish` for the tail. This keeps it free of I/O, lets
-//! the same code cut files, database dumps and the manifest stream, and bounds its memory to
-//! one `max` chunk.
+//! The chunker owns no reader: callers push bytes as they arrive (or let it read once from a
+//! reader they hold, straight into its window, saving a copy) and receive every complete
+//! chunk through a callback, then call `finish` for the tail. This lets the same code cut
+//! files, database dumps and the manifest stream, and bounds its memory to a window of two
+//! `max` chunks and 1 MiB.
 //!
 //! The sizes are chosen per source and recorded in the snapshot manifest, so a change of
 //! setting never breaks restore (restore never re-chunks; it only follows chunk lists).
@@ -71,66 +72,123 @@ pub struct Chunker {
     params: ChunkerParams,
     mask_s: u64,
     mask_l: u64,
+    /// Fixed-size window; the bytes not yet emitted are `buf[start..end]`, always fewer than
+    /// `max` between calls.
     buf: Vec<u8>,
     /// Start of the not-yet-emitted bytes in `buf`; compacted lazily to avoid a memmove per chunk.
     start: usize,
+    end: usize,
 }
+
+/// Room `read_from` reads into at once, beyond one `max` chunk.
+const READ_ROOM: usize = 1 << 20;
 
 impl Chunker {
     pub fn new(params: ChunkerParams) -> Result<Self, ParamsError> {
         params.validate()?;
         let (mask_s, mask_l) = v2020::select_masks(params.avg_size as usize, Normalization::Level1);
-        Ok(Chunker { params, mask_s, mask_l, buf: Vec::with_capacity(3 * params.max_size as usize), start: 0 })
+        let size = 2 * params.max_size as usize + READ_ROOM;
+        Ok(Chunker { params, mask_s, mask_l, buf: vec![0; size], start: 0, end: 0 })
     }
 
     /// Feeds bytes; calls `emit` for every chunk that is complete. A chunk is complete once
     /// `max` bytes past its start are known, because a later byte can never move its cut.
     pub fn push(&mut self, mut data: &[u8], emit: &mut impl FnMut(&[u8])) {
-        let max = self.params.max_size as usize;
         while !data.is_empty() {
-            // Invariant here: fewer than `max` bytes are pending.
-            let pending = self.buf.len() - self.start;
-            let take = (max - pending).min(data.len());
-            if self.start >= max {
-                self.buf.drain(..self.start);
-                self.start = 0;
-            }
-            self.buf.extend_from_slice(&data[..take]);
+            let room = self.make_room();
+            let take = room.len().min(data.len());
+            room[..take].copy_from_slice(&data[..take]);
+            self.end += take;
             data = &data[take..];
-            while self.buf.len() - self.start >= max {
-                let cut = self.cut(&self.buf[self.start..]);
-                emit(&self.buf[self.start..self.start + cut]);
-                self.start += cut;
+            self.emit_complete(emit);
+        }
+    }
+
+    /// Reads once from `src` straight into the chunker's window (no copy through a buffer of
+    /// the caller's), shows the bytes read to `seen`, and emits the chunks then complete.
+    /// Returns how many bytes were read: 0 at the end of `src`.
+    ///
+    /// A large read is shown to `seen` on a second thread while this one cuts: cutting and
+    /// a whole-file hash each take a core-bound pass over the bytes, and a lone file (one
+    /// WAL segment) otherwise waits for both in turn.
+    pub fn read_from(
+        &mut self,
+        src: &mut dyn std::io::Read,
+        seen: &mut (impl FnMut(&[u8]) + Send),
+        emit: &mut impl FnMut(&[u8]),
+    ) -> std::io::Result<usize> {
+        self.make_room();
+        let from = self.end;
+        let n = src.read(&mut self.buf[from..])?;
+        self.end += n;
+        if n < PARALLEL_SEEN {
+            seen(&self.buf[from..from + n]);
+            self.emit_complete(emit);
+            return Ok(n);
+        }
+        let (params, mask_s, mask_l, end) = (self.params, self.mask_s, self.mask_l, self.end);
+        let (buf, start) = (&self.buf, &mut self.start);
+        std::thread::scope(|s| {
+            s.spawn(|| seen(&buf[from..end]));
+            while end - *start >= params.max_size as usize {
+                let cut = cut(params, mask_s, mask_l, &buf[*start..end]);
+                emit(&buf[*start..*start + cut]);
+                *start += cut;
             }
+        });
+        Ok(n)
+    }
+
+    /// The free end of the window, after moving the pending bytes to its front if fewer than
+    /// `max` bytes are left free (never empty: pending bytes are fewer than `max`).
+    fn make_room(&mut self) -> &mut [u8] {
+        if self.buf.len() - self.end < self.params.max_size as usize {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        &mut self.buf[self.end..]
+    }
+
+    fn emit_complete(&mut self, emit: &mut impl FnMut(&[u8])) {
+        let max = self.params.max_size as usize;
+        while self.end - self.start >= max {
+            let cut = cut(self.params, self.mask_s, self.mask_l, &self.buf[self.start..self.end]);
+            emit(&self.buf[self.start..self.start + cut]);
+            self.start += cut;
         }
     }
 
     /// Emits what remains (possibly several chunks, the last one short). The chunker is
     /// then empty and can cut the next stream.
     pub fn finish(&mut self, emit: &mut impl FnMut(&[u8])) {
-        while self.start < self.buf.len() {
-            let cut = self.cut(&self.buf[self.start..]);
+        while self.start < self.end {
+            let cut = cut(self.params, self.mask_s, self.mask_l, &self.buf[self.start..self.end]);
             emit(&self.buf[self.start..self.start + cut]);
             self.start += cut;
         }
-        self.buf.clear();
         self.start = 0;
+        self.end = 0;
     }
+}
 
-    fn cut(&self, source: &[u8]) -> usize {
-        let p = self.params;
-        let (_, len) = v2020::cut(
-            source,
-            p.min_size as usize,
-            p.avg_size as usize,
-            p.max_size as usize,
-            self.mask_s,
-            self.mask_l,
-            self.mask_s << 1,
-            self.mask_l << 1,
-        );
-        len.max(1).min(source.len())
-    }
+/// Reads at least this large are shown to `seen` on a second thread (below it, starting the
+/// thread costs more than it saves).
+const PARALLEL_SEEN: usize = 256 * 1024;
+
+/// Length of the first chunk of `source`.
+fn cut(p: ChunkerParams, mask_s: u64, mask_l: u64, source: &[u8]) -> usize {
+    let (_, len) = v2020::cut(
+        source,
+        p.min_size as usize,
+        p.avg_size as usize,
+        p.max_size as usize,
+        mask_s,
+        mask_l,
+        mask_s << 1,
+        mask_l << 1,
+    );
+    len.max(1).min(source.len())
 }
 
 /// Cuts a whole buffer at once (tests, manifests, small inputs).
@@ -210,6 +268,50 @@ mod tests {
             c.finish(&mut emit);
             assert_eq!(got, whole, "step {step}");
         }
+    }
+
+    /// A reader that hands out at most `step` bytes per read.
+    struct Trickle<'a>(&'a [u8], usize);
+    impl std::io::Read for Trickle<'_> {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.1.min(out.len()).min(self.0.len());
+            out[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn reading_straight_into_the_window_cuts_the_same_and_shows_every_byte() {
+        let data = seeded(3_000_000, 13);
+        let whole = chunk_all(SMALL, &data).unwrap();
+        for step in [1usize, 4096, 100_000, 1 << 22] {
+            let mut c = Chunker::new(SMALL).unwrap();
+            let (mut got, mut seen, mut pos) = (Vec::new(), Vec::new(), 0);
+            let mut emit = |ch: &[u8]| {
+                got.push(pos..pos + ch.len());
+                pos += ch.len();
+            };
+            let mut src = Trickle(&data, step);
+            while c.read_from(&mut src, &mut |b: &[u8]| seen.extend_from_slice(b), &mut emit).unwrap() > 0 {}
+            c.finish(&mut emit);
+            assert_eq!(got, whole, "step {step}");
+            assert!(seen == data, "step {step}: the bytes shown differ from those read");
+        }
+        // Pushing and reading mix, and the chunker cuts a second stream after `finish`.
+        let mut c = Chunker::new(SMALL).unwrap();
+        c.push(&data[..1000], &mut |_: &[u8]| {});
+        c.finish(&mut |_: &[u8]| {});
+        let (mut got, mut pos) = (Vec::new(), 0);
+        let mut emit = |ch: &[u8]| {
+            got.push(pos..pos + ch.len());
+            pos += ch.len();
+        };
+        c.push(&data[..50_000], &mut emit);
+        let mut src = Trickle(&data[50_000..], 700_000);
+        while c.read_from(&mut src, &mut |_: &[u8]| {}, &mut emit).unwrap() > 0 {}
+        c.finish(&mut emit);
+        assert_eq!(got, whole);
     }
 
     #[test]

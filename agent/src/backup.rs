@@ -297,11 +297,17 @@ async fn attempt(
     reuse: Option<Arc<exclave::client::NodeClient>>,
 ) -> std::result::Result<Attempt, (Option<SocketAddr>, anyhow::Error)> {
     let chunker: ChunkerParams = r.src.chunker().map_err(|e| (None, e))?;
-    let client = match reuse {
-        Some(c) => c,
-        None => Arc::new(exclave::client::connect_any(nodes, &r.tls).await.map_err(|e| (None, e.into()))?),
+    // The connection is made once the pipeline's reading has started (`pipeline::run`): for a
+    // one-segment `wal-push`, the handshake then costs no time of its own.
+    let connected = std::sync::OnceLock::new();
+    let client = async {
+        let c = match reuse {
+            Some(c) => c,
+            None => Arc::new(exclave::client::connect_any(nodes, &r.tls).await?),
+        };
+        let _ = connected.set(c.addr());
+        Ok(c)
     };
-    let used = Some(client.addr());
     let time = now_secs();
     let mut id = snapshot_id(time);
     // The manifest of a WAL file carries no time or host, so the same file always gives the
@@ -310,10 +316,10 @@ async fn attempt(
     // Preparing may talk to a database with a blocking client: off the async threads.
     let prepared = if let Some(w) = wal {
         let path = w.path;
-        let (name, data) = crate::wal::read(path).map_err(|e| (None, e))?;
+        let (name, file) = crate::wal::open(path).map_err(|e| (None, e))?;
         let name = w.name.map(str::to_string).unwrap_or(name);
         id = exclave::wal::snapshot_id(&r.source, &name).map_err(|e| (None, e.into()))?;
-        source::Prepared { items: vec![Item::Bytes { name, data, mtime: 0 }], hold: Vec::new() }
+        source::Prepared { items: vec![Item::File { name, file, mtime: 0 }], hold: Vec::new() }
     } else {
         let (name, src) = (r.source.clone(), r.src.clone());
         tokio::task::spawn_blocking(move || source::prepare(&name, &src, time))
@@ -351,7 +357,8 @@ async fn attempt(
     };
     let progress =
         (!a.quiet && !a.json && std::io::stderr().is_terminal()).then(|| Progress::start(trees, stats.clone()));
-    let outcome = pipeline::run(client.clone(), r.keys.clone(), plan, stats.clone()).await;
+    let outcome = pipeline::run(client, r.keys.clone(), plan, stats.clone()).await;
+    let used = connected.get().copied();
     // The source's transaction (or staging copy) is released only now that it is read.
     let _ = tokio::task::spawn_blocking(move || drop(hold)).await;
     if let Some(p) = progress {
@@ -360,6 +367,7 @@ async fn attempt(
     let outcome = outcome
         .context("backup failed; nothing was committed (chunks already stored are reused next time)")
         .map_err(|e| (used, e))?;
+    let client = outcome.client;
     let g = |c: &std::sync::atomic::AtomicU64| Stats::get(c);
     let info = SnapshotInfo {
         id: id.clone(),

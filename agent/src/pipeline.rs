@@ -105,6 +105,7 @@ impl Stats {
 }
 
 pub struct Outcome {
+    pub client: Arc<NodeClient>,
     pub root: ChunkId,
     pub refs: RefSpool,
     pub warnings: Vec<String>,
@@ -156,7 +157,15 @@ impl Abort {
     }
 }
 
-pub async fn run(client: Arc<NodeClient>, keys: TenantKeys, plan: Plan, stats: Arc<Stats>) -> Result<Outcome> {
+/// Runs the backup's stages. The connection is awaited only by the stages that talk to the
+/// node, so reading, cutting and sealing start while it is being made (for a one-segment
+/// `wal-push`, the handshake is a tenth of the call).
+pub async fn run(
+    client: impl std::future::Future<Output = Result<Arc<NodeClient>>>,
+    keys: TenantKeys,
+    plan: Plan,
+    stats: Arc<Stats>,
+) -> Result<Outcome> {
     let budget = Arc::new(ByteBudget::new(plan.budget_bytes));
     let (job_tx, job_rx) = async_channel::bounded::<Job>(1024);
     let (seal_tx, seal_rx) = async_channel::bounded::<Job>(1024);
@@ -223,18 +232,6 @@ pub async fn run(client: Arc<NodeClient>, keys: TenantKeys, plan: Plan, stats: A
         })?
     };
 
-    let dedup = {
-        let (client, budget, stats, abort, tx) =
-            (client.clone(), budget.clone(), stats.clone(), abort.clone(), seal_tx);
-        tokio::spawn(async move {
-            let r = dedup_stage(job_rx, &tx, &client, &budget, &stats).await;
-            tx.close();
-            if let Err(e) = r {
-                abort.fail(e);
-            }
-        })
-    };
-
     let mut sealers = Vec::new();
     for i in 0..plan.seal_workers.max(1) {
         let (rx, tx, keys, abort, level, stats, deltas) = (
@@ -253,6 +250,31 @@ pub async fn run(client: Arc<NodeClient>, keys: TenantKeys, plan: Plan, stats: A
         })?);
     }
     drop(seal_rx);
+
+    let client = match client.await {
+        Ok(c) => c,
+        Err(e) => {
+            abort.fail(e);
+            drop(up_tx);
+            let _ = tokio::task::spawn_blocking(move || reader.join()).await;
+            for s in sealers {
+                let _ = tokio::task::spawn_blocking(move || s.join()).await;
+            }
+            return Err(abort.take().unwrap_or_else(|| anyhow!("backup stopped")));
+        }
+    };
+    let dedup = {
+        let (client, budget, stats, abort, tx) =
+            (client.clone(), budget.clone(), stats.clone(), abort.clone(), seal_tx);
+        tokio::spawn(async move {
+            let r = dedup_stage(job_rx, &tx, &client, &budget, &stats).await;
+            tx.close();
+            if let Err(e) = r {
+                abort.fail(e);
+            }
+        })
+    };
+
     drop(up_tx);
 
     let uploader = {
@@ -296,7 +318,7 @@ pub async fn run(client: Arc<NodeClient>, keys: TenantKeys, plan: Plan, stats: A
         return Err(e);
     }
     let (root, refs, warnings) = reader_result.map_err(|_| anyhow!("the reader thread panicked"))??;
-    Ok(Outcome { root, refs, warnings })
+    Ok(Outcome { client, root, refs, warnings })
 }
 
 /// Turns chunks into jobs: id, in-run dedup, budget, reference list.
@@ -340,6 +362,27 @@ impl Dispatcher {
         Ok(ChunkRef { id, len: data.len() as u32 })
     }
 
+    /// Reads once from `src` into the chunker and dispatches each chunk then complete.
+    fn cut_from(
+        &mut self,
+        chunker: &mut Chunker,
+        src: &mut dyn Read,
+        seen: &mut (impl FnMut(&[u8]) + Send),
+        refs: &mut Vec<ChunkRef>,
+    ) -> Result<usize, ReadError> {
+        let mut err = None;
+        let mut emit = |c: &[u8]| {
+            if err.is_none() {
+                match self.dispatch(c, true) {
+                    Ok(r) => refs.push(r),
+                    Err(e) => err = Some(e),
+                }
+            }
+        };
+        let n = chunker.read_from(src, seen, &mut emit).map_err(ReadError::Io)?;
+        err.map_or(Ok(n), |e| Err(ReadError::Stopped(e)))
+    }
+
     /// Cuts `data` (or, with `finish`, the tail) and dispatches each chunk.
     fn cut(&mut self, chunker: &mut Chunker, data: Option<&[u8]>, refs: &mut Vec<ChunkRef>) -> Result<()> {
         let mut err = None;
@@ -359,8 +402,6 @@ impl Dispatcher {
     }
 }
 
-const READ_BLOCK: usize = 1 << 20;
-
 fn read_all(
     items: Vec<Item>,
     params: ChunkerParams,
@@ -379,9 +420,9 @@ fn read_all(
                 }
                 reader.warnings.extend(walk_warnings);
             }
-            Item::Bytes { name, data, mtime } => {
+            Item::File { name, mut file, mtime } => {
                 let entry = Entry { uid: 0, gid: 0, ..own_entry(name.into_bytes(), 0o600, mtime) };
-                reader.stream(entry, &mut data.as_slice())?;
+                reader.stream(entry, &mut file)?;
             }
             Item::Facts { name, mtime, rx } => {
                 let (facts, took) = rx.recv().map_err(|_| anyhow!("the verification facts were never taken"))?;
@@ -440,7 +481,6 @@ fn own_entry(path: Vec<u8>, mode: u32, mtime: i64) -> Entry {
 struct Reader<'a> {
     d: &'a mut Dispatcher,
     chunker: Chunker,
-    buf: Vec<u8>,
     manifest: ManifestWriter,
     pieces: Vec<ChunkRef>,
     pending: Vec<Vec<u8>>,
@@ -452,7 +492,6 @@ impl<'a> Reader<'a> {
         Ok(Reader {
             d,
             chunker: Chunker::new(params)?,
-            buf: vec![0u8; READ_BLOCK],
             manifest: ManifestWriter::new(),
             pieces: Vec::new(),
             pending: Vec::new(),
@@ -467,7 +506,7 @@ impl<'a> Reader<'a> {
             EntryKind::File { size, blake3, chunks } => {
                 self.d.path.clone_from(&item.entry.path);
                 self.d.offset = 0;
-                match read_file(&item.fs_path, &mut self.buf, &mut self.chunker, self.d, chunks) {
+                match read_file(&item.fs_path, &mut self.chunker, self.d, chunks) {
                     Ok((n, h, changed)) => {
                         *size = n;
                         *blake3 = h;
@@ -502,7 +541,7 @@ impl<'a> Reader<'a> {
         let mut chunks = Vec::new();
         self.d.path.clone_from(&entry.path);
         self.d.offset = 0;
-        let (size, hash) = match chunk_stream(src, &mut self.buf, &mut self.chunker, self.d, &mut chunks) {
+        let (size, hash) = match chunk_stream(src, &mut self.chunker, self.d, &mut chunks) {
             Ok(r) => r,
             Err(ReadError::Stopped(e)) => return Err(e),
             Err(ReadError::Io(e)) => return Err(anyhow!(e).context(format!("reading {}", entry.path_lossy()))),
@@ -595,14 +634,13 @@ enum ReadError {
 /// Reads one file through the chunker; returns (size, BLAKE3, changed-while-read).
 fn read_file(
     path: &std::path::Path,
-    buf: &mut [u8],
     chunker: &mut Chunker,
     d: &mut Dispatcher,
     refs: &mut Vec<ChunkRef>,
 ) -> Result<(u64, [u8; 32], bool), ReadError> {
     let mut f = std::fs::File::open(path).map_err(ReadError::Io)?;
     let before = f.metadata().map_err(ReadError::Io)?;
-    let (size, hash) = chunk_stream(&mut f, buf, chunker, d, refs)?;
+    let (size, hash) = chunk_stream(&mut f, chunker, d, refs)?;
     let after = std::fs::metadata(path).ok();
     let changed = size != before.len()
         || after.is_none_or(|a| {
@@ -615,7 +653,6 @@ fn read_file(
 /// Reads `src` to its end through the chunker; returns (size, BLAKE3).
 fn chunk_stream(
     src: &mut dyn Read,
-    buf: &mut [u8],
     chunker: &mut Chunker,
     d: &mut Dispatcher,
     refs: &mut Vec<ChunkRef>,
@@ -623,21 +660,23 @@ fn chunk_stream(
     let mut hasher = blake3::Hasher::new();
     let mut size = 0u64;
     loop {
-        let n = match src.read(buf) {
+        let mut seen = |b: &[u8]| {
+            hasher.update(b);
+        };
+        let n = match d.cut_from(chunker, src, &mut seen, refs) {
             Ok(0) => break,
             Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
+            Err(ReadError::Io(e)) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(ReadError::Io(e)) => {
                 // Drop what was cut of this file so far; its chunks stay unreferenced.
                 chunker.finish(&mut |_| {});
                 refs.clear();
                 return Err(ReadError::Io(e));
             }
+            Err(stopped) => return Err(stopped),
         };
-        hasher.update(&buf[..n]);
         size += n as u64;
         Stats::add(&d.stats.bytes_read, n as u64);
-        d.cut(chunker, Some(&buf[..n]), refs).map_err(ReadError::Stopped)?;
     }
     d.cut(chunker, None, refs).map_err(ReadError::Stopped)?;
     Ok((size, *hasher.finalize().as_bytes()))

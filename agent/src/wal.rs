@@ -7,16 +7,17 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-/// Reads a WAL file whole (a segment is 16 MiB by default).
-pub fn read(path: &Path) -> Result<(String, Vec<u8>)> {
+/// Opens a WAL file (a segment is 16 MiB by default) to be read as it is cut: reading it
+/// whole first cost a fresh `wal-push` ~10 ms of page faults before the first chunk.
+pub fn open(path: &Path) -> Result<(String, std::fs::File)> {
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
         .with_context(|| format!("{} has no file name", path.display()))?
         .to_string();
     exclave::wal::check_file_name(&name)?;
-    let data = std::fs::read(path).with_context(|| format!("reading WAL file {}", path.display()))?;
-    Ok((name, data))
+    let file = std::fs::File::open(path).with_context(|| format!("reading WAL file {}", path.display()))?;
+    Ok((name, file))
 }
 
 /// Pushing ahead (`wal-push --ahead N --spool DIR`): while PostgreSQL's archiver asks for one

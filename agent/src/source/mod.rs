@@ -36,9 +36,10 @@ pub enum Item {
     Output { name: String, child: ChildSpec },
     /// A tar stream on a child's standard output, unpacked into entries under `name/`.
     Tar { name: String, child: ChildSpec },
-    /// One file held in memory, recorded with owner 0 and the given time, so the same
-    /// bytes always give the same manifest entry whoever pushes them (archived WAL).
-    Bytes { name: String, data: Vec<u8>, mtime: i64 },
+    /// One open file, read to its end as it is cut and recorded with owner 0 and the given
+    /// time, so the same bytes always give the same manifest entry whoever pushes them
+    /// (archived WAL).
+    File { name: String, file: std::fs::File, mtime: i64 },
     /// The verification facts, as JSON, once they arrive: they are taken while the dump
     /// streams, so the snapshot costs the longer of the two rather than their sum.
     Facts { name: String, mtime: i64, rx: std::sync::mpsc::Receiver<TakenFacts> },
@@ -48,10 +49,9 @@ impl Item {
     pub fn name(&self) -> &str {
         match self {
             Item::Tree(r) => &r.name,
-            Item::Output { name, .. }
-            | Item::Tar { name, .. }
-            | Item::Bytes { name, .. }
-            | Item::Facts { name, .. } => name,
+            Item::Output { name, .. } | Item::Tar { name, .. } | Item::File { name, .. } | Item::Facts { name, .. } => {
+                name
+            }
         }
     }
 }

@@ -105,7 +105,7 @@ pub async fn fetch_to(
         .prefix(".exclave-wal-")
         .tempdir_in(dir)
         .with_context(|| format!("creating a staging directory in {}", dir.display()))?;
-    let w = writer::Writer::new(Some(staging.path().to_path_buf()), false);
+    let w = writer::Writer::new(Some(staging.path().to_path_buf()), false).not_durable();
     let (_, report) = restore_into(nodes, keys, snap, w, 4).await?;
     if let Some(f) = report.failures.first() {
         bail!("WAL file {name} failed verification: {}", f.error);

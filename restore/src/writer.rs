@@ -47,6 +47,8 @@ pub struct Writer {
     symlinks: HashSet<Vec<u8>>,
     pub report: Report,
     strip: Option<Vec<u8>>,
+    /// Whether `finish` makes what was written durable (see `not_durable`).
+    durable: bool,
 }
 
 struct Current {
@@ -111,7 +113,18 @@ impl Writer {
             symlinks: HashSet::new(),
             report: Report::default(),
             strip: None,
+            durable: true,
         }
+    }
+
+    /// Leaves what is written to the kernel's own writeback: for a WAL file handed to
+    /// PostgreSQL's `restore_command`, which needs it read, not durable (a recovery that
+    /// crashes fetches it again; a spooled copy is checked before it is served). `syncfs`
+    /// flushes the whole file system, so each fetch otherwise waited for every dirty page
+    /// of the machine.
+    pub fn not_durable(mut self) -> Writer {
+        self.durable = false;
+        self
     }
 
     /// Restores the tree under the top-level name `root` into the target itself (a
@@ -172,7 +185,7 @@ impl Writer {
                         if let Some(f) = cur.file.as_mut() {
                             if let Err(e) = f.write_all(&d) {
                                 cur.failed = Some(format!("write failed: {e}"));
-                            } else if cur.written - cur.flushed >= WRITEBACK_STEP {
+                            } else if self.durable && cur.written - cur.flushed >= WRITEBACK_STEP {
                                 start_writeback(f, cur.flushed, cur.written);
                                 cur.flushed = cur.written;
                             }
@@ -233,6 +246,7 @@ impl Writer {
         // A small file's pages are left to the final syncfs: starting writeback of each one
         // is a syscall and a small I/O per file where one flush does them all.
         if let Some(f) = &cur.file
+            && self.durable
             && cur.failed.is_none()
             && cur.written >= WRITEBACK_MIN
         {
@@ -323,7 +337,7 @@ impl Writer {
         for (p, e) in dirs {
             self.apply_metadata(&p, &e);
         }
-        if let Some(t) = &self.target {
+        if let Some(t) = self.target.as_ref().filter(|_| self.durable) {
             let dir = File::open(t).with_context(|| format!("opening {}", t.display()))?;
             nix::unistd::syncfs(&dir).with_context(|| format!("flushing {} to disk", t.display()))?;
         }

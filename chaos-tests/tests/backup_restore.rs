@@ -95,6 +95,29 @@ fn snapshots_lists_each_source() {
 }
 
 #[test]
+fn the_node_is_told_neither_the_host_nor_the_files_and_the_restore_reads_them_from_the_manifest() {
+    let w = World::new();
+    let node = w.start_node("n1");
+    let src = w.path("src");
+    sample_tree(&src, 2, 1 << 20);
+    let s = json(&ok(w.backup(&node, "rnpp", &[&src])));
+    assert!(s["files"].as_u64().unwrap() > 5);
+
+    let listed = json(&ok(run(w.restore_cmd(&node, "snapshots").arg("--json"))));
+    assert_eq!(listed[0]["hostname"], "", "the host's name stays in the encrypted manifest");
+    assert_eq!(listed[0]["files"], 0, "so does the file count");
+    assert_eq!(listed[0]["logical_bytes"], s["bytes_read"], "the size is still known (restore progress, WAL names)");
+    let table = stdout(&ok(run(&mut w.restore_cmd(&node, "snapshots"))));
+    assert!(table.lines().any(|l| l.contains(" - ") && l.trim_end().ends_with("rnpp")), "{table}");
+
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
+    let r = json(&ok(w.restore(&node, "rnpp", "latest", &w.path("restored"))));
+    assert_eq!(r["ok"], true);
+    assert_eq!(r["hostname"], host, "read from the manifest with the key");
+    assert_eq!(r["files"], s["files"]);
+}
+
+#[test]
 fn restore_refuses_a_non_empty_target_unless_overwrite() {
     let w = World::new();
     let node = w.start_node("n1");

@@ -422,20 +422,25 @@ async fn run(cli: Cli) -> Result<i32> {
                 println!("{}", serde_json::to_string_pretty(&list.iter().map(snapshot_json).collect::<Vec<_>>())?);
             } else {
                 println!(
-                    "{:<17} {:<21} {:<16} {:>8} {:>12} {:>12}  agent@host",
+                    "{:<17} {:<21} {:<16} {:>8} {:>12} {:>12}  AGENT",
                     "ID", "TIME (UTC)", "SOURCE", "FILES", "SIZE", "STORED"
                 );
                 for s in &list {
+                    // Snapshots of current agents tell the node neither (they are in the
+                    // encrypted manifest: `restore` and `browse` show them).
+                    let files =
+                        if s.files == 0 && s.hostname.is_empty() { "-".to_string() } else { s.files.to_string() };
+                    let host = if s.hostname.is_empty() { String::new() } else { format!("@{}", s.hostname) };
                     println!(
-                        "{:<17} {:<21} {:<16} {:>8} {:>12} {:>12}  {}@{}",
+                        "{:<17} {:<21} {:<16} {:>8} {:>12} {:>12}  {}{}",
                         s.id,
                         format_time(s.time),
                         s.source,
-                        s.files,
+                        files,
                         human(s.logical_bytes),
                         human(s.stored_bytes),
                         s.agent,
-                        s.hostname
+                        host
                     );
                 }
                 println!("{} snapshot(s)", list.len());
@@ -851,6 +856,7 @@ async fn read_back(
                 "action": verb, "node": node.to_string(), "snapshot": snapshot_json(&snap),
                 "target": target.as_ref().map(|t| t.display().to_string()),
                 "chunker": { "min": header.chunker.min_size, "avg": header.chunker.avg_size, "max": header.chunker.max_size },
+                "hostname": header.hostname,
                 "files": report.files, "dirs": report.dirs, "symlinks": report.symlinks,
                 "bytes": report.bytes, "chunks": report.chunks, "duration_secs": secs,
                 "mb_per_s": report.bytes as f64 / 1e6 / secs, "failures": report.failures,
@@ -869,6 +875,9 @@ async fn read_back(
             format_time(snap.time),
             target.as_ref().map(|t| format!(" into {}", t.display())).unwrap_or_default()
         );
+        if !header.hostname.is_empty() {
+            println!("  taken on   {} by agent {}", header.hostname, snap.agent);
+        }
         println!("  files      {} ({} dirs, {} symlinks)", report.files, report.dirs, report.symlinks);
         println!("  bytes      {}  in {} chunks", human(report.bytes), report.chunks);
         println!("  duration   {secs:.2} s  ({:.1} MB/s)", report.bytes as f64 / 1e6 / secs);

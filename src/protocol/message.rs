@@ -41,6 +41,15 @@ pub struct PutChunk {
 }
 
 /// What the cluster knows of a snapshot, in the clear.
+///
+/// What the embassy learns: only what it needs to keep, order, account for and collect
+/// snapshots (tenant by certificate, `source`, `id`, `time`, `root`, the references, the
+/// sizes it computes itself) and to name a wrong key (`key_fingerprint`). Agents of this
+/// version send `hostname` empty and `files` 0: the host's name is in the encrypted
+/// manifest's header and the files are its entries (older snapshots keep what they sent).
+/// `logical_bytes` stays: a restore sizes its progress by it and `wal-fetch` computes the
+/// next segments' names from a WAL file's size, before any manifest is opened; it tells the
+/// node little its stored bytes do not.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotInfo {
     pub id: String,
@@ -52,7 +61,9 @@ pub struct SnapshotInfo {
     pub key_fingerprint: String,
     /// Name of the agent identity that committed it.
     pub agent: String,
+    /// Empty from agents of this version (see above).
     pub hostname: String,
+    /// 0 from agents of this version (see above).
     pub files: u64,
     /// Plaintext bytes of the source.
     pub logical_bytes: u64,

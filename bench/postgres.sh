@@ -22,6 +22,11 @@
 #    logical dump (pg_restore into a scratch server, facts compared); (e) a second base backup
 #    by each after that load (pgBackRest `--type=incr`; Exclave's deduplicates and sends deltas):
 #    time and bytes. Skipped when pgbackrest is missing.
+# 7. with pgbackrest installed and run as root: bench/wal-latency.sh (one isolated archive and
+#    fetch call, each against pgBackRest's) and bench/wal-archive.sh 60 8 (a backlog drained:
+#    sustained rate, against pgBackRest's archive-push, synchronous and async); SKIP_WAL_BENCH=1
+#    leaves them out. The loss window (RPO) idle and under pgbench against pgBackRest is
+#    bench/wal-stream.sh.
 set -euo pipefail
 
 die() { echo "error: $*" >&2; exit 1; }
@@ -279,4 +284,13 @@ print(f"second base      exclave {ex2_secs:.1f} s, stored {mib(base2.get('upload
       f"pgbackrest incr {br2_secs:.1f} s, repository +{mib(br2_bytes):.1f} MiB "
       f"(bytes ratio exclave / pgbackrest {base2.get('uploaded_bytes', 0) / max(br2_bytes, 1):.2f})")
 PY
+fi
+
+# The archive calls themselves against pgBackRest, each script with servers of its own:
+# one isolated archive_command / restore_command call, then a backlog drained (sustained rate).
+if command -v pgbackrest >/dev/null && [ "$(id -u)" = 0 ] && [ -z "${SKIP_WAL_BENCH:-}" ]; then
+  step "one isolated archive call and fetch, against pgBackRest (bench/wal-latency.sh)"
+  "$HERE/wal-latency.sh" 20 | tail -n 3
+  step "a backlog drained, against pgBackRest (bench/wal-archive.sh 60 8)"
+  "$HERE/wal-archive.sh" 60 8 | grep "drained"
 fi

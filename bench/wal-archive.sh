@@ -8,7 +8,10 @@
 # (`exclave-agent wal-push`, plain or `--ahead AHEAD --spool DIR`) drains it into one node on
 # loopback. Each run has a tenant key of its own, so no run deduplicates against another's
 # chunks. Prints the drain time, MiB/s of WAL and how many calls a push ahead answered.
-# Runs alternate plain / ahead / plain / ahead.
+# With pgbackrest installed, the same backlog is also drained by `pgbackrest archive-push`
+# (encrypted repository, zstd, as in bench/postgres.sh), synchronous and with `archive-async`
+# and process-max 2, in the same run. Runs alternate plain / ahead / pgbackrest /
+# pgbackrest-async, twice.
 set -euo pipefail
 die() { echo "error: $*" >&2; exit 1; }
 SCALE=${1:-60}
@@ -35,7 +38,7 @@ NODE=$!; sleep 1.5
 printf 'node = ["127.0.0.1:%s"]\npki = "%s/pki"\nidentity = "pg"\nkey-file = "%s/lux.key"\n' $PORT $W $W > $W/agent.toml
 chown -R postgres $W/pki $W/lux.key $W/agent.toml
 run() {
-  local label=$1 extra=$2 src=$3
+  local label=$1 extra=$2 src=$3 tool=${4:-exclave}
   local D=$W/pg$label; mkdir -p $D/ahead
   # A key of its own: no run deduplicates against another's chunks.
   $B/exclave-agent keys init --tenant lux --out $D/lux.key >/dev/null
@@ -50,18 +53,38 @@ run() {
   $PGBIN/pgbench -i -q -s $SCALE "$C" >/dev/null 2>&1
   local last=$(psql -X -At "$C" -c "SELECT pg_walfile_name(pg_switch_wal())")
   local backlog=$(ls $D/data/pg_wal/archive_status | grep -c ready)
+  local cmd="$B/exclave-agent wal-push --config $D/agent.toml --source $src $extra %p"
+  if [ "$tool" = pgbackrest ]; then
+    # The same repository settings as bench/postgres.sh; `extra` holds the async options.
+    mkdir -p $D/pgbr $D/pgbr-log $D/pgbr-lock $D/pgbr-spool
+    printf '[global]\nrepo1-path=%s/pgbr\nrepo1-cipher-type=aes-256-cbc\nrepo1-cipher-pass=bench-only-passphrase-0123456789\ncompress-type=zst\nlog-path=%s/pgbr-log\nlock-path=%s/pgbr-lock\nspool-path=%s/pgbr-spool\nlog-level-console=warn\n%s\n[bench]\npg1-path=%s/data\npg1-port=%s\npg1-socket-path=%s\n' \
+      $D $D $D $D "$extra" $D $PGP $D > $D/pgbackrest.conf
+    chown -R postgres $D
+    runuser -u postgres -- pgbackrest --config $D/pgbackrest.conf --stanza=bench stanza-create >/dev/null
+    cmd="pgbackrest --config $D/pgbackrest.conf --stanza=bench archive-push %p"
+  fi
   sync
-  psql -X -q "$C" -c "ALTER SYSTEM SET archive_command = '$B/exclave-agent wal-push --config $D/agent.toml --source $src $extra %p'" -c "SELECT pg_reload_conf()" >/dev/null
+  psql -X -q "$C" -c "ALTER SYSTEM SET archive_command = '$cmd'" -c "SELECT pg_reload_conf()" >/dev/null
   local t0=$(date +%s.%N)
   local t1=$t0
   until [ "$(psql -X -At "$C" -c "SELECT coalesce(last_archived_wal,'') >= '$last' FROM pg_stat_archiver")" = t ]; do sleep 0.1; done
   local t2=$(date +%s.%N)
   local n=$backlog
   local ahead=$(grep -c "pushed ahead, unchanged" $D/log || true)
-  python3 -c "print(f'$label: backlog of {$n} segments drained in {$t2-$t0:.1f} s = {$n*16/($t2-$t0):.0f} MiB/s of WAL, {($t2-$t0)*1000/$n:.0f} ms per segment; {$ahead} calls answered from pushes ahead')"
+  local note="; $ahead calls answered from pushes ahead"
+  [ "$tool" = exclave ] || note=""
+  python3 -c "print(f'$label: backlog of {$n} segments drained in {$t2-$t0:.1f} s = {$n*16/($t2-$t0):.0f} MiB/s of WAL, {($t2-$t0)*1000/$n:.0f} ms per segment$note')"
   runuser -u postgres -- $PGBIN/pg_ctl -D $D/data -m immediate stop >/dev/null
 }
 run plain "" a
 run ahead "--ahead $AHEAD --spool $W/pgahead/ahead" b
+if command -v pgbackrest >/dev/null; then
+  run pgbackrest "" - pgbackrest
+  run pgbackrest-async "$(printf 'archive-async=y\nprocess-max=2')" - pgbackrest
+fi
 run plain2 "" c
 run ahead2 "--ahead $AHEAD --spool $W/pgahead2/ahead" d
+if command -v pgbackrest >/dev/null; then
+  run pgbackrest2 "" - pgbackrest
+  run pgbackrest-async2 "$(printf 'archive-async=y\nprocess-max=2')" - pgbackrest
+fi

@@ -136,6 +136,17 @@ fn a_snapshot_record_removed_by_hand_breaks_the_history_on_that_node_only() {
     );
     let recorded = format!("{}:{}", before["head_seq"], before["head_hash"].as_str().unwrap());
 
+    // An administrator reads every tenant's head in `cluster status`, and the tenant finds
+    // that head in its chain (on the node that reported it: another may not have applied it yet).
+    let st = json(&ok(run(Command::new(bin("exclave-replicator"))
+        .args(["cluster", "status", "--json", "--node", &nodes[0].addr.to_string(), "--pki"])
+        .arg(w.pki()))));
+    let lux = st["history_heads"].as_array().unwrap().iter().find(|h| h["tenant"] == "lux").unwrap().clone();
+    let (seq, hash) = (lux["seq"].as_u64().unwrap(), lux["hash"].as_str().unwrap());
+    assert!(seq > 0, "{st}");
+    let v = json(&ok(history(&w, &nodes[0], &["--expect-head", &format!("{seq}:{hash}")])));
+    assert_eq!(v["ok"], true, "{v}");
+
     // Someone with n3's disks removes the middle snapshot's record.
     nodes[2].stop().expect("stopped");
     remove_snapshot_record(&nodes[2].data, &made[1]);

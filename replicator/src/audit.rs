@@ -80,8 +80,17 @@ pub async fn worker(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
 
 /// Requests that neither read a tenant's data nor change anything: not worth a record alone.
 /// (A status poll recorded through Raft would itself move the log it reports on.)
-const QUIET: &[&str] =
-    &["hello", "status", "cluster_status", "gc_status", "raft_status", "read_barrier", "certificates", "quotas"];
+const QUIET: &[&str] = &[
+    "hello",
+    "status",
+    "cluster_status",
+    "gc_status",
+    "history_heads",
+    "raft_status",
+    "read_barrier",
+    "certificates",
+    "quotas",
+];
 
 /// One connection's activity.
 pub struct Session {
@@ -239,6 +248,7 @@ mod tests {
         let admin = Session::new(Identity::Admin, &[2], 0);
         admin.note_request(&Request::ClusterStatus);
         admin.note_request(&Request::GcStatus);
+        admin.note_request(&Request::HistoryHeads);
         assert!(admin.records("n1", 1).is_empty(), "`cluster status` is not worth a record");
         admin.note_request(&Request::Gc { dry_run: true });
         assert_eq!(admin.records("n1", 1)[0].tenant, "", "a cluster session");

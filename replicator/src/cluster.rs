@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use exclave::client::{NodeClient, connect_any};
-use exclave::protocol::{GcStatus, MemberReport, MemberStatus, Reply, Request};
+use exclave::protocol::{GcStatus, MemberReport, MemberStatus, Reply, Request, TenantHead};
 use exclave::transport::TlsIdentity;
 
 use crate::gc_cmd::mib;
@@ -82,15 +82,25 @@ pub async fn run(cmd: ClusterCmd) -> Result<()> {
                 Ok(Reply::GcStatus(g)) => Some(g),
                 _ => None,
             };
+            let heads = match client.call(&[Request::HistoryHeads]).await {
+                Ok(Reply::HistoryHeads(h)) => Some(h),
+                _ => None,
+            };
             client.close().await;
             if json {
                 let mut v = status_json(&members);
                 v["gc"] = serde_json::to_value(&gc).unwrap_or_default();
+                if let Some(h) = &heads {
+                    v["history_heads"] = heads_json(h);
+                }
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 print_status(&members);
                 if let Some(g) = &gc {
                     println!("{}", gc_line(g, exclave::pki::now_secs()));
+                }
+                if let Some(h) = &heads {
+                    print!("{}", heads_lines(h));
                 }
             }
             Ok(())
@@ -288,6 +298,28 @@ fn ago(secs: i64) -> String {
 }
 
 /// One line on garbage collection for `cluster status`: the last pass and the schedule.
+/// Each tenant's history chain head as `SEQ:HASH`, the form `exclave-restore history verify
+/// --expect-head` takes: what a tenant records outside the cluster.
+fn heads_lines(heads: &[TenantHead]) -> String {
+    let mut out = String::new();
+    if !heads.is_empty() {
+        out.push_str(
+            "history chain heads (record them outside the cluster; `history verify --expect-head` checks one):\n",
+        );
+    }
+    for h in heads {
+        out.push_str(&format!("  {:<16} {}:{}\n", h.tenant, h.head.seq, hex::encode(h.head.hash)));
+    }
+    out
+}
+
+fn heads_json(heads: &[TenantHead]) -> serde_json::Value {
+    heads
+        .iter()
+        .map(|h| serde_json::json!({ "tenant": h.tenant, "seq": h.head.seq, "hash": hex::encode(h.head.hash) }))
+        .collect()
+}
+
 fn gc_line(g: &GcStatus, now: i64) -> String {
     let schedule = match g.interval_secs {
         Some(s) => format!("every {:.1} h", s as f64 / 3600.0),
@@ -318,6 +350,17 @@ fn gc_line(g: &GcStatus, now: i64) -> String {
 mod tests {
     use super::*;
     use exclave::protocol::GcReport;
+
+    #[test]
+    fn history_heads_are_printed_as_history_verify_takes_them() {
+        use exclave::protocol::HistoryHead;
+        assert_eq!(heads_lines(&[]), "", "no tenant, no line");
+        let heads = [TenantHead { tenant: "lux".into(), head: HistoryHead { seq: 12, hash: [0xab; 32] } }];
+        let text = heads_lines(&heads);
+        assert!(text.lines().nth(1).unwrap().ends_with(&format!("lux              12:{}", "ab".repeat(32))), "{text}");
+        assert_eq!(heads_json(&heads)[0]["hash"], "ab".repeat(32));
+        assert_eq!(heads_json(&heads)[0]["seq"], 12);
+    }
 
     #[test]
     fn the_gc_line_says_what_the_last_pass_did_and_when() {

@@ -804,6 +804,13 @@ async fn dispatch(
                 grace_passes: gc.settings.grace_passes,
             }))
         }
+        Request::HistoryHeads => {
+            authorise(identity, Permission::Operate, "history_heads")?;
+            let heads = blocking(move || Ok(catalog::history::heads(&store.catalog()?)?)).await?;
+            Ok(Reply::HistoryHeads(
+                heads.into_iter().map(|(tenant, head)| exclave::protocol::TenantHead { tenant, head }).collect(),
+            ))
+        }
         Request::Scrub { wait } => {
             authorise(identity, Permission::Administer, "scrub")?;
             let target = node.scrub.request();

@@ -18,7 +18,8 @@
 //!   once the configuration change is applied (admin only); `ReadBarrier` → `Ok` once this
 //!   node has applied everything the leader had committed when it was asked; `Revoke` → `Ok`
 //!   once the revocation is committed (admin only); `Certificates` → `Certificates`;
-//!   `Gc` → `Gc` once a garbage-collection pass is done (admin only); `GcStatus` → `GcStatus`.
+//!   `Gc` → `Gc` once a garbage-collection pass is done (admin only); `GcStatus` → `GcStatus`;
+//!   `HistoryHeads` → `HistoryHeads` (operators).
 //!
 //! Enum variants are only ever appended, never reordered: postcard encodes the index.
 
@@ -250,6 +251,10 @@ pub enum Request {
     },
     /// Garbage collection as the answering node sees it (operators) → `GcStatus`.
     GcStatus,
+    /// Every tenant's history chain head as the answering node holds it (operators) →
+    /// `HistoryHeads`: what a tenant records outside the cluster, readable without a record
+    /// of its own (a read that moved the head it reports would be no use).
+    HistoryHeads,
 }
 
 impl Request {
@@ -294,6 +299,7 @@ impl Request {
             Request::Audit { .. } => "audit",
             Request::History { .. } => "history",
             Request::GcStatus => "gc_status",
+            Request::HistoryHeads => "history_heads",
         }
     }
 }
@@ -402,6 +408,14 @@ pub enum Reply {
         head: HistoryHead,
     },
     GcStatus(GcStatus),
+    HistoryHeads(Vec<TenantHead>),
+}
+
+/// One tenant's history chain head.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantHead {
+    pub tenant: String,
+    pub head: HistoryHead,
 }
 
 /// Most history events in one reply.

@@ -35,6 +35,21 @@ pub fn head(view: &dyn CatalogRead, tenant: &str) -> Result<HistoryHead, Catalog
     Ok(view.get(&head_key(tenant))?.map(|v| decode(&v)).transpose()?.unwrap_or_default())
 }
 
+/// Every tenant's head, by tenant name.
+pub fn heads(view: &dyn CatalogRead) -> Result<Vec<(String, HistoryHead)>, CatalogError> {
+    let mut out = Vec::new();
+    let mut err = None;
+    view.scan(b"J", &mut |k, v| {
+        let tenant = String::from_utf8_lossy(&k[1..k.len().saturating_sub(1)]).into_owned();
+        match decode::<HistoryHead>(v) {
+            Ok(h) => out.push((tenant, h)),
+            Err(e) => err = Some(e),
+        }
+        err.is_none()
+    })?;
+    err.map_or(Ok(out), Err)
+}
+
 /// Events after `after`, oldest first, at most `MAX_HISTORY_EVENTS`.
 pub fn events(view: &dyn CatalogRead, tenant: &str, after: u64) -> Result<Vec<HistoryEvent>, CatalogError> {
     let prefix = tenant_key(b'H', tenant);

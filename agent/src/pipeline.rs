@@ -682,6 +682,11 @@ fn chunk_stream(
     Ok((size, *hasher.finalize().as_bytes()))
 }
 
+/// How long the dedup stage waits for more chunks before it asks the node about a batch (but
+/// the first): a question per handful of chunks cost a one-segment `wal-push` 47 requests and
+/// the node ~9 ms of CPU; with this wait, ~5 ms, and the push 8 % less time (alternated A/B).
+const HAVE_LINGER: Duration = Duration::from_millis(2);
+
 async fn dedup_stage(
     rx: async_channel::Receiver<Job>,
     tx: &async_channel::Sender<Job>,
@@ -689,12 +694,21 @@ async fn dedup_stage(
     budget: &ByteBudget,
     stats: &Stats,
 ) -> Result<()> {
+    let mut asked = false;
     while let Ok(first) = rx.recv().await {
         let mut batch = vec![first];
+        // The first question goes at once, so sealing starts; the later ones wait for more.
+        let until = tokio::time::Instant::now() + if asked { HAVE_LINGER } else { Duration::ZERO };
+        asked = true;
         while batch.len() < 2048 {
             match rx.try_recv() {
                 Ok(j) => batch.push(j),
-                Err(_) => break,
+                Err(async_channel::TryRecvError::Closed) => break,
+                Err(_) if tokio::time::Instant::now() >= until => break,
+                Err(_) => match tokio::time::timeout_at(until, rx.recv()).await {
+                    Ok(Ok(j)) => batch.push(j),
+                    _ => break,
+                },
             }
         }
         // The bases the new chunks would be deltas on are asked about too: one the cluster

@@ -2,7 +2,7 @@
 # Benchmark: one isolated archive_command / restore_command call, Exclave against pgBackRest,
 # in one run.
 #
-#   bench/wal-latency.sh [SEGMENTS] [SCALE]     (defaults 20 and 40; run as root)
+#   bench/wal-latency.sh [SEGMENTS] [SCALE]     (defaults 40 and 60; run as root)
 #
 # A PostgreSQL server writes `pgbench -i -s SCALE` while its archive_command fails, so its
 # segments stay in pg_wal; SEGMENTS of them are then archived one call at a time, by hand, as
@@ -14,8 +14,8 @@
 # and the ratios of the p50s.
 set -euo pipefail
 die() { echo "error: $*" >&2; exit 1; }
-N=${1:-20}
-SCALE=${2:-40}
+N=${1:-40}
+SCALE=${2:-60}
 [[ $N =~ ^[1-9][0-9]*$ && $SCALE =~ ^[1-9][0-9]*$ ]] || die "usage: bench/wal-latency.sh [SEGMENTS] [SCALE]"
 [ "$(id -u)" = 0 ] || die "run as root (the server and both tools run as postgres)"
 command -v pgbackrest >/dev/null || die "pgbackrest is missing (apt-get install pgbackrest)"

@@ -362,6 +362,17 @@ impl Dispatcher {
         Ok(ChunkRef { id, len: data.len() as u32 })
     }
 
+    /// Dispatches a chunk of file content cut by the chunker, unless an earlier one failed
+    /// (the chunker's callback cannot return the error: it is kept in `err`).
+    fn dispatch_data(&mut self, c: &[u8], refs: &mut Vec<ChunkRef>, err: &mut Option<anyhow::Error>) {
+        if err.is_none() {
+            match self.dispatch(c, true) {
+                Ok(r) => refs.push(r),
+                Err(e) => *err = Some(e),
+            }
+        }
+    }
+
     /// Reads once from `src` into the chunker and dispatches each chunk then complete.
     fn cut_from(
         &mut self,
@@ -371,14 +382,7 @@ impl Dispatcher {
         refs: &mut Vec<ChunkRef>,
     ) -> Result<usize, ReadError> {
         let mut err = None;
-        let mut emit = |c: &[u8]| {
-            if err.is_none() {
-                match self.dispatch(c, true) {
-                    Ok(r) => refs.push(r),
-                    Err(e) => err = Some(e),
-                }
-            }
-        };
+        let mut emit = |c: &[u8]| self.dispatch_data(c, refs, &mut err);
         let n = chunker.read_from(src, seen, &mut emit).map_err(ReadError::Io)?;
         err.map_or(Ok(n), |e| Err(ReadError::Stopped(e)))
     }
@@ -386,14 +390,7 @@ impl Dispatcher {
     /// Cuts `data` (or, with `finish`, the tail) and dispatches each chunk.
     fn cut(&mut self, chunker: &mut Chunker, data: Option<&[u8]>, refs: &mut Vec<ChunkRef>) -> Result<()> {
         let mut err = None;
-        let mut emit = |c: &[u8]| {
-            if err.is_none() {
-                match self.dispatch(c, true) {
-                    Ok(r) => refs.push(r),
-                    Err(e) => err = Some(e),
-                }
-            }
-        };
+        let mut emit = |c: &[u8]| self.dispatch_data(c, refs, &mut err);
         match data {
             Some(d) => chunker.push(d, &mut emit),
             None => chunker.finish(&mut emit),

@@ -3,6 +3,10 @@
 #   register DIR SIZE_MIB GENERATOR LOG     the shared synthetic register, generated or reused
 #   private_binaries DIR                    release build, copied to DIR
 #   cpu_seconds PID                         CPU seconds (user + system) PID has used so far
+#   pgbackrest_conf DIR PGDATA PORT SOCKET [EXTRA]
+#                                           DIR/pgbackrest.conf: the pgBackRest every benchmark
+#                                           compares with (encrypted repository in DIR/pgbr, zstd;
+#                                           stanza `bench`), EXTRA lines added to [global]
 #   workdir PREFIX                          W: a temporary directory, removed on exit with the
 #                                           storage node NODE_PID and another tool's server
 #                                           SERVER_PID if they were started
@@ -47,4 +51,24 @@ workdir_cleanup() {
   local p
   for p in $NODE_PID $SERVER_PID; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
   rm -rf "$W"
+}
+
+pgbackrest_conf() {
+  local dir=$1 pgdata=$2 port=$3 socket=$4 extra=${5:-}
+  mkdir -p "$dir/pgbr" "$dir/pgbr-log" "$dir/pgbr-lock"
+  cat >"$dir/pgbackrest.conf" <<CONF
+[global]
+repo1-path=$dir/pgbr
+repo1-cipher-type=aes-256-cbc
+repo1-cipher-pass=bench-only-passphrase-0123456789
+compress-type=zst
+log-path=$dir/pgbr-log
+lock-path=$dir/pgbr-lock
+log-level-console=warn
+$extra
+[bench]
+pg1-path=$pgdata
+pg1-port=$port
+pg1-socket-path=$socket
+CONF
 }

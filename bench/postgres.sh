@@ -147,24 +147,8 @@ step "logical snapshot, day 2 (after pgbench)"
 DRILL=""
 if command -v pgbackrest >/dev/null; then
   step "base backups and recovery drills, Exclave and pgBackRest in the same run"
-  mkdir -p "$W/pgbr" "$W/pgbr-log" "$W/pgbr-lock" "$W/scratch"
-  cat >"$W/pgbackrest.conf" <<CONF
-[global]
-repo1-path=$W/pgbr
-repo1-cipher-type=aes-256-cbc
-repo1-cipher-pass=bench-only-passphrase-0123456789
-repo1-retention-full=2
-compress-type=zst
-process-max=2
-start-fast=y
-log-path=$W/pgbr-log
-lock-path=$W/pgbr-lock
-log-level-console=warn
-[bench]
-pg1-path=$W/pg/data
-pg1-port=$PG_PORT
-pg1-socket-path=$W/pg
-CONF
+  mkdir -p "$W/scratch"
+  pgbackrest_conf "$W" "$W/pg/data" "$PG_PORT" "$W/pg" "$(printf 'repo1-retention-full=2\nprocess-max=2\nstart-fast=y')"
   [ ${#AS[@]} -eq 0 ] || chown -R postgres "$W/pgbr" "$W/pgbr-log" "$W/pgbr-lock" "$W/pgbackrest.conf"
   BR=("${AS[@]}" pgbackrest --config "$W/pgbackrest.conf" --stanza=bench)
   # From now on every segment goes to both archives.

@@ -56,9 +56,8 @@ run() {
   local cmd="$B/exclave-agent wal-push --config $D/agent.toml --source $src $extra %p"
   if [ "$tool" = pgbackrest ]; then
     # The same repository settings as bench/postgres.sh; `extra` holds the async options.
-    mkdir -p $D/pgbr $D/pgbr-log $D/pgbr-lock $D/pgbr-spool
-    printf '[global]\nrepo1-path=%s/pgbr\nrepo1-cipher-type=aes-256-cbc\nrepo1-cipher-pass=bench-only-passphrase-0123456789\ncompress-type=zst\nlog-path=%s/pgbr-log\nlock-path=%s/pgbr-lock\nspool-path=%s/pgbr-spool\nlog-level-console=warn\n%s\n[bench]\npg1-path=%s/data\npg1-port=%s\npg1-socket-path=%s\n' \
-      $D $D $D $D "$extra" $D $PGP $D > $D/pgbackrest.conf
+    mkdir -p $D/pgbr-spool
+    pgbackrest_conf $D $D/data $PGP $D "$(printf 'spool-path=%s/pgbr-spool\n%s' $D "$extra")"
     chown -R postgres $D
     runuser -u postgres -- pgbackrest --config $D/pgbackrest.conf --stanza=bench stanza-create >/dev/null
     cmd="pgbackrest --config $D/pgbackrest.conf --stanza=bench archive-push %p"

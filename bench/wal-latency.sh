@@ -54,21 +54,8 @@ $PGBIN/pgbench -i -q -s $SCALE "$C" >/dev/null 2>&1
 psql -X -At "$C" -c "SELECT pg_switch_wal()" >/dev/null
 READY=$(ls $W/data/pg_wal/archive_status | sed -n 's/\.ready$//p' | grep -E '^[0-9A-F]{24}$' | sort | head -n "$N")
 [ "$(echo "$READY" | wc -l)" -ge "$N" ] || die "only $(echo "$READY" | wc -l) segments were written; raise SCALE"
-mkdir -p $W/pgbr $W/pgbr-log $W/pgbr-lock $W/fetched
-cat >$W/pgbackrest.conf <<CONF
-[global]
-repo1-path=$W/pgbr
-repo1-cipher-type=aes-256-cbc
-repo1-cipher-pass=bench-only-passphrase-0123456789
-compress-type=zst
-log-path=$W/pgbr-log
-lock-path=$W/pgbr-lock
-log-level-console=warn
-[bench]
-pg1-path=$W/data
-pg1-port=$PGP
-pg1-socket-path=$W
-CONF
+mkdir -p $W/fetched
+pgbackrest_conf $W $W/data $PGP $W
 chown -R postgres $W/pki $W/lux.key $W/agent.toml $W/pgbr $W/pgbr-log $W/pgbr-lock $W/pgbackrest.conf $W/fetched
 runuser -u postgres -- pgbackrest --config $W/pgbackrest.conf --stanza=bench stanza-create >/dev/null
 sync

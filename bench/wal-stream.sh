@@ -43,21 +43,7 @@ runuser -u postgres -- "$PGBIN"/initdb -U postgres --auth=trust -D "$W"/data >/d
 printf "port = %s\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '%s/pg'\nwal_level = replica\nmax_wal_size = 4GB\n" "$PGP" "$W" >> "$W"/data/postgresql.conf
 BR=
 if command -v pgbackrest >/dev/null; then
-  mkdir -p "$W"/pgbr "$W"/pgbr-log "$W"/pgbr-lock
-  cat > "$W"/pgbackrest.conf <<CONF
-[global]
-repo1-path=$W/pgbr
-repo1-cipher-type=aes-256-cbc
-repo1-cipher-pass=bench-only-passphrase-0123456789
-compress-type=zst
-log-path=$W/pgbr-log
-lock-path=$W/pgbr-lock
-log-level-console=warn
-[bench]
-pg1-path=$W/data
-pg1-port=$PGP
-pg1-socket-path=$W/pg
-CONF
+  pgbackrest_conf "$W" "$W"/data "$PGP" "$W"/pg
   chown -R postgres "$W"/pgbr "$W"/pgbr-log "$W"/pgbr-lock "$W"/pgbackrest.conf
   BR="pgbackrest --config $W/pgbackrest.conf --stanza=bench"
   printf "archive_mode = on\narchive_timeout = 30\narchive_command = '%s archive-push %%p'\n" "$BR" >> "$W"/data/postgresql.conf

@@ -1,7 +1,7 @@
 //! Exclave core library: the formats and protocols every Exclave program shares.
 //!
 //! Pure parts (no I/O): `chunker`, `chunk_id`, `keys` (derivation), `envelope`, `manifest`,
-//! `protocol`, `identity`, `facts`, `retention`. Thin I/O edges: `pki` (certificate files), `transport` (QUIC and
+//! `protocol`, `identity`, `facts`, `retention`, `sorted_ids`. Thin I/O edges: `pki` (certificate files), `transport` (QUIC and
 //! TLS), `client` (a connection to a storage node), `http` (/metrics, /healthz, /readyz).
 
 pub mod chunk_id;
@@ -20,6 +20,7 @@ pub mod pki;
 pub mod protocol;
 pub mod retention;
 pub mod schedule;
+pub mod sorted_ids;
 pub mod status_file;
 pub mod transport;
 pub mod wal;

@@ -387,10 +387,14 @@ async fn attempt(
     };
     let warnings = outcome.warnings;
     let info_root = info.root;
-    let batches = outcome
-        .refs
-        .into_batches(exclave::protocol::MAX_IDS_PER_MESSAGE)
-        .map_err(|e| (used, anyhow::Error::from(e)))?;
+    // Sorting a large snapshot's references reads and writes temporary files: not on the
+    // runtime's threads.
+    let refs = outcome.refs;
+    let batches = tokio::task::spawn_blocking(move || refs.into_batches(exclave::protocol::MAX_IDS_PER_MESSAGE))
+        .await
+        .map_err(|e| (used, anyhow::anyhow!("sorting the references: {e}")))?
+        .context("sorting the references")
+        .map_err(|e| (used, e))?;
     let retention = match (&r.src.retention, wal) {
         (Some(policy), None) => Some(send_retention(&client, &r.source, *policy).await.map_err(|e| (used, e))?),
         _ => None,

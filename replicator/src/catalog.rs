@@ -66,6 +66,7 @@
 use exclave::chunk_id::{Checksum, ChunkId};
 use exclave::protocol::{DrillRecord, Revocation, SnapshotInfo};
 use exclave::retention::{Candidate, DEFAULT_PROTECTION_DAYS, MAX_PROTECTION_DAYS, RetentionPolicy};
+use exclave::sorted_ids;
 use serde::{Deserialize, Serialize};
 
 pub mod audit;
@@ -1000,22 +1001,25 @@ fn commit(
     }
     let staged_prefix = batches_prefix(b'p', tenant, &snapshot.id);
     let staged: Vec<(Vec<u8>, Vec<ChunkId>)> = scan_decoded(view, &staged_prefix)?;
-    let drop_staged = |w: &mut Vec<Write>, staged: &[(Vec<u8>, Vec<ChunkId>)]| {
-        w.extend(staged.iter().map(|(k, _)| Write::Delete(k.clone())));
+    let drop_staged = |w: &mut Vec<Write>, keys: &[Vec<u8>]| {
+        w.extend(keys.iter().map(|k| Write::Delete(k.clone())));
     };
+    let staged_keys: Vec<Vec<u8>> = staged.iter().map(|(k, _)| k.clone()).collect();
     for b in 0..batches {
         if !staged.iter().any(|(k, _)| k == &batch_key(b'p', tenant, &snapshot.id, b)) {
-            drop_staged(w, &staged);
+            drop_staged(w, &staged_keys);
             return Ok(Outcome::Refused(format!(
                 "reference batch {b} of snapshot {} never reached the cluster; commit again",
                 snapshot.id
             )));
         }
     }
-    let mut refs: Vec<ChunkId> = staged.iter().flat_map(|(_, ids)| ids.iter().copied()).collect();
-    refs.push(snapshot.root);
-    refs.sort_unstable();
-    refs.dedup();
+    // Staged batches arrive sorted and usually in one ascending order: merging them is a
+    // linear check, not a sort of the whole list on the consensus thread (`sorted_ids`).
+    let mut refs = sorted_ids::union_of_batches(staged.into_iter().map(|(_, ids)| ids).collect());
+    if let Err(at) = refs.binary_search(&snapshot.root) {
+        refs.insert(at, snapshot.root);
+    }
     gc::add_bases(view, tenant, &mut refs)?;
     let mut absent = Vec::new();
     let mut stored_bytes = 0u64;
@@ -1029,7 +1033,7 @@ fn commit(
         }
     }
     // Staged references are dropped either way: a retried commit stages them again.
-    drop_staged(w, &staged);
+    drop_staged(w, &staged_keys);
     // Condemned chunks still have all their copies: the commit puts them back in the index.
     let mut back = Vec::new();
     let (mut missing, back_bytes, back_count) = gc::resurrect(view, tenant, &absent, &mut back)?;
@@ -1791,6 +1795,49 @@ mod tests {
         assert!(snapshots(&c, "lux", Some("rnp")).unwrap().is_empty(), "source prefix must not match");
         assert_eq!(missing(&c, "est", &[id(1)]).unwrap(), vec![id(1)], "the index is scoped by tenant");
         assert_eq!(count(&c, SNAPSHOT_ID_PREFIX).unwrap(), 2);
+    }
+
+    /// What a commit stored as the snapshot's references, batch after batch.
+    fn stored_refs(c: &MemCatalog, tenant: &str, id: &str) -> Vec<ChunkId> {
+        scan_decoded::<Vec<ChunkId>>(c, &batches_prefix(b'r', tenant, id))
+            .unwrap()
+            .into_iter()
+            .flat_map(|(_, v)| v)
+            .collect()
+    }
+
+    #[test]
+    fn staged_batches_in_any_order_are_stored_sorted_and_once() {
+        // Ascending batches (today's agents and nodes), shuffled sorted batches (older agents)
+        // and unsorted batches with duplicates (staged before nodes sorted them) all commit
+        // to the same references.
+        let all: Vec<u8> = (1..=60).collect();
+        let ascending: Vec<Vec<u8>> = all.chunks(16).map(<[u8]>::to_vec).collect();
+        let shuffled: Vec<Vec<u8>> = vec![all[40..].to_vec(), all[..20].to_vec(), all[20..40].to_vec()];
+        let raw: Vec<Vec<u8>> = vec![
+            all.iter().rev().step_by(2).copied().collect(),
+            all.iter().copied().filter(|n| n % 2 == 1).chain([5, 5, 60]).collect(),
+        ];
+        let mut want: Vec<ChunkId> = all.iter().map(|n| id(*n)).collect();
+        want.sort_unstable();
+        for (name, batches) in [("ascending", ascending), ("shuffled", shuffled), ("raw", raw)] {
+            let mut c = MemCatalog::default();
+            index(&mut c, "lux", &all);
+            for (b, ns) in batches.iter().enumerate() {
+                let ids = ns.iter().map(|n| id(*n)).collect();
+                let stage = Command::StageRefs { tenant: "lux".into(), snapshot_id: "s1".into(), batch: b as u32, ids };
+                assert_eq!(c.apply(&stage).unwrap(), Outcome::Done);
+            }
+            let cmd = Command::CommitV2 {
+                tenant: "lux".into(),
+                snapshot: snap("s1", 7, 10),
+                batches: batches.len() as u32,
+                now: 10,
+            };
+            let Outcome::Committed(s) = c.apply(&cmd).unwrap() else { panic!("{name}: commit refused") };
+            assert_eq!(s.chunks, 60, "{name}");
+            assert_eq!(stored_refs(&c, "lux", "s1"), want, "{name}");
+        }
     }
 
     #[test]

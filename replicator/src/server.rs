@@ -439,11 +439,13 @@ async fn dispatch(
             // Refuse before the client streams its references.
             node.require_leader().await?;
             for batch in 0..ref_batches {
-                let ids = match read_request(recv).await? {
+                let mut ids = match read_request(recv).await? {
                     Some(Request::CommitRefs { ids }) if ids.len() <= MAX_IDS_PER_MESSAGE => ids,
                     Some(_) => return Err(Failure::new(ErrorCode::BadRequest, "expected a commit reference batch")),
                     None => return Err(Failure::new(ErrorCode::BadRequest, "commit ended before its references")),
                 };
+                // Sorted here, per batch, so the commit only merges (`exclave::sorted_ids`).
+                exclave::sorted_ids::sort_unique(&mut ids);
                 let cmd = Command::StageRefs { tenant: tenant.clone(), snapshot_id: snapshot.id.clone(), batch, ids };
                 if let Outcome::Refused(m) = node.raft.propose_idempotent(cmd).await? {
                     return Err(Failure::new(ErrorCode::BadRequest, m));

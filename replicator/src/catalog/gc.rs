@@ -13,6 +13,7 @@ use std::collections::{BinaryHeap, HashSet};
 
 use exclave::chunk_id::ChunkId;
 use exclave::protocol::GcReport;
+use exclave::sorted_ids;
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -96,13 +97,14 @@ pub(super) fn add_bases(view: &dyn CatalogRead, tenant: &str, refs: &mut Vec<Chu
                 }
             }
         }
+        // `found` is one lookup per delta, far fewer than `refs`: sorting it is cheap, and
+        // joining it to `refs` is a linear merge.
         found.sort_unstable();
         found.dedup();
         if found.is_empty() {
             break;
         }
-        refs.extend_from_slice(&found);
-        refs.sort_unstable();
+        sorted_ids::insert_all(refs, &found);
         frontier = found;
     }
     Ok(())

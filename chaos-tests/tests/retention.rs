@@ -250,3 +250,54 @@ fn locks_need_two_administrators_to_weaken_compliance_none_and_holds_keep_snapsh
     assert!(to.join("docs").join("day.txt").exists());
     assert_eq!(std::fs::read_to_string(to.join("docs").join("day.txt")).unwrap(), "day 0");
 }
+
+#[test]
+fn audit_records_are_kept_as_set_and_one_administrator_cannot_shorten_their_keeping() {
+    let w = World::new();
+    ok(run(Command::new(bin("exclave-replicator"))
+        .args(["pki", "issue", "--dir"])
+        .arg(w.pki())
+        .args(["--role", "admin", "--name", "admin2"])));
+    let nodes = w.start_cluster(&["n1", "n2", "n3"]);
+    let keep = |i: usize, who: &str, extra: &[&str]| {
+        retention_as(&w, &nodes[i], who, &[&["audit-keep", "--tenant", "lux"], extra].concat())
+    };
+    // Ten years unless set; the tenant's own restore identity may read it, another's may not.
+    let v = json(&ok(keep(0, "dr", &["--json"])));
+    assert_eq!((v["days"].as_u64(), v["set"].is_null(), v["pending"].is_null()), (Some(3660), true, true), "{v}");
+    let o = keep(0, "drest", &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("may read the audit log of tenant est only"), "{}", stderr(&o));
+    let o = keep(0, "rnpp", &["--days", "4000"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("may not change the cluster (set_audit_keep)"), "{}", stderr(&o));
+
+    // Lengthening: one administrator, at once.
+    assert!(stdout(&ok(keep(0, "admin", &["--days", "4000"]))).contains("are kept 4000 days"));
+    // Shortening: recorded; the same certificate again (on another node) is refused.
+    let asked = stdout(&ok(keep(0, "admin", &["--days", "400"])));
+    assert!(asked.contains("are kept 4000 days") && asked.contains("a different administrator"), "{asked}");
+    let o = keep(1, "admin", &["--days", "400"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("a different administrator must ask for the same days"), "{}", stderr(&o));
+    // Never shorter than the data it is about: a lock of 500 days forbids 400.
+    ok(retention_as(&w, &nodes[0], "admin2", &["lock", "--tenant", "lux", "--mode", "compliance", "--days", "500"]));
+    let o = keep(2, "admin2", &["--days", "400"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("may not be kept less"), "{}", stderr(&o));
+    // Two administrators agree on 600 days.
+    ok(keep(2, "admin2", &["--days", "600"]));
+    assert_eq!(json(&ok(keep(1, "admin", &["--json"])))["days"], 4000);
+    assert!(stdout(&ok(keep(1, "admin", &["--days", "600"]))).contains("are kept 600 days"));
+    let v = json(&ok(keep(2, "dr", &["--json"])));
+    let by = v["set"][0].as_str().unwrap();
+    let who: Vec<&str> = by.split(" + ").collect();
+    assert!(who.len() == 2 && who[0] != who[1] && who.iter().all(|w| w.starts_with("admin#")), "{v}");
+    assert!(v["pending"].is_null(), "{v}");
+    // The changes are events of the tenant's history chain (counted in the catalog's unit
+    // test), which still verifies from any node.
+    let v = json(&ok(run(Command::new(bin("exclave-restore"))
+        .args(["history", "verify", "--json", "--identity", "dr", "--node", &nodes[1].addr.to_string(), "--pki"])
+        .arg(w.pki()))));
+    assert_eq!((v["ok"].as_bool(), v["first_break"].is_null()), (Some(true), true), "{v}");
+}

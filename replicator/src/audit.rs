@@ -203,7 +203,8 @@ fn named(req: &Request) -> (Option<String>, Option<String>, Option<String>) {
         },
         Request::SetProtection { tenant, .. } | Request::RetentionShow { tenant } => (None, None, Some(tenant.clone())),
         Request::SetQuota { tenant, .. } => (None, None, Some(tenant.clone())),
-        Request::Audit { tenant, .. } => (None, None, tenant.clone()),
+        Request::Audit { tenant, .. } | Request::AuditKeep { tenant } => (None, None, tenant.clone()),
+        Request::SetAuditKeep { tenant, .. } => (None, None, Some(tenant.clone())),
         _ => (None, None, None),
     }
 }

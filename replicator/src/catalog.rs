@@ -39,6 +39,8 @@
 //! A                                                   → u64 BE                     last request id
 //! Y ‖ tenant ‖ 0 ‖ ended (u64 BE) ‖ seq (u64 BE)       → postcard(AuditRecord)      audit log (`audit`)
 //! y                                                   → u64 BE                     last audit sequence
+//! K ‖ tenant ‖ 0                                      → postcard(KeepSet)          audit keeping time, if set
+//! W ‖ tenant ‖ 0                                      → postcard(PendingAuditKeep) its shortening, asked for
 //! H ‖ tenant ‖ 0 ‖ seq (u64 BE)                        → postcard(HistoryEvent)     hash-chained history (`history`)
 //! J ‖ tenant                                          → postcard(HistoryHead)      its newest event and hash
 //! d ‖ tenant ‖ 0 ‖ chunk id (32)                      → base chunk id (32)         a delta's base (`gc::bases`)
@@ -379,6 +381,14 @@ pub enum Command {
         chunks: Vec<(ChunkId, IndexEntry)>,
         sweep_seq: u64,
         bases: Vec<(ChunkId, ChunkId)>,
+    },
+    /// How long a tenant's audit records are kept, set by administrator `by` (rules in
+    /// `audit`); `now` is the proposer's clock, never below cluster time.
+    SetAuditKeep {
+        tenant: String,
+        days: u32,
+        by: String,
+        now: i64,
     },
 }
 
@@ -882,6 +892,12 @@ pub fn apply(view: &dyn CatalogRead, cmd: &Command) -> Result<(Outcome, Vec<Writ
             let out = audit::record(view, record, &mut w)?;
             let mut chain = history::Chain::open(view, &record.tenant, cluster_time(view)?)?;
             chain.push("audit", encode(record), &mut w);
+            out
+        }
+        Command::SetAuditKeep { tenant, days, by, now } => {
+            let now = (*now).max(cluster_time(view)?);
+            let out = audit::set_keep(view, tenant, *days, by, now, &mut w)?;
+            chain_change(view, tenant, now, "audit-keep", cmd, &out, &mut w)?;
             out
         }
         Command::ApproveLock { id, by, now } => {
@@ -1734,12 +1750,74 @@ mod tests {
         // Ten years of cluster time later, a new record of lux takes the old ones with it.
         let s = snap("later", 1, 0);
         index(&mut c, "lux", &[1]);
-        let later = T0 + audit::AUDIT_KEEP_SECS + 20;
+        let later = T0 + i64::from(audit::DEFAULT_KEEP_DAYS) * 86_400 + 20;
         assert!(matches!(commit_at(&mut c, "lux", &s, &[1], later), Outcome::Committed(_)));
         c.apply(&Command::Audit { record: rec("restore:lux#01", "lux", later) }).unwrap();
         let lux = audit::records(&c, "lux", 0, None).unwrap();
         assert_eq!(lux.iter().map(|r| r.ended).collect::<Vec<_>>(), [later]);
         assert_eq!(audit::records(&c, "est", 0, None).unwrap().len(), 1, "other tenants' on their own records");
+    }
+
+    #[test]
+    fn audit_keeping_is_lengthened_by_one_admin_and_shortened_only_by_two() {
+        use exclave::protocol::LockMode;
+        let mut c = MemCatalog::default();
+        let keep = |c: &mut MemCatalog, tenant: &str, days: u32, by: &str, now: i64| {
+            c.apply(&Command::SetAuditKeep { tenant: tenant.into(), days, by: by.into(), now }).unwrap()
+        };
+        let days = |c: &MemCatalog| audit::keep(c, "lux").unwrap().days;
+        assert_eq!(days(&c), audit::DEFAULT_KEEP_DAYS);
+        // Out of bounds, or shorter than the data it is about: refused.
+        assert!(matches!(keep(&mut c, "lux", 30, "admin#1", T0), Outcome::Refused(_)));
+        assert!(matches!(keep(&mut c, "lux", 40_000, "admin#1", T0), Outcome::Refused(_)));
+        let lock = Command::SetLock {
+            tenant: "lux".into(),
+            source: None,
+            lock: Some((LockMode::Compliance, 2000)),
+            by: "admin#1".into(),
+            now: T0,
+        };
+        assert_eq!(c.apply(&lock).unwrap(), Outcome::Done);
+        match keep(&mut c, "lux", 1000, "admin#1", T0) {
+            Outcome::Refused(m) => assert!(m.contains("2000 days"), "{m}"),
+            other => panic!("kept shorter than a lock: {other:?}"),
+        }
+        // Lengthening: at once, by one.
+        assert_eq!(keep(&mut c, "lux", 5000, "admin#1", T0), Outcome::Done);
+        assert_eq!(days(&c), 5000);
+        // Shortening: recorded; the same admin again is refused; a second one applies it.
+        assert_eq!(keep(&mut c, "lux", 2500, "admin#1", T0 + 10), Outcome::Done);
+        assert_eq!(days(&c), 5000, "one administrator alone shortened it");
+        assert_eq!(audit::keep(&c, "lux").unwrap().pending.map(|p| (p.days, p.by)), Some((2500, "admin#1".into())));
+        assert!(matches!(keep(&mut c, "lux", 2500, "admin#1", T0 + 20), Outcome::Refused(_)));
+        assert_eq!(days(&c), 5000);
+        // Other days, or too late, start a new request instead of approving.
+        assert_eq!(keep(&mut c, "lux", 2400, "admin#2", T0 + 30), Outcome::Done);
+        assert_eq!(days(&c), 5000);
+        let late = T0 + 30 + locks::APPROVAL_SECS + 1;
+        assert_eq!(keep(&mut c, "lux", 2400, "admin#1", late), Outcome::Done);
+        assert_eq!(days(&c), 5000, "an expired request was approved");
+        assert_eq!(keep(&mut c, "lux", 2400, "admin#2", late + 5), Outcome::Done);
+        let now = audit::keep(&c, "lux").unwrap();
+        assert_eq!((now.days, now.set.map(|s| s.0), now.pending), (2400, Some("admin#1 + admin#2".into()), None));
+        // Other tenants keep their own time; every change is on the tenant's chain.
+        assert_eq!(audit::keep(&c, "est").unwrap().days, audit::DEFAULT_KEEP_DAYS);
+        let kinds: Vec<String> = history::all(&c, "lux").unwrap().into_iter().map(|e| e.kind).collect();
+        assert_eq!(kinds.iter().filter(|k| *k == "audit-keep").count(), 5, "{kinds:?}");
+        // Records older than the time set go with the next record.
+        let rec = |ended: i64| exclave::protocol::AuditRecord {
+            identity: "admin#1".into(),
+            tenant: "lux".into(),
+            ended,
+            ..Default::default()
+        };
+        c.apply(&Command::Audit { record: rec(T0) }).unwrap();
+        let s = snap("later", 1, 0);
+        index(&mut c, "lux", &[1]);
+        let later = T0 + 2400 * 86_400 + 60;
+        assert!(matches!(commit_at(&mut c, "lux", &s, &[1], later), Outcome::Committed(_)));
+        c.apply(&Command::Audit { record: rec(later) }).unwrap();
+        assert_eq!(audit::records(&c, "lux", 0, None).unwrap().iter().map(|r| r.ended).collect::<Vec<_>>(), [later]);
     }
 
     #[test]

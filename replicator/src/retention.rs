@@ -4,7 +4,8 @@
 //! what was committed within the tenant's protection window (`retention protect`; the rules
 //! are at the top of `exclave::retention`). `retention lock`, `approve` and `hold` keep
 //! snapshots against everyone, administrators included (rules in `catalog::locks`).
-//! `retention show` lists what governs a tenant.
+//! `retention show` lists what governs a tenant; `retention audit-keep` how long its audit
+//! records are kept (rules in `catalog::audit`).
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
@@ -110,6 +111,22 @@ pub enum RetentionCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Show or set how long a tenant's audit records are kept (default ten years, never less
+    /// than its longest lock or protection window). Lengthening applies at once; shortening
+    /// applies when a second administrator asks for the same days within a day.
+    AuditKeep {
+        #[command(flatten)]
+        conn: Conn,
+        /// The tenant (omit: the cluster's own, administrators' sessions).
+        #[arg(long, default_value = "")]
+        tenant: String,
+        /// Keep records this many days of cluster time (365 to 36500); omit to show.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(365..=36_500))]
+        days: Option<u32>,
+        /// Print it as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -145,6 +162,7 @@ pub async fn run(cmd: RetentionCmd) -> Result<()> {
         RetentionCmd::Set { conn, tenant, source, new_tenant, policy } => (conn, tenant, source, (new_tenant, policy)),
         RetentionCmd::Protect { conn, tenant, days } => return protect(conn, tenant, days).await,
         RetentionCmd::Show { conn, tenant, json } => return show(conn, tenant, json).await,
+        RetentionCmd::AuditKeep { conn, tenant, days, json } => return audit_keep(conn, tenant, days, json).await,
         RetentionCmd::Lock { conn, tenant, source, mode, days, remove } => {
             let lock = match (remove, mode, days) {
                 (false, Some(m), Some(d)) => Some((
@@ -291,6 +309,44 @@ async fn show(conn: Conn, tenant: String, json: bool) -> Result<()> {
             p.tenant,
             p.lock,
             p.by,
+            exclave::pki::format_time(p.expires)
+        );
+    }
+    Ok(())
+}
+
+async fn audit_keep(conn: Conn, tenant: String, days: Option<u32>, json: bool) -> Result<()> {
+    let client = conn.connect().await?;
+    let req = match days {
+        Some(days) => Request::SetAuditKeep { tenant: tenant.clone(), days },
+        None => Request::AuditKeep { tenant: (!tenant.is_empty()).then(|| tenant.clone()) },
+    };
+    let reply = client.call(&[req]).await?;
+    client.close().await;
+    let Reply::AuditKeep(view) = reply else { anyhow::bail!("unexpected reply {reply:?}") };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+        return Ok(());
+    }
+    let whose =
+        if view.tenant.is_empty() { "the cluster's sessions".to_string() } else { format!("tenant {}", view.tenant) };
+    match &view.set {
+        Some((by, since)) => println!(
+            "audit records of {whose} are kept {} days of cluster time (set {} by {by})",
+            view.days,
+            exclave::pki::format_time(*since)
+        ),
+        None => println!("audit records of {whose} are kept {} days of cluster time (the default)", view.days),
+    }
+    if let Some(p) = &view.pending {
+        let flag = if view.tenant.is_empty() { String::new() } else { format!(" --tenant {}", view.tenant) };
+        println!(
+            "shortening to {} days asked for by {} ({}): it applies when a different administrator runs \
+             `exclave-replicator retention audit-keep{flag} --days {}` before {}",
+            p.days,
+            p.by,
+            exclave::pki::format_time(p.requested),
+            p.days,
             exclave::pki::format_time(p.expires)
         );
     }

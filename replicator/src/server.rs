@@ -772,6 +772,24 @@ async fn dispatch(
                     .await?;
             Ok(Reply::Audit(list))
         }
+        Request::AuditKeep { tenant } => {
+            let tenant = record_reader(identity, tenant, "audit")?;
+            Ok(Reply::AuditKeep(blocking(move || Ok(catalog::audit::keep(&store.catalog()?, &tenant)?)).await?))
+        }
+        Request::SetAuditKeep { tenant, days } => {
+            authorise(identity, Permission::Administer, "set_audit_keep")?;
+            if !tenant.is_empty() {
+                valid_name("tenant", &tenant)?;
+            }
+            node.require_leader().await?;
+            let cmd = Command::SetAuditKeep { tenant: tenant.clone(), days, by: caller.to_string(), now: now_secs() };
+            let outcome = node.raft.propose(cmd).await?;
+            info!(%tenant, days, by = %caller, ?outcome, "audit keeping time asked for");
+            if let Outcome::Refused(m) = outcome {
+                return Err(Failure::new(ErrorCode::BadRequest, m));
+            }
+            Ok(Reply::AuditKeep(blocking(move || Ok(catalog::audit::keep(&store.catalog()?, &tenant)?)).await?))
+        }
         Request::History { tenant, after } => {
             let tenant = record_reader(identity, tenant, "history")?;
             let (events, head) = blocking(move || {

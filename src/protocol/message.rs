@@ -255,6 +255,17 @@ pub enum Request {
     /// `HistoryHeads`: what a tenant records outside the cluster, readable without a record
     /// of its own (a read that moved the head it reports would be no use).
     HistoryHeads,
+    /// An administrator sets how long a tenant's audit records are kept (`tenant` empty: the
+    /// cluster's own sessions) → `AuditKeep`. Lengthening applies at once; shortening is
+    /// recorded, and applies when a second administrator asks for the same days.
+    SetAuditKeep {
+        tenant: String,
+        days: u32,
+    },
+    /// How long a tenant's audit records are kept → `AuditKeep` (authorised as `Audit`).
+    AuditKeep {
+        tenant: Option<String>,
+    },
 }
 
 impl Request {
@@ -300,6 +311,8 @@ impl Request {
             Request::History { .. } => "history",
             Request::GcStatus => "gc_status",
             Request::HistoryHeads => "history_heads",
+            Request::SetAuditKeep { .. } => "set_audit_keep",
+            Request::AuditKeep { .. } => "audit_keep",
         }
     }
 }
@@ -409,6 +422,29 @@ pub enum Reply {
     },
     GcStatus(GcStatus),
     HistoryHeads(Vec<TenantHead>),
+    AuditKeep(AuditKeepView),
+}
+
+/// How long a tenant's audit records are kept, and a shortening waiting for its second
+/// administrator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditKeepView {
+    /// Empty: the cluster's own sessions (administrators').
+    pub tenant: String,
+    pub days: u32,
+    /// Who set it and when (cluster time); `None`: the default.
+    pub set: Option<(String, i64)>,
+    pub pending: Option<PendingAuditKeep>,
+}
+
+/// A shortening of the audit keeping time, applied when a different administrator asks for
+/// the same days before `expires` (cluster time).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingAuditKeep {
+    pub days: u32,
+    pub by: String,
+    pub requested: i64,
+    pub expires: i64,
 }
 
 /// One tenant's history chain head.

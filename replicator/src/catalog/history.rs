@@ -1,12 +1,13 @@
 //! Each tenant's history as a hash chain, kept by the catalog as it applies commands: every
 //! commit, every snapshot forgotten, every lock, hold, protection window and policy set,
-//! every audited session is an event naming the hash of the one before. A record removed or
+//! every audited session and audit keeping time is an event naming the hash of the one before. A record removed or
 //! edited by hand in one node's store no longer matches the chain, and a chain rewritten on
 //! one node no longer matches the head its tenant recorded, or the other nodes'
 //! (`exclave-restore history verify`).
 //!
 //! Only commands that arrived with this chain write to it (`CommitV2`, `SetRetentionV2`,
-//! `SetProtection`, `SetLock`, `ApproveLock`, `SetHold`, `Audit`, `RecordDrillV2`), so a log
+//! `SetProtection`, `SetLock`, `ApproveLock`, `SetHold`, `Audit`, `RecordDrillV2`,
+//! `SetAuditKeep`), so a log
 //! replayed by a newer node gives the state older nodes reached. Drill results recorded with
 //! the older `RecordDrill` are not in the chain.
 //!

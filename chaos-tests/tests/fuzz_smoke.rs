@@ -210,3 +210,66 @@ fn key_files_and_shares_a_person_types_are_refused_never_a_panic() {
         }
     });
 }
+
+#[test]
+fn catalog_records_read_back_from_a_store_are_refused_never_a_panic() {
+    use exclave::protocol::{AuditRecord, HistoryEvent, LegalHold, LockMode, RetentionLock};
+    let snapshot = exclave::protocol::SnapshotInfo {
+        id: "s-1".into(),
+        source: "rnpp".into(),
+        time: 1_700_000_000,
+        root: ChunkId([4; 32]),
+        key_fingerprint: "ab12".into(),
+        agent: "rnpp".into(),
+        hostname: String::new(),
+        files: 0,
+        logical_bytes: 42,
+        chunks: 3,
+        stored_bytes: 40,
+        commit_seq: 1,
+    };
+    let audit = AuditRecord {
+        identity: "restore:lux#0a".into(),
+        tenant: "lux".into(),
+        node: "n1".into(),
+        started: 1,
+        ended: 2,
+        bytes: 3,
+        sources: vec!["rnpp".into()],
+        snapshots: vec!["s-1".into()],
+        ..Default::default()
+    };
+    let event = HistoryEvent {
+        seq: 1,
+        prev: [0; 32],
+        time: 5,
+        kind: "commit".into(),
+        payload: postcard::to_allocvec(&snapshot).unwrap(),
+    };
+    let lock = RetentionLock { mode: LockMode::Governance, days: 30, by: "admin#1".into(), since: 9 };
+    let hold = LegalHold {
+        target: exclave::protocol::HoldTarget::Source("rnpp".into()),
+        by: "admin#1".into(),
+        since: 9,
+        reason: "case 17".into(),
+    };
+    let seeds = vec![
+        postcard::to_allocvec(&snapshot).unwrap(),
+        postcard::to_allocvec(&vec![ChunkId([1; 32]), ChunkId([2; 32])]).unwrap(),
+        postcard::to_allocvec(&audit).unwrap(),
+        postcard::to_allocvec(&event).unwrap(),
+        postcard::to_allocvec(&lock).unwrap(),
+        postcard::to_allocvec(&hold).unwrap(),
+    ];
+    fuzz("catalog_entry", &seeds, |data| {
+        let _ = postcard::from_bytes::<exclave::protocol::SnapshotInfo>(data);
+        let _ = postcard::from_bytes::<Vec<ChunkId>>(data);
+        let _ = postcard::from_bytes::<AuditRecord>(data);
+        let _ = postcard::from_bytes::<RetentionLock>(data);
+        let _ = postcard::from_bytes::<LegalHold>(data);
+        let _ = postcard::from_bytes::<exclave::protocol::AuditKeepView>(data);
+        if let Ok(e) = postcard::from_bytes::<HistoryEvent>(data) {
+            let _ = e.hash();
+        }
+    });
+}

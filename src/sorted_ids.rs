@@ -93,6 +93,33 @@ pub fn insert_all(ids: &mut Vec<ChunkId>, extra: &[ChunkId]) {
     *ids = out;
 }
 
+/// `a` without the ids of `b` (both strictly ascending), in one linear pass.
+pub fn difference(a: &[ChunkId], b: &[ChunkId]) -> Vec<ChunkId> {
+    let mut out = Vec::new();
+    let mut j = 0;
+    for x in a {
+        while j < b.len() && b[j] < *x {
+            j += 1;
+        }
+        if j == b.len() || b[j] != *x {
+            out.push(*x);
+        }
+    }
+    out
+}
+
+/// The ids of `a` or `b` (both strictly ascending), strictly ascending, in one linear pass.
+pub fn union(a: &[ChunkId], b: &[ChunkId]) -> Vec<ChunkId> {
+    let mut out = a.to_vec();
+    insert_all(&mut out, b);
+    out
+}
+
+/// Whether the strictly ascending `ids` hold `id`.
+pub fn contains(ids: &[ChunkId], id: &ChunkId) -> bool {
+    ids.binary_search(id).is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,6 +172,17 @@ mod tests {
             let want = reference(&[a.clone(), b.clone()]);
             insert_all(&mut a, &b);
             assert_eq!(a, want, "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn difference_and_union_are_the_set_operations() {
+        for seed in 0..100u64 {
+            let a = reference(&[ids(seed, 40, 100)]);
+            let b = reference(&[ids(seed + 500, 30, 100)]);
+            let want_diff: Vec<ChunkId> = a.iter().copied().filter(|x| !b.contains(x)).collect();
+            assert_eq!(difference(&a, &b), want_diff, "seed {seed}");
+            assert_eq!(union(&a, &b), reference(&[a.clone(), b.clone()]), "seed {seed}");
         }
     }
 

@@ -663,6 +663,17 @@ pub fn remove_drill_records(data: &Path) -> usize {
     keys.len()
 }
 
+/// How many keys of a stopped node's catalog start with `prefix` (keys documented at the top
+/// of replicator/src/catalog.rs).
+pub fn count_catalog_keys(data: &Path, prefix: &[u8]) -> usize {
+    let (db, active) = open_catalog(data);
+    let cat = db.cf_handle(active).expect("catalog family");
+    db.iterator_cf(cat, rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward))
+        .map(|kv| kv.expect("catalog read").0)
+        .take_while(|k| k.starts_with(prefix))
+        .count()
+}
+
 /// The workspace's root directory (where `deploy/` and `README.md` are).
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("chaos-tests sits in the workspace").to_path_buf()

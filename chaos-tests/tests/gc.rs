@@ -300,3 +300,58 @@ fn leftovers_of_an_upload_that_was_never_indexed_are_swept_after_two_passes() {
     ok(w.restore(&nodes[2], "rnpp", s["snapshot"].as_str().unwrap(), &to));
     assert_same_tree(&src, &to.join("src"));
 }
+
+#[test]
+fn snapshots_stored_as_differences_keep_every_chunk_through_collection() {
+    let w = World::new();
+    let mut nodes = w.start_cluster_with(&["n1", "n2", "n3"], &["--gc-interval-hours", "0", "--gc-grace-passes", "0"]);
+    let src = w.path("registry");
+    sample_tree(&src, 21, 6 << 20);
+    let mut made = Vec::new();
+    for day in 0..3u8 {
+        // Each day's document is only in that day's snapshot: in the older ones, only in what
+        // their difference from the next adds.
+        let doc: Vec<u8> = (0..400_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> (day + 3)) as u8).collect();
+        std::fs::write(src.join(format!("documents/day-{day}.bin")), doc).unwrap();
+        if day > 0 {
+            std::fs::remove_file(src.join(format!("documents/day-{}.bin", day - 1))).unwrap();
+        }
+        let s = snapshot_of(&ok(w.backup(&nodes[0], "rnpp", &[&src])));
+        let copy = w.path(&format!("day-{day}"));
+        ok(run(Command::new("cp").arg("-a").arg(&src).arg(&copy)));
+        made.push((s, copy));
+    }
+    let leader = w.wait_leader(&nodes);
+    for n in &nodes {
+        w.wait_backfilled(n, &nodes[leader]);
+    }
+    // Everything is referenced: a pass condemns nothing, and every day restores from one node.
+    let r = json(&ok(gc(&w, &nodes[1], "admin", &[])));
+    assert_eq!(r["cluster"]["condemned_chunks"], 0, "{r}");
+    for (i, (s, copy)) in made.iter().enumerate() {
+        let to = w.path(&format!("restored-{i}"));
+        ok(w.restore(&nodes[2], "rnpp", s, &to));
+        assert_same_tree(copy, &to.join("registry"));
+    }
+    // On a node that did not lead, the two older days are stored as differences.
+    let follower = (leader + 1) % nodes.len();
+    nodes[follower].stop();
+    assert_eq!(count_catalog_keys(&nodes[follower].data, b"Blux\0"), 2, "older days stored as differences");
+    assert_eq!(count_catalog_keys(&nodes[follower].data, b"rlux\0"), 1, "one whole list (a batch)");
+    nodes[follower].restart();
+    w.wait_sees_leader(&nodes[follower]);
+    // Keeping the newest only: day 0's and day 1's documents are collected, day 2 restores.
+    keep_last(&w, &nodes[0], 1);
+    let r = json(&ok(gc(&w, &nodes[0], "admin", &[])));
+    assert!(r["cluster"]["condemned_chunks"].as_u64().unwrap() >= 2, "{r}");
+    let to = w.path("restored-last");
+    ok(w.restore(&nodes[1], "rnpp", &made[2].0, &to));
+    assert_same_tree(&made[2].1, &to.join("registry"));
+    // Forgotten with their snapshots: no difference is left.
+    w.wait_backfilled(&nodes[follower], &nodes[leader]);
+    nodes[follower].stop();
+    for prefix in [&b"Blux\0"[..], b"elux\0", b"flux\0"] {
+        assert_eq!(count_catalog_keys(&nodes[follower].data, prefix), 0, "{}", String::from_utf8_lossy(prefix));
+    }
+    assert!(count_catalog_keys(&nodes[follower].data, b"rlux\0") >= 1);
+}

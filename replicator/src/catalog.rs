@@ -15,7 +15,12 @@
 //! c ‖ tenant ‖ 0 ‖ chunk id (32)                      → postcard(IndexEntry)       chunk index
 //! s ‖ tenant ‖ 0 ‖ source ‖ 0 ‖ time (i64 BE) ‖ id    → postcard(SnapshotInfo)     snapshots
 //! i ‖ tenant ‖ 0 ‖ id                                 → source ‖ 0 ‖ time (i64 BE) lookup by id
-//! r ‖ tenant ‖ 0 ‖ id ‖ 0 ‖ batch (u32 BE)             → postcard(Vec<ChunkId>)     references (for GC)
+//! r ‖ tenant ‖ 0 ‖ id ‖ 0 ‖ batch (u32 BE)             → postcard(Vec<ChunkId>)     references (for GC), whole (`refs`)
+//! B ‖ tenant ‖ 0 ‖ id                                 → base snapshot id           references stored as a difference
+//! e ‖ tenant ‖ 0 ‖ id ‖ 0 ‖ batch (u32 BE)             → postcard(Vec<ChunkId>)     references the base lacks
+//! f ‖ tenant ‖ 0 ‖ id ‖ 0 ‖ batch (u32 BE)             → postcard(Vec<ChunkId>)     the base's references it lacks
+//! F                                                   → u32 BE                     catalog layout (`packs_refs`)
+//! R ‖ tenant ‖ 0                                      → u64 BE                     when lists were last rewritten (`refs`)
 //! p ‖ tenant ‖ 0 ‖ id ‖ 0 ‖ batch (u32 BE)             → postcard(Vec<ChunkId>)     staged by an unfinished commit
 //! t ‖ tenant                                          → postcard(TenantInfo)
 //! k ‖ tenant ‖ 0 ‖ source                             → postcard(RetentionPolicy)
@@ -75,6 +80,7 @@ pub mod audit;
 pub mod gc;
 pub mod history;
 pub mod locks;
+pub mod refs;
 
 /// Most missing ids listed in one refusal (the agent re-sends those and tries again).
 pub const MAX_MISSING_REPORTED: usize = 32 * 1024;
@@ -390,6 +396,12 @@ pub enum Command {
         by: String,
         now: i64,
     },
+    /// Stores the second newest snapshot of a source as its difference from the newest, when
+    /// that is small and the catalog allows it (`refs`).
+    PackRefs {
+        tenant: String,
+        source: String,
+    },
 }
 
 /// How long, in cluster time, retention may not forget a tenant's new snapshots.
@@ -405,6 +417,23 @@ impl Protection {
 }
 
 const CLOCK_KEY: &[u8] = b"C";
+
+/// What the catalog's layout may hold beyond what every version reads: written when a cluster
+/// is founded, so that nodes of an older version, which would read the catalog wrongly, never
+/// serve a cluster that uses it.
+const LAYOUT_KEY: &[u8] = b"F";
+/// Layout 1: snapshot references stored as differences (`refs`).
+const LAYOUT_PACKED_REFS: u32 = 1;
+
+/// Whether snapshot references may be stored as differences (`PackRefs` does something).
+pub fn packs_refs(view: &dyn CatalogRead) -> Result<bool, CatalogError> {
+    Ok(view.get(LAYOUT_KEY)?.and_then(|v| v.try_into().ok()).map(u32::from_be_bytes).unwrap_or(0) >= LAYOUT_PACKED_REFS)
+}
+
+/// The catalog's first writes in a cluster founded by this version (with its members').
+pub fn founding_writes() -> Vec<Write> {
+    vec![Write::Put(LAYOUT_KEY.to_vec(), LAYOUT_PACKED_REFS.to_be_bytes().to_vec())]
+}
 
 /// Cluster time: the newest commit time applied (0 before the first).
 pub fn cluster_time(view: &dyn CatalogRead) -> Result<i64, CatalogError> {
@@ -551,10 +580,6 @@ fn forget_writes(
     w.push(Write::Delete(snapshot_key(tenant, &loc, snapshot_id)));
     w.push(Write::Delete(id_key(tenant, snapshot_id)));
     w.push(Write::Delete(commit_time_key(tenant, snapshot_id)));
-    view.scan(&batches_prefix(b'r', tenant, snapshot_id), &mut |k, _| {
-        w.push(Write::Delete(k.to_vec()));
-        true
-    })?;
     Ok(true)
 }
 
@@ -649,6 +674,7 @@ fn apply_retention(
             }
         }
     }
+    refs::forget(view, tenant, &gone, w)?;
     Ok(gone)
 }
 
@@ -894,6 +920,13 @@ pub fn apply(view: &dyn CatalogRead, cmd: &Command) -> Result<(Outcome, Vec<Writ
             chain.push("audit", encode(record), &mut w);
             out
         }
+        Command::PackRefs { tenant, source } => {
+            if packs_refs(view)? {
+                refs::pack(view, tenant, source, &mut w)?
+            } else {
+                Outcome::Done
+            }
+        }
         Command::SetAuditKeep { tenant, days, by, now } => {
             let now = (*now).max(cluster_time(view)?);
             let out = audit::set_keep(view, tenant, *days, by, now, &mut w)?;
@@ -938,6 +971,7 @@ pub fn apply(view: &dyn CatalogRead, cmd: &Command) -> Result<(Outcome, Vec<Writ
             if held {
                 Outcome::Refused(format!("snapshot {snapshot_id} is under a legal hold"))
             } else if forget_writes(view, tenant, snapshot_id, &mut w)? {
+                refs::forget(view, tenant, std::slice::from_ref(snapshot_id), &mut w)?;
                 let mut info = tenant_info(view, tenant)?;
                 info.snapshots = info.snapshots.saturating_sub(1);
                 bump(view, &mut w, 0, 0, 1)?;
@@ -1068,9 +1102,7 @@ fn commit(
     let loc = location(&snap);
     w.push(Write::Put(snapshot_key(tenant, &loc, &snap.id), encode(&snap)));
     w.push(Write::Put(id_key(tenant, &snap.id), loc));
-    for (i, part) in refs.chunks(REFS_PER_BATCH).enumerate() {
-        w.push(Write::Put(batch_key(b'r', tenant, &snap.id, i as u32), encode(&part.to_vec())));
-    }
+    refs::put_whole(tenant, &snap.id, &refs, w);
     // Cluster time never goes back. A `Commit` from before commit times were kept records
     // none and applies retention as it did.
     let (clock, now) = match proposed_now {
@@ -1215,30 +1247,17 @@ pub fn snapshots(
     Ok(out)
 }
 
-/// The snapshots of `tenant` whose references include `id` (a walk over the tenant's
-/// references: for reporting a lost chunk, not for any hot path).
+/// The snapshots of `tenant` whose references include `id`, by id (a walk over every
+/// snapshot's chain: for reporting a lost chunk, not for any hot path).
 pub fn snapshots_referencing(view: &dyn CatalogRead, tenant: &str, id: &ChunkId) -> Result<Vec<String>, CatalogError> {
-    let prefix = tenant_key(b'r', tenant);
-    let mut found: Vec<String> = Vec::new();
-    let mut bad = None;
-    view.scan(&prefix, &mut |k, v| {
-        let rest = &k[prefix.len()..];
-        let Some(end) = rest.iter().position(|b| *b == 0) else { return true };
-        let snapshot = String::from_utf8_lossy(&rest[..end]).into_owned();
-        if found.last() == Some(&snapshot) {
-            return true;
+    let mut found = Vec::new();
+    for s in snapshots(view, tenant, None)? {
+        if refs::references_chunk(view, tenant, &s.id, id)? {
+            found.push(s.id);
         }
-        match decode::<Vec<ChunkId>>(v) {
-            Ok(ids) if ids.contains(id) => found.push(snapshot),
-            Ok(_) => {}
-            Err(e) => {
-                bad = Some(e);
-                return false;
-            }
-        }
-        true
-    })?;
-    bad.map_or(Ok(found), Err)
+    }
+    found.sort();
+    Ok(found)
 }
 
 /// Prefix of the revocation keys.
@@ -2144,6 +2163,7 @@ mod tests {
                 now: 3
             }),
             (tenant.clone(), sid).prop_map(|(tenant, snapshot_id)| Command::Forget { tenant, snapshot_id }),
+            tenant.clone().prop_map(|tenant| Command::PackRefs { tenant, source: "rnpp".into() }),
             (1u64..4, "[a-z]{1,3}").prop_map(|(raft_id, name)| Command::SetMember {
                 raft_id,
                 member: Member { name, addr: "127.0.0.1:1".into() }
@@ -2202,6 +2222,8 @@ mod tests {
         ) {
             let cut = cut.min(log.len());
             let (mut a, mut b) = (MemCatalog::default(), MemCatalog::default());
+            a.write(founding_writes());
+            b.write(founding_writes());
             let mut outcomes_a = Vec::new();
             for cmd in &log {
                 outcomes_a.push(a.apply(cmd).unwrap());
@@ -2221,9 +2243,10 @@ mod tests {
             let kept: Vec<Write> = usages(&a).unwrap().into_iter().filter(|(_, u, _)| *u > 0)
                 .map(|(t, u, _)| Write::Put(usage_key(&t), u.to_be_bytes().to_vec())).collect();
             prop_assert_eq!(kept, count_usage(&a).unwrap());
-            // A committed snapshot's every reference is in the index.
+            // A committed snapshot's every reference is in the index (whole lists and what
+            // differences add hold them all, `refs`).
             for (k, v) in &a.0 {
-                if k[0] == b'r' {
+                if k[0] == b'r' || k[0] == b'e' {
                     let tenant_end = k.iter().position(|b| *b == 0).unwrap();
                     let tenant = std::str::from_utf8(&k[1..tenant_end]).unwrap();
                     for r in decode::<Vec<ChunkId>>(v).unwrap() {

@@ -238,6 +238,7 @@ pub fn start(
                 let (_, w) = catalog::apply(&catalog::MemCatalog::default(), &cmd).unwrap_or((Outcome::Done, vec![]));
                 w
             })
+            .chain(catalog::founding_writes())
             .collect();
         log.bootstrap(cs, writes)?;
         info!(voters = founders.len(), "new cluster configuration written (bootstrap)");

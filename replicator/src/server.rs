@@ -369,6 +369,32 @@ fn record_reader(identity: &Identity, tenant: Option<String>, request: &'static 
     Ok(tenant)
 }
 
+/// After a commit, asks the cluster to store the snapshot before it as a difference from this
+/// one (`catalog::refs`), in the background: the commit is acknowledged already, and a
+/// failure only leaves that list whole. Not for WAL (segments share no chunks) nor for
+/// snapshots too small to be worth a command.
+fn pack_references(node: &Arc<Node>, tenant: &str, committed: &exclave::protocol::SnapshotInfo) {
+    const MIN_REFS: u64 = 64;
+    if committed.source.ends_with(".wal") || committed.chunks < MIN_REFS {
+        return;
+    }
+    let allowed = node
+        .store
+        .catalog()
+        .map_err(|e| e.to_string())
+        .and_then(|v| catalog::packs_refs(&v).map_err(|e| e.to_string()));
+    if allowed != Ok(true) {
+        return;
+    }
+    let (node, cmd) =
+        (node.clone(), Command::PackRefs { tenant: tenant.to_string(), source: committed.source.clone() });
+    tokio::spawn(async move {
+        if let Err(e) = node.raft.propose(cmd).await {
+            tracing::debug!(error = %e, "packing the previous snapshot's references: left whole");
+        }
+    });
+}
+
 /// The reply to an administrator's retention change.
 fn change_reply(outcome: Outcome) -> Result<Reply, Failure> {
     match outcome {
@@ -460,6 +486,7 @@ async fn dispatch(
             match node.raft.propose_idempotent(cmd).await? {
                 Outcome::Committed(committed) => {
                     node.metrics.committed(&tenant, &committed, started.elapsed());
+                    pack_references(node, &tenant, &committed);
                     info!(%tenant, source = %committed.source, snapshot = %committed.id, files = committed.files,
                           bytes = committed.logical_bytes, "snapshot committed");
                     Ok(Reply::Committed { snapshot: committed })

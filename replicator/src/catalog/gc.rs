@@ -400,16 +400,24 @@ fn referenced_since(
     ids: &HashSet<ChunkId>,
 ) -> Result<HashSet<ChunkId>, CatalogError> {
     let mut out = HashSet::new();
-    for s in snapshots(view, tenant, None)?.into_iter().filter(|s| s.commit_seq > as_of) {
-        for (_, refs) in scan_decoded::<Vec<ChunkId>>(view, &batches_prefix(b'r', tenant, &s.id))? {
-            out.extend(refs.into_iter().filter(|r| ids.contains(r)));
+    // Whole lists and the references a difference adds: together they hold every reference
+    // of these snapshots, whose bases were committed later still (`refs`, rule 3). A list
+    // rewritten since the mark began may have been read half old, half new: then every
+    // snapshot's lists count, not only the newer snapshots' (`refs::rewritten_since`).
+    let all = super::refs::rewritten_since(view, tenant, as_of)?;
+    for s in snapshots(view, tenant, None)?.into_iter().filter(|s| all || s.commit_seq > as_of) {
+        for tag in [b'r', b'e'] {
+            for (_, refs) in scan_decoded::<Vec<ChunkId>>(view, &batches_prefix(tag, tenant, &s.id))? {
+                out.extend(refs.into_iter().filter(|r| ids.contains(r)));
+            }
         }
     }
     Ok(out)
 }
 
 /// Takes `ids` out of the index, keeping them condemned, except those a snapshot committed
-/// after `as_of` references (the proposer's mark did not see that snapshot).
+/// after `as_of` references (the proposer's mark did not see that snapshot), or any snapshot
+/// does when reference lists were rewritten since (the mark may have read them mid-change).
 pub(super) fn condemn(
     view: &dyn CatalogRead,
     tenant: &str,
@@ -520,10 +528,12 @@ pub(super) fn pass_done(
 
 // ---- The mark: which indexed chunks no snapshot references ----
 
-/// One snapshot's references, read a stored batch at a time. Commit stores them sorted and
-/// distinct, batch after batch; a list found out of order stops the mark (nothing is
-/// condemned on a guess).
+/// One stored list of a snapshot's references (whole, or what its difference adds), read a
+/// batch at a time. Lists are stored sorted and distinct, batch after batch; a list found out
+/// of order stops the mark (nothing is condemned on a guess).
 struct RefCursor {
+    /// `r` (whole) or `e` (added by a difference).
+    tag: u8,
     snapshot: String,
     batch: u32,
     ids: Vec<ChunkId>,
@@ -542,7 +552,7 @@ impl RefCursor {
         self.pos += 1;
         if self.pos >= self.ids.len() {
             self.batch += 1;
-            self.ids = match view.get(&batch_key(b'r', tenant, &self.snapshot, self.batch))? {
+            self.ids = match view.get(&batch_key(self.tag, tenant, &self.snapshot, self.batch))? {
                 Some(v) => decode(&v)?,
                 None => Vec::new(),
             };
@@ -579,16 +589,20 @@ impl Marker {
     pub fn new(view: &dyn CatalogRead, tenant: &str) -> Result<Marker, CatalogError> {
         let mut cursors = Vec::new();
         let mut heap = BinaryHeap::new();
+        // Every whole list and every list a difference adds: their union is every snapshot's
+        // references (`refs`, rule 3).
         for s in snapshots(view, tenant, None)? {
-            let ids: Vec<ChunkId> = match view.get(&batch_key(b'r', tenant, &s.id, 0))? {
-                Some(v) => decode(&v)?,
-                None => Vec::new(),
-            };
-            let c = RefCursor { snapshot: s.id, batch: 0, ids, pos: 0, last: None };
-            if let Some(h) = c.head() {
-                heap.push(std::cmp::Reverse((h, cursors.len())));
+            for tag in [b'r', b'e'] {
+                let ids: Vec<ChunkId> = match view.get(&batch_key(tag, tenant, &s.id, 0))? {
+                    Some(v) => decode(&v)?,
+                    None => continue,
+                };
+                let c = RefCursor { tag, snapshot: s.id.clone(), batch: 0, ids, pos: 0, last: None };
+                if let Some(h) = c.head() {
+                    heap.push(std::cmp::Reverse((h, cursors.len())));
+                }
+                cursors.push(c);
             }
-            cursors.push(c);
         }
         Ok(Marker {
             tenant: tenant.to_string(),
@@ -749,28 +763,25 @@ mod tests {
         /// Nothing the catalog names is gone: every indexed or condemned chunk is held, and
         /// every reference of every snapshot is indexed.
         fn check(&self) -> Result<(), TestCaseError> {
-            for (k, v) in &self.cat.0 {
-                let id = || ChunkId(k[k.len() - 32..].try_into().unwrap());
-                match k[0] {
-                    b'c' | b'g' => {
-                        prop_assert!(self.held.contains(&id()), "{} names a chunk no node holds", k[0] as char)
+            for k in self.cat.0.keys() {
+                if k[0] == b'c' || k[0] == b'g' {
+                    let id = ChunkId(k[k.len() - 32..].try_into().unwrap());
+                    prop_assert!(self.held.contains(&id), "{} names a chunk no node holds", k[0] as char);
+                }
+            }
+            for s in snapshots(&self.cat, T, None).unwrap() {
+                for r in super::super::refs::references(&self.cat, T, &s.id).unwrap() {
+                    prop_assert!(
+                        index_entry(&self.cat, T, &r).unwrap().is_some(),
+                        "a snapshot's reference left the index"
+                    );
+                    if let Some(b) = self.cat.get(&base_key(T, &r)).unwrap() {
+                        let b = ChunkId(b.try_into().unwrap());
+                        prop_assert!(
+                            index_entry(&self.cat, T, &b).unwrap().is_some(),
+                            "the base of a referenced delta left the index"
+                        );
                     }
-                    b'r' => {
-                        for r in decode::<Vec<ChunkId>>(v).unwrap() {
-                            prop_assert!(
-                                index_entry(&self.cat, T, &r).unwrap().is_some(),
-                                "a snapshot's reference left the index"
-                            );
-                            if let Some(b) = self.cat.get(&base_key(T, &r)).unwrap() {
-                                let b = ChunkId(b.try_into().unwrap());
-                                prop_assert!(
-                                    index_entry(&self.cat, T, &b).unwrap().is_some(),
-                                    "the base of a referenced delta left the index"
-                                );
-                            }
-                        }
-                    }
-                    _ => {}
                 }
             }
             Ok(())
@@ -988,6 +999,8 @@ mod tests {
         /// Apply the oldest queued index entry or condemn.
         ApplyQueued(bool),
         Commit(u8, u8, Vec<u8>),
+        /// Store the second newest snapshot as a difference from the newest.
+        Pack,
         Forget(u8),
         /// Mark now; condemn now or queue it.
         Mark(bool),
@@ -1002,6 +1015,7 @@ mod tests {
             (ids(), any::<bool>(), any::<bool>()).prop_map(|(n, now, d)| Op::Upload(n, now, d)),
             any::<bool>().prop_map(Op::ApplyQueued),
             (0u8..4, 0u8..16, ids()).prop_map(|(s, r, n)| Op::Commit(s, r, n)),
+            Just(Op::Pack),
             (0u8..4).prop_map(Op::Forget),
             any::<bool>().prop_map(Op::Mark),
             Just(Op::SweepCondemned),
@@ -1016,6 +1030,7 @@ mod tests {
         #[test]
         fn gc_never_loses_what_a_snapshot_or_the_index_needs(ops in prop::collection::vec(op(), 0..80)) {
             let mut w = World::default();
+            w.cat.write(crate::catalog::founding_writes());
             let mut queued: std::collections::VecDeque<Command> = Default::default();
             let mut pass = 0;
             for op in ops {
@@ -1029,6 +1044,7 @@ mod tests {
                         if let Some(cmd) = cmd { w.run(&cmd); }
                     }
                     Op::Commit(s, root, refs) => { w.commit(&format!("s{s}"), root, &refs); }
+                    Op::Pack => { w.run(&Command::PackRefs { tenant: T.into(), source: "rnpp".into() }); }
                     Op::Forget(s) => { w.run(&Command::Forget { tenant: T.into(), snapshot_id: format!("s{s}") }); }
                     Op::Mark(now) => {
                         pass += 1;

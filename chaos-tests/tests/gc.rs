@@ -355,3 +355,61 @@ fn snapshots_stored_as_differences_keep_every_chunk_through_collection() {
     }
     assert!(count_catalog_keys(&nodes[follower].data, b"rlux\0") >= 1);
 }
+
+#[test]
+fn a_cluster_founded_before_packed_references_packs_them_once_its_upgrade_is_finalised() {
+    // A cluster founded with the older layout, as one upgraded in place is. SAFETY: set before
+    // this test process starts any thread; the nodes inherit it.
+    #[allow(unsafe_code)]
+    unsafe {
+        std::env::set_var("EXCLAVE_TEST_OLD_LAYOUT", "1")
+    };
+    let w = World::new();
+    let mut nodes = w.start_cluster(&["n1", "n2", "n3"]);
+    let src = w.path("registry");
+    sample_tree(&src, 22, 6 << 20);
+    let mut made = Vec::new();
+    let mut backup_day = |nodes: &[Node], day: usize| {
+        std::fs::write(src.join("documents/today.txt"), format!("day {day}")).unwrap();
+        made.push(snapshot_of(&ok(w.backup(&nodes[0], "rnpp", &[&src]))));
+    };
+    backup_day(&nodes, 0);
+    backup_day(&nodes, 1);
+    let count = |nodes: &mut Vec<Node>, i: usize| {
+        let leader = w.wait_leader(nodes);
+        w.wait_backfilled(&nodes[i], &nodes[leader]);
+        nodes[i].stop();
+        let n = count_catalog_keys(&nodes[i].data, b"Blux\0");
+        nodes[i].restart();
+        w.wait_sees_leader(&nodes[i]);
+        n
+    };
+    assert_eq!(count(&mut nodes, 2), 0, "packed before the upgrade was finalised");
+
+    let finalize = |identity: &str| {
+        run(Command::new(bin("exclave-replicator"))
+            .args([
+                "cluster",
+                "finalize-upgrade",
+                "--identity",
+                identity,
+                "--node",
+                &nodes[1].addr.to_string(),
+                "--pki",
+            ])
+            .arg(w.pki()))
+    };
+    let o = finalize("rnpp");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("may not change the cluster (finalize_upgrade)"), "{}", stderr(&o));
+    assert!(stdout(&ok(finalize("admin"))).contains("upgrade finalised"));
+    backup_day(&nodes, 2);
+    backup_day(&nodes, 3);
+    // Days 1 and 2 are now differences from the day after; day 0 stays whole.
+    assert_eq!(count(&mut nodes, 2), 2);
+    for (i, s) in made.iter().enumerate() {
+        let to = w.path(&format!("restored-{i}"));
+        ok(w.restore(&nodes[2], "rnpp", s, &to));
+        assert_eq!(std::fs::read_to_string(to.join("registry/documents/today.txt")).unwrap(), format!("day {i}"));
+    }
+}

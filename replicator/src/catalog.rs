@@ -402,6 +402,12 @@ pub enum Command {
         tenant: String,
         source: String,
     },
+    /// An administrator finalised an upgrade: the catalog may use `layout` from now on. A node
+    /// of an older version cannot decode this command and stops here, before anything of the
+    /// new layout reaches it.
+    SetLayout {
+        layout: u32,
+    },
 }
 
 /// How long, in cluster time, retention may not forget a tenant's new snapshots.
@@ -418,21 +424,32 @@ impl Protection {
 
 const CLOCK_KEY: &[u8] = b"C";
 
-/// What the catalog's layout may hold beyond what every version reads: written when a cluster
-/// is founded, so that nodes of an older version, which would read the catalog wrongly, never
-/// serve a cluster that uses it.
+/// What the catalog's layout may hold beyond what every version reads. A cluster founded by
+/// this version starts at `LAYOUT`; one founded earlier stays at 0 until an administrator
+/// finalises its upgrade (`SetLayout`), so that a node of an older version, which would read
+/// the catalog wrongly, never serves a cluster that uses it.
 const LAYOUT_KEY: &[u8] = b"F";
 /// Layout 1: snapshot references stored as differences (`refs`).
 const LAYOUT_PACKED_REFS: u32 = 1;
+/// The newest layout this version knows.
+pub const LAYOUT: u32 = LAYOUT_PACKED_REFS;
+
+/// The catalog's layout (0: every version reads it).
+pub fn layout(view: &dyn CatalogRead) -> Result<u32, CatalogError> {
+    Ok(view.get(LAYOUT_KEY)?.and_then(|v| v.try_into().ok()).map(u32::from_be_bytes).unwrap_or(0))
+}
 
 /// Whether snapshot references may be stored as differences (`PackRefs` does something).
 pub fn packs_refs(view: &dyn CatalogRead) -> Result<bool, CatalogError> {
-    Ok(view.get(LAYOUT_KEY)?.and_then(|v| v.try_into().ok()).map(u32::from_be_bytes).unwrap_or(0) >= LAYOUT_PACKED_REFS)
+    Ok(layout(view)? >= LAYOUT_PACKED_REFS)
 }
 
 /// The catalog's first writes in a cluster founded by this version (with its members').
 pub fn founding_writes() -> Vec<Write> {
-    vec![Write::Put(LAYOUT_KEY.to_vec(), LAYOUT_PACKED_REFS.to_be_bytes().to_vec())]
+    if crate::test_hooks::founds_old_layout() {
+        return Vec::new();
+    }
+    vec![Write::Put(LAYOUT_KEY.to_vec(), LAYOUT.to_be_bytes().to_vec())]
 }
 
 /// Cluster time: the newest commit time applied (0 before the first).
@@ -919,6 +936,16 @@ pub fn apply(view: &dyn CatalogRead, cmd: &Command) -> Result<(Outcome, Vec<Writ
             let mut chain = history::Chain::open(view, &record.tenant, cluster_time(view)?)?;
             chain.push("audit", encode(record), &mut w);
             out
+        }
+        Command::SetLayout { layout } => {
+            if *layout > LAYOUT {
+                Outcome::Refused(format!("this node knows catalog layouts up to {LAYOUT}, not {layout}"))
+            } else {
+                if *layout > self::layout(view)? {
+                    w.push(Write::Put(LAYOUT_KEY.to_vec(), layout.to_be_bytes().to_vec()));
+                }
+                Outcome::Done
+            }
         }
         Command::PackRefs { tenant, source } => {
             if packs_refs(view)? {
@@ -2164,6 +2191,7 @@ mod tests {
             }),
             (tenant.clone(), sid).prop_map(|(tenant, snapshot_id)| Command::Forget { tenant, snapshot_id }),
             tenant.clone().prop_map(|tenant| Command::PackRefs { tenant, source: "rnpp".into() }),
+            (0u32..3).prop_map(|layout| Command::SetLayout { layout }),
             (1u64..4, "[a-z]{1,3}").prop_map(|(raft_id, name)| Command::SetMember {
                 raft_id,
                 member: Member { name, addr: "127.0.0.1:1".into() }

@@ -49,6 +49,13 @@ pub enum ClusterCmd {
         #[arg(long)]
         name: String,
     },
+    /// After every node runs this version: let the catalog use the layout it knows (snapshot
+    /// references stored as differences). A node still on an older version stops at this
+    /// command and must be upgraded; no node may be downgraded past it.
+    FinalizeUpgrade {
+        #[command(flatten)]
+        conn: Conn,
+    },
 }
 
 #[derive(Args)]
@@ -161,6 +168,22 @@ pub async fn run(cmd: ClusterCmd) -> Result<()> {
             );
             client.close().await;
             Ok(())
+        }
+        ClusterCmd::FinalizeUpgrade { conn } => {
+            let client = conn.connect().await?;
+            let reply = client.call(&[Request::FinalizeUpgrade]).await;
+            client.close().await;
+            match reply? {
+                Reply::Ok => {
+                    println!(
+                        "upgrade finalised: the catalog uses layout {} (snapshot references stored as \
+                         differences); nodes of older versions can no longer serve this cluster",
+                        crate::catalog::LAYOUT
+                    );
+                    Ok(())
+                }
+                other => bail!("unexpected reply {other:?}"),
+            }
         }
         ClusterCmd::RemoveNode { conn, name } => {
             let client = conn.connect().await?;

@@ -617,6 +617,18 @@ async fn dispatch(
                 }
             }
         }
+        Request::FinalizeUpgrade => {
+            authorise(identity, Permission::Administer, "finalize_upgrade")?;
+            node.require_leader().await?;
+            match node.raft.propose(Command::SetLayout { layout: catalog::LAYOUT }).await? {
+                Outcome::Done => {
+                    info!(layout = catalog::LAYOUT, by = %identity, "upgrade finalised: catalog layout raised");
+                    Ok(Reply::Ok)
+                }
+                Outcome::Refused(m) => Err(Failure::new(ErrorCode::BadRequest, m)),
+                other => Err(Failure::new(ErrorCode::Internal, format!("layout applied with {other:?}"))),
+            }
+        }
         Request::RemoveNode { name } => {
             authorise(identity, Permission::Administer, "remove_node")?;
             let Some(id) = node.peers.id_of(&name) else {

@@ -12,6 +12,8 @@
 //!   `scrub-page` (a scrub pass's cursor saved after its first page, see `scrub`).
 //! - `EXCLAVE_TEST_SNAPSHOT_PAGE_BYTES=N` makes snapshot pages N bytes, so that a small
 //!   catalog travels in many pages.
+//! - `EXCLAVE_TEST_OLD_LAYOUT=1` founds a cluster with the catalog layout of older versions,
+//!   as a cluster upgraded in place has until `cluster finalize-upgrade`.
 
 use std::sync::OnceLock;
 
@@ -51,4 +53,10 @@ pub fn snapshot_page_bytes(default: usize) -> usize {
     BYTES
         .get_or_init(|| std::env::var("EXCLAVE_TEST_SNAPSHOT_PAGE_BYTES").ok().and_then(|v| v.parse().ok()))
         .unwrap_or(default)
+}
+
+/// Whether a new cluster is to be founded with the older versions' catalog layout.
+pub fn founds_old_layout() -> bool {
+    static OLD: OnceLock<bool> = OnceLock::new();
+    *OLD.get_or_init(|| std::env::var_os("EXCLAVE_TEST_OLD_LAYOUT").is_some_and(|v| v == "1"))
 }

@@ -266,6 +266,9 @@ pub enum Request {
     AuditKeep {
         tenant: Option<String>,
     },
+    /// An administrator says every node runs this version: the catalog may use the newest
+    /// layout the answering node knows → `Ok`. A node of an older version stops at it.
+    FinalizeUpgrade,
 }
 
 impl Request {
@@ -313,6 +316,7 @@ impl Request {
             Request::HistoryHeads => "history_heads",
             Request::SetAuditKeep { .. } => "set_audit_keep",
             Request::AuditKeep { .. } => "audit_keep",
+            Request::FinalizeUpgrade => "finalize_upgrade",
         }
     }
 }

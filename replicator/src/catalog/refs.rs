@@ -29,8 +29,9 @@
 //!    snapshots committed after a mark lie within their own `r` and `e` lists (their bases were
 //!    committed later still): what `gc::referenced_since` reads.
 //! 4. Only `PackRefs` makes a difference, only in clusters whose catalog allows it
-//!    (`catalog::packs_refs`: set when the cluster was founded by nodes that know this layout),
-//!    and only where the difference is at most a quarter of the whole list.
+//!    (`catalog::packs_refs`: from the founding of a cluster by nodes that know this layout,
+//!    or from `cluster finalize-upgrade`), and only where the difference is at most a quarter
+//!    of the whole list.
 
 use std::collections::{HashMap, HashSet};
 
@@ -433,10 +434,33 @@ mod tests {
         assert!(whole <= 2 * 201, "whole lists: {whole} ids");
         assert!(ids_stored(b"ref") < 3 * 201, "30 snapshots stored in {} ids", ids_stored(b"ref"));
         assert_eq!(c.0.keys().filter(|k| k[0] == b'B').count(), 29);
-        // Without the layout (a cluster founded before it), nothing is packed.
-        let mut old = MemCatalog::default();
-        old.0.extend(c.0.iter().filter(|(k, _)| k[0] != b'F').map(|(k, v)| (k.clone(), v.clone())));
-        assert!(!packs_refs(&old).unwrap());
+    }
+
+    #[test]
+    fn a_catalog_of_the_older_layout_packs_only_after_the_upgrade_is_finalised() {
+        let mut c = MemCatalog::default();
+        assert_eq!(layout(&c).unwrap(), 0);
+        let chunks = (0..=255u8).map(|n| (id(n), entry(n))).collect();
+        c.apply(&Command::IndexChunks { tenant: T.into(), chunks }).unwrap();
+        for (n, sid) in ["s1", "s2", "s3"].iter().enumerate() {
+            let ids = (n as u8..100).map(id).collect();
+            c.apply(&Command::StageRefs { tenant: T.into(), snapshot_id: (*sid).into(), batch: 0, ids }).unwrap();
+            let now = T0 + n as i64;
+            let cmd = Command::CommitV2 { tenant: T.into(), snapshot: snap(sid, 250, now), batches: 1, now };
+            assert!(matches!(c.apply(&cmd).unwrap(), Outcome::Committed(_)));
+            c.apply(&Command::PackRefs { tenant: T.into(), source: "rnpp".into() }).unwrap();
+        }
+        assert!(c.0.keys().all(|k| k[0] != b'B'), "packed in a catalog of the older layout");
+        let too_new = Command::SetLayout { layout: LAYOUT + 1 };
+        assert!(matches!(c.apply(&too_new).unwrap(), Outcome::Refused(_)));
+        assert_eq!(c.apply(&Command::SetLayout { layout: LAYOUT }).unwrap(), Outcome::Done);
+        assert!(packs_refs(&c).unwrap());
+        // Never lowered.
+        assert_eq!(c.apply(&Command::SetLayout { layout: 0 }).unwrap(), Outcome::Done);
+        assert_eq!(layout(&c).unwrap(), LAYOUT);
+        c.apply(&Command::PackRefs { tenant: T.into(), source: "rnpp".into() }).unwrap();
+        assert_eq!(base(&c, T, "s2").unwrap().as_deref(), Some("s3"));
+        assert_eq!(references(&c, T, "s2").unwrap(), (1..100).map(id).chain([id(250)]).collect::<Vec<_>>());
     }
 
     #[test]

@@ -993,7 +993,15 @@ impl CatalogRead for CatalogView<'_> {
         start: &[u8],
         f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), CatalogError> {
-        for item in self.db.iterator_cf(self.cf, IteratorMode::From(start.max(prefix), Direction::Forward)) {
+        // Bounded at the prefix's end: without it, reaching the end of a range means skipping
+        // every deleted key after it that compaction has not dropped yet (a commit's staged
+        // references, deleted at every commit, made each commit's scan grow with the number
+        // of commits).
+        let mut opts = rocksdb::ReadOptions::default();
+        if let Some(end) = prefix_end(prefix) {
+            opts.set_iterate_upper_bound(end);
+        }
+        for item in self.db.iterator_cf_opt(self.cf, opts, IteratorMode::From(start.max(prefix), Direction::Forward)) {
             let (k, v) = item.map_err(cat_err)?;
             if !k.starts_with(prefix) || !f(&k, &v) {
                 break;
@@ -1011,11 +1019,31 @@ impl CatalogRead for CatalogView<'_> {
     }
 }
 
+/// The first key after every key that starts with `prefix` (`None`: no such key).
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     use crate::chunk_store::suite::put;
+
+    #[test]
+    fn a_prefix_ends_at_its_successor() {
+        assert_eq!(prefix_end(b"p\0"), Some(b"p\x01".to_vec()));
+        assert_eq!(prefix_end(&[b'a', 0xff, 0xff]), Some(b"b".to_vec()));
+        assert_eq!(prefix_end(&[0xff, 0xff]), None);
+        assert_eq!(prefix_end(b""), None);
+    }
 
     #[test]
     fn packs_survive_reopening_and_a_torn_tail_is_cut_off() {

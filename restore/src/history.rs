@@ -126,8 +126,9 @@ pub fn verify(
             ),
         }
     }
+    let listed_ids: std::collections::HashSet<&str> = listed.iter().map(|l| l.id.as_str()).collect();
     for (id, (seq, s)) in &live {
-        if wanted(s) && !listed.iter().any(|l| &l.id == id) {
+        if wanted(s) && !listed_ids.contains(id.as_str()) {
             breaks(
                 &mut v,
                 format!("snapshot {id} ({}), committed at event {seq}, is missing and was never forgotten", s.source),

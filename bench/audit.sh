@@ -30,8 +30,7 @@ cargo build --release -p exclave-replicator --features bench-unaudited --quiet
 mkdir -p "$B"
 cp "$CARGO_TARGET_DIR/release/exclave-replicator" "$B/exclave-replicator-unaudited"
 private_binaries "$B"
-cargo build --release -p exclave-chaos-tests --bin exclave-sample-register --quiet
-cp "$CARGO_TARGET_DIR/release/exclave-sample-register" "$B/"
+tool_binary exclave-sample-register "$B"
 
 step "data: a ${SIZE} MiB sample register, backed up once"
 "$B/exclave-sample-register" "$W/register" "$SIZE" >/dev/null

@@ -2,6 +2,7 @@
 #
 #   register DIR SIZE_MIB GENERATOR LOG     the shared synthetic register, generated or reused
 #   private_binaries DIR                    release build, copied to DIR
+#   tool_binary NAME DIR                    a release build of chaos-tests' NAME, copied to DIR
 #   cpu_seconds PID                         CPU seconds (user + system) PID has used so far
 #   pgbackrest_conf DIR PGDATA PORT SOCKET [EXTRA]
 #                                           DIR/pgbackrest.conf: the pgBackRest every benchmark
@@ -36,6 +37,13 @@ private_binaries() {
   cargo build --release --workspace --bins --quiet
   mkdir -p "$1"
   cp "$CARGO_TARGET_DIR"/release/exclave-{agent,replicator,restore} "$1/"
+}
+
+# The benchmarks' own tools (register generator, catalog loader, link relay), like the above.
+tool_binary() {
+  cargo build --release -p exclave-chaos-tests --bin "$1" --quiet
+  mkdir -p "$2"
+  cp "$CARGO_TARGET_DIR/release/$1" "$2/"
 }
 
 cpu_seconds() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$1/stat"; }

@@ -26,8 +26,7 @@ workdir exclave-history-bench
 step "build"
 B=$W/bin
 private_binaries "$B"
-cargo build --release -p exclave-chaos-tests --bin exclave-scale-load --quiet
-cp "$CARGO_TARGET_DIR/release/exclave-scale-load" "$B/"
+tool_binary exclave-scale-load "$B"
 R=$B/exclave-replicator
 "$R" pki init --dir "$W/pki" >/dev/null
 "$R" pki issue --dir "$W/pki" --role node --name n1 --host 127.0.0.1 >/dev/null

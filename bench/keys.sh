@@ -30,8 +30,7 @@ workdir exclave-keys-bench
 step "build"
 B=$W/bin
 private_binaries "$B"
-cargo build --release -p exclave-chaos-tests --bin exclave-sample-register --quiet
-cp "$CARGO_TARGET_DIR/release/exclave-sample-register" "$B/"
+tool_binary exclave-sample-register "$B"
 A=$B/exclave-agent
 printf 'a passphrase for the benchmark\n' >"$W/pass"
 chmod 600 "$W/pass"

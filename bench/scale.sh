@@ -37,8 +37,7 @@ trap 'exit 130' INT TERM
 step "build"
 B=$W/bin
 private_binaries "$B"
-cargo build --release -p exclave-chaos-tests --bin exclave-scale-load --quiet
-cp "$CARGO_TARGET_DIR/release/exclave-scale-load" "$B/"
+tool_binary exclave-scale-load "$B"
 R=$B/exclave-replicator
 "$R" pki init --dir "$W/pki" >/dev/null
 for n in n1 n2 n3 n4; do "$R" pki issue --dir "$W/pki" --role node --name "$n" --host 127.0.0.1 >/dev/null; done

@@ -68,8 +68,7 @@ trap net_cleanup EXIT
 step "build (release binaries and the link relay)"
 B=$W/bin
 private_binaries "$B"
-cargo build --release -p exclave-chaos-tests --bin exclave-wan-relay --quiet
-cp "$CARGO_TARGET_DIR/release/exclave-wan-relay" "$B/"
+tool_binary exclave-wan-relay "$B"
 
 step "data: ${SIZE} MiB register, day 1 and day 2"
 DATA=${BENCH_DATA:-$W/data}

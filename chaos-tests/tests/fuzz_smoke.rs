@@ -107,9 +107,9 @@ fn entry(path: &str, size: u64) -> Entry {
     }
 }
 
-#[test]
-fn frames_from_the_network_are_refused_never_a_panic() {
-    let snapshot = exclave::protocol::SnapshotInfo {
+/// A committed snapshot's record, as frames and the catalog carry it.
+fn snapshot() -> exclave::protocol::SnapshotInfo {
+    exclave::protocol::SnapshotInfo {
         id: "s-1".into(),
         source: "rnpp".into(),
         time: 1_700_000_000,
@@ -122,7 +122,12 @@ fn frames_from_the_network_are_refused_never_a_panic() {
         chunks: 3,
         stored_bytes: 40,
         commit_seq: 1,
-    };
+    }
+}
+
+#[test]
+fn frames_from_the_network_are_refused_never_a_panic() {
+    let snapshot = snapshot();
     let seeds = vec![
         encode_frame(FrameKind::Request, &Request::Have { ids: vec![ChunkId([1; 32]), ChunkId([2; 32])] }).unwrap(),
         encode_frame(FrameKind::Request, &Request::Commit { snapshot: snapshot.clone(), ref_batches: 2 }).unwrap(),
@@ -214,20 +219,7 @@ fn key_files_and_shares_a_person_types_are_refused_never_a_panic() {
 #[test]
 fn catalog_records_read_back_from_a_store_are_refused_never_a_panic() {
     use exclave::protocol::{AuditRecord, HistoryEvent, LegalHold, LockMode, RetentionLock};
-    let snapshot = exclave::protocol::SnapshotInfo {
-        id: "s-1".into(),
-        source: "rnpp".into(),
-        time: 1_700_000_000,
-        root: ChunkId([4; 32]),
-        key_fingerprint: "ab12".into(),
-        agent: "rnpp".into(),
-        hostname: String::new(),
-        files: 0,
-        logical_bytes: 42,
-        chunks: 3,
-        stored_bytes: 40,
-        commit_seq: 1,
-    };
+    let snapshot = snapshot();
     let audit = AuditRecord {
         identity: "restore:lux#0a".into(),
         tenant: "lux".into(),

@@ -168,13 +168,18 @@ fn retention_as(w: &World, node: &Node, identity: &str, args: &[&str]) -> std::p
         .arg(w.pki()))
 }
 
-#[test]
-fn locks_need_two_administrators_to_weaken_compliance_none_and_holds_keep_snapshots() {
-    let w = World::new();
+/// A second administrator certificate, `admin2`, for the changes that need two.
+fn issue_second_admin(w: &World) {
     ok(run(Command::new(bin("exclave-replicator"))
         .args(["pki", "issue", "--dir"])
         .arg(w.pki())
         .args(["--role", "admin", "--name", "admin2"])));
+}
+
+#[test]
+fn locks_need_two_administrators_to_weaken_compliance_none_and_holds_keep_snapshots() {
+    let w = World::new();
+    issue_second_admin(&w);
     let nodes = w.start_cluster(&["n1", "n2", "n3"]);
     let node = &nodes[0];
     w.protect(node, "lux", 0);
@@ -254,10 +259,7 @@ fn locks_need_two_administrators_to_weaken_compliance_none_and_holds_keep_snapsh
 #[test]
 fn audit_records_are_kept_as_set_and_one_administrator_cannot_shorten_their_keeping() {
     let w = World::new();
-    ok(run(Command::new(bin("exclave-replicator"))
-        .args(["pki", "issue", "--dir"])
-        .arg(w.pki())
-        .args(["--role", "admin", "--name", "admin2"])));
+    issue_second_admin(&w);
     let nodes = w.start_cluster(&["n1", "n2", "n3"]);
     let keep = |i: usize, who: &str, extra: &[&str]| {
         retention_as(&w, &nodes[i], who, &[&["audit-keep", "--tenant", "lux"], extra].concat())

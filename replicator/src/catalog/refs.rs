@@ -139,11 +139,13 @@ const MAX_CHAIN: usize = 1 << 20;
 /// The snapshots from `id` along its chain to the one stored whole (last).
 fn chain(view: &dyn CatalogRead, tenant: &str, id: &str) -> Result<Vec<String>, CatalogError> {
     let mut out = vec![id.to_string()];
-    while let Some(b) = base(view, tenant, out.last().map(String::as_str).unwrap_or_default())? {
+    let mut at = id.to_string();
+    while let Some(b) = base(view, tenant, &at)? {
         if out.len() > MAX_CHAIN {
             return Err(CatalogError::Decode(format!("the reference chain of snapshot {id} does not end")));
         }
-        out.push(b);
+        out.push(b.clone());
+        at = b;
     }
     Ok(out)
 }
@@ -241,13 +243,14 @@ pub(super) fn forget(
     }
     for (id, first) in orphans {
         let mut diff = (read_list(view, b'e', tenant, id)?, read_list(view, b'f', tenant, id)?);
+        // Rewritten either way: as a difference from another base, or whole.
+        for tag in [b'e', b'f'] {
+            delete_list(view, tag, tenant, id, w)?;
+        }
         let mut b = first.clone();
         let mut steps = 0usize;
         loop {
             if !gone_set.contains(b.as_str()) {
-                for tag in [b'e', b'f'] {
-                    delete_list(view, tag, tenant, id, w)?;
-                }
                 put_list(b'e', tenant, id, &diff.0, w);
                 put_list(b'f', tenant, id, &diff.1, w);
                 w.push(Write::Put(base_key(tenant, id), b.as_bytes().to_vec()));
@@ -262,9 +265,6 @@ pub(super) fn forget(
                 None => {
                     // The chain ended at a forgotten whole list: this snapshot becomes whole.
                     let whole = apply_difference(&read_list(view, b'r', tenant, &b)?, &diff.0, &diff.1);
-                    for tag in [b'e', b'f'] {
-                        delete_list(view, tag, tenant, id, w)?;
-                    }
                     w.push(Write::Delete(base_key(tenant, id)));
                     put_list(b'r', tenant, id, &whole, w);
                     break;

@@ -236,6 +236,20 @@ fn record_header(tenant: &str, id: &ChunkId, checksum: &Checksum, len: usize) ->
     h
 }
 
+/// What `Store::append` wrote: the pack, its file, each envelope's location, the byte range.
+type Appended = (u32, Arc<File>, Vec<Location>, std::ops::Range<u64>);
+
+/// Drops a synced range of a pack from the page cache. Packs are written once and read
+/// rarely (a restore, a scrub pass), so caching them only evicts what is read often (the
+/// index, the catalog). And page-cache pages are costly to take: a buffered write into fresh
+/// pages cost up to 2.3 CPU-s per GB on a virtual machine that gives freed memory back to its
+/// host, against 0.3 when the same pages are released and taken again (measured with 1 GiB
+/// of 16 MiB synced writes). Best effort: the cache is never needed for correctness.
+fn drop_cached(file: &File, range: std::ops::Range<u64>) {
+    let (Ok(start), Ok(len)) = (i64::try_from(range.start), i64::try_from(range.end - range.start)) else { return };
+    let _ = nix::fcntl::posix_fadvise(file, start, len, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED);
+}
+
 /// Writes every byte of `slices` (the kernel may take fewer than offered in one call).
 fn write_all_vectored(file: &File, mut slices: &mut [IoSlice<'_>]) -> std::io::Result<()> {
     let mut f = file;
@@ -629,10 +643,11 @@ impl Store {
 
     /// Appends `chunks` to the active pack, syncs it, then indexes them (the durability rule).
     fn store_new(&self, tenant: &str, chunks: &[&PutChunk]) -> Result<(), StoreError> {
-        let (pack, file, locations) = self.append(tenant, chunks)?;
+        let (pack, file, locations, written) = self.append(tenant, chunks)?;
         crate::test_hooks::crash_point("pack-written");
         file.sync_data().map_err(|e| io_err(&format!("syncing pack {pack}"), e))?;
         crate::test_hooks::crash_point("pack-synced");
+        drop_cached(&file, written);
         let cf = self.cf(CF_INDEX)?;
         let mut batch = WriteBatch::default();
         for (c, loc) in chunks.iter().zip(&locations) {
@@ -641,9 +656,10 @@ impl Store {
         self.db.write_opt(batch, &Self::synced()).map_err(db_err)
     }
 
-    /// One vectored write of the records to the active pack; returns the pack and where
-    /// each envelope landed. On a failed write the pack is cut back to where it was.
-    fn append(&self, tenant: &str, chunks: &[&PutChunk]) -> Result<(u32, Arc<File>, Vec<Location>), StoreError> {
+    /// One vectored write of the records to the active pack; returns the pack, where each
+    /// envelope landed and the byte range written. On a failed write the pack is cut back to
+    /// where it was.
+    fn append(&self, tenant: &str, chunks: &[&PutChunk]) -> Result<Appended, StoreError> {
         let headers: Vec<Vec<u8>> =
             chunks.iter().map(|c| record_header(tenant, &c.id, &c.checksum, c.envelope.len())).collect();
         let size: u64 = headers.iter().zip(chunks).map(|(h, c)| (h.len() + c.envelope.len()) as u64).sum();
@@ -695,7 +711,7 @@ impl Store {
             return Err(io_err(&what, e));
         }
         active.len = start + size;
-        Ok((active.id, active.file.clone(), locations))
+        Ok((active.id, active.file.clone(), locations, start..active.len))
     }
 
     fn new_pack(&self) -> Result<Active, StoreError> {
@@ -900,8 +916,9 @@ impl Store {
         let mut moved = 0;
         for (tenant, group) in by_tenant {
             let chunks: Vec<&PutChunk> = group.iter().map(|(c, _)| *c).collect();
-            let (pack, file, locations) = self.append(tenant, &chunks)?;
+            let (pack, file, locations, written) = self.append(tenant, &chunks)?;
             file.sync_data().map_err(|e| io_err(&format!("syncing pack {pack}"), e))?;
+            drop_cached(&file, written);
             for ((c, old), new) in group.iter().zip(locations) {
                 let key = chunk_key(tenant, &c.id);
                 if self.location(tenant, &c.id)?.as_ref() == Some(*old) {

@@ -251,18 +251,12 @@ impl Peers {
         need: usize,
     ) -> (usize, Vec<String>) {
         let (tx, mut rx) = mpsc::channel(to.len().max(1));
-        // Encoded once, for every peer: the batch is megabytes. Before any sweep, the request
-        // older nodes know.
-        let req = if sweep_seq == 0 {
-            Request::Replicate { tenant: tenant.to_string(), chunks: chunks.as_ref().clone() }
-        } else {
-            Request::ReplicateV2 { tenant: tenant.to_string(), sweep_seq, chunks: chunks.as_ref().clone() }
-        };
+        // Encoded once, for every peer, straight from the batch: it is megabytes.
+        let req = exclave::protocol::message::ReplicateRef { tenant, sweep_seq, chunks: &chunks };
         let frame = match exclave::protocol::frame::encode_frame(FrameKind::Request, &req) {
             Ok(f) => bytes::Bytes::from(f),
             Err(e) => return (0, vec![format!("encoding the batch: {e}")]),
         };
-        drop(req);
         for id in to.iter().copied().filter(|id| *id != self.me) {
             let (peers, tx, frame) = (self.clone(), tx.clone(), frame.clone());
             let sem = self

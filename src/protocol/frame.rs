@@ -73,7 +73,11 @@ impl FrameHeader {
 }
 
 pub fn encode_frame<T: Serialize>(kind: FrameKind, msg: &T) -> Result<Vec<u8>, FrameError> {
-    let mut out = vec![0u8; HEADER_LEN];
+    // Sized first: a batch of chunks is megabytes, and a growing buffer copied it again at
+    // every doubling. The size pass only adds lengths for byte strings.
+    let size = postcard::experimental::serialized_size(msg).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let mut out = Vec::with_capacity(HEADER_LEN + size);
+    out.resize(HEADER_LEN, 0);
     out = postcard::to_extend(msg, out).map_err(|e| FrameError::Malformed(e.to_string()))?;
     let len = out.len() - HEADER_LEN;
     if len > MAX_FRAME_PAYLOAD as usize {

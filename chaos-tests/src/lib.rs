@@ -48,12 +48,32 @@ pub fn ok(o: Output) -> Output {
 }
 
 pub fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    unused_port(|p| UdpSocket::bind(("127.0.0.1", p)).is_ok())
 }
 
 /// A TCP port nothing listens on now (`free_port` checks UDP, where the nodes listen).
 pub fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    unused_port(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+}
+
+/// A port below Linux's ephemeral range (32768 - 60999) that `free` says is unused: a node
+/// restarted on its port must find it still free, and a port the kernel hands out could have
+/// gone meanwhile to any process's outgoing socket. Each test process walks its own sequence
+/// (from its pid), so parallel tests rarely try the same port.
+fn unused_port(free: impl Fn(u16) -> bool) -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    let start = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
+    for _ in 0..SPAN {
+        let k = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + (start + k.wrapping_mul(7_919)) % SPAN) as u16;
+        if free(port) {
+            return port;
+        }
+    }
+    panic!("no unused port between {LOW} and {}", LOW + SPAN);
 }
 
 /// A PKI and keys for tenant `lux` (agent `rnpp`, restore `dr`), tenant `est` (agent `pop`,

@@ -248,6 +248,9 @@ step "results (${SIZE} MiB register; MB = 10^6 bytes; day-1 MB/s on $D1 bytes, d
   [ -z "$VYKAR" ] || echo "up_vykar $((VYKAR1 - VYKAR0))"
   echo "node_growth $((NODE1 - NODE0))"
   echo "store_exclave $NODE1"; echo "store_restic $RESTIC1"; echo "store_borg $BORG1"
+  # The node's ballast is free space it keeps in reserve for a full disk (a constant 64 MiB),
+  # not stored data.
+  echo "ballast_exclave $(bytes "$W/node/ballast" 2>/dev/null || echo 0)"
   echo "delta_cache $(bytes "$W/delta-cache" 2>/dev/null || echo 0)"
   python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); print("delta_chunks", d["delta_chunks"]); print("delta_bytes", d["delta_bytes"])' "$W/exclave_day2.json"
 } >"$W/results"
@@ -267,10 +270,12 @@ for t in tools:
     rss_b = max(r[f"rss_{t}_day1"], r[f"rss_{t}_day2"]) / 1024
     print(f"{t:<8} {mbps(t, 'day1'):>10.1f} {mbps(t, 'day2'):>10.1f} {mbps(t, 'restore'):>13.1f} "
           f"{r[f'up_{t}'] / MiB:>16.2f} {rss_b:>15.1f} {r[f'rss_{t}_restore'] / 1024:>16.1f}")
+store_data = r["store_exclave"] - r["ballast_exclave"]
 print(f"stage limit {r['limit']:.1f} MB/s on {int(r['cores'])} cores; "
       f"node data grew {r['node_growth'] / MiB:.2f} MiB on day 2 (restic, borg: repository growth)")
 print(f"day 2 deltas: {int(r['delta_chunks'])} chunks, {r['delta_bytes'] / MiB:.2f} MiB; agent delta cache "
-      f"{r['delta_cache'] / MiB:.1f} MiB; store after both days: exclave {r['store_exclave'] / MiB:.1f} MiB, "
+      f"{r['delta_cache'] / MiB:.1f} MiB; store after both days: exclave {r['store_exclave'] / MiB:.1f} MiB "
+      f"({store_data / MiB:.1f} without its {r['ballast_exclave'] / MiB:.0f} MiB ballast), "
       f"restic {r['store_restic'] / MiB:.1f}, borg {r['store_borg'] / MiB:.1f}")
 print()
 # Every process shares this machine's cores: the CPU each one used shows where the time went,
@@ -297,7 +302,7 @@ checks = [
     ("exclave day1 MB/s / stage limit", mbps("exclave", "day1") / r["limit"], ">=", 0.70),
     ("exclave agent peak RSS MiB", ex_rss, "<=", 256.0),
     ("exclave day2 upload MB (10^6 bytes)", r["up_exclave"] / 1e6, "<=", 15.0),
-    ("exclave store / restic repository, both days", r["store_exclave"] / r["store_restic"], "<=", 0.65),
+    ("exclave store (no ballast) / restic repository, both days", store_data / r["store_restic"], "<=", 0.65),
 ]
 if "vykar" in tools:
     checks.append(("exclave day1 MB/s / vykar (REST) day1 MB/s", mbps("exclave", "day1") / mbps("vykar", "day1"), ">=", 1.0))

@@ -141,6 +141,27 @@ pub fn received_len(data: &[u8]) -> u64 {
     data.iter().rposition(|&b| b != 0).map_or(0, |i| i as u64 + 1)
 }
 
+/// `received_len` of a file, read backwards a block at a time: each round of shipping asks it
+/// of the segment being written, and reading that whole (16 MiB) took fresh memory each time.
+pub fn received_len_of(file: &std::fs::File) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; SCAN_BLOCK];
+    let mut end = file.metadata()?.len();
+    while end > 0 {
+        let start = end.saturating_sub(SCAN_BLOCK as u64);
+        let block = &mut buf[..(end - start) as usize];
+        file.read_exact_at(block, start)?;
+        let n = received_len(block);
+        if n > 0 {
+            return Ok(start + n);
+        }
+        end = start;
+    }
+    Ok(0)
+}
+
+const SCAN_BLOCK: usize = 64 << 10;
+
 /// What the stream directory holds: complete files to archive (oldest first) and the
 /// segment being written.
 #[derive(Debug, Default, PartialEq)]
@@ -618,7 +639,8 @@ fn remove_empty_partials(dir: &std::path::Path) {
     let Ok(rd) = std::fs::read_dir(dir) else { return };
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if name.ends_with(".partial") && std::fs::read(e.path()).is_ok_and(|d| received_len(&d) == 0) {
+        let empty = std::fs::File::open(e.path()).and_then(|f| received_len_of(&f)).is_ok_and(|n| n == 0);
+        if name.ends_with(".partial") && empty {
             tracing::info!(file = %name, "removing an empty segment left by a receiver that could not create it");
             let _ = std::fs::remove_file(e.path());
         }
@@ -746,8 +768,10 @@ impl Shipper {
         let Some(partial) = spool.partial else { return };
         let seg = &partial[..24];
         let path = spec.dir.join(&partial);
-        let Ok(data) = std::fs::read(&path) else { return };
-        let size = data.len() as u64;
+        let Ok(file) = std::fs::File::open(&path) else { return };
+        let (Ok(md), Ok(received)) = (file.metadata(), received_len_of(&file)) else { return };
+        let size = md.len();
+        drop(file);
         let start = segment_start(seg, size);
         // Every byte the receiver had flushed before the read is in `data`; past that, the
         // last non-zero byte (records are 8-byte aligned, so the zeros up to that are padding).
@@ -755,8 +779,7 @@ impl Shipper {
             (Some(f), Some(st)) if f > st => (f - st).min(size),
             _ => 0,
         };
-        let len = received_len(&data).next_multiple_of(8).min(size).max(flushed);
-        drop(data);
+        let len = received.next_multiple_of(8).min(size).max(flushed);
         let grew = len > 0 && self.partial.as_ref().is_none_or(|(s, l)| s != seg || *l < len);
         if grew {
             let name = exclave::wal::streamed_name(seg, len);
@@ -823,6 +846,25 @@ mod tests {
         seg[20] = 1;
         assert_eq!(received_len(&seg), 21);
         assert_eq!(received_len(&[0; 8]), 0);
+    }
+
+    #[test]
+    fn a_file_read_backwards_by_blocks_gives_the_same_length_as_read_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seg");
+        let n = 3 * SCAN_BLOCK + 100;
+        // Data ending inside, at and around block boundaries, with zeros inside the data.
+        for end in [0, 1, 7, SCAN_BLOCK - 1, SCAN_BLOCK, SCAN_BLOCK + 1, 2 * SCAN_BLOCK + 5, n - 1, n] {
+            let mut data = vec![0u8; n];
+            for (i, b) in data[..end].iter_mut().enumerate() {
+                *b = if i % 3 == 0 { 0 } else { (i % 251) as u8 | 1 };
+            }
+            std::fs::write(&path, &data).unwrap();
+            let f = std::fs::File::open(&path).unwrap();
+            assert_eq!(received_len_of(&f).unwrap(), received_len(&data), "data ending at {end}");
+        }
+        std::fs::write(&path, b"").unwrap();
+        assert_eq!(received_len_of(&std::fs::File::open(&path).unwrap()).unwrap(), 0);
     }
 
     #[test]

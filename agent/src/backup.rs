@@ -589,8 +589,8 @@ impl WalPusher {
             ..BackupArgs::default()
         };
         let mut r = resolve(&a)?;
-        // A WAL file is already in memory whole; several are pushed at once by a daemon that
-        // lives beside the database: a small budget each.
+        // Several files are pushed at once by a daemon that lives beside the database: a
+        // small budget each.
         r.budget_mib = r.budget_mib.min(WAL_PUSH_BUDGET_MIB);
         Ok(WalPusher { r, client: std::sync::Mutex::new(None) })
     }

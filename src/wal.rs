@@ -13,7 +13,9 @@
 //! name ever changes content. Recovery asks for `SEGMENT`; it is served the complete segment
 //! when one is archived, else the longest streamed version (`serving`). A streamed file is
 //! the whole segment as `pg_receivewal` keeps it, zeros past L, so PostgreSQL reads it as a
-//! segment whose WAL ends early.
+//! segment whose WAL ends early. A streamed version another archived file holds in full is
+//! forgotten by retention outside the protection window (the replicator's catalog,
+//! `superseded_streams`).
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WalNameError {

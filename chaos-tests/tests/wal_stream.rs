@@ -84,6 +84,23 @@ fn drill(w: &World, node: &Node) -> serde_json::Value {
     r
 }
 
+/// The streamed versions among archived WAL ids that the complete segment or a longer version
+/// of it holds in full.
+fn superseded(ids: &[String]) -> Vec<String> {
+    let names: Vec<(&String, &str)> = ids.iter().filter_map(|id| Some((id, exclave::wal::file_name(id)?))).collect();
+    names
+        .iter()
+        .filter(|(_, n)| {
+            let Some((seg, len)) = exclave::wal::parse_streamed(n) else { return false };
+            names.iter().any(|(_, m)| {
+                m.eq_ignore_ascii_case(seg)
+                    || exclave::wal::parse_streamed(m).is_some_and(|(s2, l2)| s2.eq_ignore_ascii_case(seg) && l2 > len)
+            })
+        })
+        .map(|(id, _)| id.to_string())
+        .collect()
+}
+
 fn slot(pg: &PgServer, what: &str) -> String {
     pg.psql("postgres", &format!("SELECT {what} FROM pg_replication_slots WHERE slot_name = 'exclave_pg'"))
 }
@@ -213,6 +230,25 @@ fn streamed_wal_is_archived_within_seconds_survives_a_killed_agent_and_a_dropped
     }
     node.restart();
     d2.wait_shipped(written, Duration::from_secs(60));
+    let r = drill(&w, &node);
+    assert_eq!(r["recovery"]["databases"]["postgres"]["public.t"], 2000, "{r:#}");
+
+    // Shipping rounds another archived file holds in full are forgotten by the source's
+    // retention (at its next commit; here no protection window), and recovery is unchanged.
+    let before = w.snapshot_ids(&node, "pg.wal");
+    let redundant = superseded(&before);
+    assert!(!redundant.is_empty(), "a completed segment had streamed versions: {before:?}");
+    w.protect(&node, "lux", 0);
+    ok(run(Command::new(bin("exclave-replicator"))
+        .args(["retention", "set", "--tenant", "lux", "--source", "pg", "--keep-last", "5"])
+        .args(["--node", &node.addr.to_string(), "--pki"])
+        .arg(w.pki())));
+    ok(run(Command::new(bin("exclave-agent")).args(["backup", "--config"]).arg(&cfg).args(["--source", "pg"])));
+    let after = w.snapshot_ids(&node, "pg.wal");
+    assert!(redundant.iter().all(|id| !after.contains(id)), "{redundant:?} kept: {after:?}");
+    assert!(before.iter().filter(|id| !id.contains(".streamed.")).all(|id| after.contains(id)), "{after:?}");
+    // The new base backup recovers once the stream has shipped the WAL it ends in.
+    d2.wait_shipped(server_lsn(&pg), Duration::from_secs(60));
     let r = drill(&w, &node);
     assert_eq!(r["recovery"]["databases"]["postgres"]["public.t"], 2000, "{r:#}");
 

@@ -674,25 +674,54 @@ fn apply_retention(
     // WAL is matched to base backups by the agent's times (both come from the register's
     // host); WAL committed within the window stays whatever those times say.
     let oldest_kept = snaps.iter().filter(|s| !forget.contains(&s.id)).map(|s| s.time).min();
-    if let Some(oldest) = oldest_kept {
-        let wal = format!("{source}.wal");
-        let segments = snapshots(view, tenant, Some(&wal))?;
-        let floor = now.saturating_sub(window);
-        let times = match clock {
-            RetentionClock::Agent => vec![i64::MIN; segments.len()],
-            RetentionClock::Cluster(now) => commit_times(view, tenant, &segments, now)?,
-        };
-        for (s, t) in segments.iter().zip(times) {
-            if locks::snapshot_held(view, tenant, &s.id)? {
-                continue;
-            }
-            if t <= floor && s.time < oldest.saturating_sub(WAL_MARGIN_SECS) && forget_writes(view, tenant, &s.id, w)? {
-                gone.push(s.id.clone());
-            }
+    let wal = format!("{source}.wal");
+    let segments = snapshots(view, tenant, Some(&wal))?;
+    let floor = now.saturating_sub(window);
+    let times = match clock {
+        RetentionClock::Agent => vec![i64::MIN; segments.len()],
+        RetentionClock::Cluster(now) => commit_times(view, tenant, &segments, now)?,
+    };
+    let superseded = superseded_streams(&segments);
+    for (s, t) in segments.iter().zip(times) {
+        if t > floor || locks::snapshot_held(view, tenant, &s.id)? {
+            continue;
+        }
+        let before_bases = oldest_kept.is_some_and(|oldest| s.time < oldest.saturating_sub(WAL_MARGIN_SECS));
+        if (before_bases || superseded.contains(&s.id)) && forget_writes(view, tenant, &s.id, w)? {
+            gone.push(s.id.clone());
         }
     }
     refs::forget(view, tenant, &gone, w)?;
     Ok(gone)
+}
+
+/// The ids of streamed versions of a segment (`exclave::wal`) that another archived file
+/// holds in full: the complete segment, or a longer streamed version of it. WAL at a position
+/// never changes once written, so they add nothing to recovery; without this rule every
+/// shipping round of an agent's WAL stream stayed in the catalog for good.
+fn superseded_streams(segments: &[SnapshotInfo]) -> std::collections::HashSet<String> {
+    let mut complete = std::collections::HashSet::new();
+    let mut longest: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    for s in segments {
+        let Some(name) = exclave::wal::file_name(&s.id) else { continue };
+        match exclave::wal::parse_streamed(name) {
+            Some((seg, len)) => {
+                let l = longest.entry(seg.to_ascii_lowercase()).or_insert(len);
+                *l = (*l).max(len);
+            }
+            None => {
+                complete.insert(name.to_ascii_lowercase());
+            }
+        }
+    }
+    segments
+        .iter()
+        .filter_map(|s| {
+            let (seg, len) = exclave::wal::parse_streamed(exclave::wal::file_name(&s.id)?)?;
+            let seg = seg.to_ascii_lowercase();
+            (complete.contains(&seg) || longest.get(&seg).is_some_and(|l| *l > len)).then(|| s.id.clone())
+        })
+        .collect()
 }
 
 /// What applying a command decided; the proposer reports it to its client.
@@ -1506,6 +1535,57 @@ mod tests {
     const T0: i64 = 1_795_000_000;
 
     /// The ids of a tenant's snapshots of `source`.
+    #[test]
+    fn streamed_versions_another_file_holds_in_full_go_once_outside_the_window() {
+        let mut c = MemCatalog::default();
+        index(&mut c, "lux", &[1, 2]);
+        protect(&mut c, "lux", 1);
+        let (day, t0) = (86400, 1_795_000_000);
+        let Outcome::Committed(_) = stage_and_commit(&mut c, "lux", &snap("d0", 1, t0), &[2]) else { panic!() };
+        let (a, b) = ("00000001000000000000000A", "00000001000000000000000B");
+        let wal_id = |name: &str| exclave::wal::snapshot_id("rnpp", name).unwrap();
+        let names = [
+            exclave::wal::streamed_name(a, 0x1000),
+            exclave::wal::streamed_name(a, 0x8000),
+            a.to_string(),
+            exclave::wal::streamed_name(b, 0x2000),
+            exclave::wal::streamed_name(b, 0x9000),
+            exclave::wal::streamed_name(b, 0x3000),
+        ];
+        for (i, n) in names.iter().enumerate() {
+            let w = SnapshotInfo { source: "rnpp.wal".into(), ..snap(&wal_id(n), 1, t0 + 60 + i as i64) };
+            let Outcome::Committed(_) = stage_and_commit(&mut c, "lux", &w, &[2]) else { panic!("{n}") };
+        }
+        let hold = Command::SetHold {
+            tenant: "lux".into(),
+            target: exclave::protocol::HoldTarget::Snapshot(wal_id(&names[3])),
+            release: false,
+            by: "admin#01".into(),
+            reason: "case 7".into(),
+            now: t0 + 120,
+        };
+        assert!(matches!(c.apply(&hold).unwrap(), Outcome::Done));
+        let all: std::collections::BTreeSet<String> = names.iter().map(|n| wal_id(n)).collect();
+        admin_policy(&mut c, RetentionPolicy { keep_last: 10, ..Default::default() });
+        // Within the protection window nothing goes.
+        let Outcome::Committed(_) = commit_at(&mut c, "lux", &snap("d1", 1, t0 + 3600), &[2], t0 + 3600) else {
+            panic!()
+        };
+        assert_eq!(kept(&c, "rnpp.wal"), all);
+        // Past it: the versions the complete segment or a longer version holds, not the held one.
+        let Outcome::Committed(_) = commit_at(&mut c, "lux", &snap("d2", 1, t0 + 2 * day), &[2], t0 + 2 * day) else {
+            panic!()
+        };
+        let left: std::collections::BTreeSet<String> =
+            [&names[2], &names[3], &names[4]].iter().map(|n| wal_id(n)).collect();
+        assert_eq!(kept(&c, "rnpp.wal"), left, "a's complete segment, b's longest version and the held one");
+        let left_names: Vec<String> =
+            left.iter().filter_map(|id| exclave::wal::file_name(id).map(str::to_string)).collect();
+        let serving = exclave::wal::serving(&left_names);
+        assert_eq!(serving[&b.to_ascii_lowercase()], names[4].to_ascii_lowercase(), "b served by its longest version");
+        assert_eq!(serving[&a.to_ascii_lowercase()], a.to_ascii_lowercase());
+    }
+
     fn kept(c: &MemCatalog, source: &str) -> std::collections::BTreeSet<String> {
         snapshots(c, "lux", Some(source)).unwrap().into_iter().map(|s| s.id).collect()
     }

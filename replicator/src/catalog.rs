@@ -431,8 +431,12 @@ const CLOCK_KEY: &[u8] = b"C";
 const LAYOUT_KEY: &[u8] = b"F";
 /// Layout 1: snapshot references stored as differences (`refs`).
 const LAYOUT_PACKED_REFS: u32 = 1;
+/// Layout 2: retention forgets streamed WAL versions another archived file holds in full
+/// (`superseded_streams`). A rule of applying commands, not of reading: nodes that applied it
+/// and nodes that did not would hold different catalogs, so it waits for every node to know it.
+const LAYOUT_SUPERSEDED_STREAMS: u32 = 2;
 /// The newest layout this version knows.
-pub const LAYOUT: u32 = LAYOUT_PACKED_REFS;
+pub const LAYOUT: u32 = LAYOUT_SUPERSEDED_STREAMS;
 
 /// The catalog's layout (0: every version reads it).
 pub fn layout(view: &dyn CatalogRead) -> Result<u32, CatalogError> {
@@ -681,7 +685,8 @@ fn apply_retention(
         RetentionClock::Agent => vec![i64::MIN; segments.len()],
         RetentionClock::Cluster(now) => commit_times(view, tenant, &segments, now)?,
     };
-    let superseded = superseded_streams(&segments);
+    let superseded =
+        if layout(view)? >= LAYOUT_SUPERSEDED_STREAMS { superseded_streams(&segments) } else { Default::default() };
     for (s, t) in segments.iter().zip(times) {
         if t > floor || locks::snapshot_held(view, tenant, &s.id)? {
             continue;
@@ -1572,8 +1577,15 @@ mod tests {
             panic!()
         };
         assert_eq!(kept(&c, "rnpp.wal"), all);
-        // Past it: the versions the complete segment or a longer version holds, not the held one.
+        // Past it, in a catalog of an older layout (some node may not know the rule): kept.
         let Outcome::Committed(_) = commit_at(&mut c, "lux", &snap("d2", 1, t0 + 2 * day), &[2], t0 + 2 * day) else {
+            panic!()
+        };
+        assert_eq!(kept(&c, "rnpp.wal"), all);
+        // Once the upgrade is finalised: the versions the complete segment or a longer version
+        // holds, not the held one.
+        assert_eq!(c.apply(&Command::SetLayout { layout: LAYOUT }).unwrap(), Outcome::Done);
+        let Outcome::Committed(_) = commit_at(&mut c, "lux", &snap("d3", 1, t0 + 3 * day), &[2], t0 + 3 * day) else {
             panic!()
         };
         let left: std::collections::BTreeSet<String> =

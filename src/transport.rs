@@ -331,6 +331,9 @@ pub async fn write_encoded(send: &mut quinn::SendStream, frame: bytes::Bytes) ->
 }
 
 /// Reads one frame; `Ok(None)` on a clean end of stream before any byte.
+/// What a frame's buffer starts with; it grows as the payload arrives.
+const FIRST_RESERVE: usize = 64 << 10;
+
 pub async fn read_frame<T: DeserializeOwned>(
     recv: &mut quinn::RecvStream,
     kind: FrameKind,
@@ -348,26 +351,18 @@ pub async fn read_frame<T: DeserializeOwned>(
     if h.kind != kind {
         return Err(FrameError::BadKind(h.kind as u8).into());
     }
-    // QUIC's own buffers are kept as they arrive and joined once at the end: one copy of the
-    // payload, where a growing buffer copied it about twice (the frames of chunk batches are
-    // megabytes), and no zero-filled buffer written twice. Memory follows what arrived, not what
-    // the header declares: a peer opening every stream it may with a maximal header and sending
-    // nothing more holds a few KiB, not 64 × 17 MiB.
+    // Appended chunk by chunk as QUIC delivers them: a zero-filled buffer would be written
+    // twice (the frames of chunk batches are megabytes). Memory follows what arrived, not what
+    // the header declares: a peer opening every stream it may with a maximal header and
+    // sending nothing more holds a few KiB, not 64 × 17 MiB. Copied, not kept as QUIC's own
+    // buffers: a peer sending a byte per datagram would make each byte pin a datagram.
     let len = h.len as usize;
-    let mut parts = Vec::new();
-    let mut received = 0;
-    while received < len {
-        match recv.read_chunk(len - received, true).await.map_err(|e| TransportError::Stream(e.to_string()))? {
-            Some(c) => {
-                received += c.bytes.len();
-                parts.push(c.bytes);
-            }
-            None => return Err(FrameError::Truncated { needed: len, got: received }.into()),
+    let mut body = Vec::with_capacity(len.min(FIRST_RESERVE));
+    while body.len() < len {
+        match recv.read_chunk(len - body.len(), true).await.map_err(|e| TransportError::Stream(e.to_string()))? {
+            Some(c) => body.extend_from_slice(&c.bytes),
+            None => return Err(FrameError::Truncated { needed: len, got: body.len() }.into()),
         }
     }
-    let body = match parts.len() {
-        1 => parts.swap_remove(0),
-        _ => parts.concat().into(),
-    };
     Ok(Some(frame::decode_payload(&body)?))
 }

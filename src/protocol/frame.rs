@@ -76,6 +76,9 @@ pub fn encode_frame<T: Serialize>(kind: FrameKind, msg: &T) -> Result<Vec<u8>, F
     // Sized first: a batch of chunks is megabytes, and a growing buffer copied it again at
     // every doubling. The size pass only adds lengths for byte strings.
     let size = postcard::experimental::serialized_size(msg).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if size > MAX_FRAME_PAYLOAD as usize {
+        return Err(FrameError::TooLarge(size.min(u32::MAX as usize) as u32));
+    }
     let mut out = Vec::with_capacity(HEADER_LEN + size);
     out.resize(HEADER_LEN, 0);
     out = postcard::to_extend(msg, out).map_err(|e| FrameError::Malformed(e.to_string()))?;

@@ -773,7 +773,7 @@ impl Shipper {
         let size = md.len();
         drop(file);
         let start = segment_start(seg, size);
-        // Every byte the receiver had flushed before the read is in `data`; past that, the
+        // Every byte the receiver had flushed before the scan is in the file; past that, the
         // last non-zero byte (records are 8-byte aligned, so the zeros up to that are padding).
         let flushed = match (self.flushed, start) {
             (Some(f), Some(st)) if f > st => (f - st).min(size),

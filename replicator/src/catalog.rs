@@ -705,27 +705,18 @@ fn apply_retention(
 /// never changes once written, so they add nothing to recovery; without this rule every
 /// shipping round of an agent's WAL stream stayed in the catalog for good.
 fn superseded_streams(segments: &[SnapshotInfo]) -> std::collections::HashSet<String> {
-    let mut complete = std::collections::HashSet::new();
-    let mut longest: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
-    for s in segments {
-        let Some(name) = exclave::wal::file_name(&s.id) else { continue };
-        match exclave::wal::parse_streamed(name) {
-            Some((seg, len)) => {
-                let l = longest.entry(seg.to_ascii_lowercase()).or_insert(len);
-                *l = (*l).max(len);
-            }
-            None => {
-                complete.insert(name.to_ascii_lowercase());
-            }
-        }
-    }
-    segments
+    let names: Vec<(&String, &str)> =
+        segments.iter().filter_map(|s| Some((&s.id, exclave::wal::file_name(&s.id)?))).collect();
+    // Recovery is served one file per segment; a streamed version it is not served is held in
+    // full by the one it is.
+    let serving = exclave::wal::serving(&names.iter().map(|(_, n)| n.to_string()).collect::<Vec<_>>());
+    names
         .iter()
-        .filter_map(|s| {
-            let (seg, len) = exclave::wal::parse_streamed(exclave::wal::file_name(&s.id)?)?;
-            let seg = seg.to_ascii_lowercase();
-            (complete.contains(&seg) || longest.get(&seg).is_some_and(|l| *l > len)).then(|| s.id.clone())
+        .filter(|(_, n)| {
+            exclave::wal::parse_streamed(n)
+                .is_some_and(|(seg, _)| serving.get(&seg.to_ascii_lowercase()).is_some_and(|served| served != n))
         })
+        .map(|(id, _)| (*id).clone())
         .collect()
 }
 
@@ -1539,7 +1530,6 @@ mod tests {
     const DAY: i64 = 86_400;
     const T0: i64 = 1_795_000_000;
 
-    /// The ids of a tenant's snapshots of `source`.
     #[test]
     fn streamed_versions_another_file_holds_in_full_go_once_outside_the_window() {
         let mut c = MemCatalog::default();
@@ -1598,6 +1588,7 @@ mod tests {
         assert_eq!(serving[&a.to_ascii_lowercase()], a.to_ascii_lowercase());
     }
 
+    /// The ids of a tenant's snapshots of `source`.
     fn kept(c: &MemCatalog, source: &str) -> std::collections::BTreeSet<String> {
         snapshots(c, "lux", Some(source)).unwrap().into_iter().map(|s| s.id).collect()
     }

@@ -83,9 +83,6 @@ pub fn encode_frame<T: Serialize>(kind: FrameKind, msg: &T) -> Result<Vec<u8>, F
     out.resize(HEADER_LEN, 0);
     out = postcard::to_extend(msg, out).map_err(|e| FrameError::Malformed(e.to_string()))?;
     let len = out.len() - HEADER_LEN;
-    if len > MAX_FRAME_PAYLOAD as usize {
-        return Err(FrameError::TooLarge(len.min(u32::MAX as usize) as u32));
-    }
     out[..2].copy_from_slice(MAGIC);
     out[2] = VERSION;
     out[3] = kind as u8;

@@ -386,22 +386,28 @@ fn a_cluster_founded_before_packed_references_packs_them_once_its_upgrade_is_fin
     };
     assert_eq!(count(&mut nodes, 2), 0, "packed before the upgrade was finalised");
 
+    let at = nodes[1].addr.to_string();
     let finalize = |identity: &str| {
         run(Command::new(bin("exclave-replicator"))
-            .args([
-                "cluster",
-                "finalize-upgrade",
-                "--identity",
-                identity,
-                "--node",
-                &nodes[1].addr.to_string(),
-                "--pki",
-            ])
+            .args(["cluster", "finalize-upgrade", "--identity", identity, "--node", &at, "--pki"])
             .arg(w.pki()))
     };
     let o = finalize("rnpp");
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("may not change the cluster (finalize_upgrade)"), "{}", stderr(&o));
+    // A member of an older version holds the finalisation back, and so does one that cannot
+    // be asked: either would go on applying commands the old way.
+    nodes[2].restart_with_env(&[("EXCLAVE_TEST_KNOWN_LAYOUT", "1")]);
+    let o = finalize("admin");
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(stderr(&o).contains("n3 knows catalog layouts up to 1 (upgrade it first)"), "{}", stderr(&o));
+    nodes[2].stop();
+    let o = finalize("admin");
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(stderr(&o).contains("n3 did not say which layouts it knows"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("n1") && !stderr(&o).contains("n2 "), "{}", stderr(&o));
+    nodes[2].restart_with_env(&[]);
+    w.wait_sees_leader(&nodes[2]);
     assert!(stdout(&ok(finalize("admin"))).contains("upgrade finalised"));
     backup_day(&nodes, 2);
     backup_day(&nodes, 3);

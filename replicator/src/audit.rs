@@ -90,6 +90,7 @@ const QUIET: &[&str] = &[
     "read_barrier",
     "certificates",
     "quotas",
+    "known_layout",
 ];
 
 /// One connection's activity.

@@ -50,8 +50,9 @@ pub enum ClusterCmd {
         name: String,
     },
     /// After every node runs this version: let the catalog use the layout it knows (snapshot
-    /// references stored as differences). A node still on an older version stops at this
-    /// command and must be upgraded; no node may be downgraded past it.
+    /// references stored as differences; superseded streamed WAL versions forgotten). Refused,
+    /// naming the node, while any member does not know the layout or does not answer; no node
+    /// may be downgraded past it.
     FinalizeUpgrade {
         #[command(flatten)]
         conn: Conn,

@@ -24,6 +24,7 @@ mod server;
 mod snapshot;
 mod store;
 mod test_hooks;
+mod upgrade;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -589,6 +589,11 @@ async fn dispatch(
             ids_within_limit(&ids)?;
             Ok(Reply::Chunks { chunks: serve_chunks(node.chunks.clone(), tenant, ids).await? })
         }
+        Request::KnownLayout => {
+            authorise(identity, Permission::Operate, "known_layout")?;
+            let applied = blocking(move || Ok(catalog::layout(&store.catalog()?)?)).await?;
+            Ok(Reply::KnownLayout { known: crate::upgrade::known_layout(), applied })
+        }
         Request::RaftStatus => {
             authorise(identity, Permission::Operate, "raft_status")?;
             let n = node.clone();
@@ -616,6 +621,7 @@ async fn dispatch(
         Request::FinalizeUpgrade => {
             authorise(identity, Permission::Administer, "finalize_upgrade")?;
             node.require_leader().await?;
+            crate::upgrade::require_known_everywhere(node, catalog::LAYOUT).await?;
             match node.raft.propose(Command::SetLayout { layout: catalog::LAYOUT }).await? {
                 Outcome::Done => {
                     info!(layout = catalog::LAYOUT, by = %identity, "upgrade finalised: catalog layout raised");

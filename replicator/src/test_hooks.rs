@@ -14,6 +14,8 @@
 //!   catalog travels in many pages.
 //! - `EXCLAVE_TEST_OLD_LAYOUT=1` founds a cluster with the catalog layout of older versions,
 //!   as a cluster upgraded in place has until `cluster finalize-upgrade`.
+//! - `EXCLAVE_TEST_KNOWN_LAYOUT=N` makes the node say it knows catalog layouts up to N only,
+//!   as a node of an older version would (see `upgrade`).
 
 use std::sync::OnceLock;
 
@@ -59,4 +61,11 @@ pub fn snapshot_page_bytes(default: usize) -> usize {
 pub fn founds_old_layout() -> bool {
     static OLD: OnceLock<bool> = OnceLock::new();
     *OLD.get_or_init(|| std::env::var_os("EXCLAVE_TEST_OLD_LAYOUT").is_some_and(|v| v == "1"))
+}
+
+/// The newest catalog layout the node is to say it knows, when a test stands it in for an
+/// older version.
+pub fn known_layout() -> Option<u32> {
+    static KNOWN: OnceLock<Option<u32>> = OnceLock::new();
+    *KNOWN.get_or_init(|| std::env::var("EXCLAVE_TEST_KNOWN_LAYOUT").ok().and_then(|v| v.parse().ok()))
 }

@@ -269,6 +269,10 @@ pub enum Request {
     /// An administrator says every node runs this version: the catalog may use the newest
     /// layout the answering node knows → `Ok`. A node of an older version stops at it.
     FinalizeUpgrade,
+    /// Which catalog layouts the answering node knows → `KnownLayout`. The leader asks every
+    /// member before it finalises an upgrade; a node too old to know this request is taken
+    /// as not knowing the new layout.
+    KnownLayout,
 }
 
 impl Request {
@@ -317,6 +321,7 @@ impl Request {
             Request::SetAuditKeep { .. } => "set_audit_keep",
             Request::AuditKeep { .. } => "audit_keep",
             Request::FinalizeUpgrade => "finalize_upgrade",
+            Request::KnownLayout => "known_layout",
         }
     }
 }
@@ -460,6 +465,12 @@ pub enum Reply {
     GcStatus(GcStatus),
     HistoryHeads(Vec<TenantHead>),
     AuditKeep(AuditKeepView),
+    KnownLayout {
+        /// The newest catalog layout this node's version knows.
+        known: u32,
+        /// The layout its catalog uses now.
+        applied: u32,
+    },
 }
 
 /// How long a tenant's audit records are kept, and a shortening waiting for its second

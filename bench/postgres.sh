@@ -25,8 +25,8 @@
 # 7. with pgbackrest installed and run as root: bench/wal-latency.sh (one isolated archive and
 #    fetch call, each against pgBackRest's) and bench/wal-archive.sh 60 8 (a backlog drained:
 #    sustained rate, against pgBackRest's archive-push, synchronous and async); SKIP_WAL_BENCH=1
-#    leaves them out. The loss window (RPO) idle and under pgbench against pgBackRest is
-#    bench/wal-stream.sh.
+#    leaves them out; then bench/wal-stream.sh SCALE 40: the loss window (RPO) of the streaming
+#    agent idle, under pgbench and under a bulk load, against pgBackRest's archive-push.
 set -euo pipefail
 
 die() { echo "error: $*" >&2; exit 1; }
@@ -277,4 +277,6 @@ if command -v pgbackrest >/dev/null && [ "$(id -u)" = 0 ] && [ -z "${SKIP_WAL_BE
   "$HERE/wal-latency.sh" | tail -n 3
   step "a backlog drained, against pgBackRest (bench/wal-archive.sh 60 8)"
   "$HERE/wal-archive.sh" 60 8 | grep "drained"
+  step "the loss window (RPO) idle and under load, against pgBackRest (bench/wal-stream.sh $SCALE 40)"
+  "$HERE/wal-stream.sh" "$SCALE" 40 | sed -n '/^agent daemon CPU/,$p'
 fi

@@ -333,6 +333,21 @@ pub async fn write_encoded(send: &mut quinn::SendStream, frame: bytes::Bytes) ->
 /// Reads one frame; `Ok(None)` on a clean end of stream before any byte.
 /// What a frame's buffer starts with; it grows as the payload arrives.
 const FIRST_RESERVE: usize = 64 << 10;
+/// How far ahead of what arrived a frame's buffer may reach, as a multiple of it.
+const RESERVE_AHEAD: usize = 8;
+
+/// Bytes to add to a frame's buffer holding `got` of `len` bytes, when `incoming` more do not
+/// fit: `RESERVE_AHEAD` times what arrived (at least what comes in), or the whole declared
+/// length when that is within twice as far, so that the last step is not a copy of nearly
+/// the whole frame. Growing by eight rather than doubling copies a frame of megabytes in one
+/// or two small steps (64 KiB, then 512 KiB; 4 MiB more for the largest) instead of about
+/// its whole size, while the buffer stays within `2 × RESERVE_AHEAD` times what the peer
+/// actually sent.
+fn next_reserve(len: usize, got: usize, incoming: usize) -> usize {
+    let ahead = got.saturating_mul(RESERVE_AHEAD).max(got + incoming);
+    let target = if ahead.saturating_mul(2) >= len { len } else { ahead };
+    target.saturating_sub(got)
+}
 
 pub async fn read_frame<T: DeserializeOwned>(
     recv: &mut quinn::RecvStream,
@@ -360,9 +375,47 @@ pub async fn read_frame<T: DeserializeOwned>(
     let mut body = Vec::with_capacity(len.min(FIRST_RESERVE));
     while body.len() < len {
         match recv.read_chunk(len - body.len(), true).await.map_err(|e| TransportError::Stream(e.to_string()))? {
-            Some(c) => body.extend_from_slice(&c.bytes),
+            Some(c) => {
+                if body.capacity() - body.len() < c.bytes.len() {
+                    body.reserve_exact(next_reserve(len, body.len(), c.bytes.len()));
+                }
+                body.extend_from_slice(&c.bytes)
+            }
             None => return Err(FrameError::Truncated { needed: len, got: body.len() }.into()),
         }
     }
     Ok(Some(frame::decode_payload(&body)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_frame_buffer_grows_by_eight_within_what_arrived_and_the_declared_length() {
+        // A 4 MiB frame arriving in 1200-byte pieces: two copies (64 KiB, then 512 KiB).
+        let len = 4 << 20;
+        let (mut cap, mut got, mut copied, mut grows) = (FIRST_RESERVE, 0usize, 0usize, 0);
+        while got < len {
+            let incoming = 1200.min(len - got);
+            if cap - got < incoming {
+                let add = next_reserve(len, got, incoming);
+                assert!(got + add >= got + incoming && got + add <= len);
+                assert!(got + add <= (2 * got * RESERVE_AHEAD).max(got + incoming), "never far ahead of what arrived");
+                copied += got;
+                grows += 1;
+                cap = got + add;
+            }
+            got += incoming;
+        }
+        assert_eq!(grows, 2);
+        assert!(copied <= 600 << 10, "{copied}");
+        // A 16 MiB frame: 64 KiB, 512 KiB, 4 MiB, then straight to its length.
+        assert_eq!(next_reserve(16 << 20, 64 << 10, 1200), 448 << 10);
+        assert_eq!(next_reserve(16 << 20, 512 << 10, 1200), (4 << 20) - (512 << 10));
+        assert_eq!(next_reserve(16 << 20, 4 << 20, 1200), 12 << 20);
+        // Small frames fit the first reserve; the last step stops at the declared length.
+        assert_eq!(next_reserve(100_000, 65_536, 1200), 100_000 - 65_536);
+        assert_eq!(next_reserve(len, 0, 1200), 1200);
+    }
 }

@@ -384,7 +384,8 @@ pub async fn read_frame<T: DeserializeOwned>(
             None => return Err(FrameError::Truncated { needed: len, got: body.len() }.into()),
         }
     }
-    Ok(Some(frame::decode_payload(&body)?))
+    // Decoded in place: the envelopes of a chunk batch are slices of `body`, not copies.
+    Ok(Some(crate::protocol::shared_bytes::decode_shared(body)?))
 }
 
 #[cfg(test)]

@@ -867,8 +867,10 @@ async fn upload_stage(
             let plain: usize = batch.iter().map(|s| s.plain_len).sum();
             let data: Vec<(u64, u64)> =
                 batch.iter().filter(|s| s.is_data).map(|s| (1, s.envelope.len() as u64)).collect();
-            let chunks: Vec<PutChunk> =
-                batch.into_iter().map(|s| PutChunk { id: s.id, checksum: s.checksum, envelope: s.envelope }).collect();
+            let chunks: Vec<PutChunk> = batch
+                .into_iter()
+                .map(|s| PutChunk { id: s.id, checksum: s.checksum, envelope: s.envelope.into() })
+                .collect();
             let n = chunks.len() as u64;
             let req = [Request::PutChunks { chunks }];
             retry(|| client.call(&req)).await.context("uploading chunks")?;

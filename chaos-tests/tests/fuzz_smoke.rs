@@ -16,8 +16,9 @@ use exclave::manifest::{
     ChunkRef, Entry, EntryKind, MANIFEST_FORMAT, ManifestHeader, ManifestReader, ManifestRoot, ManifestWriter,
     decode_root, encode_root,
 };
-use exclave::protocol::frame::{FrameHeader, FrameKind, decode_frame, encode_frame};
-use exclave::protocol::{Reply, Request};
+use exclave::protocol::frame::{FrameHeader, FrameKind, HEADER_LEN, decode_frame, decode_payload, encode_frame};
+use exclave::protocol::shared_bytes::decode_shared;
+use exclave::protocol::{PutChunk, Reply, Request};
 
 /// Damaged versions of each seed per target.
 const ROUNDS: usize = 20_000;
@@ -125,6 +126,18 @@ fn snapshot() -> exclave::protocol::SnapshotInfo {
     }
 }
 
+/// A batch of chunks, as an agent uploads it.
+fn put_chunks() -> Request {
+    let chunks = (0..3u8)
+        .map(|i| PutChunk {
+            id: ChunkId([i; 32]),
+            checksum: exclave::Checksum([i; 32]),
+            envelope: vec![i; 40 * usize::from(i)].into(),
+        })
+        .collect();
+    Request::PutChunks { chunks }
+}
+
 #[test]
 fn frames_from_the_network_are_refused_never_a_panic() {
     let snapshot = snapshot();
@@ -134,11 +147,16 @@ fn frames_from_the_network_are_refused_never_a_panic() {
         encode_frame(FrameKind::Request, &Request::GetChunks { ids: vec![ChunkId([5; 32])] }).unwrap(),
         encode_frame(FrameKind::Reply, &Reply::Committed { snapshot }).unwrap(),
         encode_frame(FrameKind::Reply, &Reply::Missing { ids: vec![ChunkId([6; 32])] }).unwrap(),
+        encode_frame(FrameKind::Request, &put_chunks()).unwrap(),
     ];
     fuzz("frame", &seeds, |data| {
         let _ = FrameHeader::parse(data);
         let _ = decode_frame::<Request>(FrameKind::Request, data);
         let _ = decode_frame::<Reply>(FrameKind::Reply, data);
+        // A node decodes requests in place: exactly as a copy would.
+        let payload = data.get(HEADER_LEN..).unwrap_or_default();
+        let shared = decode_shared::<Request>(payload.to_vec());
+        assert_eq!(shared.ok(), decode_payload::<Request>(payload).ok());
     });
 }
 

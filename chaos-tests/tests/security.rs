@@ -120,7 +120,7 @@ fn a_restore_identity_cannot_write_and_an_agent_cannot_read() {
         let root = dr.snapshots(None).await.unwrap()[0].root;
         let env = dr.get_chunk(&root).await.unwrap();
         let put = Request::PutChunks {
-            chunks: vec![PutChunk { id: ChunkId([1; 32]), checksum: Checksum::of(&env), envelope: env }],
+            chunks: vec![PutChunk { id: ChunkId([1; 32]), checksum: Checksum::of(&env), envelope: env.into() }],
         };
         assert_refused(dr.call(&[put]).await, ErrorCode::Unauthorized, "may not write");
         assert_refused(dr.missing(&[root]).await, ErrorCode::Unauthorized, "may not query");

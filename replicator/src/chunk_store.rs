@@ -81,7 +81,7 @@ impl ChunkStore for MemChunkStore {
         for c in chunks {
             let key = (tenant.to_string(), c.id);
             if let std::collections::hash_map::Entry::Vacant(v) = map.entry(key) {
-                v.insert((c.checksum, c.envelope.clone()));
+                v.insert((c.checksum, c.envelope.to_vec()));
                 new += 1;
             }
         }
@@ -116,7 +116,7 @@ pub mod suite {
         env.extend_from_slice(&[0u8; 12]);
         env.extend_from_slice(body);
         env.extend_from_slice(&[0u8; 16]);
-        PutChunk { id: ChunkId([id; 32]), checksum: Checksum::of(&env), envelope: env }
+        PutChunk { id: ChunkId([id; 32]), checksum: Checksum::of(&env), envelope: env.into() }
     }
 
     pub fn run(s: &dyn ChunkStore) {
@@ -136,11 +136,13 @@ pub mod suite {
         }
 
         let mut bad = put(4, b"world");
-        bad.envelope[20] ^= 1;
+        let mut flipped = bad.envelope.to_vec();
+        flipped[20] ^= 1;
+        bad.envelope = flipped.into();
         assert!(matches!(s.put_chunks("lux", std::slice::from_ref(&bad)), Err(StoreError::Corrupt { .. })));
         assert_eq!(s.missing("lux", &[bad.id]).unwrap(), vec![bad.id], "nothing of a refused batch is stored");
         let mut garbage = put(5, b"x");
-        garbage.envelope = b"not an envelope at all, really".to_vec();
+        garbage.envelope = bytes::Bytes::from_static(b"not an envelope at all, really");
         garbage.checksum = Checksum::of(&garbage.envelope);
         assert!(matches!(s.put_chunks("lux", &[garbage]), Err(StoreError::Malformed(..))));
     }

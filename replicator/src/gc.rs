@@ -535,7 +535,7 @@ fn rewrite_pack(store: &Store, id: u32, list: &[(String, ChunkId, Location)]) ->
         batch_bytes += u64::from(loc.len);
         batch.push((
             tenant.clone(),
-            PutChunk { id: *cid, checksum: loc.checksum, envelope: std::mem::take(&mut buf) },
+            PutChunk { id: *cid, checksum: loc.checksum, envelope: std::mem::take(&mut buf).into() },
             *loc,
         ));
         if batch_bytes >= MOVE_BATCH {

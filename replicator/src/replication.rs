@@ -465,7 +465,7 @@ pub async fn fetch_from_peers(
         for ((id, entry), env) in left.into_iter().zip(envelopes) {
             match env {
                 Some(envelope) if exclave::Checksum::of(&envelope) == entry.checksum => {
-                    good.push(PutChunk { id, checksum: entry.checksum, envelope })
+                    good.push(PutChunk { id, checksum: entry.checksum, envelope: envelope.into() })
                 }
                 Some(_) => {
                     warn!(peer = %node.peers.name_of(peer), chunk = %id, "peer served a chunk that fails its checksum");

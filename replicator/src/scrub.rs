@@ -287,7 +287,7 @@ async fn repair(node: &Arc<Node>, tenant: &str, id: &ChunkId, why: &str) -> bool
                     warn!(peer = %node.peers.name_of(peer), chunk = %id, "a peer's copy fails its checksum too");
                     continue;
                 }
-                let chunk = PutChunk { id: *id, checksum: entry.checksum, envelope };
+                let chunk = PutChunk { id: *id, checksum: entry.checksum, envelope: envelope.into() };
                 let (store, t) = (node.store.clone(), tenant.to_string());
                 match tokio::task::spawn_blocking(move || store.replace_chunk(&t, &chunk)).await {
                     Ok(Ok(())) => {

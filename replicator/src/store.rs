@@ -524,7 +524,7 @@ impl Store {
             batch_bytes += v.len();
             batch.push((
                 tenant.to_string(),
-                PutChunk { id: ChunkId(id), checksum: Checksum::of(&v), envelope: v.to_vec() },
+                PutChunk { id: ChunkId(id), checksum: Checksum::of(&v), envelope: bytes::Bytes::copy_from_slice(&v) },
             ));
             if batch_bytes >= 16 << 20 {
                 flush(&mut batch)?;

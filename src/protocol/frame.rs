@@ -117,7 +117,7 @@ mod tests {
     #[test]
     fn request_round_trip() {
         let req = Request::PutChunks {
-            chunks: vec![PutChunk { id: ChunkId([1; 32]), checksum: Checksum([2; 32]), envelope: vec![9; 100] }],
+            chunks: vec![PutChunk { id: ChunkId([1; 32]), checksum: Checksum([2; 32]), envelope: vec![9; 100].into() }],
         };
         let bytes = encode_frame(FrameKind::Request, &req).unwrap();
         let (back, used): (Request, usize) = decode_frame(FrameKind::Request, &bytes).unwrap();
@@ -150,7 +150,7 @@ mod tests {
             chunks: vec![PutChunk {
                 id: ChunkId([0; 32]),
                 checksum: Checksum([0; 32]),
-                envelope: vec![0; MAX_FRAME_PAYLOAD as usize],
+                envelope: vec![0; MAX_FRAME_PAYLOAD as usize].into(),
             }],
         };
         assert!(matches!(encode_frame(FrameKind::Request, &req), Err(FrameError::TooLarge(_))));

@@ -37,8 +37,9 @@ pub const MAX_CHUNKS_REPLY_BYTES: usize = 8 * 1024 * 1024;
 pub struct PutChunk {
     pub id: ChunkId,
     pub checksum: Checksum,
-    #[serde(with = "serde_bytes")]
-    pub envelope: Vec<u8>,
+    /// A slice of the frame it arrived in, when a node decodes it (`shared_bytes`).
+    #[serde(with = "super::shared_bytes")]
+    pub envelope: bytes::Bytes,
 }
 
 /// What the cluster knows of a snapshot, in the clear.
@@ -863,7 +864,7 @@ mod tests {
             .map(|i| PutChunk {
                 id: ChunkId([i; 32]),
                 checksum: Checksum([i + 7; 32]),
-                envelope: vec![i; 300 * i as usize],
+                envelope: vec![i; 300 * i as usize].into(),
             })
             .collect();
         for sweep_seq in [0, 1, 1 << 40] {

@@ -6,6 +6,7 @@
 
 pub mod frame;
 pub mod message;
+pub mod shared_bytes;
 
 pub use frame::{FrameError, FrameHeader, MAX_FRAME_PAYLOAD, decode_frame, encode_frame};
 pub use message::*;

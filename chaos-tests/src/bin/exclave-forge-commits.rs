@@ -33,7 +33,7 @@ async fn main() {
     envelope.push(0x5a);
     envelope.extend_from_slice(&[0u8; 16]);
     let root = ChunkId(*blake3::hash(b"forged root").as_bytes());
-    let put = PutChunk { id: root, checksum: Checksum::of(&envelope), envelope };
+    let put = PutChunk { id: root, checksum: Checksum::of(&envelope), envelope: envelope.into() };
     match client.call(&[Request::PutChunks { chunks: vec![put] }]).await {
         Ok(Reply::Ok) => {}
         other => panic!("upload refused: {other:?}"),

@@ -57,7 +57,7 @@ async fn main() {
                 let put: Vec<PutChunk> = (from..to)
                     .map(|i| {
                         let envelope = envelope(i);
-                        PutChunk { id: id(i), checksum: Checksum::of(&envelope), envelope }
+                        PutChunk { id: id(i), checksum: Checksum::of(&envelope), envelope: envelope.into() }
                     })
                     .collect();
                 client.call(&[Request::PutChunks { chunks: put }]).await

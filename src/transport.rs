@@ -330,7 +330,6 @@ pub async fn write_encoded(send: &mut quinn::SendStream, frame: bytes::Bytes) ->
     send.write_chunk(frame).await.map_err(|e| TransportError::Stream(e.to_string()))
 }
 
-/// Reads one frame; `Ok(None)` on a clean end of stream before any byte.
 /// What a frame's buffer starts with; it grows as the payload arrives.
 const FIRST_RESERVE: usize = 64 << 10;
 /// How far ahead of what arrived a frame's buffer may reach, as a multiple of it.
@@ -349,6 +348,7 @@ fn next_reserve(len: usize, got: usize, incoming: usize) -> usize {
     target.saturating_sub(got)
 }
 
+/// Reads one frame; `Ok(None)` on a clean end of stream before any byte.
 pub async fn read_frame<T: DeserializeOwned>(
     recv: &mut quinn::RecvStream,
     kind: FrameKind,

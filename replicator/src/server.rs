@@ -591,8 +591,7 @@ async fn dispatch(
         }
         Request::KnownLayout => {
             authorise(identity, Permission::Operate, "known_layout")?;
-            let applied = blocking(move || Ok(catalog::layout(&store.catalog()?)?)).await?;
-            Ok(Reply::KnownLayout { known: crate::upgrade::known_layout(), applied })
+            Ok(Reply::KnownLayout { known: crate::upgrade::known_layout() })
         }
         Request::RaftStatus => {
             authorise(identity, Permission::Operate, "raft_status")?;

@@ -66,9 +66,9 @@ async fn ask(node: &Node, id: u64) -> Result<u32, String> {
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let e = match tokio::time::timeout(left, node.peers.call(id, Request::KnownLayout)).await {
-            Ok(Ok(Reply::KnownLayout { known, .. })) => return Ok(known),
+            Ok(Ok(Reply::KnownLayout { known })) => return Ok(known),
             Ok(Ok(Reply::Error { message, .. })) => return Err(message),
-            Ok(Ok(other)) => return Err(format!("unexpected reply {}", reply_kind(&other))),
+            Ok(Ok(_)) => return Err(crate::peers::PeerError::Unexpected("known_layout").to_string()),
             Ok(Err(e)) => e,
             Err(_) => return Err(format!("no answer within {} s", ASK_TIMEOUT.as_secs())),
         };
@@ -87,11 +87,6 @@ pub async fn require_known_everywhere(node: &Node, target: u32) -> Result<(), Fa
         Some(why) => Err(Failure::new(ErrorCode::Unavailable, why)),
         None => Ok(()),
     }
-}
-
-fn reply_kind(r: &Reply) -> String {
-    let s = format!("{r:?}");
-    s.split([' ', '(', '{']).next().unwrap_or_default().to_string()
 }
 
 #[cfg(test)]

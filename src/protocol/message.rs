@@ -469,8 +469,6 @@ pub enum Reply {
     KnownLayout {
         /// The newest catalog layout this node's version knows.
         known: u32,
-        /// The layout its catalog uses now.
-        applied: u32,
     },
 }
 

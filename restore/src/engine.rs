@@ -110,7 +110,7 @@ pub async fn restore_filtered(
     let header = root.header.clone();
     // Files are written and hashed on a thread of their own, so that disk writes never hold
     // up the runtime that drives the fetches; the channel bounds what waits in between.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<fetch::Item>(WRITE_QUEUE);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<fetch::Item>(write_queue(header.chunker.max_size));
     let writer = std::thread::Builder::new().name("writer".into()).spawn(move || -> Result<writer::Report> {
         while let Some(item) = rx.blocking_recv() {
             w.item(item)?;
@@ -159,6 +159,26 @@ pub async fn restore_filtered(
     Ok((header, written?))
 }
 
-/// Items waiting for the writer: each chunk at most its source's largest chunk size (256 KiB
-/// by default).
-const WRITE_QUEUE: usize = 64;
+/// Plaintext waiting for the writer, at most: items are chunks, each at most the source's
+/// largest chunk size (recorded in its manifest), so the queue's length follows from it.
+const WRITE_QUEUE_BYTES: usize = 16 << 20;
+
+/// Items the writer's queue holds for chunks of at most `max_chunk` bytes: 64 for 256 KiB
+/// chunks, 4 for 4 MiB ones, never fewer than 4 so that writes and fetches overlap.
+fn write_queue(max_chunk: u32) -> usize {
+    (WRITE_QUEUE_BYTES / (max_chunk.max(1) as usize)).clamp(4, 64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_write_queue_holds_a_bounded_amount_of_plaintext() {
+        assert_eq!(write_queue(256 << 10), 64);
+        assert_eq!(write_queue(4 << 20), 4);
+        assert_eq!(write_queue(16 << 20), 4, "at least a few items, or writes and fetches stop overlapping");
+        assert_eq!(write_queue(16 << 10), 64);
+        assert_eq!(write_queue(0), 64);
+    }
+}

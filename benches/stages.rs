@@ -133,10 +133,10 @@ fn run(paths: &[PathBuf]) -> Res<()> {
         })?,
     ));
 
-    let mut zstd = zstd::bulk::Compressor::new(1).map_err(|e| e.to_string())?;
+    let mut zstd = zstd::bulk::Compressor::new(DEFAULT_ZSTD_LEVEL).map_err(|e| e.to_string())?;
     let mut zbuf = Vec::new();
     stages.push((
-        "zstd1",
+        "zstd",
         measure(bytes, || {
             for c in chunks() {
                 zbuf.clear();

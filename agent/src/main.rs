@@ -145,7 +145,7 @@ pub struct BackupArgs {
     /// FastCDC average chunk size in bytes (min = avg/4, max = avg*4).
     #[arg(long)]
     pub chunk_avg: Option<u32>,
-    /// zstd level [default: 1].
+    /// zstd level [default: 2].
     #[arg(long)]
     pub zstd_level: Option<i32>,
     /// Most plaintext held in memory between read and upload, MiB [default: 32].

@@ -15,6 +15,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// Average chunk size of the backups tests make, unless a test passes its own `--chunk-avg`.
+/// Tests back up a few MiB and check what happens to some chunks and not others; the default
+/// (1 MiB) would cut such a tree into a handful of chunks. Tests of the default pass
+/// `--chunk-avg 1048576`.
+pub const TEST_CHUNK_AVG: &str = "65536";
+
 pub fn bin(name: &str) -> PathBuf {
     let dir = match std::env::var_os("EXCLAVE_BIN_DIR") {
         Some(d) => PathBuf::from(d),
@@ -288,7 +294,7 @@ impl World {
             c.args(["--node", &n.addr.to_string()]);
         }
         c.arg("--pki").arg(self.pki()).args(["--identity", "rnpp", "--key-file"]).arg(self.path("lux.key"));
-        c.args(["--source", source]).args(paths);
+        c.args(["--source", source]).args(["--chunk-avg", TEST_CHUNK_AVG]).args(paths);
         run(&mut c)
     }
 
@@ -310,9 +316,11 @@ impl World {
             .arg(self.pki())
             .args(["--identity", identity, "--key-file"])
             .arg(self.path(key))
-            .args(["--source", source])
-            .args(extra)
-            .args(paths);
+            .args(["--source", source]);
+        if !extra.contains(&"--chunk-avg") {
+            c.args(["--chunk-avg", TEST_CHUNK_AVG]);
+        }
+        c.args(extra).args(paths);
         run(&mut c)
     }
 

@@ -152,7 +152,7 @@ fn held_backup(w: &World, node: &Node, tree: &Path, name: &str) -> (std::process
             .arg(w.pki())
             .args(["--identity", "rnpp", "--key-file"])
             .arg(w.path("lux.key"))
-            .args(["--source", "rnpp"])
+            .args(["--source", "rnpp", "--chunk-avg", TEST_CHUNK_AVG])
             .arg(tree),
         "EXCLAVE_TEST_HOLD_COMMIT",
         &hold,

@@ -11,7 +11,10 @@
 # 3. pgbench (4 clients) for LOAD_SECS while a sampler reads, every second, how old the
 #    newest archived WAL is: the time since the server's WAL position passed the end of the
 #    last archived segment (the RPO at that instant). p50 / p99 / max; the issue's limit is 60 s;
-# 4. day-2 snapshot after the pgbench run: bytes read, new and uploaded;
+# 4. day-2 snapshot after the pgbench run: bytes read, new and uploaded; with restic
+#    installed, the same dump (pg_dump -Fc -Z0 to a file at one path) backed up by restic on
+#    both days, and day 2 encoded by `zstd -3 --patch-from` day 1 (whole-file delta): day-2
+#    bytes and the store after both days against them (issue 17's ratios);
 # 5. agent peak RSS of the snapshot;
 # 6. recovery drills against pgBackRest (Debian's `pgbackrest`, encrypted repository, zstd) in
 #    the same run, WAL archived to both from then on: a full base backup by each (time,
@@ -109,6 +112,17 @@ t0=$(date +%s.%N)
 DUMP_SECS=$(python3 -c "print($(date +%s.%N) - $t0)")
 /usr/bin/time -f %M -o "$W/rss1" "$B/exclave-agent" backup --config "$W/agent.toml" --source bench --postgres "$CONN" --json >"$W/day1.json"
 RSS1=$(cat "$W/rss1")
+# The same dump for restic and for whole-file zstd --patch-from, at one stable path.
+RESTIC_CMP=""
+if command -v restic >/dev/null && command -v zstd >/dev/null; then
+  RESTIC_CMP=1
+  export RESTIC_REPOSITORY=$W/restic RESTIC_PASSWORD=bench
+  mkdir -p "$W/dump"
+  "$PGBIN/pg_dump" --format=custom --compress=0 --dbname="$CONN" >"$W/dump/bench.dump"
+  restic init -q >/dev/null
+  restic backup -q "$W/dump" >/dev/null
+  RESTIC1=$(du -sb "$W/restic" | cut -f1)
+fi
 
 step "pgbench -c 4 -T $LOAD while WAL is archived; sampling archive lag every second"
 python3 - "$CONN" "$LOAD" >"$W/lag.txt" <<'PY' &
@@ -143,6 +157,18 @@ ARCHIVED=$(psql -X -At "$CONN" -c "SELECT archived_count || ' archived, ' || fai
 
 step "logical snapshot, day 2 (after pgbench)"
 "$B/exclave-agent" backup --config "$W/agent.toml" --source bench --postgres "$CONN" --json >"$W/day2.json"
+CMP_ARGS=""
+if [ -n "$RESTIC_CMP" ]; then
+  mv "$W/dump/bench.dump" "$W/day1.dump"
+  "$PGBIN/pg_dump" --format=custom --compress=0 --dbname="$CONN" >"$W/dump/bench.dump"
+  restic backup -q "$W/dump" >/dev/null
+  RESTIC2=$(du -sb "$W/restic" | cut -f1)
+  zstd -q -3 --patch-from="$W/day1.dump" "$W/dump/bench.dump" -o "$W/patch.zst"
+  PATCH=$(stat -c %s "$W/patch.zst")
+  WHOLE1=$(zstd -q -3 --long=27 -c "$W/day1.dump" | wc -c)
+  CMP_ARGS="$RESTIC1 $RESTIC2 $PATCH $(restic version | awk '{ print $2 }') $WHOLE1"
+  rm -f "$W/day1.dump" "$W/patch.zst"
+fi
 
 DRILL=""
 if command -v pgbackrest >/dev/null; then
@@ -219,7 +245,8 @@ if command -v pgbackrest >/dev/null; then
 fi
 
 step "results"
-python3 - "$W/day1.json" "$W/day2.json" "$DUMP_SECS" "$RSS1" "$LAG50" "$LAG99" "$LAGMAX" "$NSAMPLES" "$ARCHIVED" "$SCALE" "$LOAD" <<'PY'
+# shellcheck disable=SC2086
+python3 - "$W/day1.json" "$W/day2.json" "$DUMP_SECS" "$RSS1" "$LAG50" "$LAG99" "$LAGMAX" "$NSAMPLES" "$ARCHIVED" "$SCALE" "$LOAD" $CMP_ARGS <<'PY'
 import json, sys
 d1, d2 = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
 dump_secs, rss = float(sys.argv[3]), int(sys.argv[4])
@@ -235,6 +262,15 @@ print(f"WAL archive lag  p50 {lag50} s, p99 {lag99} s, max {lagmax} s over {n} s
 print(f"snapshot day 2   read {mib(d2['bytes_read']):.1f} MiB, new {mib(d2['new_bytes']):.1f} MiB "
       f"({100 * d2['new_bytes'] / max(1, d2['bytes_read']):.1f}%), uploaded {mib(d2['uploaded_bytes']):.1f} MiB "
       f"in {d2['duration_secs']:.1f} s ({d2.get('delta_chunks', 0)} chunks as deltas, {mib(d2.get('delta_bytes', 0)):.2f} MiB)")
+if len(sys.argv) > 12:
+    r1, r2, patch, version, whole1 = int(sys.argv[12]), int(sys.argv[13]), int(sys.argv[14]), sys.argv[15], int(sys.argv[16])
+    ex2, ex = d2["uploaded_bytes"], d1["uploaded_bytes"] + d2["uploaded_bytes"]
+    print(f"dump day 2       exclave uploaded {mib(ex2):.2f} MiB; restic {version} added {mib(r2 - r1):.2f} MiB; "
+          f"zstd -3 --patch-from day 1 {mib(patch):.2f} MiB (exclave / patch-from {ex2 / max(patch, 1):.2f}, target <= 2)")
+    print(f"dump store       exclave day 1 + day 2 uploaded {mib(ex):.1f} MiB; restic repository {mib(r2):.1f} MiB "
+          f"(ratio {ex / max(r2, 1):.2f}, target <= 0.65); restic day 1 {mib(r1):.1f} MiB")
+    print(f"dump whole-file  zstd -3 --long of day 1 {mib(whole1):.1f} MiB + patch-from day 2 {mib(patch):.1f} MiB = "
+          f"{mib(whole1 + patch):.1f} MiB ({(whole1 + patch) / max(r2, 1):.2f} of restic's repository)")
 PY
 
 if [ -n "$DRILL" ]; then

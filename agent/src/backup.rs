@@ -296,7 +296,8 @@ async fn attempt(
     wal: Option<WalFile<'_>>,
     reuse: Option<Arc<exclave::client::NodeClient>>,
 ) -> std::result::Result<Attempt, (Option<SocketAddr>, anyhow::Error)> {
-    let chunker: ChunkerParams = r.src.chunker().map_err(|e| (None, e))?;
+    let defaults = if wal.is_some() { exclave::chunker::WAL_CHUNKER } else { ChunkerParams::default() };
+    let chunker: ChunkerParams = r.src.chunker_or(defaults).map_err(|e| (None, e))?;
     // The connection is made once the pipeline's reading has started (`pipeline::run`): for a
     // one-segment `wal-push`, the handshake then costs no time of its own.
     let connected = std::sync::OnceLock::new();

@@ -116,7 +116,11 @@ pub struct SourceConfig {
 
 impl SourceConfig {
     pub fn chunker(&self) -> Result<ChunkerParams> {
-        let d = ChunkerParams::default();
+        self.chunker_or(ChunkerParams::default())
+    }
+
+    /// The sizes this source sets, `d`'s where it sets none.
+    pub fn chunker_or(&self, d: ChunkerParams) -> Result<ChunkerParams> {
         let p = ChunkerParams {
             min_size: self.chunk_min.unwrap_or(d.min_size),
             avg_size: self.chunk_avg.unwrap_or(d.avg_size),
@@ -222,6 +226,17 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.example.toml");
         let cfg = AgentConfig::load(&path).unwrap();
         assert!(cfg.sources.contains_key("rnpp"));
+    }
+
+    #[test]
+    fn wal_files_take_small_chunks_unless_the_source_sets_sizes() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.example.toml");
+        let cfg = AgentConfig::load(&path).unwrap();
+        let (db, docs) = (&cfg.sources["rnpp-db"], &cfg.sources["documents"]);
+        assert_eq!(db.chunker().unwrap(), ChunkerParams::default());
+        assert_eq!(db.chunker_or(exclave::chunker::WAL_CHUNKER).unwrap(), exclave::chunker::WAL_CHUNKER);
+        let set = ChunkerParams { min_size: 65536, avg_size: 262144, max_size: 1048576 };
+        assert_eq!(docs.chunker_or(exclave::chunker::WAL_CHUNKER).unwrap(), set, "what a source sets wins");
     }
 
     #[test]

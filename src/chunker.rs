@@ -21,7 +21,7 @@ pub struct ChunkerParams {
 }
 
 impl Default for ChunkerParams {
-    /// 256 KiB / 1 MiB / 4 MiB, as restic's. Chosen by measurement on the shared register
+    /// 256 KiB / 1 MiB / 4 MiB (restic's average). Chosen by measurement on the shared register
     /// (README, "Benchmark"): a changed chunk travels as a delta on the one it replaced, so
     /// small chunks no longer save day-2 bytes (1 MiB chunks sent 7.1 MiB on day 2 where
     /// 64 KiB ones sent 9.9), while large ones compress better and cost the agent and every

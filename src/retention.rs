@@ -224,7 +224,9 @@ mod tests {
 
     proptest! {
         /// The newest snapshot is always kept, and a policy that keeps at least as much
-        /// never forgets a snapshot the smaller one keeps.
+        /// never forgets a snapshot the smaller one keeps. An empty policy is no policy: it
+        /// forgets nothing (and the catalog refuses to store one), so it is compared with
+        /// nothing.
         #[test]
         fn newest_kept_and_monotone(times in proptest::collection::vec(0i64..5_000_000_000, 1..60),
                                     a in proptest::array::uniform6(0u32..5), extra in proptest::array::uniform6(0u32..3)) {
@@ -236,12 +238,14 @@ mod tests {
             };
             let f_small = small.forget(&s);
             let f_big = big.forget(&s);
-            for id in &f_big {
-                prop_assert!(f_small.contains(id), "{id} forgotten by the larger policy only");
-            }
             if small.validate().is_ok() {
+                for id in &f_big {
+                    prop_assert!(f_small.contains(id), "{id} forgotten by the larger policy only");
+                }
                 let newest = s.iter().max_by_key(|c| (c.time, c.commit_seq)).unwrap();
                 prop_assert!(!f_small.contains(&newest.id));
+            } else {
+                prop_assert!(f_small.is_empty(), "an empty policy forgot {f_small:?}");
             }
         }
     }

@@ -57,8 +57,20 @@ workdir exclave-wan
 A=exwan-a E=exwan-e
 PIDS=()
 net_cleanup() {
-  local p
+  local p ns
+  # The PIDs above are those of the background subshells running `inA` / `inE`, not of the
+  # programs inside, which outlived them: stop whatever runs in the two namespaces.
+  for ns in $A $E; do
+    for p in $(ip netns pids $ns 2>/dev/null); do kill "$p" 2>/dev/null || true; done
+  done
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  for _ in $(seq 50); do
+    [ -z "$(ip netns pids $A 2>/dev/null)$(ip netns pids $E 2>/dev/null)" ] && break
+    sleep 0.1
+  done
+  for ns in $A $E; do
+    for p in $(ip netns pids $ns 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
+  done
   ip netns del $A 2>/dev/null || true
   ip netns del $E 2>/dev/null || true
   workdir_cleanup

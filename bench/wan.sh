@@ -56,21 +56,15 @@ workdir exclave-wan
 
 A=exwan-a E=exwan-e
 PIDS=()
+in_namespaces() { ip netns pids $A 2>/dev/null; ip netns pids $E 2>/dev/null; }
 net_cleanup() {
-  local p ns
+  local p
   # The PIDs above are those of the background subshells running `inA` / `inE`, not of the
-  # programs inside, which outlived them: stop whatever runs in the two namespaces.
-  for ns in $A $E; do
-    for p in $(ip netns pids $ns 2>/dev/null); do kill "$p" 2>/dev/null || true; done
-  done
+  # programs inside, which outlive them: stop whatever runs in the two namespaces.
+  for p in $(in_namespaces); do kill "$p" 2>/dev/null || true; done
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
-  for _ in $(seq 50); do
-    [ -z "$(ip netns pids $A 2>/dev/null)$(ip netns pids $E 2>/dev/null)" ] && break
-    sleep 0.1
-  done
-  for ns in $A $E; do
-    for p in $(ip netns pids $ns 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
-  done
+  for _ in $(seq 50); do [ -z "$(in_namespaces)" ] && break; sleep 0.1; done
+  for p in $(in_namespaces); do kill -9 "$p" 2>/dev/null || true; done
   ip netns del $A 2>/dev/null || true
   ip netns del $E 2>/dev/null || true
   workdir_cleanup
